@@ -1,0 +1,21 @@
+"""catp: Cross-Attention Token Pruning for BLIP-2-family models on stock transformers.
+
+    import catp
+    with catp.pruned(model, method="catp", keep=8):
+        out = model.generate(**inputs, max_new_tokens=10)
+"""
+
+from catp.methods import METHODS, PruningMethod, get_method
+from catp.pruning import PruningSession, pruned, resolve_keep, select_queries
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "PruningMethod",
+    "PruningSession",
+    "get_method",
+    "pruned",
+    "resolve_keep",
+    "select_queries",
+]

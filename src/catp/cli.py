@@ -1,0 +1,40 @@
+"""The ``catp`` command line. Each subcommand lives next to the code it drives and
+imports torch/transformers lazily, so ``catp --help`` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="catp",
+    help="Cross-Attention Token Pruning for BLIP-2-family models: prune, evaluate, benchmark, explain.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.command("methods")
+def methods() -> None:
+    """List the pruning methods."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from catp.methods import _REGISTRY
+
+    table = Table("method", "what it scores")
+    for name, cls in _REGISTRY.items():
+        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+    Console().print(table)
+
+
+# Subcommands (one line each; their modules own the options):
+# (registered below as they land)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Query-token scoring: small pure tensor functions, no model code.
+
+Every ``*_scores`` function returns a float tensor of shape ``(batch, num_queries)``;
+a higher score means "keep this query token". ``topk_indices`` turns scores into the
+kept indices. Notation used in the docstrings:
+
+* ``B`` batch, ``H`` heads, ``Q`` query tokens (32 in BLIP-2), ``N`` image tokens
+  (257 for ViT-g/14 at 224 px), ``S`` Q-Former sequence length (``Q`` plus the
+  instruction tokens for InstructBLIP), ``L`` cross-attention layers, ``D`` width.
+
+The definitions follow the CATP paper (arXiv 2404.08567) and its authors' code, with
+the image-weight bug fixed (see :func:`catp_image_scores`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "PAPER_LAYER_ACCURACY",
+    "rank_votes",
+    "vote_scores",
+    "catp_scores",
+    "catp_all_scores",
+    "catp_layer_scores",
+    "catp_image_scores",
+    "image_token_weights",
+    "l2norm_scores",
+    "selfattn_scores",
+    "first_scores",
+    "random_scores",
+    "default_layer_weights",
+    "topk_indices",
+]
+
+# The authors' single-layer VQAv2 accuracies (keep fraction -> accuracy of cross-attention
+# layers 1..6 voting alone), used as the default weights of ``catp-layer``.
+PAPER_LAYER_ACCURACY: dict[float, tuple[float, ...]] = {
+    1 / 2: (44.17, 39.93, 42.80, 22.34, 27.43, 43.79),
+    1 / 4: (35.44, 31.26, 31.51, 16.94, 11.01, 34.66),
+    1 / 8: (30.17, 26.46, 18.94, 17.04, 10.48, 23.70),
+}
+
+
+def rank_votes(attn: torch.Tensor) -> torch.Tensor:
+    """Rank of every query within each (head, image token) column.
+
+    Args:
+        attn: cross-attention probabilities ``(B, H, Q, N)``.
+
+    Returns:
+        ``(B, H, Q, N)`` float tensor; entry ``[b, h, q, j]`` is the rank of query ``q``
+        among the ``Q`` queries for voter ``(h, j)``: 0 for the smallest probability,
+        ``Q - 1`` for the largest. Ties are broken by query index (stable sort).
+    """
+    if attn.dim() != 4:
+        raise ValueError(f"expected cross-attention of shape (batch, heads, queries, image_tokens), got {tuple(attn.shape)}")
+    order = torch.argsort(attn, dim=2, stable=True)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(attn.shape[2], device=attn.device).view(1, 1, -1, 1).expand_as(order)
+    # Inverse permutation of `order` (argsort of argsort, in one scatter).
+    ranks.scatter_(2, order, positions)
+    return ranks.to(torch.float32)
+
+
+def vote_scores(attn: torch.Tensor, voter_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of rank points each query gets from all (head, image token) voters.
+
+    Args:
+        attn: cross-attention probabilities ``(B, H, Q, N)``.
+        voter_weights: optional per-image-token weights ``(B, N)`` multiplying each
+            voter's points.
+
+    Returns:
+        ``(B, Q)`` scores.
+    """
+    ranks = rank_votes(attn)
+    if voter_weights is not None:
+        ranks = ranks * voter_weights.to(ranks.dtype)[:, None, None, :]
+    return ranks.sum(dim=(1, 3))
+
+
+def catp_scores(cross_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``catp``: rank vote on the last cross-attention layer. Returns ``(B, Q)``."""
+    _check_layers(cross_attentions)
+    return vote_scores(cross_attentions[-1])
+
+
+def catp_all_scores(cross_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``catp-all``: probabilities summed over all cross-attention layers, then one vote.
+
+    Args:
+        cross_attentions: ``L`` tensors of shape ``(B, H, Q, N)``.
+
+    Returns:
+        ``(B, Q)`` scores.
+    """
+    _check_layers(cross_attentions)
+    summed = torch.stack([a.float() for a in cross_attentions]).sum(dim=0)
+    return vote_scores(summed)
+
+
+def catp_layer_scores(cross_attentions: Sequence[torch.Tensor], layer_weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """``catp-layer``: per-layer rank votes, weighted by layer importance.
+
+    ``score(q) = sum_l w_l * sum_h sum_j rank_{l,h,j}(q)``
+
+    Args:
+        cross_attentions: ``L`` tensors of shape ``(B, H, Q, N)``.
+        layer_weights: ``L`` non-negative weights.
+
+    Returns:
+        ``(B, Q)`` scores.
+    """
+    _check_layers(cross_attentions)
+    weights = check_layer_weights(layer_weights, len(cross_attentions))
+    total = None
+    for w, attn in zip(weights.tolist(), cross_attentions):
+        part = w * vote_scores(attn)
+        total = part if total is None else total + part
+    return total
+
+
+def image_token_weights(vision_attn: torch.Tensor) -> torch.Tensor:
+    """Importance of each image token from the last vision block.
+
+    Args:
+        vision_attn: self-attention probabilities of the last ViT block ``(B, H, N, N)``.
+
+    Returns:
+        ``(B, N)``: the attention each token receives, summed over heads and rows,
+        L2-normalised per sample (a per-sample constant: it does not change the kept set).
+    """
+    if vision_attn.dim() != 4 or vision_attn.shape[-1] != vision_attn.shape[-2]:
+        raise ValueError(f"expected vision self-attention of shape (batch, heads, tokens, tokens), got {tuple(vision_attn.shape)}")
+    received = vision_attn.float().sum(dim=(1, 2))
+    return torch.nn.functional.normalize(received, p=2.0, dim=-1)
+
+
+def catp_image_scores(cross_attentions: Sequence[torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
+    """``catp-image``: the last-layer vote with each image token's points weighted.
+
+    ``score(q) = sum_h sum_j w_j * rank_{last,h,j}(q)``. The weight multiplies the rank
+    points, not the probabilities: scaling a column of probabilities by a positive
+    constant cannot change a ranking over queries (the no-op in the authors' code).
+
+    Args:
+        cross_attentions: ``L`` tensors of shape ``(B, H, Q, N)``.
+        image_weights: ``(B, N)`` per-image-token weights (see :func:`image_token_weights`).
+
+    Returns:
+        ``(B, Q)`` scores.
+    """
+    _check_layers(cross_attentions)
+    last = cross_attentions[-1]
+    if image_weights.shape != (last.shape[0], last.shape[-1]):
+        raise ValueError(
+            f"image weights of shape {tuple(image_weights.shape)} do not match the cross-attention's "
+            f"(batch, image_tokens) = {(last.shape[0], last.shape[-1])}"
+        )
+    return vote_scores(last, image_weights)
+
+
+def l2norm_scores(query_output: torch.Tensor) -> torch.Tensor:
+    """``l2norm`` baseline: L2 norm of each Q-Former output token ``(B, Q, D)`` -> ``(B, Q)``."""
+    return torch.linalg.vector_norm(query_output.float(), dim=-1)
+
+
+def selfattn_scores(self_attentions: Sequence[torch.Tensor], num_queries: int) -> torch.Tensor:
+    """``selfattn`` baseline: SpAtten-style cumulative attention received.
+
+    Sums the Q-Former self-attention probabilities over layers, heads and rows,
+    restricted to the query block (InstructBLIP also attends to instruction tokens).
+
+    Args:
+        self_attentions: one ``(B, H, S, S)`` tensor per Q-Former layer.
+        num_queries: ``Q``, the leading query block of the sequence.
+
+    Returns:
+        ``(B, Q)`` scores.
+    """
+    if len(self_attentions) == 0:
+        raise ValueError("no Q-Former self-attention maps were captured")
+    total = None
+    for attn in self_attentions:
+        part = attn[:, :, :num_queries, :num_queries].float().sum(dim=(1, 2))
+        total = part if total is None else total + part
+    return total
+
+
+def first_scores(batch_size: int, num_queries: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``first`` reference: decreasing scores, so the first ``k`` tokens are kept. ``(B, Q)``."""
+    return torch.arange(num_queries, 0, -1, device=device, dtype=torch.float32).expand(batch_size, -1).clone()
+
+
+def random_scores(batch_size: int, num_queries: int, seed: int | Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``random`` reference: seeded uniform scores ``(B, Q)``.
+
+    Args:
+        seed: one seed for every row, or one seed per row. Each row draws from its own
+            generator, so a row's draw does not depend on batching.
+    """
+    seeds = [int(seed)] * batch_size if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != batch_size:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
+    rows = [torch.rand(num_queries, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def default_layer_weights(num_layers: int, keep_fraction: float) -> torch.Tensor | None:
+    """Default ``catp-layer`` weights: the authors' single-layer accuracies.
+
+    Takes the row of :data:`PAPER_LAYER_ACCURACY` whose keep fraction is nearest to
+    ``keep_fraction`` in log scale, normalised to sum 1. Returns ``None`` when the model
+    does not have the paper's 6 cross-attention layers (the caller picks equal weights).
+    """
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+    rows = PAPER_LAYER_ACCURACY
+    if num_layers != len(next(iter(rows.values()))):
+        return None
+    nearest = min(rows, key=lambda f: abs(math.log(f) - math.log(keep_fraction)))
+    weights = torch.tensor(rows[nearest], dtype=torch.float32)
+    return weights / weights.sum()
+
+
+def check_layer_weights(layer_weights: Sequence[float] | torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Validate user layer weights: ``num_layers`` finite, non-negative, not all zero."""
+    weights = torch.as_tensor(layer_weights, dtype=torch.float32).flatten()
+    if weights.numel() != num_layers:
+        raise ValueError(f"layer_weights has {weights.numel()} entries but the Q-Former has {num_layers} cross-attention layers")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"layer_weights must be finite and non-negative, got {weights.tolist()}")
+    if weights.sum() <= 0:
+        raise ValueError("layer_weights must not all be zero")
+    return weights
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, in ascending index order.
+
+    Ties go to the lower index (stable sort), so the result is deterministic.
+
+    Args:
+        scores: ``(B, Q)``.
+        k: number of tokens to keep, ``1 <= k <= Q``.
+
+    Returns:
+        ``(B, k)`` ``torch.long``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"expected scores of shape (batch, num_queries), got {tuple(scores.shape)}")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be in 1..{scores.shape[1]}, got {k}")
+    order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
+    return order[:, :k].sort(dim=1).values
+
+
+def _check_layers(cross_attentions: Sequence[torch.Tensor]) -> None:
+    if len(cross_attentions) == 0:
+        raise ValueError(
+            "no cross-attention probabilities were captured; the Q-Former must run the eager attention "
+            "(SDPA returns no probabilities)"
+        )
