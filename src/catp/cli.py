@@ -14,6 +14,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Cross-Attention Token Pruning for BLIP-2-family models: prune, evaluate, benchmark, explain."""
+
+
 @app.command("methods")
 def methods() -> None:
     """List the pruning methods."""
