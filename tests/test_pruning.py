@@ -346,3 +346,15 @@ def test_instructblip_select_queries_needs_instruction():
     model = tiny_model("instructblip-llama")
     with pytest.raises(ValueError, match="qformer_input_ids"):
         catp.select_queries(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_positional_generate_arguments(model, family):
+    inputs = tiny_inputs(family)
+    with catp.pruned(model, keep=3):
+        by_name = model.generate(**inputs, **GREEDY)
+        if family.startswith("instructblip"):
+            positional = model.generate(inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
+                                        inputs["input_ids"], inputs["attention_mask"], **GREEDY)
+        else:
+            positional = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **GREEDY)
+    assert torch.equal(by_name, positional)

@@ -94,7 +94,7 @@ class PruningSession:
         scores: ``(B, Q)`` scores of the most recent call.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     method: PruningMethod
     keep: int
     keep_indices: torch.Tensor | None = None
@@ -201,9 +201,7 @@ class PruningSession:
         return outputs
 
     def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-        call = dict(bound.arguments)
-        call.update(call.pop("kwargs", {}))
+        call = _bind_call(inspect.signature(module.forward), args, kwargs)
         if call.get("inputs_embeds") is not None:
             raise ValueError("pruned forward() locates the image placeholders in input_ids; pass input_ids, not inputs_embeds")
         if call.get("input_ids") is None:
@@ -228,6 +226,15 @@ class PruningSession:
         full.scatter_(1, positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]), logits)
         output.logits = full
         return output
+
+
+def _bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Every argument of a call by name, with ``**kwargs``-style extras flattened in."""
+    call = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(call.pop(name, {}))
+    return call
 
 
 def _restore_prompt(outputs: Any, caller_ids: torch.Tensor, short_length: int) -> Any:
@@ -324,10 +331,10 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
         session._handles.append(model.register_forward_pre_hook(session._forward_pre_hook, with_kwargs=True))
         session._handles.append(model.register_forward_hook(session._forward_hook, with_kwargs=True))
 
+        signature = inspect.signature(original_generate)
+
         def generate(*args: Any, **kwargs: Any) -> Any:
-            if args:
-                kwargs = {**dict(zip(("pixel_values", "input_ids", "attention_mask"), args)), **kwargs}
-            return session._generate(original_generate, **kwargs)
+            return session._generate(original_generate, **_bind_call(signature, args, kwargs))
 
         model.generate = generate
         yield session
