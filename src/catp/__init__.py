@@ -5,6 +5,7 @@
         out = model.generate(**inputs, max_new_tokens=10)
 """
 
+from catp.evaluation.metric import vqa_accuracy
 from catp.methods import METHODS, PruningMethod, get_method
 from catp.pruning import PruningSession, pruned, resolve_keep, select_queries
 
@@ -18,4 +19,5 @@ __all__ = [
     "pruned",
     "resolve_keep",
     "select_queries",
+    "vqa_accuracy",
 ]
