@@ -6,6 +6,7 @@
 """
 
 from catp.evaluation.metric import vqa_accuracy
+from catp.explain import Explanation, draw_explanation, explain
 from catp.methods import METHODS, PruningMethod, get_method
 from catp.pruning import PruningSession, pruned, resolve_keep, select_queries
 
@@ -13,6 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "Explanation",
+    "draw_explanation",
+    "explain",
     "PruningMethod",
     "PruningSession",
     "get_method",

@@ -1,0 +1,422 @@
+"""Show which query tokens each pruning method keeps, and what they look at in the image.
+
+Two steps, so that notebooks can draw their own figures:
+
+* :func:`explain` runs the model once unpruned (capturing every cross-attention map) and
+  once per method inside :func:`catp.pruned` (the library's own scoring and selection),
+  and returns an :class:`Explanation`: the maps, the scores, the kept indices and the
+  answers.
+* :func:`draw_explanation` turns an :class:`Explanation` into a matplotlib figure: the
+  image, the answers, one small map per query token (4 x 8 for 32 tokens) with a coloured
+  frame per method that kept it, and one bar chart of scores per method.
+
+``catp explain`` (:func:`explain_command`) does both on the embedded reference model and a
+built-in sample image by default. Notation: ``Q`` query tokens, ``L`` cross-attention
+layers, ``H`` heads, ``N = 1 + gh * gw`` image tokens (CLS first), ``k`` kept tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from catp.methods import PruningMethod, get_method
+from catp.pruning import _cross_attention_layers, check_model, pruned, resolve_keep
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "SAMPLE_QUESTION",
+    "Explanation",
+    "MethodExplanation",
+    "draw_explanation",
+    "explain",
+    "method_colours",
+    "sample_image",
+    "write_html",
+]
+
+#: Methods shown when none are asked for: the paper's method and its two baselines.
+DEFAULT_METHODS: tuple[str, ...] = ("catp", "l2norm", "selfattn")
+#: The paper's VQA prompt (SPEC §5), also the reference model's.
+DEFAULT_PROMPT = "Question: {} Short answer:"
+#: The question asked about the built-in sample image.
+SAMPLE_QUESTION = "what shape is in the image?"
+_SAMPLE_FILE = "sample.png"
+
+# One colour per method, in the order asked (colour-blind-safe Okabe-Ito hues).
+_METHOD_COLOURS = ("#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+
+
+# -- data ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodExplanation:
+    """What one pruning method did on the example.
+
+    Attributes:
+        name: the method's name (a key of :data:`catp.METHODS`).
+        scores: ``(Q,)`` the method's scores (higher = keep), as ``PruningSession.scores``.
+        kept: ``(k,)`` ascending indices it kept, as ``PruningSession.keep_indices``.
+        answer: the model's answer with only the kept tokens.
+        map_layers: the cross-attention layers (0-based, among the ``L``) whose maps the
+            method reads; methods that read none (``l2norm``, ``selfattn``, ``first``,
+            ``random``) are shown on the last layer.
+    """
+
+    name: str
+    scores: torch.Tensor
+    kept: torch.Tensor
+    answer: str
+    map_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The data behind a ``catp explain`` figure, for one image and one question.
+
+    Attributes:
+        image: the RGB input image (the model sees it resized to a square).
+        question: the question asked.
+        prompt: the text given to the model.
+        keep: tokens kept per method.
+        cross_attention: ``(L, Q, gh, gw)`` float32: each cross-attention layer's
+            probabilities from each query token to each image patch, averaged over heads,
+            CLS dropped, on the patch grid (row-major, as the ViT orders patches).
+        answer: the model's answer with all ``Q`` tokens.
+        methods: per method name, in the order asked.
+    """
+
+    image: Image.Image
+    question: str
+    prompt: str
+    keep: int
+    cross_attention: torch.Tensor
+    answer: str
+    methods: dict[str, MethodExplanation] = field(default_factory=dict)
+
+    @property
+    def num_queries(self) -> int:
+        """``Q``."""
+        return int(self.cross_attention.shape[1])
+
+    @property
+    def num_cross_layers(self) -> int:
+        """``L``."""
+        return int(self.cross_attention.shape[0])
+
+    def attention_maps(self, layers: Sequence[int] = ()) -> torch.Tensor:
+        """``(Q, gh, gw)`` maps averaged over ``layers`` (default: the last layer)."""
+        chosen = list(layers) or [self.num_cross_layers - 1]
+        return self.cross_attention[chosen].mean(dim=0)
+
+
+def _map_layers(method: PruningMethod, num_cross_layers: int) -> tuple[int, ...]:
+    """The cross-attention layers a method reads, from its own ``needs``."""
+    if method.needs.cross_attention == "all":
+        return tuple(range(num_cross_layers))
+    return (num_cross_layers - 1,)
+
+
+def _layers_label(layers: tuple[int, ...], num_cross_layers: int) -> str:
+    if len(layers) == 1:
+        which = "last " if layers[0] == num_cross_layers - 1 else ""
+        return f"{which}cross-attention layer ({layers[0] + 1} of {num_cross_layers})"
+    return f"mean of all {num_cross_layers} cross-attention layers"
+
+
+# -- running the model -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _capture_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect every cross-attention layer's probabilities ``(B, H, Q, N)`` of the next run.
+
+    The Q-Former runs eager meanwhile (SDPA returns no probabilities); its attention
+    implementation is restored on exit.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, output: tuple) -> None:
+        captured.append(output[1].detach().float().cpu())
+
+    saved = model.qformer.config._attn_implementation
+    handles = []
+    try:
+        if saved != "eager":
+            model.qformer.set_attn_implementation("eager")
+        for layer in _cross_attention_layers(model):
+            handles.append(layer.crossattention.attention.register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+        if model.qformer.config._attn_implementation != saved:
+            model.qformer.set_attn_implementation(saved)
+
+
+def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:
+    """``L`` tensors ``(1, H, Q, N)`` -> ``(L, Q, gh, gw)``: head mean, CLS dropped, on the grid."""
+    stacked = torch.stack([a[0].mean(dim=0) for a in cross_attentions])  # (L, Q, N)
+    patches = stacked[..., 1:]
+    side = math.isqrt(patches.shape[-1])
+    if side * side != patches.shape[-1]:
+        raise ValueError(f"{patches.shape[-1]} image patches do not form a square grid")
+    return patches.reshape(*patches.shape[:2], side, side)
+
+
+def _load_image(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+def explain(
+    model: nn.Module,
+    processor: Any,
+    image: Image.Image | str | Path,
+    question: str,
+    methods: Sequence[str | PruningMethod] = DEFAULT_METHODS,
+    keep: int | float = 8,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 10,
+) -> Explanation:
+    """Run ``model`` on one image and question, unpruned and under each method.
+
+    The maps come from one unpruned ``generate``; each method's scores, kept set and
+    answer come from one ``generate`` inside :func:`catp.pruned` (greedy decoding), so
+    they are the library's own, and equal :func:`catp.select_queries`.
+
+    Args:
+        model: a BLIP-2 / InstructBLIP model.
+        processor: its processor (``Blip2Processor`` / ``InstructBlipProcessor``).
+        image: a PIL image or an image file path.
+        question: the question; put into ``prompt`` (which has one ``{}``).
+        methods: method names from :data:`catp.METHODS` or method instances, each once.
+        keep: as in :func:`catp.pruned`: an int count or a float fraction.
+        max_new_tokens: answer length limit.
+
+    Returns:
+        An :class:`Explanation`.
+    """
+    check_model(model)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if isinstance(methods, (str, PruningMethod)):
+        methods = [methods]
+    resolved = [get_method(m) for m in methods]
+    if not resolved:
+        raise ValueError("give at least one method")
+    names = [m.name for m in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each method may appear once, got {names}")
+    k = resolve_keep(keep, int(model.config.num_query_tokens))
+    rgb = _load_image(image)
+    text = prompt.format(question.strip())
+
+    inputs = processor(images=rgb, text=text, return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+    def answer(output: torch.Tensor) -> str:
+        # Decoder-only LLMs return the prompt followed by the new tokens.
+        if model.config.use_decoder_only_language_model:
+            output = output[:, inputs["input_ids"].shape[1]:]
+        return processor.batch_decode(output, skip_special_tokens=True)[0].strip()
+
+    with torch.no_grad():
+        with _capture_cross_attention(model) as captured:
+            unpruned = answer(model.generate(**inputs, **generate_kwargs))
+        num_layers = len(_cross_attention_layers(model))
+        if len(captured) != num_layers:
+            raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one Q-Former run)")
+        results: dict[str, MethodExplanation] = {}
+        for method in resolved:
+            with pruned(model, method=method, keep=k) as session:
+                method_answer = answer(model.generate(**inputs, **generate_kwargs))
+            assert session.scores is not None and session.keep_indices is not None
+            results[method.name] = MethodExplanation(
+                name=method.name,
+                scores=session.scores[0].float().cpu(),
+                kept=session.keep_indices[0].cpu(),
+                answer=method_answer,
+                map_layers=_map_layers(method, num_layers),
+            )
+    return Explanation(
+        image=rgb, question=question.strip(), prompt=text, keep=k,
+        cross_attention=_patch_grid(captured), answer=unpruned, methods=results,
+    )
+
+
+# -- drawing ---------------------------------------------------------------------------
+
+def _grid_shape(num_queries: int) -> tuple[int, int]:
+    """Rows x columns for the per-token maps: 8 columns (4 x 8 for 32 tokens)."""
+    cols = min(8, num_queries)
+    return math.ceil(num_queries / cols), cols
+
+
+def method_colours(names: Sequence[str]) -> dict[str, str]:
+    """The colour of each method in a figure, by its position in ``names``."""
+    return {name: _METHOD_COLOURS[i % len(_METHOD_COLOURS)] for i, name in enumerate(names)}
+
+
+def draw_explanation(explanation: Explanation, path: str | Path | None = None) -> Figure:
+    """Draw an :class:`Explanation`; save it to ``path`` (PNG, ...) when given.
+
+    Panels (``fig.axes``, in this order): the image; the answers; for each distinct set of
+    layers the methods read, ``Q`` maps; one score bar chart per method. So the figure has
+    ``2 + Q * groups + len(methods)`` axes (``groups`` is 1 unless a method reads all
+    cross-attention layers and another only the last).
+
+    Each map is one query token's head-averaged cross-attention, min-max scaled on its own
+    (so each shows where that token looks), overlaid on the image and upsampled to it patch
+    by patch. A token kept by a method gets a frame in that method's colour.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    methods = list(explanation.methods.values())
+    colours = method_colours(explanation.methods)
+    groups: dict[tuple[int, ...], list[MethodExplanation]] = {}
+    for m in methods:
+        groups.setdefault(m.map_layers, []).append(m)
+    num_queries, num_layers = explanation.num_queries, explanation.num_cross_layers
+    rows, cols = _grid_shape(num_queries)
+
+    # Heights in inches: header, each map grid (title + rows), each bar chart.
+    tile = 1.45
+    heights = [2.6] + [0.5 + rows * (tile + 0.25) for _ in groups] + [1.9] * len(methods)
+    fig = Figure(figsize=(cols * tile + 0.6, sum(heights)), layout="constrained")
+    header, *grids_and_bars = fig.subfigures(len(heights), 1, height_ratios=heights)
+    grid_figs, bar_figs = grids_and_bars[: len(groups)], grids_and_bars[len(groups):]
+
+    # Header: the image and the answers.
+    ax_image, ax_text = header.subplots(1, 2, width_ratios=[1, 4])
+    ax_image.imshow(explanation.image, extent=(0, 1, 0, 1), aspect="equal")
+    ax_image.set_title("input image", fontsize=10)
+    ax_image.set_axis_off()
+    ax_text.set_axis_off()
+    ax_text.text(0, 0.98, f"Q: {explanation.question}", fontsize=13, fontweight="bold", va="top")
+    lines = [(f"all {num_queries} tokens", explanation.answer, "black")]
+    lines += [(f"{m.name}, keep {len(m.kept)}", m.answer, colours[m.name]) for m in methods]
+    step = min(0.16, 0.78 / len(lines))
+    for i, (label, text, colour) in enumerate(lines):
+        y = 0.74 - i * step
+        ax_text.text(0, y, f"{label}:", fontsize=11, color=colour, fontweight="bold", va="top")
+        ax_text.text(0.3, y, repr(text), fontsize=11, va="top", family="monospace")
+
+    # Map grids: a frame per method that kept the token, nested from the outside in.
+    for grid_fig, (layers, members) in zip(grid_figs, groups.items()):
+        maps = explanation.attention_maps(layers)
+        low = maps.amin(dim=(1, 2), keepdim=True)
+        maps = (maps - low) / (maps.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
+        kept_by = {q: [m for m in members if q in m.kept.tolist()] for q in range(num_queries)}
+        axes = grid_fig.subplots(rows, cols, squeeze=False).flatten()
+        for q, ax in enumerate(axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if q >= num_queries:
+                ax.set_visible(False)
+                continue
+            ax.imshow(explanation.image, extent=(0, 1, 0, 1))
+            ax.imshow(maps[q].numpy(), extent=(0, 1, 0, 1), cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0, vmax=1)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            for depth, m in enumerate(kept_by[q]):
+                inset = 0.005 + depth * 0.075
+                ax.add_patch(Rectangle((inset, inset), 1 - 2 * inset, 1 - 2 * inset, transform=ax.transAxes, fill=False,
+                                       edgecolor=colours[m.name], linewidth=4, clip_on=False))
+            tags = "+".join(m.name for m in kept_by[q])
+            ax.set_title(f"q{q}" + (f"  {tags}" if tags else ""), fontsize=8, fontweight="bold" if tags else "normal",
+                         color=colours[kept_by[q][0].name] if len(kept_by[q]) == 1 else "black")
+        grid_fig.suptitle(
+            f"Where each query token looks: {_layers_label(layers, num_layers)}, mean over heads "
+            f"(each map scaled to its own max). Frame = kept.", fontsize=11,
+        )
+        grid_fig.legend(handles=[Patch(facecolor="none", edgecolor=colours[m.name], linewidth=3, label=f"kept by {m.name}")
+                                 for m in members], loc="outside lower center", ncols=len(members), fontsize=10, frameon=False)
+
+    # Score bars: kept tokens in the method's colour.
+    for bar_fig, m in zip(bar_figs, methods):
+        ax = bar_fig.subplots()
+        kept = set(m.kept.tolist())
+        ax.bar(range(num_queries), m.scores.numpy(),
+               color=[colours[m.name] if q in kept else "#BBBBBB" for q in range(num_queries)])
+        ax.set_xticks(range(num_queries), [f"q{q}" for q in range(num_queries)], fontsize=7, rotation=90)
+        ax.set_xlim(-0.6, num_queries - 0.4)
+        # Scores differ little next to their size (votes sum to about the same): zoom on their range.
+        low, high = float(m.scores.min()), float(m.scores.max())
+        margin = 0.15 * (high - low) or 0.5 * abs(high) or 1.0
+        ax.set_ylim(low - margin, high + margin)
+        ax.set_ylabel("score", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.set_title(f"{m.name}: score per query token (coloured = the {len(kept)} kept) -> answer {m.answer!r}",
+                     fontsize=10, color=colours[m.name], loc="left")
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def write_html(explanation: Explanation, figure: Figure, path: str | Path) -> None:
+    """A self-contained HTML page: the figure (PNG, base64) and a table of kept tokens and answers."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    rows = [f"<tr><td>unpruned (all {explanation.num_queries})</td><td>-</td><td>{html.escape(explanation.answer)}</td></tr>"]
+    for m in explanation.methods.values():
+        kept = ", ".join(f"q{q}" for q in m.kept.tolist())
+        rows.append(f"<tr><td>{html.escape(m.name)}</td><td>{kept}</td><td>{html.escape(m.answer)}</td></tr>")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>catp explain: {html.escape(explanation.question)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;padding:4px 8px}}</style>
+</head><body>
+<h1>catp explain</h1>
+<p><b>Question:</b> {html.escape(explanation.question)}<br><b>Prompt:</b> <code>{html.escape(explanation.prompt)}</code></p>
+<table><tr><th>method</th><th>kept query tokens</th><th>answer</th></tr>
+{chr(10).join(rows)}
+</table>
+<p><img alt="catp explain figure" style="max-width:100%" src="data:image/png;base64,{png}"></p>
+</body></html>
+"""
+    Path(path).write_text(page, encoding="utf-8")
+
+
+# -- the sample image ------------------------------------------------------------------
+
+def draw_sample_image(size: int = 64) -> Image.Image:
+    """The built-in sample: an easy-VQA-style blue circle, off-centre, on a light background.
+
+    Drawn deterministically; ``src/catp/assets/sample.png`` is this image.
+    """
+    image = Image.new("RGB", (size, size), (238, 244, 232))
+    ImageDraw.Draw(image).ellipse((size * 0.12, size * 0.14, size * 0.58, size * 0.60), fill=(0, 0, 255))
+    return image
+
+
+def sample_image() -> Image.Image:
+    """The shipped sample image (see :func:`draw_sample_image`)."""
+    with resources.as_file(resources.files("catp") / "assets" / _SAMPLE_FILE) as path, Image.open(path) as image:
+        return image.convert("RGB")

@@ -1,0 +1,143 @@
+"""catp.explain(): the data behind the figure, the figure's panels, the CLI, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+from PIL import Image
+from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, PAD, tiny_model
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import Blip2Processor, PreTrainedTokenizerFast
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+import catp
+from catp.explain import DEFAULT_PROMPT, draw_explanation, draw_sample_image, method_colours, sample_image, write_html
+
+QUESTION = "what shape is in the image?"
+METHODS = ("catp", "catp-all", "l2norm", "selfattn", "first")
+KEEP = 3
+
+
+def tiny_processor() -> Blip2Processor:
+    """A Blip2Processor for the tiny models: word-level vocab inside their 100 ids, "<image>" = IMAGE_TOKEN."""
+    words = "question : short answer what shape color is in the image ? circle rectangle triangle blue red".split()
+    vocab = {"<unk>": 0, "<pad>": PAD, "</s>": BOS, **{w: 3 + i for i, w in enumerate(words)}, "<image>": IMAGE_TOKEN}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="</s>",
+                                        eos_token="</s>")
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("blip2-opt")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def explanation(model, processor):
+    return catp.explain(model, processor, sample_image(), QUESTION, methods=METHODS, keep=KEEP)
+
+
+def test_processor_puts_the_tiny_models_placeholders(processor):
+    ids = processor(images=sample_image(), text=DEFAULT_PROMPT.format(QUESTION), return_tensors="pt")["input_ids"]
+    assert (ids == IMAGE_TOKEN).sum().item() == NUM_QUERY
+
+
+def test_kept_sets_equal_select_queries(model, processor, explanation):
+    pixel_values = processor(images=sample_image(), return_tensors="pt")["pixel_values"]
+    assert list(explanation.methods) == list(METHODS)
+    for name, result in explanation.methods.items():
+        expected = catp.select_queries(model, pixel_values, method=name, keep=KEEP)
+        assert torch.equal(result.kept, expected[0]), name
+        assert len(result.kept) == KEEP
+        # The kept set is the top-k of the scores shown.
+        assert torch.equal(result.kept, catp.scoring.topk_indices(result.scores[None], KEEP)[0])
+
+
+def test_answers_are_those_of_pruned_generate(model, processor, explanation):
+    inputs = processor(images=sample_image(), text=DEFAULT_PROMPT.format(QUESTION), return_tensors="pt")
+    greedy = dict(max_new_tokens=10, do_sample=False, num_beams=1)
+
+    def decode(out):
+        return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+    with torch.no_grad():
+        assert explanation.answer == decode(model.generate(**inputs, **greedy))
+        with catp.pruned(model, method="catp", keep=KEEP):
+            assert explanation.methods["catp"].answer == decode(model.generate(**inputs, **greedy))
+
+
+def test_attention_maps_are_the_models_cross_attention(model, processor, explanation):
+    pixel_values = processor(images=sample_image(), return_tensors="pt")["pixel_values"]
+    model.qformer.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            image_embeds = model.vision_model(pixel_values).last_hidden_state
+            out = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=image_embeds,
+                                output_attentions=True, return_dict=True)
+    finally:
+        model.qformer.set_attn_implementation("sdpa")
+    last = out.cross_attentions[-1][0].mean(dim=0)[:, 1:]  # (Q, patches), CLS dropped
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert explanation.cross_attention.shape == (len(out.cross_attentions), NUM_QUERY, side, side)
+    torch.testing.assert_close(explanation.attention_maps(), last.reshape(NUM_QUERY, side, side))
+    assert explanation.methods["catp"].map_layers == (len(out.cross_attentions) - 1,)
+    assert explanation.methods["catp-all"].map_layers == tuple(range(len(out.cross_attentions)))
+    # explain() leaves the model as it found it.
+    assert model.qformer.config._attn_implementation == "sdpa"
+
+
+def test_figure_panels_and_png(explanation, tmp_path):
+    path = tmp_path / "explain.png"
+    fig = draw_explanation(explanation, path)
+    # image + answers, one grid of Q maps per layer set (last layer; all layers for catp-all), one bar chart per method.
+    assert len(fig.axes) == 2 + 2 * NUM_QUERY + len(METHODS)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > 500
+    # catp's kept tokens, and only those, carry a frame in catp's colour (on the last-layer grid).
+    catp_colour = to_rgba(method_colours(METHODS)["catp"])
+    last_layer_grid = fig.axes[2:2 + NUM_QUERY]
+    framed = [q for q, ax in enumerate(last_layer_grid) if any(p.get_edgecolor() == catp_colour for p in ax.patches)]
+    assert framed == explanation.methods["catp"].kept.tolist()
+
+
+def test_default_methods_give_one_grid(model, processor, tmp_path):
+    ex = catp.explain(model, processor, sample_image(), QUESTION, keep=0.5)
+    assert list(ex.methods) == ["catp", "l2norm", "selfattn"] and ex.keep == NUM_QUERY // 2
+    assert len(draw_explanation(ex).axes) == 2 + NUM_QUERY + 3
+    html_path = tmp_path / "explain.html"
+    write_html(ex, draw_explanation(ex), html_path)
+    page = html_path.read_text()
+    assert "data:image/png;base64," in page and QUESTION.replace("?", "") in page
+
+
+def test_sample_image_is_the_drawn_one():
+    assert sample_image().tobytes() == draw_sample_image().tobytes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(question="  "), ValueError, "question"),
+        (dict(methods=["catp", "nope"]), ValueError, "unknown method"),
+        (dict(methods=["catp", "catp"]), ValueError, "once"),
+        (dict(methods=[]), ValueError, "at least one"),
+        (dict(keep=True), TypeError, "keep"),
+        (dict(keep=NUM_QUERY + 1), ValueError, "out of range"),
+        (dict(image="/no/such/image.png"), ValueError, "not found"),
+        (dict(image=42), TypeError, "PIL image or a path"),
+    ],
+)
+def test_bad_input(model, processor, kwargs, error, match):
+    call = dict(image=sample_image(), question=QUESTION) | kwargs
+    with pytest.raises(error, match=match):
+        catp.explain(model, processor, **call)
