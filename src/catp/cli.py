@@ -35,6 +35,7 @@ def methods() -> None:
 
 # Subcommands (one line each; their modules own the options):
 # (registered below as they land)
+app.command("bench")(__import__("catp.bench.command", fromlist=["bench"]).bench)
 
 
 def main() -> None:

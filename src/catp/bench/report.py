@@ -1,0 +1,92 @@
+"""Outputs of ``catp bench``: a rich table, the checks, a plot of latency and FLOPs vs kept tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["results_table", "checks_table", "plot"]
+
+_MIB = 1024**2
+
+
+def _ms(result: dict[str, Any], stage: str) -> str:
+    return f"{result['seconds'][stage]['median'] * 1e3:.1f}"
+
+
+def results_table(results: Sequence[dict[str, Any]], title: str) -> Any:
+    """One row per case: median stage times (ms), end-to-end with its spread, throughput,
+    LLM tokens, analytic GFLOPs (prefill / total), KV cache and peak memory (MiB)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("method", "keep", "batch", "LLM tok", "vision", "Q-F+score", "prefill", "decode", "/token",
+                   "end-to-end ms", "samples/s", "GFLOP prefill", "GFLOP total", "KV MiB", "peak MiB"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        e2e = r["seconds"]["end_to_end"]
+        table.add_row(
+            r["method"], str(r["keep"]), str(r["batch"]), str(r["tokens_into_llm"]),
+            _ms(r, "vision"), _ms(r, "qformer"), _ms(r, "prefill"), _ms(r, "decode"), _ms(r, "decode_per_token"),
+            f"{e2e['median'] * 1e3:.1f} ±{e2e['spread'] / 2:.0%}", f"{r['throughput_samples_per_s']:.2f}",
+            f"{r['flops']['prefill'] / 1e9:.1f}", f"{r['flops']['total'] / 1e9:.1f}",
+            f"{r['kv_cache_bytes'] / _MIB:.1f}", f"{r['peak_memory_bytes'] / _MIB:.0f}",
+        )
+    return table
+
+
+def checks_table(checks: Sequence[dict[str, Any]]) -> str:
+    """One line per check: ``PASS (a) catp keep 8 batch 1: +0.4% (<= 2%); detail`` (rich markup)."""
+    lines = []
+    for c in checks:
+        verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]n/a [/]"}[c["passed"]]
+        value = "" if c["value"] is None else (f"{c['value']:.2f}" if c["target"] == "d" else f"{c['value']:+.1%}")
+        lines.append(f"{verdict} ({c['target']}) {c['case']}: {value} ({c['limit']}); {c['detail']}")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Left: median end-to-end and prefill latency (min-max bars) vs kept tokens; right:
+    analytic prefill and total GFLOPs vs kept tokens. One line per method and batch;
+    the unpruned ``none`` point sits at keep ``Q``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["method"] != "llm-only":
+            groups.setdefault((r["method"], r["batch"]), []).append(r)
+    for (method, batch), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["keep"])
+        x = [r["keep"] for r in rows]
+        for stage, style in (("end_to_end", "-o"), ("prefill", "--s")):
+            med = [r["seconds"][stage]["median"] * 1e3 for r in rows]
+            err = [[m - r["seconds"][stage]["min"] * 1e3 for m, r in zip(med, rows)],
+                   [r["seconds"][stage]["max"] * 1e3 - m for m, r in zip(med, rows)]]
+            left.errorbar(x, med, yerr=err, fmt=style, capsize=3, label=f"{method} b{batch} {stage.replace('_', '-')}")
+    seen: set[int] = set()
+    for batch in sorted({r["batch"] for r in results}):
+        rows = sorted({r["keep"]: r for r in results if r["batch"] == batch and r["method"] != "llm-only"}.values(),
+                      key=lambda r: r["keep"])
+        if batch in seen or not rows:
+            continue
+        seen.add(batch)
+        x = [r["keep"] for r in rows]
+        right.plot(x, [r["flops"]["total"] / 1e9 for r in rows], "-o", label=f"total b{batch}")
+        right.plot(x, [r["flops"]["prefill"] / 1e9 for r in rows], "--s", label=f"LLM prefill b{batch}")
+    left.set(xlabel="kept query tokens", ylabel="latency (ms, median; bars min-max)", title="measured latency")
+    right.set(xlabel="kept query tokens", ylabel="GFLOPs (analytic)", title="analytic FLOPs")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,312 @@
+"""Run the benchmark grid (method x keep x batch), summarise, check the targets.
+
+A *case* is one configuration. Besides the pruning methods of :data:`catp.METHODS`
+two references are timed the same way:
+
+* ``none``: the plain, unpruned ``model.generate`` (no hooks of ours but the timers);
+* ``llm-only``: the bare language model's ``generate`` on random embeddings of
+  ``k + T`` tokens, i.e. the same LLM fed a prompt ``k`` query tokens long without
+  any pruning machinery (target (c)).
+
+Warm-up runs come first; the timed repeats are interleaved (repeat 1 of every case,
+then repeat 2, ...) so that a background load drifting over time hits every case alike
+and ratios between cases stay fair.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
+from catp.bench.timing import PeakMemory, StageTimer, StageTimes
+
+__all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "machine_info"]
+
+REFERENCES = ("none", "llm-only")
+_STAGES = ("vision", "qformer", "prefill", "decode", "decode_per_token", "end_to_end")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One configuration: ``method`` (a :data:`catp.METHODS` name or a reference), ``keep``, ``batch``."""
+
+    method: str
+    keep: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The workload shared by every case (the paper's VQA call by default:
+    ``"Question: {q} Short answer:"`` is about 16 OPT tokens with BOS, beam search
+    with 5 beams, 10 new tokens forced so random weights give a fixed workload)."""
+
+    prompt_tokens: int = 16
+    new_tokens: int = 10
+    beams: int = 5
+    instruction_tokens: int = 12
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "new_tokens", "beams", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup < 0 or self.instruction_tokens < 0:
+            raise ValueError("warmup and instruction_tokens must be >= 0")
+
+
+def cases_for(methods: Sequence[str], keeps: Sequence[int], batches: Sequence[int], num_query_tokens: int,
+              check: bool = False) -> list[BenchCase]:
+    """The grid. Always the unpruned reference (``none`` at keep ``Q``) per batch.
+
+    With ``check``: also ``catp`` at keep ``Q`` (target b), ``first`` and ``llm-only``
+    at every keep (targets a, c).
+    """
+    from catp.methods import METHODS
+
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cases: list[BenchCase] = []
+    for batch in batches:
+        wanted = [BenchCase("none", num_query_tokens, batch)]
+        if check:
+            wanted.append(BenchCase("catp", num_query_tokens, batch))
+        for keep in keeps:
+            extra = ["first", *methods, "llm-only"] if check else list(methods)
+            wanted += [BenchCase(method, keep, batch) for method in extra]
+        cases += [case for i, case in enumerate(wanted) if case not in wanted[:i] and case not in cases]
+    return cases
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread (min, max, (max - min) / median) of repeated measurements."""
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / median if median else 0.0}
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "python": platform.python_version()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+@dataclass
+class Benchmark:
+    """Times :class:`BenchCase` s on one model.
+
+    Args:
+        model: a BLIP-2 / InstructBLIP model, in eval mode, on ``device``.
+        dtype_bytes: bytes per element of the LLM's dtype (for the KV-cache size).
+    """
+
+    model: Any
+    device: str
+    dtype_bytes: int
+    settings: BenchSettings = field(default_factory=BenchSettings)
+    progress: Callable[[str], None] | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def num_query_tokens(self) -> int:
+        return int(self.config.num_query_tokens)
+
+    @property
+    def is_instruct(self) -> bool:
+        return self.config.model_type == "instructblip"
+
+    def workload(self, case: BenchCase) -> Workload:
+        s = self.settings
+        return Workload(batch=case.batch, keep=case.keep, prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens,
+                        beams=s.beams, instruction_tokens=s.instruction_tokens if self.is_instruct else 0)
+
+    def inputs(self, batch: int) -> dict[str, Any]:
+        """Synthetic processor-shaped inputs: ``[IMG x Q][text x T]`` per sample, random pixels.
+
+        Text ids are drawn from ``[10, min(V, 1000))`` (no special or image token); a
+        decoder-only LLM's prompt starts with BOS, as the processor's does.
+        """
+        import torch
+
+        config, s = self.config, self.settings
+        g = torch.Generator().manual_seed(s.seed)
+        image_id = config.image_token_index
+        vocab = min(config.text_config.vocab_size, 1000)
+        text = torch.randint(10, vocab, (batch, s.prompt_tokens), generator=g)
+        text[text == image_id] = 10
+        bos = config.text_config.bos_token_id
+        if config.use_decoder_only_language_model and bos is not None:
+            text[:, 0] = bos
+        ids = torch.cat([torch.full((batch, self.num_query_tokens), image_id), text], dim=1)
+        vision = config.vision_config
+        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        out = {
+            "pixel_values": torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g).to(self.device, dtype),
+            "input_ids": ids.to(self.device),
+            "attention_mask": torch.ones_like(ids).to(self.device),
+        }
+        if self.is_instruct:
+            qvocab = min(config.qformer_config.vocab_size, 1000)
+            out["qformer_input_ids"] = torch.randint(10, qvocab, (batch, s.instruction_tokens), generator=g).to(self.device)
+            out["qformer_attention_mask"] = torch.ones_like(out["qformer_input_ids"])
+        return out
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        return {"num_beams": s.beams, "max_new_tokens": s.new_tokens, "min_new_tokens": s.new_tokens, "do_sample": False}
+
+    def _runner(self, case: BenchCase) -> tuple[Callable[[], StageTimes], Callable[[], None]]:
+        """A function timing one call of ``case``, and the clean-up to run after its repeats."""
+        import torch
+
+        import catp
+
+        sync = self.device.startswith("cuda")
+        gen = self.generate_kwargs()
+        stack: list[Any] = []
+        if case.method == "llm-only":
+            llm = self.model.language_model
+            g = torch.Generator().manual_seed(self.settings.seed)
+            length = case.keep + self.settings.prompt_tokens
+            embeds = torch.randn(case.batch, length, llm.config.hidden_size if hasattr(llm.config, "hidden_size")
+                                 else llm.config.d_model, generator=g) * 0.02
+            embeds = embeds.to(self.device, llm.get_input_embeddings().weight.dtype)
+            mask = torch.ones(case.batch, length, dtype=torch.long, device=self.device)
+            timer = StageTimer(llm, sync=sync, llm_only=True).__enter__()
+            stack.append(timer)
+
+            def call() -> StageTimes:
+                with torch.inference_mode():
+                    return timer.call(lambda: llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen))[0]
+        else:
+            inputs = self.inputs(case.batch)
+            if case.method != "none":
+                context = catp.pruned(self.model, method=case.method, keep=case.keep)
+                context.__enter__()
+                stack.append(context)
+            timer = StageTimer(self.model, sync=sync).__enter__()
+            stack.append(timer)
+
+            def call() -> StageTimes:
+                with torch.inference_mode():
+                    return timer.call(lambda: self.model.generate(**inputs, **gen))[0]
+
+        def close() -> None:
+            for item in reversed(stack):
+                item.__exit__(None, None, None)
+
+        return call, close
+
+    def _once(self, case: BenchCase, memory: PeakMemory) -> StageTimes:
+        call, close = self._runner(case)
+        try:
+            with memory.measure():
+                return call()
+        finally:
+            close()
+
+    def run(self, cases: Sequence[BenchCase]) -> list[dict[str, Any]]:
+        """Warm up every case, then time ``repeats`` interleaved rounds; one summary per case."""
+        times: dict[BenchCase, list[StageTimes]] = {case: [] for case in cases}
+        memory = {case: PeakMemory(self.device) for case in cases}
+        for case in cases:
+            for _ in range(self.settings.warmup):
+                self._once(case, PeakMemory(self.device))
+        for r in range(self.settings.repeats):
+            for i, case in enumerate(cases):
+                if self.progress:
+                    self.progress(f"repeat {r + 1}/{self.settings.repeats}, case {i + 1}/{len(cases)}: {case.method} keep {case.keep} batch {case.batch}")
+                times[case].append(self._once(case, memory[case]))
+        return [self._summarise(case, times[case], memory[case].peak) for case in cases]
+
+    def _summarise(self, case: BenchCase, runs: list[StageTimes], peak: int) -> dict[str, Any]:
+        work = self.workload(case)
+        flops = stage_flops(self.config, work).as_dict()
+        if case.method == "llm-only":
+            flops.update(vision=0, qformer=0, total=flops["prefill"] + flops["decode"])
+        stages = {stage: _summary([run.as_dict()[stage] for run in runs]) for stage in _STAGES}
+        return {
+            **asdict(case),
+            "tokens_into_llm": case.batch * work.llm_tokens,
+            "decode_steps": runs[0].decode_steps,
+            "seconds": stages,
+            "throughput_samples_per_s": case.batch / stages["end_to_end"]["median"],
+            "flops": flops,
+            "kv_cache_bytes": kv_cache_bytes(self.config, work, self.dtype_bytes),
+            "peak_memory_bytes": peak,
+            "repeats": len(runs),
+        }
+
+
+def _find(results: Sequence[dict[str, Any]], method: str, keep: int, batch: int) -> dict[str, Any] | None:
+    return next((r for r in results if (r["method"], r["keep"], r["batch"]) == (method, keep, batch)), None)
+
+
+def _median(result: dict[str, Any], stage: str) -> float:
+    return float(result["seconds"][stage]["median"])
+
+
+def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, paper_shape: bool) -> list[dict[str, Any]]:
+    """The targets of issue 6, each ``{"target", "case", "value", "limit", "passed", "detail"}``.
+
+    (a) scoring overhead: ``(qformer(m, k) - qformer(first, k)) / end_to_end(first, k) <= 2%`` for
+        every method ``m``; the Q-Former stage is where scoring and the eager Q-Former cost.
+    (b) ``(end_to_end(catp, Q) - end_to_end(none)) / end_to_end(none) <= 2%``.
+    (c) ``|prefill(catp, k) / prefill(llm-only, k) - 1| <= 5%``.
+    (d) paper shape only: ``prefill(none) / prefill(catp, 8) >= 0.8 x FLOPs(prefill, Q) / FLOPs(prefill, 8)``.
+    """
+    checks: list[dict[str, Any]] = []
+
+    def add(target: str, case: str, value: float | None, limit: str, passed: bool | None, detail: str) -> None:
+        checks.append({"target": target, "case": case, "value": value, "limit": limit, "passed": passed, "detail": detail})
+
+    for r in results:
+        method, keep, batch = r["method"], r["keep"], r["batch"]
+        where = f"{method} keep {keep} batch {batch}"
+        if method in REFERENCES or method == "first":
+            continue
+        first = _find(results, "first", keep, batch)
+        if first is not None and keep < num_query_tokens:
+            overhead = (_median(r, "qformer") - _median(first, "qformer")) / _median(first, "end_to_end")
+            add("a", where, overhead, "<= 2%", overhead <= 0.02,
+                f"Q-Former+scoring {_median(r, 'qformer') * 1e3:.1f} ms vs first {_median(first, 'qformer') * 1e3:.1f} ms, "
+                f"end-to-end (first) {_median(first, 'end_to_end') * 1e3:.1f} ms")
+        if method == "catp" and keep == num_query_tokens and (none := _find(results, "none", keep, batch)):
+            slower = _median(r, "end_to_end") / _median(none, "end_to_end") - 1
+            add("b", where, slower, "<= 2%", slower <= 0.02,
+                f"pruned(keep=all) {_median(r, 'end_to_end') * 1e3:.1f} ms vs generate() {_median(none, 'end_to_end') * 1e3:.1f} ms")
+        if method == "catp" and (bare := _find(results, "llm-only", keep, batch)):
+            diff = _median(r, "prefill") / _median(bare, "prefill") - 1
+            add("c", where, diff, "within 5%", abs(diff) <= 0.05,
+                f"prefill {_median(r, 'prefill') * 1e3:.1f} ms vs bare LLM on {keep}+T tokens {_median(bare, 'prefill') * 1e3:.1f} ms")
+        if method == "catp" and keep == 8 and (none := _find(results, "none", num_query_tokens, batch)):
+            measured = _median(none, "prefill") / _median(r, "prefill")
+            analytic = none["flops"]["prefill"] / r["flops"]["prefill"]
+            passed = measured >= 0.8 * analytic if paper_shape else None
+            add("d", where, measured / analytic, ">= 0.8 x FLOPs ratio", passed,
+                f"prefill speed-up {measured:.2f}x vs FLOPs ratio {analytic:.2f}x"
+                + ("" if paper_shape else " (target applies at paper shape: --arch blip2-opt-2.7b --dtype bf16)"))
+    return checks
