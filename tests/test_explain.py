@@ -141,3 +141,35 @@ def test_bad_input(model, processor, kwargs, error, match):
     call = dict(image=sample_image(), question=QUESTION) | kwargs
     with pytest.raises(error, match=match):
         catp.explain(model, processor, **call)
+
+
+def test_cli_writes_png_and_html(model, processor, tmp_path):
+    from typer.testing import CliRunner
+
+    from catp.cli import app
+
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    png, page = tmp_path / "out.png", tmp_path / "out.html"
+    args = ["explain", "--model", str(tmp_path / "model"), "--methods", "catp,l2norm", "--keep", "0.5", "--out", str(png)]
+    result = CliRunner().invoke(app, [*args, "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    assert "catp keep 4" in result.output and png.stat().st_size > 0 and "base64" in page.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "catp,bogus"], "unknown method"),
+        (["--keep", "eight"], "--keep"),
+        (["--image", "/no/such.png", "--question", "what?"], "not found"),
+        (["--image", "/no/such.png"], "--question"),
+    ],
+)
+def test_cli_bad_input(args, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from catp.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "--out", str(tmp_path / "x.png"), *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split())

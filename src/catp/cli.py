@@ -34,6 +34,7 @@ def methods() -> None:
 
 
 # Subcommands (one line each; their modules own the options):
+app.command("explain")(__import__("catp.explain", fromlist=["explain_command"]).explain_command)
 # (registered below as they land)
 app.command("bench")(__import__("catp.bench.command", fromlist=["bench"]).bench)
 

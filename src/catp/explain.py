@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import typer
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -45,6 +46,7 @@ __all__ = [
     "MethodExplanation",
     "draw_explanation",
     "explain",
+    "explain_command",
     "method_colours",
     "sample_image",
     "write_html",
@@ -420,3 +422,65 @@ def sample_image() -> Image.Image:
     """The shipped sample image (see :func:`draw_sample_image`)."""
     with resources.as_file(resources.files("catp") / "assets" / _SAMPLE_FILE) as path, Image.open(path) as image:
         return image.convert("RGB")
+
+
+# -- command line ----------------------------------------------------------------------
+
+def _parse_keep(text: str) -> int | float:
+    """``"8"`` -> 8 tokens, ``"0.25"`` -> a quarter of them."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--keep must be a token count (8) or a fraction (0.25), got {text!r}") from None
+
+
+def _load_model(name: str | None) -> tuple[nn.Module, Any]:
+    """The model and processor for ``--model``: the embedded reference model when ``None``."""
+    if name is None:
+        from catp import reference
+
+        return reference.load()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(name).eval(), AutoProcessor.from_pretrained(name)
+
+
+def explain_command(
+    out: Path = typer.Option(..., "--out", help="Where to write the figure (.png, .pdf, .svg)."),
+    image: Path | None = typer.Option(None, "--image", help="Image file. Default: the built-in sample image."),
+    question: str | None = typer.Option(None, "--question", help=f"Question. Default with the sample image: {SAMPLE_QUESTION!r}."),
+    model: str | None = typer.Option(None, "--model", help="Model directory or hub id. Default: the embedded reference model."),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods", help="Comma-separated methods (see `catp methods`)."),
+    keep: str = typer.Option("8", "--keep", help="Tokens kept: a count (8) or a fraction (0.25)."),
+    html_out: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
+    max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer length limit."),
+) -> None:
+    """Show which query tokens each method keeps, and what each token looks at in the image."""
+    if image is not None and question is None:
+        raise typer.BadParameter("give the --question to ask about --image", param_hint="--question")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        for name in names:
+            get_method(name)
+        keep_value = _parse_keep(keep)
+        picture = sample_image() if image is None else _load_image(image)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    loaded, processor = _load_model(model)
+    try:
+        explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
+                              max_new_tokens=max_new_tokens)
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from None
+    figure = draw_explanation(explanation, out)
+    typer.echo(f"unpruned: {explanation.answer!r}")
+    for m in explanation.methods.values():
+        typer.echo(f"{m.name} keep {explanation.keep}: {m.answer!r}  kept {m.kept.tolist()}")
+    typer.echo(f"wrote {out}")
+    if html_out is not None:
+        write_html(explanation, figure, html_out)
+        typer.echo(f"wrote {html_out}")
