@@ -307,6 +307,7 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
         groups.setdefault(m.map_layers, []).append(m)
     num_queries, num_layers = explanation.num_queries, explanation.num_cross_layers
     rows, cols = _grid_shape(num_queries)
+    grey = explanation.image.convert("L")
 
     # Heights in inches: header, each map grid (title + rows), each bar chart.
     tile = 1.45
@@ -318,7 +319,7 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
     # Header: the image and the answers.
     ax_image, ax_text = header.subplots(1, 2, width_ratios=[1, 4])
     ax_image.imshow(explanation.image, extent=(0, 1, 0, 1), aspect="equal")
-    ax_image.set_title("input image", fontsize=10)
+    ax_image.set_title("input image", fontsize=10, pad=4)
     ax_image.set_axis_off()
     ax_text.set_axis_off()
     ax_text.text(0, 0.98, f"Q: {explanation.question}", fontsize=13, fontweight="bold", va="top")
@@ -343,8 +344,9 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
             if q >= num_queries:
                 ax.set_visible(False)
                 continue
-            ax.imshow(explanation.image, extent=(0, 1, 0, 1))
-            ax.imshow(maps[q].numpy(), extent=(0, 1, 0, 1), cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0, vmax=1)
+            # Grey image under the heat map, so that the map's colours are not mixed with the image's.
+            ax.imshow(grey, extent=(0, 1, 0, 1), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(maps[q].numpy(), extent=(0, 1, 0, 1), cmap="inferno", alpha=0.7, interpolation="nearest", vmin=0, vmax=1)
             for spine in ax.spines.values():
                 spine.set_visible(False)
             for depth, m in enumerate(kept_by[q]):
@@ -355,8 +357,8 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
             ax.set_title(f"q{q}" + (f"  {tags}" if tags else ""), fontsize=8, fontweight="bold" if tags else "normal",
                          color=colours[kept_by[q][0].name] if len(kept_by[q]) == 1 else "black")
         grid_fig.suptitle(
-            f"Where each query token looks: {_layers_label(layers, num_layers)}, mean over heads "
-            f"(each map scaled to its own max). Frame = kept.", fontsize=11,
+            f"Where each query token looks (a frame = kept by that method)\n{_layers_label(layers, num_layers)}, mean over "
+            "heads; each map scaled to its own range, bright = more attention", fontsize=11,
         )
         grid_fig.legend(handles=[Patch(facecolor="none", edgecolor=colours[m.name], linewidth=3, label=f"kept by {m.name}")
                                  for m in members], loc="outside lower center", ncols=len(members), fontsize=10, frameon=False)
@@ -373,6 +375,7 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
         low, high = float(m.scores.min()), float(m.scores.max())
         margin = 0.15 * (high - low) or 0.5 * abs(high) or 1.0
         ax.set_ylim(low - margin, high + margin)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_ylabel("score", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.set_title(f"{m.name}: score per query token (coloured = the {len(kept)} kept) -> answer {m.answer!r}",
@@ -440,13 +443,9 @@ def _parse_keep(text: str) -> int | float:
 
 def _load_model(name: str | None) -> tuple[nn.Module, Any]:
     """The model and processor for ``--model``: the embedded reference model when ``None``."""
-    if name is None:
-        from catp import reference
+    from catp import reference
 
-        return reference.load()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    return AutoModelForImageTextToText.from_pretrained(name).eval(), AutoProcessor.from_pretrained(name)
+    return reference.load(name)
 
 
 def explain_command(
