@@ -135,6 +135,7 @@ def test_sample_image_is_the_drawn_one():
         (dict(keep=NUM_QUERY + 1), ValueError, "out of range"),
         (dict(image="/no/such/image.png"), ValueError, "not found"),
         (dict(image=42), TypeError, "PIL image or a path"),
+        (dict(prompt="Question: Short answer:"), ValueError, "prompt"),
     ],
 )
 def test_bad_input(model, processor, kwargs, error, match):
@@ -173,3 +174,24 @@ def test_cli_bad_input(args, message, tmp_path):
 
     result = CliRunner().invoke(app, ["explain", "--out", str(tmp_path / "x.png"), *args])
     assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split())
+
+
+def _reference_or_skip():
+    """The embedded reference model and processor; skip while the checkpoint is not there."""
+    try:
+        from catp import reference
+
+        return reference.load()
+    except (ImportError, FileNotFoundError) as error:
+        pytest.skip(f"reference model not available: {error}")
+
+
+def test_reference_model_kept_sets_equal_select_queries():
+    model, processor = _reference_or_skip()
+    methods = ("catp", "catp-all", "l2norm", "selfattn")
+    ex = catp.explain(model, processor, sample_image(), QUESTION, methods=methods, keep=8)
+    pixel_values = processor(images=sample_image(), return_tensors="pt")["pixel_values"]
+    for name in methods:
+        assert torch.equal(ex.methods[name].kept, catp.select_queries(model, pixel_values, method=name, keep=8)[0]), name
+    assert ex.cross_attention.shape[1:] == (model.config.num_query_tokens, 8, 8)
+    assert len(draw_explanation(ex).axes) == 2 + 2 * model.config.num_query_tokens + len(methods)

@@ -234,6 +234,8 @@ def explain(
     names = [m.name for m in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"each method may appear once, got {names}")
+    if not isinstance(prompt, str) or prompt.count("{}") != 1:
+        raise ValueError(f"prompt must hold one '{{}}' for the question, got {prompt!r}")
     k = resolve_keep(keep, int(model.config.num_query_tokens))
     rgb = _load_image(image)
     text = prompt.format(question.strip())
