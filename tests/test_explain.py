@@ -195,3 +195,16 @@ def test_reference_model_kept_sets_equal_select_queries():
         assert torch.equal(ex.methods[name].kept, catp.select_queries(model, pixel_values, method=name, keep=8)[0]), name
     assert ex.cross_attention.shape[1:] == (model.config.num_query_tokens, 8, 8)
     assert len(draw_explanation(ex).axes) == 2 + 2 * model.config.num_query_tokens + len(methods)
+
+
+def test_instructblip_kept_sets_equal_select_queries():
+    from transformers import InstructBlipProcessor
+
+    blip2 = tiny_processor()
+    processor = InstructBlipProcessor(blip2.image_processor, blip2.tokenizer, blip2.tokenizer, num_query_tokens=NUM_QUERY)
+    model = tiny_model("instructblip-t5")
+    ex = catp.explain(model, processor, sample_image(), QUESTION, keep=KEEP)
+    inputs = processor(images=sample_image(), text=DEFAULT_PROMPT.format(QUESTION), return_tensors="pt")
+    qformer = {k: v for k, v in inputs.items() if k.startswith("qformer_")}
+    for name, result in ex.methods.items():
+        assert torch.equal(result.kept, catp.select_queries(model, inputs["pixel_values"], method=name, keep=KEEP, **qformer)[0])
