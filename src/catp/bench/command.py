@@ -69,20 +69,12 @@ def load_model(model: str | None, arch: str | None, device: str, dtype: str) -> 
     if arch:
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
     if model is None:
-        try:
-            from catp.reference import load as load_reference  # type: ignore[attr-defined]
-        except ImportError:
-            load_reference = None
-        if load_reference is not None:
-            loaded = load_reference()
-            loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-            return loaded.to(device=device, dtype=torch_dtype).eval(), "embedded reference model"
-        import catp
+        from catp.reference import reference_model_path
 
-        path_fn = getattr(catp, "reference_model_path", None)
-        if path_fn is None or not Path(path_fn()).joinpath("config.json").exists():
-            raise typer.BadParameter("the embedded reference model is not available in this install; pass --model or --arch")
-        model = str(path_fn())
+        try:
+            model = str(reference_model_path())
+        except FileNotFoundError as error:
+            raise typer.BadParameter(f"{error}; or pass --model / --arch") from None
     config = AutoConfig.from_pretrained(model)
     check_fits(config, dtype, device)
     loaded = _model_class(config.model_type).from_pretrained(model, dtype=torch_dtype)
@@ -115,7 +107,7 @@ def bench(
     from catp.bench.report import checks_table, plot, results_table
     from catp.bench.runner import Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
     dtype = dtype or ("bf16" if arch else "fp32")
     bytes_per_element(dtype)  # validates the name
     if device.startswith("cuda") and not torch.cuda.is_available():
