@@ -1,0 +1,126 @@
+"""``catp eval``: the accuracy sweep of the paper's protocol on any BLIP-2-family model.
+
+Multi-process (one shard of the questions per process; the merged result equals a
+1-process run)::
+
+    accelerate launch --num_processes 2 -m catp eval --out runs/x   # add --cpu on a CPU machine
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _parse_keep(text: str) -> list[int | float]:
+    """``"16,8,4"`` -> counts; an item with a ``.`` is a fraction (``"0.5"``)."""
+    out: list[int | float] = []
+    for item in _split_list(text):
+        try:
+            out.append(float(item) if "." in item else int(item))
+        except ValueError:
+            raise typer.BadParameter(f"--keep takes counts or fractions separated by commas, got {item!r}") from None
+    if not out:
+        raise typer.BadParameter("--keep is empty")
+    return out
+
+
+def load_model(name: str, dtype: str, device: str):
+    """Model (eval mode, on ``device``) and processor from a hub id or a local directory."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+
+    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration}
+    model_type = AutoConfig.from_pretrained(name).model_type
+    if model_type not in classes:
+        raise typer.BadParameter(f"{name} is a {model_type!r} model; catp eval supports {', '.join(classes)}")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    model = classes[model_type].from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(name)
+    if model.config.use_decoder_only_language_model:
+        processor.tokenizer.padding_side = "left"  # generation continues at the right end
+    if isinstance(getattr(processor, "image_token", None), str):
+        # A tokenizer that declares its image token in extra_special_tokens reloads it as a str,
+        # but Blip2Processor.__call__ (5.23) reads image_token.content.
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+    return model, processor, dtype
+
+
+def _default_model() -> str:
+    import catp
+
+    locate = getattr(catp, "reference_model_path", None)
+    path = locate() if locate is not None else None
+    if path is None or not Path(path).exists():
+        raise typer.BadParameter("no embedded reference model in this install; pass --model (a hub id or a local directory)")
+    return str(path)
+
+
+def eval_command(
+    model: Optional[str] = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    dataset: str = typer.Option("easy-vqa", help="vqav2, ok-vqa, easy-vqa, scenes, jsonl, or a path ending in .jsonl."),
+    questions: Optional[Path] = typer.Option(None, help="Questions file (VQA questions JSON, or the JSONL file)."),
+    annotations: Optional[Path] = typer.Option(None, help="VQA annotations JSON (vqav2, ok-vqa)."),
+    images: Optional[Path] = typer.Option(None, help="COCO image directory (vqav2, ok-vqa)."),
+    split: str = typer.Option("test", help="Split of a built-in generated dataset (easy-vqa, scenes)."),
+    methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
+    keep: str = typer.Option("16,8,4", help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
+    batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
+    dtype: str = typer.Option("auto", help=f"One of {', '.join(_DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
+    device: Optional[str] = typer.Option(None, help="Default: this process's accelerate device (cpu or its GPU)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Keep only the first N selected questions (in the run's fixed random order)."),
+    fraction: float = typer.Option(1.0, help="Random fraction of the questions (the paper: 0.1)."),
+    seed: int = typer.Option(0, help="Seed of the subset, the question order and the random method."),
+    prompt: str = typer.Option("Question: {} Short answer:", help="Prompt; {} is the question."),
+    num_beams: int = typer.Option(5, min=1, help="Beam search width."),
+    max_new_tokens: int = typer.Option(10, min=1, help="Most new tokens per answer (min 1)."),
+    out: Path = typer.Option(Path("catp-eval"), help="Run directory: predictions (resumable), summaries, plot."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Evaluate pruning methods x keep levels (plus unpruned) with the VQA accuracy; resumable, shardable."""
+    import torch
+    from accelerate import PartialState
+
+    from catp.evaluation import harness, report
+    from catp.evaluation.datasets import load_dataset, subsample
+    from catp.methods import METHODS
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    chosen = list(METHODS) if methods == "all" else _split_list(methods)
+    keeps = _parse_keep(keep)
+    protocol = harness.Protocol(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
+    state = PartialState(cpu=device == "cpu")
+    model_name = model or _default_model()
+    selected = subsample(load_dataset(dataset, questions=questions, annotations=annotations, images=images, split=split), fraction, seed)
+    if limit is not None:
+        selected = harness.order_questions(selected, seed)[:limit]
+    net, processor, dtype = load_model(model_name, dtype, device or str(state.device))
+    configs = harness.build_configs(chosen, keeps, int(net.config.num_query_tokens))
+    manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), split, fraction, seed, limit, dtype,
+                                    protocol, len(selected))
+    if state.is_main_process:
+        harness.check_manifest(out, manifest, is_main=True)
+    state.wait_for_everyone()
+    harness.check_manifest(out, manifest, is_main=False)
+    torch.set_grad_enabled(False)
+    harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
+                      rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
+                      progress=progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected))
+        summary["run"] = manifest
+        paths = report.write_reports(summary, out, title=f"{Path(model_name).name} on {dataset}")
+        typer.echo(report.markdown_table(summary))
+        typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,269 @@
+"""VQA datasets behind one interface: a loader returns a list of :class:`Question`.
+
+A new dataset is one registered function::
+
+    @register_dataset("my-vqa")
+    def load_my_vqa(questions: Path | None = None, **_: object) -> list[Question]:
+        return [Question(id=str(i), question=q, answers=(a,), image=path) for i, (q, a, path) in ...]
+
+Built in: ``vqav2`` and ``ok-vqa`` (official questions JSON + annotations JSON + COCO
+image directory), ``easy-vqa`` (from its package), ``scenes`` (the project's harder
+generated task, when :mod:`catp.reference.data` provides it) and ``jsonl`` (one
+``{"image", "question", "answers"}`` object per line).
+
+A malformed file raises a ``ValueError`` naming the file and the line or record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image
+
+__all__ = ["DATASETS", "Question", "load_dataset", "register_dataset", "subsample"]
+
+#: A path to an image file, an image, or a function that makes one.
+ImageSource = Union[str, Path, Image.Image, Callable[[], Image.Image]]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of a dataset.
+
+    Attributes:
+        id: unique within its dataset; results, resuming and the ``random`` method's
+            per-question seed are keyed on it.
+        question: the question text (the prompt is built from it by the harness).
+        answers: the human answers (10 for VQAv2 / OK-VQA, 1 for easy-VQA).
+        image: a path, a PIL image, or a zero-argument function returning one.
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    image: ImageSource
+
+    def load_image(self) -> Image.Image:
+        """The image, in RGB."""
+        image = self.image
+        if callable(image) and not isinstance(image, Image.Image):
+            image = image()
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        return image.convert("RGB")
+
+
+Loader = Callable[..., list[Question]]
+#: Registered dataset loaders by name. Each takes keyword arguments ``questions``,
+#: ``annotations``, ``images`` (paths, any of them ``None``) and ``split``.
+DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Register a loader under ``name`` (see the module docstring)."""
+
+    def decorate(loader: Loader) -> Loader:
+        DATASETS[name] = loader
+        return loader
+
+    return decorate
+
+
+def load_dataset(
+    name: str,
+    *,
+    questions: str | Path | None = None,
+    annotations: str | Path | None = None,
+    images: str | Path | None = None,
+    split: str = "test",
+) -> list[Question]:
+    """Load a registered dataset; a ``name`` ending in ``.jsonl`` is a JSONL file.
+
+    Raises:
+        ValueError: unknown name, missing file arguments, or a malformed file.
+    """
+    if name.endswith(".jsonl") and questions is None:
+        name, questions = "jsonl", name
+    loader = DATASETS.get(name)
+    if loader is None:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))} or a .jsonl file")
+    paths = {key: Path(value) if value is not None else None for key, value in
+             (("questions", questions), ("annotations", annotations), ("images", images))}
+    loaded = loader(split=split, **paths)
+    ids = [q.id for q in loaded]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"dataset {name!r} has duplicate question id {duplicate!r}")
+    return loaded
+
+
+def subsample(questions: Sequence[Question], fraction: float = 1.0, seed: int = 0) -> list[Question]:
+    """A deterministic random subset of ``round(fraction * n)`` questions (at least 1), in their original order.
+
+    Each question's draw depends only on ``seed`` and its id, so the subset does not
+    depend on the order of the file.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0 or not questions:
+        return list(questions)
+    count = max(1, round(fraction * len(questions)))
+    chosen = set(sorted(range(len(questions)), key=lambda i: stable_hash(seed, questions[i].id))[:count])
+    return [q for i, q in enumerate(questions) if i in chosen]
+
+
+def stable_hash(seed: int, key: str) -> int:
+    """A 64-bit hash of ``(seed, key)`` that is the same in every process and run."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+# -- file helpers ----------------------------------------------------------------------
+
+def _require(path: Path | None, what: str, dataset: str) -> Path:
+    if path is None:
+        raise ValueError(f"dataset {dataset!r} needs --{what} (a path)")
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory (--{what} of dataset {dataset!r})")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+
+
+def _field(record: Any, key: str, kind: type, where: str) -> Any:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _answers(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+# -- VQAv2 / OK-VQA ----------------------------------------------------------------------
+
+_COCO_ID = re.compile(r"(\d+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
+
+
+def _coco_index(images: Path) -> dict[int, str]:
+    """image id -> file, for COCO names (``COCO_val2014_000000000042.jpg`` or ``000000000042.jpg``)."""
+    index = {}
+    with os.scandir(images) as entries:
+        for entry in entries:
+            match = _COCO_ID.search(entry.name)
+            if match:
+                index[int(match.group(1))] = entry.path
+    return index
+
+
+def load_vqa_files(questions: Path | None, annotations: Path | None, images: Path | None, dataset: str) -> list[Question]:
+    """Questions from the official VQA-format files (shared by VQAv2 and OK-VQA)."""
+    questions = _require(questions, "questions", dataset)
+    annotations = _require(annotations, "annotations", dataset)
+    images = _require(images, "images", dataset)
+    q_data, a_data = _read_json(questions), _read_json(annotations)
+    q_records = _field(q_data, "questions", list, str(questions))
+    a_records = _field(a_data, "annotations", list, str(annotations))
+    answers: dict[int, tuple[str, ...]] = {}
+    for i, record in enumerate(a_records):
+        where = f"{annotations}: annotations[{i}]"
+        qid = _field(record, "question_id", int, where)
+        raw = _field(record, "answers", list, where)
+        answers[qid] = _answers([_field(a, "answer", str, f"{where}.answers") for a in raw], where)
+    index = _coco_index(images)
+    out = []
+    for i, record in enumerate(q_records):
+        where = f"{questions}: questions[{i}]"
+        qid = _field(record, "question_id", int, where)
+        image_id = _field(record, "image_id", int, where)
+        if qid not in answers:
+            raise ValueError(f"{where}: question_id {qid} has no entry in {annotations}")
+        if image_id not in index:
+            raise ValueError(f"{where}: image_id {image_id} has no image file in {images}")
+        out.append(Question(str(qid), _field(record, "question", str, where), answers[qid], index[image_id]))
+    return out
+
+
+@register_dataset("vqav2")
+def load_vqav2(questions: Path | None = None, annotations: Path | None = None, images: Path | None = None, **_: Any) -> list[Question]:
+    """VQAv2: ``v2_OpenEnded_mscoco_<split>_questions.json``, ``v2_mscoco_<split>_annotations.json``, COCO images."""
+    return load_vqa_files(questions, annotations, images, "vqav2")
+
+
+@register_dataset("ok-vqa")
+def load_okvqa(questions: Path | None = None, annotations: Path | None = None, images: Path | None = None, **_: Any) -> list[Question]:
+    """OK-VQA: ``OpenEnded_mscoco_val2014_questions.json``, ``mscoco_val2014_annotations.json``, COCO val2014 images."""
+    return load_vqa_files(questions, annotations, images, "ok-vqa")
+
+
+# -- JSONL -------------------------------------------------------------------------------
+
+@register_dataset("jsonl")
+def load_jsonl(questions: Path | None = None, **_: Any) -> list[Question]:
+    """One JSON object per line: ``image`` (path, relative to the file's folder), ``question``,
+    ``answers`` (list of str), optional ``id`` (default: the line number)."""
+    path = _require(questions, "questions", "jsonl")
+    out = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON: {error.msg}") from None
+            image = Path(_field(record, "image", str, where))
+            image = image if image.is_absolute() else path.parent / image
+            if not image.exists():
+                raise ValueError(f"{where}: image {str(image)!r} does not exist")
+            qid = record.get("id", number)
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                raise ValueError(f"{where}: field 'id' must be a str or int, got {qid!r}")
+            out.append(Question(str(qid), _field(record, "question", str, where), _answers(record.get("answers"), where), image))
+    return out
+
+
+# -- the reference model's tasks ---------------------------------------------------------
+
+@register_dataset("easy-vqa")
+def load_easy_vqa(split: str = "test", **_: Any) -> list[Question]:
+    """easy-VQA from its package (``test``: 9,673 questions on 1,000 images; one answer each)."""
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    texts, answers, image_ids = easy_vqa.get_test_questions() if split == "test" else easy_vqa.get_train_questions()
+    paths = easy_vqa.get_test_image_paths() if split == "test" else easy_vqa.get_train_image_paths()
+    return [Question(f"{split}/{i}", text, (answer,), paths[image_id]) for i, (text, answer, image_id) in
+            enumerate(zip(texts, answers, image_ids))]
+
+
+@register_dataset("scenes")
+def load_scenes(split: str = "test", **_: Any) -> list[Question]:
+    """The project's harder multi-shape task (generated; see :mod:`catp.reference.data`)."""
+    from catp.reference import data
+
+    make = getattr(data, "scenes_split", None)
+    if make is None:
+        raise ValueError("dataset 'scenes' needs catp.reference.data.scenes_split, which this version does not have")
+    return [Question(f"{split}/{i}", example.question, (example.answer,), example.image) for i, example in enumerate(make(split))]

@@ -1,0 +1,260 @@
+"""The evaluation sweep: every (method, keep) configuration plus the unpruned model, on
+every question, with per-question predictions appended to JSONL as they finish.
+
+Resuming: a run directory holds ``run.json`` (what is being measured) and one
+``predictions-<rank>.jsonl`` per process. A new run over the same directory reads every
+prediction file, skips each (config, question) already there and computes the rest.
+
+Sharding: questions are put in a fixed order (a seeded shuffle of their ids) and cut
+into batches; with ``N`` processes, process ``r`` runs batches ``r, r + N, ...``. A
+fresh 1-process run forms exactly the same batches, so merged results are identical.
+Any finished prefix of a killed run is a uniform random subset of the questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catp.evaluation.datasets import Question, stable_hash
+from catp.evaluation.metric import vqa_accuracy
+
+__all__ = ["Config", "Protocol", "RunState", "build_configs", "read_predictions", "run_sweep"]
+
+PAPER_PROMPT = "Question: {} Short answer:"
+UNPRUNED = "unpruned"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How answers are generated (SPEC §5 defaults)."""
+
+    prompt: str = PAPER_PROMPT
+    num_beams: int = 5
+    max_new_tokens: int = 10
+    min_new_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{}}' where the question goes, got {self.prompt!r}")
+        if self.num_beams < 1 or self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"bad generation settings: {self}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the sweep: a method at a keep count, or the unpruned model (``method is None``)."""
+
+    method: str | None
+    keep: int
+
+    @property
+    def name(self) -> str:
+        return UNPRUNED if self.method is None else f"{self.method}@{self.keep}"
+
+
+def build_configs(methods: Sequence[str], keeps: Sequence[int | float], num_query_tokens: int) -> list[Config]:
+    """The unpruned model plus every ``method x keep`` (keeps resolved to counts, as ``catp.pruned`` does)."""
+    from catp.methods import METHODS
+    from catp.pruning import resolve_keep
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    counts = sorted({resolve_keep(k, num_query_tokens) for k in keeps}, reverse=True)
+    return [Config(None, num_query_tokens)] + [Config(m, k) for m in methods for k in counts]
+
+
+def question_seed(run_seed: int, question_id: str) -> int:
+    """The ``random`` method's seed for one question: independent of batching, sharding and resuming."""
+    return stable_hash(run_seed, question_id) % (2**63)
+
+
+def read_predictions(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every record of every ``predictions-*.jsonl`` in ``out``, keyed by ``(config, question id)``.
+
+    A truncated last line (a run killed while writing) is ignored; it is recomputed.
+    """
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(out.glob("predictions-*.jsonl")):
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # no newline after it: cut off mid-write
+                    continue
+                raise ValueError(f"{path}:{number}: corrupt prediction record") from None
+            records[(record["config"], record["id"])] = record
+    return records
+
+
+class _Writer:
+    """Appends records to one JSONL file, one flush per batch (so a kill loses at most a batch)."""
+
+    def __init__(self, path: Path) -> None:
+        if path.exists():
+            # Drop a partial last line left by a killed run, so appends start on a fresh line.
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class RunState:
+    """Where the sweep is: for the progress bar and for tests."""
+
+    total: int = 0
+    done_before: int = 0
+    computed: int = 0
+    batches: list[list[str]] = field(default_factory=list)
+
+
+def check_manifest(out: Path, manifest: dict[str, Any], is_main: bool) -> None:
+    """Write ``run.json``, or check that an existing one describes the same measurement."""
+    path = out / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in changed)
+            raise ValueError(f"{out} holds a run with other settings ({details}); resume with the same settings or use another --out")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def order_questions(questions: Sequence[Question], seed: int) -> list[Question]:
+    """The fixed processing order: a seeded shuffle by id."""
+    return sorted(questions, key=lambda q: stable_hash(seed, "order:" + q.id))
+
+
+def run_sweep(
+    model: Any,
+    processor: Any,
+    questions: Sequence[Question],
+    configs: Sequence[Config],
+    out: Path,
+    *,
+    protocol: Protocol = Protocol(),
+    batch_size: int = 8,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+    progress: bool = True,
+) -> RunState:
+    """Run every config on every question not yet in ``out``; append predictions as they finish.
+
+    Args:
+        model: a BLIP-2 / InstructBLIP model, in eval mode, on its device.
+        processor: its processor (images + prompts -> ``pixel_values``, ``input_ids``, ...).
+        questions: the selected questions (same list in every process).
+        configs: from :func:`build_configs`.
+        out: the run directory (``run.json`` already checked).
+        batch_size: questions per ``generate`` call.
+        seed: the run seed (order of questions; ``random``'s per-question seeds).
+        rank, world_size: this process's shard.
+        barrier: called once every process has read what is done (``accelerate``'s
+            ``wait_for_everyone``), so no process sees another's new records.
+
+    Returns:
+        The :class:`RunState` of this process.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    done = set(read_predictions(out))
+    if barrier is not None:
+        barrier()
+    names = [c.name for c in configs]
+    ordered = order_questions(questions, seed)
+    pending = [q for q in ordered if any((name, q.id) not in done for name in names)]
+    batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)][rank::world_size]
+    state = RunState(total=len(questions) * len(configs), done_before=len(done & {(n, q.id) for n in names for q in questions}))
+    state.batches = [[q.id for q in b] for b in batches]
+    todo = sum((name, q.id) not in done for b in batches for q in b for name in names)
+    writer = _Writer(out / f"predictions-{rank}.jsonl")
+    bar = tqdm(total=todo, desc=f"eval[{rank}]" if world_size > 1 else "eval", unit="answer", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in batches:
+            inputs = _prepare(processor, batch, protocol, model)
+            text_tokens = (inputs["attention_mask"].sum(dim=1) - model.config.num_query_tokens).tolist()
+            for config in configs:
+                missing = [i for i, q in enumerate(batch) if (config.name, q.id) not in done]
+                if not missing:
+                    continue
+                with torch.inference_mode():
+                    answers = _generate(model, processor, inputs, config, protocol, [question_seed(seed, q.id) for q in batch])
+                records = [{
+                    "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep, "id": batch[i].id,
+                    "prediction": answers[i], "accuracy": vqa_accuracy(answers[i], batch[i].answers),
+                    "llm_tokens": config.keep + int(text_tokens[i]),
+                } for i in missing]
+                writer.write(records)
+                state.computed += len(records)
+                bar.update(len(records))
+    finally:
+        bar.close()
+        writer.close()
+    return state
+
+
+def _prepare(processor: Any, batch: Sequence[Question], protocol: Protocol, model: Any) -> dict[str, Any]:
+    """Processor outputs for a batch, on the model's device; pixel values in the model's dtype."""
+    prompts = [protocol.prompt.format(q.question.strip()) for q in batch]
+    inputs = processor(images=[q.load_image() for q in batch], text=prompts, return_tensors="pt", padding=True)
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(model.device, dtype=dtype) if k == "pixel_values" else v.to(model.device)) for k, v in inputs.items()}
+
+
+def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config, protocol: Protocol, seeds: list[int]) -> list[str]:
+    """Generate answers for one batch under one config; returns the decoded new text per sample."""
+    import catp
+
+    settings = dict(num_beams=protocol.num_beams, max_new_tokens=protocol.max_new_tokens, min_new_tokens=protocol.min_new_tokens,
+                    do_sample=False)
+    if config.method is None:
+        output = model.generate(**inputs, **settings)
+    else:
+        options = {"seed": seeds} if config.method == "random" else {}
+        with catp.pruned(model, method=config.method, keep=config.keep, **options):
+            output = model.generate(**inputs, **settings)
+    if model.config.use_decoder_only_language_model:
+        output = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+
+
+def iter_records(out: Path, questions: Sequence[Question], configs: Sequence[Config]) -> Iterator[tuple[Config, list[dict[str, Any]]]]:
+    """Per config, the records of the selected questions (in question order; missing ones left out)."""
+    records = read_predictions(out)
+    for config in configs:
+        yield config, [records[(config.name, q.id)] for q in questions if (config.name, q.id) in records]
+
+
+def manifest_for(model_name: str, dataset: str, split: str, fraction: float, seed: int, limit: int | None, dtype: str,
+                 protocol: Protocol, num_questions: int) -> dict[str, Any]:
+    """What a run measures; a resumed run must match it (methods and keeps may be added)."""
+    return {"model": model_name, "dataset": dataset, "split": split, "fraction": fraction, "seed": seed, "limit": limit,
+            "dtype": dtype, "num_questions": num_questions, **asdict(protocol)}
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (accelerate / torchrun), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

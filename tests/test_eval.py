@@ -1,0 +1,205 @@
+"""catp eval: the sweep, resume after a kill, 2 processes vs 1, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, PAD, VOCAB, tiny_model
+from typer.testing import CliRunner
+
+import catp
+from catp.cli import app
+from catp.evaluation import harness, report
+from catp.evaluation.datasets import load_dataset
+
+WORDS = "what color is the shape circle square red blue green yes no there a".split()
+# Small sweep on the 8-query tiny model: short generations keep the tests fast.
+FAST = ["--keep", "4,2", "--num-beams", "2", "--max-new-tokens", "3", "--no-progress"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": PAD, "</s>": BOS}
+    vocab.update({word: 3 + i for i, word in enumerate(WORDS + ["?", ":", "Question", "Short", "answer"])})
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB) if i != IMAGE_TOKEN})  # every id the model can emit decodes
+    vocab["<image>"] = IMAGE_TOKEN
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    core.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP-2 (OPT) with a processor, saved like a hub checkpoint."""
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    path = tmp_path_factory.mktemp("tiny-blip2")
+    tiny_model("blip2-opt").save_pretrained(path)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    Blip2Processor(image_processor=image_processor, tokenizer=_tokenizer(), num_query_tokens=NUM_QUERY).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def jsonl_dataset(tmp_path_factory) -> Path:
+    """10 questions of varied length over 4 generated images, as a JSONL file."""
+    root = tmp_path_factory.mktemp("data")
+    colors = ["red", "blue", "green", "red"]
+    for i, color in enumerate(colors):
+        Image.new("RGB", (32, 32), color).save(root / f"{i}.png")
+    lines = []
+    for i in range(10):
+        question = "what color is the shape ?" if i % 2 else "is there a red circle ?" + " shape" * (i % 3)
+        answers = [colors[i % 4]] if i % 2 else ["yes", "no", "yes"]
+        lines.append(json.dumps({"id": f"q{i}", "image": f"{i % 4}.png", "question": question, "answers": answers}))
+    (root / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "questions.jsonl"
+
+
+def _records(out: Path) -> dict:
+    return {key: (r["prediction"], r["accuracy"], r["llm_tokens"]) for key, r in harness.read_predictions(out).items()}
+
+
+def _eval(model_dir: Path, data: Path, out: Path, *extra: str):
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(data), "--out", str(out), *FAST, *extra])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def full_run(model_dir, jsonl_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    _eval(model_dir, jsonl_dataset, out, "--batch-size", "3")
+    return out
+
+
+def test_eval_writes_every_config_and_the_reports(full_run):
+    records = harness.read_predictions(full_run)
+    configs = {name for name, _ in records}
+    assert configs == {"unpruned"} | {f"{m}@{k}" for m in catp.METHODS for k in (4, 2)}
+    assert len(records) == len(configs) * 10
+    for name in ("summary.json", "summary.csv", "summary.md", "accuracy.png"):
+        assert (full_run / name).stat().st_size > 0
+    summary = json.loads((full_run / "summary.json").read_text())
+    rows = {r["config"]: r for r in summary["rows"]}
+    # Tokens into the LLM: kept queries + the text tokens of each prompt.
+    assert rows["catp@2"]["llm_tokens"] == pytest.approx(rows["unpruned"]["llm_tokens"] - (NUM_QUERY - 2))
+    mean = 100 * sum(r["accuracy"] for (name, _), r in records.items() if name == "catp@4") / 10
+    assert rows["catp@4"]["accuracy"] == pytest.approx(mean)
+    assert "| catp |" in (full_run / "summary.md").read_text()
+
+
+def test_predictions_match_a_direct_generate(full_run, model_dir, jsonl_dataset):
+    """One record checked against catp.pruned + generate by hand."""
+    from catp.evaluation.cli import load_model
+
+    model, processor, _ = load_model(str(model_dir), "float32", "cpu")
+    question = load_dataset(str(jsonl_dataset))[1]
+    inputs = processor(images=[question.load_image()], text=[f"Question: {question.question} Short answer:"], return_tensors="pt")
+    with catp.pruned(model, method="catp", keep=2), torch.no_grad():
+        out = model.generate(**inputs, num_beams=2, max_new_tokens=3, min_new_tokens=1)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert harness.read_predictions(full_run)[("catp@2", question.id)]["prediction"] == expected
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(full_run, model_dir, jsonl_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = harness._generate
+
+    def dies_after_some_batches(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 20:  # mid-way through the second batch of 3 questions (17 configs each)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_generate", dies_after_some_batches)
+    with pytest.raises(BaseException):
+        _eval(model_dir, jsonl_dataset, out, "--batch-size", "3")
+    partial = harness.read_predictions(out)
+    assert 0 < len(partial) < len(_records(full_run))
+    # A kill in the middle of a write leaves half a line behind.
+    with (out / "predictions-0.jsonl").open("a") as f:
+        f.write('{"config": "catp@4", "id": "q')
+    monkeypatch.setattr(harness, "_generate", real)
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_generate", counting)
+    _eval(model_dir, jsonl_dataset, out, "--batch-size", "3")
+    assert _records(out) == _records(full_run)
+    # Nothing already written was recomputed: only the interrupted batch's missing configs and later batches.
+    assert counted["n"] == 17 * 4 - 20
+    assert json.loads((out / "summary.json").read_text())["rows"] == json.loads((full_run / "summary.json").read_text())["rows"]
+
+
+def test_resume_refuses_other_settings(full_run, model_dir, jsonl_dataset, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(out),
+                                      *FAST, "--seed", "1"])
+    assert result.exit_code != 0 and "seed" in str(result.exception)
+
+
+def test_random_method_seeds_per_question_not_per_batch(full_run, model_dir, jsonl_dataset, tmp_path):
+    out = tmp_path / "run"
+    _eval(model_dir, jsonl_dataset, out, "--batch-size", "4", "--methods", "random")
+    mine = _records(out)
+    assert {k[0] for k in mine} == {"unpruned", "random@4", "random@2"}
+    assert mine == {k: v for k, v in _records(full_run).items() if k in mine}
+    # The seed is a function of (run seed, question id) only.
+    assert harness.question_seed(0, "q1") == harness.question_seed(0, "q1") != harness.question_seed(0, "q2")
+    assert harness.question_seed(0, "q1") != harness.question_seed(1, "q1")
+
+
+def test_two_processes_equal_one(full_run, model_dir, jsonl_dataset, tmp_path):
+    out = tmp_path / "run"
+    # On CPUs accelerate's own launcher starts one process (multi-CPU needs MPI); torchrun is the
+    # equivalent launcher and sets up the same torch.distributed (gloo) group that accelerate reads.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "catp", "eval", "--device", "cpu", "--model", str(model_dir),
+               "--dataset", str(jsonl_dataset), "--out", str(out), "--batch-size", "3", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("predictions-*.jsonl")) == ["predictions-0.jsonl", "predictions-1.jsonl"], done.stderr[-2000:]
+    assert _records(out) == _records(full_run)
+    assert json.loads((out / "summary.json").read_text())["rows"] == json.loads((full_run / "summary.json").read_text())["rows"]
+
+
+def test_summary_statistics():
+    config_a, config_b = harness.Config("catp", 4), harness.Config("l2norm", 4)
+    records_a = [{"id": str(i), "accuracy": float(i % 2), "llm_tokens": 10} for i in range(100)]
+    records_b = [{"id": str(i), "accuracy": float(i % 4 == 0), "llm_tokens": 10} for i in range(100)]
+    summary = report.summarize([(config_a, records_a), (config_b, records_b)], 100)
+    row = summary["rows"][0]
+    # 50 of 100 correct: sd 0.5025 (n-1), half-width 1.96 * 50.25 / 10.
+    assert row["accuracy"] == pytest.approx(50.0) and row["ci95"] == pytest.approx(1.959964 * 50.2519 / 10, rel=1e-4)
+    assert row["x_l2norm"] == pytest.approx(2.0)
+    (comparison,) = summary["comparisons"]
+    assert comparison["difference"] == pytest.approx(25.0) and comparison["verdict"] == "win"
+
+
+def test_bad_options(model_dir, jsonl_dataset, tmp_path):
+    runner = CliRunner()
+    base = ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(tmp_path / "x"), "--no-progress"]
+    assert "catpp" in str(runner.invoke(app, [*base, "--methods", "catpp"]).exception)
+    assert runner.invoke(app, [*base, "--keep", "four"]).exit_code != 0
+    assert "out of range" in str(runner.invoke(app, [*base, "--keep", "16"]).exception)
