@@ -60,8 +60,11 @@ def _default_model() -> str:
     import catp
 
     locate = getattr(catp, "reference_model_path", None)
-    path = locate() if locate is not None else None
-    if path is None or not Path(path).exists():
+    try:
+        path = locate() if locate is not None else None
+    except FileNotFoundError as error:
+        raise typer.BadParameter(f"{error}; or pass --model (a hub id or a local directory)") from None
+    if path is None:
         raise typer.BadParameter("no embedded reference model in this install; pass --model (a hub id or a local directory)")
     return str(path)
 
