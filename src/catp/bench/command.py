@@ -96,6 +96,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail.")] = False,
+    check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
     out: Annotated[Path, typer.Option(help="JSON output.")] = Path("bench.json"),
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Plot output (default: --out with .png).")] = None,
 ) -> None:
@@ -105,7 +106,7 @@ def bench(
 
     from catp.bench.archs import bytes_per_element
     from catp.bench.report import checks_table, plot, results_table
-    from catp.bench.runner import Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
+    from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
     dtype = dtype or ("bf16" if arch else "fp32")
@@ -114,6 +115,8 @@ def bench(
         raise typer.BadParameter(f"--device {device}: CUDA is not available here")
     settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
                              instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats)
+    if check_stat not in CHECK_STATISTICS:
+        raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     batches = parse_ints(batch, "--batch")
     try:
@@ -140,7 +143,7 @@ def bench(
     }
     if check:
         paper = arch == "blip2-opt-2.7b" and dtype == "bf16"
-        report["checks"] = evaluate_checks(results, q, paper_shape=paper)
+        report["checks"] = evaluate_checks(results, q, paper_shape=paper, statistic=check_stat)
         console.print(checks_table(report["checks"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -24,7 +24,7 @@ from typing import Any
 from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
 
-__all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "machine_info"]
+__all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
 
 REFERENCES = ("none", "llm-only")
 _STAGES = ("vision", "qformer", "prefill", "decode", "decode_per_token", "end_to_end")
@@ -265,23 +265,34 @@ def _find(results: Sequence[dict[str, Any]], method: str, keep: int, batch: int)
     return next((r for r in results if (r["method"], r["keep"], r["batch"]) == (method, keep, batch)), None)
 
 
-def _median(result: dict[str, Any], stage: str) -> float:
-    return float(result["seconds"][stage]["median"])
+CHECK_STATISTICS = ("min", "median")
 
 
-def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, paper_shape: bool) -> list[dict[str, Any]]:
-    """The targets of issue 6, each ``{"target", "case", "value", "limit", "passed", "detail"}``.
+def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, paper_shape: bool,
+                    statistic: str = "min") -> list[dict[str, Any]]:
+    """The targets of issue 6, each ``{"target", "case", "value", "limit", "passed", "detail", "statistic"}``.
 
-    (a) scoring overhead: ``(qformer(m, k) - qformer(first, k)) / end_to_end(first, k) <= 2%`` for
-        every method ``m``; the Q-Former stage is where scoring and the eager Q-Former cost.
-    (b) ``(end_to_end(catp, Q) - end_to_end(none)) / end_to_end(none) <= 2%``.
-    (c) ``|prefill(catp, k) / prefill(llm-only, k) - 1| <= 5%``.
-    (d) paper shape only: ``prefill(none) / prefill(catp, 8) >= 0.8 x FLOPs(prefill, Q) / FLOPs(prefill, 8)``.
+    ``statistic`` picks which summary of the repeats the ratios use. ``min`` (default) is
+    the estimate least touched by a background load (contention only ever adds time; on a
+    shared 2-core machine medians swing by 2x); ``median`` suits a quiet machine.
+    Writing ``t(case, stage)`` for that statistic:
+
+    (a) scoring overhead: ``(t(m, k, qformer) - t(first, k, qformer)) / t(first, k, end_to_end) <= 2%``
+        for every method ``m``; the Q-Former stage is where scoring and the eager Q-Former cost.
+    (b) ``t(catp, Q, end_to_end) / t(none, end_to_end) - 1 <= 2%``.
+    (c) ``|t(catp, k, prefill) / t(llm-only, k, prefill) - 1| <= 5%``.
+    (d) paper shape only: ``t(none, prefill) / t(catp, 8, prefill) >= 0.8 x FLOPs(prefill, Q) / FLOPs(prefill, 8)``.
     """
+    if statistic not in CHECK_STATISTICS:
+        raise ValueError(f"statistic must be one of {CHECK_STATISTICS}, got {statistic!r}")
     checks: list[dict[str, Any]] = []
 
+    def _t(result: dict[str, Any], stage: str) -> float:  # the chosen statistic
+        return float(result["seconds"][stage][statistic])
+
     def add(target: str, case: str, value: float | None, limit: str, passed: bool | None, detail: str) -> None:
-        checks.append({"target": target, "case": case, "value": value, "limit": limit, "passed": passed, "detail": detail})
+        checks.append({"target": target, "case": case, "value": value, "limit": limit, "passed": passed,
+                       "detail": f"{detail} ({statistic} of repeats)", "statistic": statistic})
 
     for r in results:
         method, keep, batch = r["method"], r["keep"], r["batch"]
@@ -290,20 +301,20 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
             continue
         first = _find(results, "first", keep, batch)
         if first is not None and keep < num_query_tokens:
-            overhead = (_median(r, "qformer") - _median(first, "qformer")) / _median(first, "end_to_end")
+            overhead = (_t(r, "qformer") - _t(first, "qformer")) / _t(first, "end_to_end")
             add("a", where, overhead, "<= 2%", overhead <= 0.02,
-                f"Q-Former+scoring {_median(r, 'qformer') * 1e3:.1f} ms vs first {_median(first, 'qformer') * 1e3:.1f} ms, "
-                f"end-to-end (first) {_median(first, 'end_to_end') * 1e3:.1f} ms")
+                f"Q-Former+scoring {_t(r, 'qformer') * 1e3:.1f} ms vs first {_t(first, 'qformer') * 1e3:.1f} ms, "
+                f"end-to-end (first) {_t(first, 'end_to_end') * 1e3:.1f} ms")
         if method == "catp" and keep == num_query_tokens and (none := _find(results, "none", keep, batch)):
-            slower = _median(r, "end_to_end") / _median(none, "end_to_end") - 1
+            slower = _t(r, "end_to_end") / _t(none, "end_to_end") - 1
             add("b", where, slower, "<= 2%", slower <= 0.02,
-                f"pruned(keep=all) {_median(r, 'end_to_end') * 1e3:.1f} ms vs generate() {_median(none, 'end_to_end') * 1e3:.1f} ms")
+                f"pruned(keep=all) {_t(r, 'end_to_end') * 1e3:.1f} ms vs generate() {_t(none, 'end_to_end') * 1e3:.1f} ms")
         if method == "catp" and (bare := _find(results, "llm-only", keep, batch)):
-            diff = _median(r, "prefill") / _median(bare, "prefill") - 1
+            diff = _t(r, "prefill") / _t(bare, "prefill") - 1
             add("c", where, diff, "within 5%", abs(diff) <= 0.05,
-                f"prefill {_median(r, 'prefill') * 1e3:.1f} ms vs bare LLM on {keep}+T tokens {_median(bare, 'prefill') * 1e3:.1f} ms")
+                f"prefill {_t(r, 'prefill') * 1e3:.1f} ms vs bare LLM on {keep}+T tokens {_t(bare, 'prefill') * 1e3:.1f} ms")
         if method == "catp" and keep == 8 < num_query_tokens and (none := _find(results, "none", num_query_tokens, batch)):
-            measured = _median(none, "prefill") / _median(r, "prefill")
+            measured = _t(none, "prefill") / _t(r, "prefill")
             analytic = none["flops"]["prefill"] / r["flops"]["prefill"]
             passed = measured >= 0.8 * analytic if paper_shape else None
             add("d", where, measured / analytic, ">= 0.8 x FLOPs ratio", passed,
