@@ -9,6 +9,7 @@ from catp.evaluation.metric import vqa_accuracy
 from catp.explain import Explanation, draw_explanation, explain
 from catp.methods import METHODS, PruningMethod, get_method
 from catp.pruning import PruningSession, pruned, resolve_keep, select_queries
+from catp.reference import reference_model_path
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "PruningSession",
     "get_method",
     "pruned",
+    "reference_model_path",
     "resolve_keep",
     "select_queries",
     "vqa_accuracy",

@@ -34,6 +34,8 @@ def methods() -> None:
 
 
 # Subcommands (one line each; their modules own the options):
+app.command("train-reference")(__import__("catp.reference.train", fromlist=["train_reference_command"]).train_reference_command)
+app.command("demo")(__import__("catp.demo", fromlist=["demo"]).demo)
 app.command("explain")(__import__("catp.explain", fromlist=["explain_command"]).explain_command)
 # (registered below as they land)
 app.command("bench")(__import__("catp.bench.command", fromlist=["bench"]).bench)

@@ -1,0 +1,286 @@
+"""Data for the reference model: easy-VQA, generated single-shape images for vision
+pretraining, and the project's own multi-object ``scenes`` task.
+
+Every generator here is deterministic for its seed and draws with PIL only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "PROMPT",
+    "VQAExample",
+    "easy_vqa_split",
+    "format_prompt",
+    "generate_shape_images",
+    "generate_shape_scenes",
+    "generate_scenes",
+    "draw_scene",
+    "scene_questions",
+    "scenes_split",
+]
+
+#: The prompt format the reference model is trained with (the paper's VQA prompt).
+PROMPT = "Question: {} Short answer:"
+
+#: easy-VQA's eight colours (read off its images: pure RGB values).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+}
+SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
+
+
+def format_prompt(question: str) -> str:
+    """The model's text input for ``question`` (``PROMPT`` filled in)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    return PROMPT.format(question.strip())
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    """One question about one image.
+
+    Attributes:
+        image: an RGB PIL image.
+        question: the question, lower case, ending with ``?``.
+        answer: a single-word answer.
+        image_id: the image's id within its split (several questions share an image).
+    """
+
+    image: Image.Image
+    question: str
+    answer: str
+    image_id: int
+
+
+# -- easy-VQA ------------------------------------------------------------------------
+
+def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
+    """easy-VQA questions of ``split`` ("train": 38,575, "test": 9,673), in the dataset's order.
+
+    Images are opened once and shared by their questions. ``limit`` keeps the first
+    ``limit`` questions.
+    """
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    if limit is not None:
+        questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
+    images: dict[int, Image.Image] = {}
+    out = []
+    for question, answer, image_id in zip(questions, answers, image_ids):
+        if image_id not in images:
+            with Image.open(paths[image_id]) as im:
+                images[image_id] = im.convert("RGB")
+        out.append(VQAExample(images[image_id], question, answer, int(image_id)))
+    return out
+
+
+# -- drawing -------------------------------------------------------------------------
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    # easy-VQA backgrounds are random light tints.
+    return tuple(rng.randint(225, 255) for _ in range(3))  # type: ignore[return-value]
+
+
+def _shape_outline(shape: str, box: tuple[float, float, float, float], rng: random.Random) -> tuple[str, list]:
+    """Geometry of ``shape`` filling roughly the box ``(x0, y0, x1, y1)``: ``(kind, coordinates)``, kind "ellipse", "rectangle" or "polygon"."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        return "ellipse", list(box)
+    if shape == "rectangle":
+        # Rectangles of varied aspect inside the box.
+        w, h = x1 - x0, y1 - y0
+        sx, sy = rng.uniform(0.55, 1.0) * w, rng.uniform(0.55, 1.0) * h
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        return "rectangle", [cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2]
+    if shape == "triangle":
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
+        turn = rng.uniform(0, 2 * math.pi)
+        return "polygon", [(cx + r * math.cos(turn + k * 2 * math.pi / 3), cy + r * math.sin(turn + k * 2 * math.pi / 3)) for k in range(3)]
+    raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+
+
+def _paint(draw: ImageDraw.ImageDraw, outline: tuple[str, list], fill: int | tuple[int, int, int]) -> None:
+    kind, geometry = outline
+    if kind == "ellipse":
+        draw.ellipse(geometry, fill=fill)
+    elif kind == "rectangle":
+        draw.rectangle(geometry, fill=fill)
+    else:
+        draw.polygon(geometry, fill=fill)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], color: tuple[int, int, int], rng: random.Random) -> None:
+    """Draw ``shape`` filling roughly the box ``(x0, y0, x1, y1)``."""
+    _paint(draw, _shape_outline(shape, box, rng), color)
+
+
+def generate_shape_images(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, int, int]]:
+    """``n`` images with one shape each, for pretraining the vision tower.
+
+    Returns:
+        a list of ``(image, shape index into SHAPES, colour index into COLORS)``.
+    """
+    return [(s.image, SHAPES.index(s.objects[0].shape), list(COLORS).index(s.objects[0].color)) for s in generate_shape_scenes(n, seed, size)]
+
+
+def generate_shape_scenes(n: int, seed: int, size: int = 64) -> list["Scene"]:
+    """``n`` easy-VQA-like scenes with one large shape each, with their dense label maps."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rng = random.Random(seed)
+    names = list(COLORS)
+    out = []
+    for _ in range(n):
+        canvas = _Canvas(size, rng)
+        shape, color = SHAPES[rng.randrange(len(SHAPES))], names[rng.randrange(len(names))]
+        extent = rng.uniform(0.25, 0.9) * size
+        x0, y0 = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
+        out.append(canvas.add(shape, color, (x0, y0, x0 + extent, y0 + extent), rng).finish())
+    return out
+
+
+class _Canvas:
+    """An image and its dense shape / colour label maps, drawn together."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.image = Image.new("RGB", (size, size), _background(rng))
+        self.shape_map, self.color_map = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
+        self.objects: list[SceneObject] = []
+
+    def add(self, shape: str, color: str, box: tuple[float, float, float, float], rng: random.Random) -> "_Canvas":
+        outline = _shape_outline(shape, box, rng)
+        _paint(ImageDraw.Draw(self.image), outline, COLORS[color])
+        _paint(ImageDraw.Draw(self.shape_map), outline, 1 + SHAPES.index(shape))
+        _paint(ImageDraw.Draw(self.color_map), outline, 1 + list(COLORS).index(color))
+        self.objects.append(SceneObject(shape, color, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+        return self
+
+    def finish(self) -> "Scene":
+        return Scene(self.image, tuple(sorted(self.objects, key=lambda o: o.x)), self.shape_map, self.color_map)
+
+
+# -- scenes: the project's harder task ------------------------------------------------
+
+#: Resolution of scene images and the fixed seeds and sizes of the scene splits.
+SCENE_SIZE = 96
+SCENE_SPLITS: dict[str, tuple[int, int]] = {"train": (10_007, 6000), "test": (20_011, 1000)}  # split -> (seed, scenes)
+_COLUMNS = 4  # objects sit in distinct columns, so "left of" is always well defined
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object: its shape, colour name and centre in pixels."""
+
+    shape: str
+    color: str
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene image, its objects (sorted left to right) and dense labels.
+
+    Attributes:
+        image: ``size x size`` RGB image.
+        objects: the objects, sorted by ``x``.
+        shape_map: ``size x size`` "L" image: 0 background, ``1 + SHAPES.index(shape)`` inside an object.
+        color_map: ``size x size`` "L" image: 0 background, ``1 + list(COLORS).index(color)``.
+    """
+
+    image: Image.Image
+    objects: tuple[SceneObject, ...]
+    shape_map: Image.Image
+    color_map: Image.Image
+
+
+def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 2, max_objects: int = 4) -> Scene:
+    """Draw ``min_objects..max_objects`` shapes of distinct colours in distinct columns."""
+    if not 1 <= min_objects <= max_objects <= _COLUMNS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {_COLUMNS}, got {min_objects}, {max_objects}")
+    canvas = _Canvas(size, rng)
+    count = rng.randint(min_objects, max_objects)
+    columns = sorted(rng.sample(range(_COLUMNS), count))
+    color_names = rng.sample(list(COLORS), count)
+    column_width = size / _COLUMNS
+    for column, color in zip(columns, color_names):
+        shape = rng.choice(SHAPES)
+        extent = rng.uniform(0.6, 0.9) * column_width
+        x0 = column * column_width + rng.uniform(0, column_width - extent)
+        y0 = rng.uniform(0, size - extent)
+        canvas.add(shape, color, (x0, y0, x0 + extent, y0 + extent), rng)
+    return canvas.finish()
+
+
+def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to three ``(question, answer)`` pairs about ``scene``, each needing one specific object.
+
+    * "what color is the {shape}?" about a shape that occurs exactly once;
+    * "what shape is left of the {color} object?": the nearest object to its left;
+    * "how many {shape}s are there?" answered with a digit ("0" to "4").
+    """
+    objects = scene.objects
+    pairs = []
+    unique = [s for s in SHAPES if sum(o.shape == s for o in objects) == 1]
+    if unique:
+        shape = rng.choice(unique)
+        pairs.append((f"what color is the {shape}?", next(o.color for o in objects if o.shape == shape)))
+    if len(objects) > 1:
+        i = rng.randrange(1, len(objects))
+        pairs.append((f"what shape is left of the {objects[i].color} object?", objects[i - 1].shape))
+    shape = rng.choice(SHAPES)
+    pairs.append((f"how many {shape}s are there?", str(sum(o.shape == shape for o in objects))))
+    return pairs
+
+
+def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> list[VQAExample]:
+    """Questions about ``n`` generated scenes (about 3 per scene), deterministic for ``seed``.
+
+    Each scene holds 2-4 shapes (circle, rectangle, triangle) of distinct easy-VQA colours
+    on a light background; ``image_id`` is the scene's index.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rng = random.Random(seed)
+    out = []
+    for index in range(n):
+        scene = draw_scene(rng, size)
+        out.extend(VQAExample(scene.image, q, a, index) for q, a in scene_questions(scene, rng))
+    return out
+
+
+def scenes_split(split: str, limit: int | None = None) -> list[VQAExample]:
+    """The fixed ``"train"`` (6,000 scenes) or ``"test"`` (1,000 scenes) split of the scenes task.
+
+    ``limit`` keeps the first ``limit`` questions.
+    """
+    if split not in SCENE_SPLITS:
+        raise ValueError(f"split must be one of {list(SCENE_SPLITS)}, got {split!r}")
+    seed, count = SCENE_SPLITS[split]
+    if limit is not None:
+        count = min(count, limit)  # at least one question per scene: never fewer than needed
+    return generate_scenes(count, seed)[:limit]

@@ -1,0 +1,128 @@
+"""Accuracy of a BLIP-2 on the reference tasks, unpruned and pruned.
+
+Greedy decoding with plain ``model.generate`` (inside :func:`catp.pruned` for pruned
+runs); the score is exact match of the whole decoded answer (lower-cased, stripped).
+
+    python -m catp.reference.evaluate accuracy                 # full easy-VQA test split
+    python -m catp.reference.evaluate table --out docs/...      # unpruned vs keep 16/8/4
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from catp.reference.data import VQAExample, format_prompt
+
+__all__ = ["answer", "exact_match", "pruning_table"]
+
+
+def answer(model, processor, examples: Sequence[VQAExample], method: str | None = None, keep: int | None = None, batch_size: int = 256, max_new_tokens: int = 3, sessions: list | None = None) -> list[str]:
+    """Greedy answers of ``model`` to ``examples`` (optionally pruned to ``keep`` tokens with ``method``).
+
+    Args:
+        sessions: if given, each batch's ``keep_indices`` ``(batch, keep)`` is appended to it.
+
+    Returns:
+        one decoded answer per example.
+    """
+    import contextlib
+
+    import torch
+
+    import catp
+
+    if (method is None) != (keep is None):
+        raise ValueError("give both method and keep, or neither")
+    answers: list[str] = []
+    options = {"seed": 0} if method == "random" else {}
+    context = catp.pruned(model, method=method, keep=keep, **options) if method is not None else contextlib.nullcontext()
+    with context as session, torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            inputs = processor(images=[e.image for e in chunk], text=[format_prompt(e.question) for e in chunk], padding=True, return_tensors="pt")
+            out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+            answers.extend(a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+            if sessions is not None and session is not None:
+                sessions.append(session.keep_indices.clone())
+    return answers
+
+
+def exact_match(predictions: Sequence[str], examples: Sequence[VQAExample]) -> float:
+    """Share of predictions equal to the answer (lower-cased, stripped)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    if not examples:
+        raise ValueError("no examples")
+    return sum(p.strip().lower() == e.answer.strip().lower() for p, e in zip(predictions, examples)) / len(examples)
+
+
+def pruning_table(model, processor, tasks: dict[str, Sequence[VQAExample]], methods: Sequence[str], keeps: Sequence[int] = (16, 8, 4)) -> list[dict[str, Any]]:
+    """Exact match for every task, unpruned and for every ``method`` x ``keep``.
+
+    Returns:
+        rows ``{"method": str, "keep": int, task: accuracy, ...}``; the first row is unpruned
+        (``method="unpruned"``, ``keep=num_query_tokens``).
+    """
+    full = int(model.config.num_query_tokens)
+    rows = [{"method": "unpruned", "keep": full, **{t: exact_match(answer(model, processor, ex), ex) for t, ex in tasks.items()}}]
+    for method in methods:
+        for keep in keeps:
+            rows.append({"method": method, "keep": keep, **{t: exact_match(answer(model, processor, ex, method, keep), ex) for t, ex in tasks.items()}})
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], tasks: Sequence[str], counts: dict[str, int]) -> str:
+    head = "| method | keep | " + " | ".join(f"{t} ({counts[t]} q)" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (2 + len(tasks))]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['keep']} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.command("accuracy")
+def accuracy_command(model: str | None = None, task: str = "easy-vqa", limit: int | None = None, threads: int = 2) -> None:
+    """Unpruned greedy exact match on a task's test split (all of it unless --limit)."""
+    import torch
+
+    from catp.reference import load
+    from catp.reference.train import task_examples
+
+    torch.set_num_threads(threads)
+    net, processor = load(model)
+    examples = task_examples(task, "test", limit)
+    started = time.perf_counter()
+    score = exact_match(answer(net, processor, examples), examples)
+    print(f"{task} test: exact match {score:.4f} on {len(examples)} questions ({time.perf_counter() - started:.0f}s)")
+
+
+@app.command("table")
+def table_command(model: str | None = None, tasks: str = "easy-vqa,scenes", limit: int | None = 2000, out: Path | None = None, threads: int = 2) -> None:
+    """Unpruned vs keep 16/8/4 exact match of every method in catp.METHODS, as a markdown table."""
+    import torch
+
+    import catp
+    from catp.reference import load
+    from catp.reference.train import task_examples
+
+    torch.set_num_threads(threads)
+    net, processor = load(model)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    data = {t: task_examples(t, "test", limit) for t in names}
+    started = time.perf_counter()
+    table = _markdown(pruning_table(net, processor, data, catp.METHODS), names, {t: len(v) for t, v in data.items()})
+    print(table)
+    print(f"({time.perf_counter() - started:.0f}s)")
+    if out is not None:
+        out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    app()

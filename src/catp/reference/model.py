@@ -1,0 +1,113 @@
+"""Build the reference model's config, tokenizer and processor.
+
+The reference model is a stock ``Blip2ForConditionalGeneration``: ViT -> Q-Former (cross-
+attention every 2nd layer, 32 query tokens) -> linear projection -> OPT. Its tokenizer is a
+word-level ``tokenizers`` model wrapped in ``PreTrainedTokenizerFast``; its image processor
+is ``BlipImageProcessorPil`` (no torchvision needed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+__all__ = ["ModelSize", "SIZES", "build_config", "build_tokenizer", "build_processor", "words_of"]
+
+PAD, UNK, EOS, IMAGE = "<pad>", "<unk>", "</s>", "<image>"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Sizes of the three sub-models (all three share ``width``)."""
+
+    width: int = 128
+    vision_layers: int = 4
+    qformer_layers: int = 4
+    text_layers: int = 2
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8
+    num_query_tokens: int = 32
+
+
+SIZES: dict[str, ModelSize] = {
+    "reference": ModelSize(),
+    # easy-VQA and the 96 px scenes task.
+    "reference-96": ModelSize(image_size=96),
+    # For tests: the same structure, as small as it gets.
+    "tiny": ModelSize(width=32, vision_layers=1, qformer_layers=2, text_layers=1, heads=2, image_size=32, patch_size=16),
+}
+
+
+def words_of(text: str) -> list[str]:
+    """Split ``text`` the way the tokenizer does (words and punctuation runs)."""
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+def build_tokenizer(texts: Iterable[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over the words of ``texts``.
+
+    ``</s>`` is both BOS and EOS (as in OPT); it is prepended to every text. The vocabulary
+    is sorted, so the same texts give the same ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, UNK, EOS, IMAGE]
+    words = sorted({w for text in texts for w in words_of(text)})
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    core.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, vocab[EOS])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        additional_special_tokens=[IMAGE],
+        padding_side="left",  # generation pads on the left, as for OPT
+        model_max_length=128,
+    )
+
+
+def build_processor(tokenizer, size: ModelSize):
+    """A ``Blip2Processor`` that inserts ``num_query_tokens`` ``<image>`` placeholders."""
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
+    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=size.num_query_tokens)
+
+
+def build_config(size: ModelSize, tokenizer):
+    """The ``Blip2Config`` for ``size`` and ``tokenizer``.
+
+    Fixes the from-scratch trap of SPEC §6: the vision config defaults to
+    ``initializer_range=1e-10``, which leaves the ViT almost untrainable.
+    """
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    w = size.width
+    vision = Blip2VisionConfig(
+        hidden_size=w, intermediate_size=4 * w, num_hidden_layers=size.vision_layers, num_attention_heads=size.heads,
+        image_size=size.image_size, patch_size=size.patch_size, initializer_range=0.02,
+    )
+    qformer = Blip2QFormerConfig(
+        vocab_size=len(tokenizer), hidden_size=w, num_hidden_layers=size.qformer_layers, num_attention_heads=size.heads,
+        intermediate_size=4 * w, cross_attention_frequency=2, encoder_hidden_size=w, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=w, num_hidden_layers=size.text_layers, ffn_dim=4 * w,
+        num_attention_heads=size.heads, max_position_embeddings=128, word_embed_proj_dim=w,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=size.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+    )
+    config.catp_reference_size = asdict(size)
+    return config
