@@ -190,7 +190,7 @@ def test_cli_writes_json_with_every_field(tmp_path):
     for r in report["results"]:
         assert {"method", "keep", "batch", "tokens_into_llm", "decode_steps", "seconds", "throughput_samples_per_s", "flops",
                 "kv_cache_bytes", "peak_memory_bytes", "repeats"} <= set(r)
-        assert set(r["seconds"]) == {"vision", "qformer", "prefill", "decode", "decode_per_token", "end_to_end"}
+        assert set(r["seconds"]) == {"vision", "qformer", "prefill", "decode", "decode_per_token", "outside", "end_to_end"}
         assert set(r["seconds"]["end_to_end"]) == {"median", "min", "max", "spread"}
         assert set(r["flops"]) == {"vision", "qformer", "prefill", "decode", "total"}
     assert (tmp_path / "bench.png").stat().st_size > 0

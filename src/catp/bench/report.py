@@ -92,21 +92,22 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str) -> Pat
     return path
 
 
-def markdown_tables(report: dict[str, Any]) -> str:
+def markdown_tables(report: dict[str, Any], statistic: str = "median") -> str:
     """The stage breakdown of a ``catp bench`` JSON report as Markdown (used for docs/performance.md):
-    median ms per stage with each stage's share of the end-to-end time, and the checks."""
+    ms per stage (``statistic`` of the repeats: median or min) with each stage's share of the
+    end-to-end time, and the checks."""
     lines = ["| method | keep | batch | LLM tokens | vision | Q-Former+scoring | LLM prefill | decode (per token) | end-to-end (spread) | samples/s | GFLOPs prefill / total | KV cache MiB | peak RSS/alloc MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        s, e2e = r["seconds"], r["seconds"]["end_to_end"]["median"]
+        s, e2e = r["seconds"], r["seconds"]["end_to_end"][statistic]
 
         def cell(stage: str) -> str:
-            return f"{s[stage]['median'] * 1e3:.0f} ({s[stage]['median'] / e2e:.0%})"
+            return f"{s[stage][statistic] * 1e3:.0f} ({s[stage][statistic] / e2e:.0%})"
 
         lines.append(
             f"| {r['method']} | {r['keep']} | {r['batch']} | {r['tokens_into_llm']} | {cell('vision')} | {cell('qformer')} | "
-            f"{cell('prefill')} | {cell('decode')} ({s['decode_per_token']['median'] * 1e3:.0f}) | "
-            f"{e2e * 1e3:.0f} ({s['end_to_end']['spread']:.0%}) | {r['throughput_samples_per_s']:.3f} | "
+            f"{cell('prefill')} | {cell('decode')} ({s['decode_per_token'][statistic] * 1e3:.0f}) | "
+            f"{e2e * 1e3:.0f} ({s['end_to_end']['spread']:.0%}) | {r['batch'] / e2e:.3f} | "
             f"{r['flops']['prefill'] / 1e9:.0f} / {r['flops']['total'] / 1e9:.0f} | {r['kv_cache_bytes'] / _MIB:.1f} | "
             f"{r['peak_memory_bytes'] / _MIB:.0f} |")
     for c in report.get("checks", []):
@@ -116,8 +117,8 @@ def markdown_tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m catp.bench.report bench.json
+if __name__ == "__main__":  # python -m catp.bench.report bench.json [median|min]
     import json
     import sys
 
-    print(markdown_tables(json.loads(Path(sys.argv[1]).read_text())))
+    print(markdown_tables(json.loads(Path(sys.argv[1]).read_text()), *sys.argv[2:3]))

@@ -49,9 +49,15 @@ class StageTimes:
     def decode_per_token(self) -> float:
         return self.decode / self.decode_steps if self.decode_steps else 0.0
 
+    @property
+    def outside(self) -> float:
+        """Time in ``generate`` outside the four stages: input checks, our placeholder
+        shortening and prompt restoring, generation set-up before the vision tower."""
+        return self.end_to_end - self.vision - self.qformer - self.prefill - self.decode
+
     def as_dict(self) -> dict[str, float]:
         return {"vision": self.vision, "qformer": self.qformer, "prefill": self.prefill, "decode": self.decode,
-                "decode_per_token": self.decode_per_token, "end_to_end": self.end_to_end}
+                "decode_per_token": self.decode_per_token, "outside": self.outside, "end_to_end": self.end_to_end}
 
 
 @dataclass
