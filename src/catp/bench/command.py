@@ -96,6 +96,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
     check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
     out: Annotated[Path, typer.Option(help="JSON output.")] = Path("bench.json"),
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Plot output (default: --out with .png).")] = None,
@@ -113,6 +114,10 @@ def bench(
     bytes_per_element(dtype)  # validates the name
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter(f"--device {device}: CUDA is not available here")
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter("--threads must be >= 1")
+        torch.set_num_threads(threads)
     settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
                              instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats)
     if check_stat not in CHECK_STATISTICS:
