@@ -117,9 +117,10 @@ def _shape_outline(shape: str, box: tuple[float, float, float, float], rng: rand
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         return "rectangle", [cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2]
     if shape == "triangle":
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
-        turn = rng.uniform(0, 2 * math.pi)
-        return "polygon", [(cx + r * math.cos(turn + k * 2 * math.pi / 3), cy + r * math.sin(turn + k * 2 * math.pi / 3)) for k in range(3)]
+        # Upright, as in easy-VQA, with a varied aspect.
+        w = (x1 - x0) * rng.uniform(0.8, 1.0)
+        cx = (x0 + x1) / 2
+        return "polygon", [(cx, y0), (cx + w / 2, y1), (cx - w / 2, y1)]
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
@@ -131,11 +132,6 @@ def _paint(draw: ImageDraw.ImageDraw, outline: tuple[str, list], fill: int | tup
         draw.rectangle(geometry, fill=fill)
     else:
         draw.polygon(geometry, fill=fill)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], color: tuple[int, int, int], rng: random.Random) -> None:
-    """Draw ``shape`` filling roughly the box ``(x0, y0, x1, y1)``."""
-    _paint(draw, _shape_outline(shape, box, rng), color)
 
 
 def generate_shape_images(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, int, int]]:
@@ -164,23 +160,33 @@ def generate_shape_scenes(n: int, seed: int, size: int = 64) -> list["Scene"]:
 
 
 class _Canvas:
-    """An image and its dense shape / colour label maps, drawn together."""
+    """An image and its dense shape / colour label maps, drawn together.
+
+    The image is drawn at ``_SUPERSAMPLE`` times the size and reduced, for the soft
+    anti-aliased edges of easy-VQA's images.
+    """
 
     def __init__(self, size: int, rng: random.Random) -> None:
-        self.image = Image.new("RGB", (size, size), _background(rng))
+        self.size = size
+        self.image = Image.new("RGB", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), _background(rng))
         self.shape_map, self.color_map = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
         self.objects: list[SceneObject] = []
 
     def add(self, shape: str, color: str, box: tuple[float, float, float, float], rng: random.Random) -> "_Canvas":
-        outline = _shape_outline(shape, box, rng)
-        _paint(ImageDraw.Draw(self.image), outline, COLORS[color])
-        _paint(ImageDraw.Draw(self.shape_map), outline, 1 + SHAPES.index(shape))
-        _paint(ImageDraw.Draw(self.color_map), outline, 1 + list(COLORS).index(color))
+        kind, geometry = _shape_outline(shape, box, rng)
+        big = [tuple(c * _SUPERSAMPLE for c in g) if isinstance(g, tuple) else g * _SUPERSAMPLE for g in geometry]
+        _paint(ImageDraw.Draw(self.image), (kind, big), COLORS[color])
+        _paint(ImageDraw.Draw(self.shape_map), (kind, geometry), 1 + SHAPES.index(shape))
+        _paint(ImageDraw.Draw(self.color_map), (kind, geometry), 1 + list(COLORS).index(color))
         self.objects.append(SceneObject(shape, color, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
         return self
 
     def finish(self) -> "Scene":
-        return Scene(self.image, tuple(sorted(self.objects, key=lambda o: o.x)), self.shape_map, self.color_map)
+        image = self.image.resize((self.size, self.size), Image.BOX)
+        return Scene(image, tuple(sorted(self.objects, key=lambda o: o.x)), self.shape_map, self.color_map)
+
+
+_SUPERSAMPLE = 4
 
 
 # -- scenes: the project's harder task ------------------------------------------------

@@ -366,11 +366,12 @@ def train_reference_command(
     size: str = typer.Option(TrainSettings.size, help=f"Model size: {', '.join(SIZES)}."),
     pretrain_images: int = typer.Option(TrainSettings.pretrain_images, help="Generated images for the vision pretraining."),
     train_limit: int = typer.Option(None, help="Use only the first N training questions of each task (quick runs)."),
+    threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights may differ across thread counts)."),
 ) -> None:
     """Train the reference BLIP-2 from scratch on the CPU and save it as a Hugging Face checkpoint."""
     settings = TrainSettings(
         seed=seed, epochs=epochs, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), size=size,
-        pretrain_images=pretrain_images, train_limit=train_limit,
+        pretrain_images=pretrain_images, train_limit=train_limit, threads=threads,
     )
     path = train_reference(out, settings)
     print(f"saved {path} (log: {path / 'train.log'})")
