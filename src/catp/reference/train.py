@@ -35,7 +35,7 @@ class TrainSettings:
     seed: int = 0
     size: str = "reference"
     tasks: tuple[str, ...] = ("easy-vqa",)
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 1e-3
     pretrain_images: int = 30_000
