@@ -30,7 +30,7 @@ def results_table(results: Sequence[dict[str, Any]], title: str) -> Any:
             r["method"], str(r["keep"]), str(r["batch"]), str(r["tokens_into_llm"]),
             _ms(r, "vision"), _ms(r, "qformer"), _ms(r, "prefill"), _ms(r, "decode"), _ms(r, "decode_per_token"),
             f"{e2e['median'] * 1e3:.1f} ±{e2e['spread'] / 2:.0%}", f"{r['throughput_samples_per_s']:.2f}",
-            f"{r['flops']['prefill'] / 1e9:.1f}", f"{r['flops']['total'] / 1e9:.1f}",
+            f"{r['flops']['prefill'] / 1e9:.3g}", f"{r['flops']['total'] / 1e9:.3g}",
             f"{r['kv_cache_bytes'] / _MIB:.1f}", f"{r['peak_memory_bytes'] / _MIB:.0f}",
         )
     return table
@@ -108,7 +108,7 @@ def markdown_tables(report: dict[str, Any], statistic: str = "median") -> str:
             f"| {r['method']} | {r['keep']} | {r['batch']} | {r['tokens_into_llm']} | {cell('vision')} | {cell('qformer')} | "
             f"{cell('prefill')} | {cell('decode')} ({s['decode_per_token'][statistic] * 1e3:.0f}) | "
             f"{e2e * 1e3:.0f} ({s['end_to_end']['spread']:.0%}) | {r['batch'] / e2e:.3f} | "
-            f"{r['flops']['prefill'] / 1e9:.0f} / {r['flops']['total'] / 1e9:.0f} | {r['kv_cache_bytes'] / _MIB:.1f} | "
+            f"{r['flops']['prefill'] / 1e9:.3g} / {r['flops']['total'] / 1e9:.3g} | {r['kv_cache_bytes'] / _MIB:.1f} | "
             f"{r['peak_memory_bytes'] / _MIB:.0f} |")
     for c in report.get("checks", []):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]

@@ -191,9 +191,8 @@ class Benchmark:
             llm = self.model.language_model
             g = torch.Generator().manual_seed(self.settings.seed)
             length = case.keep + self.settings.prompt_tokens
-            embeds = torch.randn(case.batch, length, llm.config.hidden_size if hasattr(llm.config, "hidden_size")
-                                 else llm.config.d_model, generator=g) * 0.02
-            embeds = embeds.to(self.device, llm.get_input_embeddings().weight.dtype)
+            table = llm.get_input_embeddings().weight  # (V, D): the LLM's input width and dtype
+            embeds = (torch.randn(case.batch, length, table.shape[1], generator=g) * 0.02).to(self.device, table.dtype)
             mask = torch.ones(case.batch, length, dtype=torch.long, device=self.device)
             timer = StageTimer(llm, sync=sync, llm_only=True).__enter__()
             stack.append(timer)
