@@ -58,12 +58,14 @@ def rank_votes(attn: torch.Tensor) -> torch.Tensor:
     """
     if attn.dim() != 4:
         raise ValueError(f"expected cross-attention of shape (batch, heads, queries, image_tokens), got {tuple(attn.shape)}")
-    order = torch.argsort(attn, dim=2, stable=True)
+    # Sort along a contiguous last axis (faster than sorting along dim 2 in place).
+    by_voter = attn.transpose(2, 3).contiguous()  # (B, H, N, Q)
+    order = torch.argsort(by_voter, dim=-1, stable=True)
     ranks = torch.empty_like(order)
-    positions = torch.arange(attn.shape[2], device=attn.device).view(1, 1, -1, 1).expand_as(order)
+    positions = torch.arange(attn.shape[2], device=attn.device).expand_as(order)
     # Inverse permutation of `order` (argsort of argsort, in one scatter).
-    ranks.scatter_(2, order, positions)
-    return ranks.to(torch.float32)
+    ranks.scatter_(-1, order, positions)
+    return ranks.transpose(2, 3).to(torch.float32)
 
 
 def vote_scores(attn: torch.Tensor, voter_weights: torch.Tensor | None = None) -> torch.Tensor:
