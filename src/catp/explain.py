@@ -282,6 +282,15 @@ def _grid_shape(num_queries: int) -> tuple[int, int]:
     return math.ceil(num_queries / cols), cols
 
 
+def _heat_colours(values: Any) -> Any:
+    """``(gh, gw)`` values in [0, 1] -> ``(gh, gw, 4)`` RGBA: inferno colours, opacity rising with the value."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["inferno"](values)
+    rgba[..., 3] = 0.15 + 0.8 * values
+    return rgba
+
+
 def method_colours(names: Sequence[str]) -> dict[str, str]:
     """The colour of each method in a figure, by its position in ``names``."""
     return {name: _METHOD_COLOURS[i % len(_METHOD_COLOURS)] for i, name in enumerate(names)}
@@ -346,9 +355,10 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
             if q >= num_queries:
                 ax.set_visible(False)
                 continue
-            # Grey image under the heat map, so that the map's colours are not mixed with the image's.
+            # Grey image under the heat map, so that the map's colours are not mixed with the image's; the map's
+            # opacity follows its value, so the image stays visible where the token does not look.
             ax.imshow(grey, extent=(0, 1, 0, 1), cmap="gray", vmin=0, vmax=255)
-            ax.imshow(maps[q].numpy(), extent=(0, 1, 0, 1), cmap="inferno", alpha=0.7, interpolation="nearest", vmin=0, vmax=1)
+            ax.imshow(_heat_colours(maps[q].numpy()), extent=(0, 1, 0, 1), interpolation="nearest")
             for spine in ax.spines.values():
                 spine.set_visible(False)
             for depth, m in enumerate(kept_by[q]):
@@ -418,9 +428,11 @@ def draw_sample_image(size: int = 64) -> Image.Image:
 
     Drawn deterministically; ``src/catp/assets/sample.png`` is this image.
     """
-    image = Image.new("RGB", (size, size), (238, 244, 232))
-    ImageDraw.Draw(image).ellipse((size * 0.12, size * 0.14, size * 0.58, size * 0.60), fill=(0, 0, 255))
-    return image
+    scale = 4  # drawn 4x larger and shrunk: anti-aliased edges, like the reference model's training shapes
+    big = Image.new("RGB", (size * scale, size * scale), (238, 244, 232))
+    box = tuple(size * scale * f for f in (0.12, 0.14, 0.58, 0.60))
+    ImageDraw.Draw(big).ellipse(box, fill=(0, 0, 255))
+    return big.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def sample_image() -> Image.Image:
