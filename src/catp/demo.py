@@ -141,7 +141,7 @@ def demo(
     out: Path = typer.Option(Path("catp-demo.png"), help="Where to write the PNG."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods from catp.METHODS."),
     keeps: str = typer.Option(",".join(map(str, DEFAULT_KEEPS)), help="Comma-separated keep counts."),
-    per_task: int = typer.Option(3, help="Test images per task."),
+    per_task: int = typer.Option(6, help="Test images per task."),
     threads: int = typer.Option(2, help="torch threads."),
 ) -> None:
     """Prune the embedded reference model on a few test questions: table of answers + kept tokens, and a PNG."""

@@ -61,18 +61,24 @@ def exact_match(predictions: Sequence[str], examples: Sequence[VQAExample]) -> f
     return sum(p.strip().lower() == e.answer.strip().lower() for p, e in zip(predictions, examples)) / len(examples)
 
 
-def pruning_table(model, processor, tasks: dict[str, Sequence[VQAExample]], methods: Sequence[str], keeps: Sequence[int] = (16, 8, 4)) -> list[dict[str, Any]]:
+def pruning_table(model, processor, tasks: dict[str, Sequence[VQAExample]], methods: Sequence[str], keeps: Sequence[int] = (16, 8, 4), on_row=None) -> list[dict[str, Any]]:
     """Exact match for every task, unpruned and for every ``method`` x ``keep``.
 
     Returns:
         rows ``{"method": str, "keep": int, task: accuracy, ...}``; the first row is unpruned
-        (``method="unpruned"``, ``keep=num_query_tokens``).
+        (``method="unpruned"``, ``keep=num_query_tokens``). ``on_row(row)`` is called as each
+        row is done (progress).
     """
     full = int(model.config.num_query_tokens)
-    rows = [{"method": "unpruned", "keep": full, **{t: exact_match(answer(model, processor, ex), ex) for t, ex in tasks.items()}}]
-    for method in methods:
-        for keep in keeps:
-            rows.append({"method": method, "keep": keep, **{t: exact_match(answer(model, processor, ex, method, keep), ex) for t, ex in tasks.items()}})
+    runs = [(None, full)] + [(m, k) for m in methods for k in keeps]
+    rows = []
+    for method, keep in runs:
+        pruned = method is not None
+        row = {"method": method or "unpruned", "keep": keep}
+        row.update({t: exact_match(answer(model, processor, ex, method, keep if pruned else None), ex) for t, ex in tasks.items()})
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -117,7 +123,8 @@ def table_command(model: str | None = None, tasks: str = "easy-vqa,scenes", limi
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     data = {t: task_examples(t, "test", limit) for t in names}
     started = time.perf_counter()
-    table = _markdown(pruning_table(net, processor, data, catp.METHODS), names, {t: len(v) for t, v in data.items()})
+    rows = pruning_table(net, processor, data, catp.METHODS, on_row=lambda row: print(row, f"{time.perf_counter() - started:.0f}s", flush=True))
+    table = _markdown(rows, names, {t: len(v) for t, v in data.items()})
     print(table)
     print(f"({time.perf_counter() - started:.0f}s)")
     if out is not None:
