@@ -9,7 +9,7 @@ import catp
 from catp.reference import load, reference_model_path
 from catp.reference.data import SHAPES, easy_vqa_split, format_prompt, generate_scenes, scenes_split
 from catp.reference.evaluate import answer, exact_match
-from catp.reference.train import TrainSettings, train_reference
+from catp.reference.train import reader_from_checkpoint, TrainSettings, train_reference
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,17 @@ def test_train_reference_is_deterministic_and_loadable(tmp_path, tiny_settings):
     assert not torch.equal(load_file(other / "model.safetensors")["query_tokens"], a["query_tokens"])
     # The init traps of SPEC §6 are fixed: random distinct queries, a trainable ViT init.
     assert a["query_tokens"].std() > 1e-3
-    assert (first / "train.log").read_text().count("epoch 1/1 done") == 1
+    log = (first / "train.log").read_text()
+    assert log.count("] epoch 1/1 done") + log.count(" epoch 1/1 done: loss") - log.count("reader epoch 1/1 done") == 1
+    assert log.count("reader epoch 1/1 done") == 1  # stage 4 ran
+
+    LLM_KEY = next(k for k in a if k.startswith("language_model.") and k.endswith("fc1.weight"))
+    # Stage 4 alone on the stage-2 weights gives the full run's weights.
+    stage2 = train_reference(tmp_path / "s2", TrainSettings(**{**tiny_settings.__dict__, "reader_epochs": 0}), show_progress=False)
+    assert not torch.equal(load_file(stage2 / "model.safetensors")[LLM_KEY], a[LLM_KEY])
+    resumed = reader_from_checkpoint(stage2, tmp_path / "s4", tiny_settings, show_progress=False)
+    r = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(r[k], a[k]) for k in a), [k for k in a if not torch.equal(r[k], a[k])][:3]
 
     model = Blip2ForConditionalGeneration.from_pretrained(first)
     processor = Blip2Processor.from_pretrained(first)

@@ -4,6 +4,8 @@
 2. Freeze it and compute its outputs once per VQA image.
 3. Train the Q-Former, the projection and the OPT language model on VQA with the prompt
    ``"Question: {} Short answer:"``, the loss on the answer tokens and EOS only.
+4. Freeze all but the language model and fine-tune it on random subsets of the query
+   tokens (:mod:`catp.reference.reader`), so that it reads a pruned prefix at all.
 
 Deterministic for a seed (single process, fixed thread count, seeded shuffles).
 """
@@ -42,6 +44,9 @@ class TrainSettings:
     pretrain_epochs: int = 2
     pretrain_batch_size: int = 128
     pretrain_lr: float = 1e-3
+    #: Stage 3 (see catp.reference.reader): LLM-only fine-tune on random query subsets.
+    reader_epochs: int = 1
+    reader_lr: float = 1e-4
     #: Caps for quick runs and tests (None = the whole split).
     train_limit: int | None = None
     monitor_limit: int = 2000
@@ -346,6 +351,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
         log.info("epoch %d/%d done: loss %.4f train acc %.4f, test first-token acc (first %d) %s, %.0fs", epoch + 1, settings.epochs, loss_sum / (step + 1), correct / seen, settings.monitor_limit, held_out, time.perf_counter() - started)
         bar.write(f"epoch {epoch + 1}: loss {loss_sum / (step + 1):.4f}, train acc {correct / seen:.4f}, test acc {held_out}")
     bar.close()
+    _reader_stage(model, data, settings, log, show_progress)
 
     model.eval()
     model.generation_config = GenerationConfig(
@@ -358,6 +364,58 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     return out
 
 
+def _reader_stage(model, data: _Encoded, settings: TrainSettings, log: logging.Logger, show: bool) -> None:
+    """Stage 4: the language model learns to read any subset of the query tokens."""
+    if settings.reader_epochs < 1:
+        return
+    import torch
+
+    from catp.reference.reader import finetune_reader
+
+    # Reseed: dropout draws from the global generator, and stage 4 must not depend on
+    # how much of it stages 1-3 used (so that --reader-from equals the full run).
+    torch.manual_seed(settings.seed + 7)
+    model.eval()  # the frozen Q-Former runs without dropout; finetune_reader puts the LLM back in train mode
+    model.requires_grad_(False)
+    model.language_model.requires_grad_(True)
+    bar = _progress(math.ceil(len(data.input_ids) / settings.batch_size) * settings.reader_epochs, "reader", show)
+    finetune_reader(model, data, seed=settings.seed, epochs=settings.reader_epochs, lr=settings.reader_lr,
+                    batch_size=settings.batch_size, log=log, bar=bar)
+    bar.close()
+
+
+def reader_from_checkpoint(source: str | Path, out: str | Path, settings: TrainSettings = TrainSettings(), show_progress: bool = True) -> Path:
+    """Run only stage 4 on a stage-2 checkpoint ``source`` and save the result to ``out``.
+
+    Gives the same weights as a full :func:`train_reference` run with the same settings
+    whose stages 1-3 produced ``source`` (stage 4 reads nothing else from the run).
+    """
+    import shutil
+
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _logger(out)
+    log.info("stage 4 only, from %s; settings %s", source, asdict(settings))
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    torch.use_deterministic_algorithms(True)
+    model = Blip2ForConditionalGeneration.from_pretrained(source).eval()
+    processor = Blip2Processor.from_pretrained(source)
+    train = [e for task in model.config.catp_reference_tasks for e in task_examples(task, "train", settings.train_limit)]
+    data = _encode(model, processor, train)
+    _reader_stage(model, data, settings, log, show_progress)
+    model.eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if Path(source, "train.log").is_file() and Path(source).resolve() != out.resolve():
+        shutil.copy(Path(source, "train.log"), out / "train-stages-1-3.log")
+    log.info("saved to %s", out)
+    return out
+
+
 def train_reference_command(
     out: Path = typer.Option(..., help="Directory to write the checkpoint (config, safetensors, processor, train.log)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
@@ -366,12 +424,14 @@ def train_reference_command(
     size: str = typer.Option(TrainSettings.size, help=f"Model size: {', '.join(SIZES)}."),
     pretrain_images: int = typer.Option(TrainSettings.pretrain_images, help="Generated images for the vision pretraining."),
     train_limit: int = typer.Option(None, help="Use only the first N training questions of each task (quick runs)."),
+    reader_epochs: int = typer.Option(TrainSettings.reader_epochs, help="Stage-4 epochs (0 skips it): the LLM learns to read any subset of query tokens."),
+    reader_from: Path = typer.Option(None, help="Run only stage 4 on this stage-2 checkpoint (same result as the full run that made it)."),
     threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights may differ across thread counts)."),
 ) -> None:
     """Train the reference BLIP-2 from scratch on the CPU and save it as a Hugging Face checkpoint."""
     settings = TrainSettings(
         seed=seed, epochs=epochs, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), size=size,
-        pretrain_images=pretrain_images, train_limit=train_limit, threads=threads,
+        pretrain_images=pretrain_images, train_limit=train_limit, threads=threads, reader_epochs=reader_epochs,
     )
-    path = train_reference(out, settings)
+    path = reader_from_checkpoint(reader_from, out, settings) if reader_from else train_reference(out, settings)
     print(f"saved {path} (log: {path / 'train.log'})")
