@@ -18,27 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["READER_KEEPS", "projected_queries", "finetune_reader"]
+__all__ = ["READER_KEEPS", "finetune_reader"]
 
 #: Kept-token counts drawn per batch (32 three times: half the batches see every token).
 READER_KEEPS: tuple[int, ...] = (4, 8, 16, 32, 32, 32)
-
-
-def projected_queries(model: Any, features: Any, batch: int = 256) -> Any:
-    """Projected Q-Former outputs ``(num_images, Q, D_llm)`` for cached vision outputs ``(num_images, N, D)``."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for chunk in features.split(batch):
-            query = model.qformer(
-                query_embeds=model.query_tokens.expand(chunk.shape[0], -1, -1),
-                encoder_hidden_states=chunk,
-                encoder_attention_mask=torch.ones(chunk.shape[:2], dtype=torch.long),
-                return_dict=True,
-            ).last_hidden_state
-            out.append(model.language_projection(query))
-    return torch.cat(out)
 
 
 def finetune_reader(model: Any, data: Any, *, seed: int, epochs: int, lr: float, batch_size: int, log: logging.Logger, bar: Any) -> float:
@@ -56,8 +39,11 @@ def finetune_reader(model: Any, data: Any, *, seed: int, epochs: int, lr: float,
     """
     import torch
 
+    from catp.reference.train import projected_queries
+
     q = model.config.num_query_tokens
-    queries = projected_queries(model, data.features)
+    with torch.no_grad():
+        queries = torch.cat([projected_queries(model, chunk) for chunk in data.features.split(256)])
     lm = model.language_model
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed + 5)

@@ -233,6 +233,19 @@ def _encode(model, processor, examples: list[VQAExample], batch: int = 256) -> _
     )
 
 
+def projected_queries(model, features):
+    """Projected Q-Former outputs ``(B, Q, D_llm)`` for cached vision outputs ``features`` (B, N, D)."""
+    import torch
+
+    query = model.qformer(
+        query_embeds=model.query_tokens.expand(features.shape[0], -1, -1),
+        encoder_hidden_states=features,
+        encoder_attention_mask=torch.ones(features.shape[:2], dtype=torch.long),
+        return_dict=True,
+    ).last_hidden_state
+    return model.language_projection(query)
+
+
 def _vqa_logits(model, features, input_ids, attention_mask):
     """Logits ``(B, L, V)`` of the stock sub-modules on cached vision outputs ``features`` (B, N, D).
 
@@ -241,14 +254,8 @@ def _vqa_logits(model, features, input_ids, attention_mask):
     import torch
 
     q = model.config.num_query_tokens
-    query = model.qformer(
-        query_embeds=model.query_tokens.expand(features.shape[0], -1, -1),
-        encoder_hidden_states=features,
-        encoder_attention_mask=torch.ones(features.shape[:2], dtype=torch.long),
-        return_dict=True,
-    ).last_hidden_state
     embeds = model.get_input_embeddings()(input_ids[:, q:])
-    embeds = torch.cat([model.language_projection(query), embeds], dim=1)
+    embeds = torch.cat([projected_queries(model, features), embeds], dim=1)
     return model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
 
