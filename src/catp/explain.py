@@ -33,8 +33,9 @@ import typer
 from PIL import Image, ImageDraw
 from torch import nn
 
+from catp.protocol import PAPER_PROMPT
 from catp.methods import PruningMethod, get_method
-from catp.pruning import _cross_attention_layers, check_model, pruned, resolve_keep
+from catp.pruning import cross_attention_layers, check_model, pruned, resolve_keep
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +56,7 @@ __all__ = [
 #: Methods shown when none are asked for: the paper's method and its two baselines.
 DEFAULT_METHODS: tuple[str, ...] = ("catp", "l2norm", "selfattn")
 #: The paper's VQA prompt (SPEC §5), also the reference model's.
-DEFAULT_PROMPT = "Question: {} Short answer:"
+DEFAULT_PROMPT = PAPER_PROMPT
 #: The question asked about the built-in sample image.
 SAMPLE_QUESTION = "what shape is in the image?"
 _SAMPLE_FILE = "sample.png"
@@ -160,7 +161,7 @@ def _capture_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     try:
         if saved != "eager":
             model.qformer.set_attn_implementation("eager")
-        for layer in _cross_attention_layers(model):
+        for layer in cross_attention_layers(model):
             handles.append(layer.crossattention.attention.register_forward_hook(hook))
         yield captured
     finally:
@@ -253,7 +254,7 @@ def explain(
     with torch.no_grad():
         with _capture_cross_attention(model) as captured:
             unpruned = answer(model.generate(**inputs, **generate_kwargs))
-        num_layers = len(_cross_attention_layers(model))
+        num_layers = len(cross_attention_layers(model))
         if len(captured) != num_layers:
             raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one Q-Former run)")
         results: dict[str, MethodExplanation] = {}

@@ -33,7 +33,7 @@ from torch import nn
 from catp.methods import Captures, PruningMethod, get_method
 from catp.scoring import topk_indices
 
-__all__ = ["PruningSession", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
+__all__ = ["PruningSession", "cross_attention_layers", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
 
 _SUPPORTED = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
 _MODEL_INPUT_KWARGS = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
@@ -115,7 +115,7 @@ class PruningSession:
     # -- capture hooks -------------------------------------------------------------
     def _install_hooks(self) -> None:
         needs = self.method.needs
-        layers = _cross_attention_layers(self.model)
+        layers = cross_attention_layers(self.model)
         watched = layers[-1:] if needs.cross_attention == "last" else layers if needs.cross_attention == "all" else []
         for layer in watched:
             self._handles.append(layer.crossattention.attention.register_forward_hook(self._capture("cross")))
@@ -158,7 +158,7 @@ class PruningSession:
         captures = Captures(
             num_queries=num_queries,
             batch_size=batch,
-            num_cross_layers=len(_cross_attention_layers(self.model)),
+            num_cross_layers=len(cross_attention_layers(self.model)),
             device=query_output.device,
             cross_attentions=self._captures.get("cross", []),
             self_attentions=self._captures.get("self", []),
@@ -269,7 +269,8 @@ def vision_block_probabilities(attention: nn.Module, hidden_states: torch.Tensor
     return logits.softmax(dim=-1)
 
 
-def _cross_attention_layers(model: nn.Module) -> list[nn.Module]:
+def cross_attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The Q-Former layers that have a cross-attention block, in order."""
     return [layer for layer in model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
 
 
@@ -313,7 +314,7 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
     method = get_method(method, **options)
     num_query_tokens = int(model.config.num_query_tokens)
     k = resolve_keep(keep, num_query_tokens)
-    method.validate(len(_cross_attention_layers(model)))
+    method.validate(len(cross_attention_layers(model)))
     if getattr(model, "_catp_session", None) is not None:
         raise ValueError("pruned() is already active on this model; nesting it on the same model is not supported")
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from catp.protocol import PAPER_KEEPS, PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -77,16 +79,16 @@ def eval_command(
     images: Optional[Path] = typer.Option(None, help="COCO image directory (vqav2, ok-vqa)."),
     split: str = typer.Option("test", help="Split of a built-in generated dataset (easy-vqa, scenes)."),
     methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
-    keep: str = typer.Option("16,8,4", help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
+    keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
     batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
     dtype: str = typer.Option("auto", help=f"One of {', '.join(_DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
     device: Optional[str] = typer.Option(None, help="Default: this process's accelerate device (cpu or its GPU)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Keep only the first N selected questions (in the run's fixed random order)."),
     fraction: float = typer.Option(1.0, help="Random fraction of the questions (the paper: 0.1)."),
     seed: int = typer.Option(0, help="Seed of the subset, the question order and the random method."),
-    prompt: str = typer.Option("Question: {} Short answer:", help="Prompt; {} is the question."),
-    num_beams: int = typer.Option(5, min=1, help="Beam search width."),
-    max_new_tokens: int = typer.Option(10, min=1, help="Most new tokens per answer (min 1)."),
+    prompt: str = typer.Option(PAPER_PROMPT, help="Prompt; {} is the question."),
+    num_beams: int = typer.Option(PAPER_NUM_BEAMS, min=1, help="Beam search width."),
+    max_new_tokens: int = typer.Option(PAPER_MAX_NEW_TOKENS, min=1, help="Most new tokens per answer (min 1)."),
     out: Path = typer.Option(Path("catp-eval"), help="Run directory: predictions (resumable), summaries, plot."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:

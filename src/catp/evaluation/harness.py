@@ -22,10 +22,10 @@ from typing import Any
 
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
+from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
 
 __all__ = ["Config", "Protocol", "RunState", "build_configs", "read_predictions", "run_sweep"]
 
-PAPER_PROMPT = "Question: {} Short answer:"
 UNPRUNED = "unpruned"
 
 
@@ -34,9 +34,9 @@ class Protocol:
     """How answers are generated (SPEC §5 defaults)."""
 
     prompt: str = PAPER_PROMPT
-    num_beams: int = 5
-    max_new_tokens: int = 10
-    min_new_tokens: int = 1
+    num_beams: int = PAPER_NUM_BEAMS
+    max_new_tokens: int = PAPER_MAX_NEW_TOKENS
+    min_new_tokens: int = PAPER_MIN_NEW_TOKENS
 
     def __post_init__(self) -> None:
         if "{}" not in self.prompt:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from catp.protocol import PAPER_PROMPT
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 #: The prompt format the reference model is trained with (the paper's VQA prompt).
-PROMPT = "Question: {} Short answer:"
+PROMPT = PAPER_PROMPT
 
 #: easy-VQA's eight colours (read off its images: pure RGB values).
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -1,0 +1,10 @@
+"""The paper's VQA protocol (SPEC §5): the one place for its constants."""
+
+#: The prompt of BLIP-2's VQA evaluation; ``{}`` is the question. The reference model is trained with it.
+PAPER_PROMPT = "Question: {} Short answer:"
+#: Beam search width and new-token bounds of the paper's evaluation.
+PAPER_NUM_BEAMS = 5
+PAPER_MAX_NEW_TOKENS = 10
+PAPER_MIN_NEW_TOKENS = 1
+#: Kept query tokens in the paper's tables (1/2, 1/4, 1/8 of 32).
+PAPER_KEEPS = (16, 8, 4)
