@@ -1,4 +1,4 @@
-"""Stage 3 of the reference training: make the language model a general reader of query tokens.
+"""Stage 4 of the reference training: make the language model a general reader of query tokens.
 
 A BLIP-2 language model is a large pretrained LLM that reads any prefix length; the
 reference model's 2-layer OPT, trained from scratch on prompts that always start with 32
