@@ -256,8 +256,8 @@ def test_catp_layer_custom_weights_change_selection():
         tuple(w): catp.select_queries(model, inputs["pixel_values"], method="catp-layer", keep=3, layer_weights=w).tolist()
         for w in ([1.0, 0.0], [0.0, 1.0])
     }
-    first_layer = catp.select_queries(model, inputs["pixel_values"], method="catp", keep=3).tolist()
-    assert picks[(0.0, 1.0)] == first_layer  # all weight on the last layer = catp
+    last_layer = catp.select_queries(model, inputs["pixel_values"], method="catp", keep=3).tolist()
+    assert picks[(0.0, 1.0)] == last_layer  # all weight on the last layer = catp
     assert picks[(1.0, 0.0)] != picks[(0.0, 1.0)]
 
 
