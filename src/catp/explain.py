@@ -35,7 +35,7 @@ from torch import nn
 
 from catp.protocol import PAPER_PROMPT
 from catp.methods import PruningMethod, get_method
-from catp.pruning import cross_attention_layers, check_model, pruned, resolve_keep
+from catp.pruning import check_model, cross_attention_layers, eager_qformer, pruned, resolve_keep
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -156,19 +156,15 @@ def _capture_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     def hook(module: nn.Module, args: tuple, output: tuple) -> None:
         captured.append(output[1].detach().float().cpu())
 
-    saved = model.qformer.config._attn_implementation
     handles = []
-    try:
-        if saved != "eager":
-            model.qformer.set_attn_implementation("eager")
-        for layer in cross_attention_layers(model):
-            handles.append(layer.crossattention.attention.register_forward_hook(hook))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-        if model.qformer.config._attn_implementation != saved:
-            model.qformer.set_attn_implementation(saved)
+    with eager_qformer(model):
+        try:
+            for layer in cross_attention_layers(model):
+                handles.append(layer.crossattention.attention.register_forward_hook(hook))
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:

@@ -61,7 +61,6 @@ class Captures:
         batch_size: ``B``.
         cross_attentions: captured cross-attention maps, each ``(B, H, Q, N)``, in layer order
             (only the last one when the method needs only the last).
-        num_cross_layers: how many cross-attention layers the Q-Former has.
         self_attentions: Q-Former self-attention maps, each ``(B, H, S, S)``.
         vision_attention: last vision block's self-attention ``(B, H, N, N)``.
         query_output: Q-Former output for the query tokens ``(B, Q, D)``.
@@ -70,7 +69,6 @@ class Captures:
 
     num_queries: int
     batch_size: int
-    num_cross_layers: int
     device: torch.device
     cross_attentions: list[torch.Tensor] = field(default_factory=list)
     self_attentions: list[torch.Tensor] = field(default_factory=list)

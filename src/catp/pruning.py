@@ -33,7 +33,7 @@ from torch import nn
 from catp.methods import Captures, PruningMethod, get_method
 from catp.scoring import topk_indices
 
-__all__ = ["PruningSession", "cross_attention_layers", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
+__all__ = ["PruningSession", "cross_attention_layers", "eager_qformer", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
 
 _SUPPORTED = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
 _MODEL_INPUT_KWARGS = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
@@ -158,7 +158,6 @@ class PruningSession:
         captures = Captures(
             num_queries=num_queries,
             batch_size=batch,
-            num_cross_layers=len(cross_attention_layers(self.model)),
             device=query_output.device,
             cross_attentions=self._captures.get("cross", []),
             self_attentions=self._captures.get("self", []),
@@ -274,6 +273,19 @@ def cross_attention_layers(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
 
 
+@contextlib.contextmanager
+def eager_qformer(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the Q-Former on the eager attention (SDPA returns no probabilities) and restore it on exit."""
+    saved = model.qformer.config._attn_implementation
+    try:
+        if enabled and saved != "eager":
+            model.qformer.set_attn_implementation("eager")
+        yield
+    finally:
+        if model.qformer.config._attn_implementation != saved:
+            model.qformer.set_attn_implementation(saved)
+
+
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a supported Q-Former model."""
     if not isinstance(model, nn.Module):
@@ -319,26 +331,24 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
         raise ValueError("pruned() is already active on this model; nesting it on the same model is not supported")
 
     session = PruningSession(model=model, method=method, keep=k)
-    qformer_attn = model.qformer.config._attn_implementation
     had_generate = "generate" in model.__dict__
     saved_generate = model.__dict__.get("generate")
     original_generate = model.generate
     model._catp_session = session
     try:
-        if method.needs.eager_qformer and qformer_attn != "eager":
-            model.qformer.set_attn_implementation("eager")
-        session._reset(model, ())
-        session._install_hooks()
-        session._handles.append(model.register_forward_pre_hook(session._forward_pre_hook, with_kwargs=True))
-        session._handles.append(model.register_forward_hook(session._forward_hook, with_kwargs=True))
+        with eager_qformer(model, enabled=method.needs.eager_qformer):
+            session._reset(model, ())
+            session._install_hooks()
+            session._handles.append(model.register_forward_pre_hook(session._forward_pre_hook, with_kwargs=True))
+            session._handles.append(model.register_forward_hook(session._forward_hook, with_kwargs=True))
 
-        signature = inspect.signature(original_generate)
+            signature = inspect.signature(original_generate)
 
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            return session._generate(original_generate, **_bind_call(signature, args, kwargs))
+            def generate(*args: Any, **kwargs: Any) -> Any:
+                return session._generate(original_generate, **_bind_call(signature, args, kwargs))
 
-        model.generate = generate
-        yield session
+            model.generate = generate
+            yield session
     finally:
         for handle in session._handles:
             handle.remove()
@@ -347,8 +357,6 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
             model.generate = saved_generate
         else:
             model.__dict__.pop("generate", None)
-        if model.qformer.config._attn_implementation != qformer_attn:
-            model.qformer.set_attn_implementation(qformer_attn)
         model._catp_session = None
         del model._catp_session
 
