@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import catp
 from catp.reference import load, reference_model_path
 from catp.reference.data import SHAPES, easy_vqa_split, format_prompt, generate_scenes, scenes_split
 from catp.reference.evaluate import answer, exact_match
-from catp.reference.train import reader_from_checkpoint, TrainSettings, train_reference
+from catp.reference.train import TrainSettings, train_reference
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,11 @@ def test_pruned_answers_run_on_reference(reference):
 
 @pytest.fixture(scope="module")
 def tiny_settings():
-    return TrainSettings(size="tiny", epochs=1, batch_size=16, pretrain_images=64, pretrain_epochs=1, pretrain_batch_size=32, train_limit=48, monitor_limit=8)
+    return TrainSettings(size="tiny", vision_images=64, vision_epochs=1, text_sequences=256, text_epochs=1, shape_images=16,
+                         stage1_epochs=1, stage1_batch_size=16, stage2_epochs=1, stage2_batch_size=8, train_limit=24, monitor_limit=16)
 
 
-def test_train_reference_is_deterministic_and_loadable(tmp_path, tiny_settings):
+def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_settings):
     from safetensors.torch import load_file
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -80,24 +83,30 @@ def test_train_reference_is_deterministic_and_loadable(tmp_path, tiny_settings):
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = train_reference(tmp_path / "c", TrainSettings(**{**tiny_settings.__dict__, "seed": 1}), show_progress=False)
+    other = train_reference(tmp_path / "c", dataclasses.replace(tiny_settings, seed=1), show_progress=False)
     assert not torch.equal(load_file(other / "model.safetensors")["query_tokens"], a["query_tokens"])
     # The init traps of SPEC §6 are fixed: random distinct queries, a trainable ViT init.
     assert a["query_tokens"].std() > 1e-3
     log = (first / "train.log").read_text()
-    assert log.count("] epoch 1/1 done") + log.count(" epoch 1/1 done: loss") - log.count("reader epoch 1/1 done") == 1
-    assert log.count("reader epoch 1/1 done") == 1  # stage 4 ran
+    for stage in ("vision epoch 1/1", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):
+        assert log.count(stage) == 1, stage
 
-    LLM_KEY = next(k for k in a if k.startswith("language_model.") and k.endswith("fc1.weight"))
-    # Stage 4 alone on the stage-2 weights gives the full run's weights.
-    stage2 = train_reference(tmp_path / "s2", TrainSettings(**{**tiny_settings.__dict__, "reader_epochs": 0}), show_progress=False)
-    assert not torch.equal(load_file(stage2 / "model.safetensors")[LLM_KEY], a[LLM_KEY])
-    resumed = reader_from_checkpoint(stage2, tmp_path / "s4", tiny_settings, show_progress=False)
-    r = load_file(resumed / "model.safetensors")
-    assert all(torch.equal(r[k], a[k]) for k in a), [k for k in a if not torch.equal(r[k], a[k])][:3]
+    # A run killed after stage 1 resumes from its stage files and gives the same weights;
+    # a changed stage-1 setting retrains stage 1 (and what follows) but reuses the vision tower.
+    (tmp_path / "b" / "stages" / "stage1.safetensors").unlink()
+    resumed = load_file(train_reference(tmp_path / "b", tiny_settings, show_progress=False) / "model.safetensors")
+    assert all(torch.equal(resumed[k], a[k]) for k in a)
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "vision: resumed" in log and "language: resumed" in log and "stage 1 epoch 1/1" in log
+    changed = train_reference(tmp_path / "b", dataclasses.replace(tiny_settings, stage1_lr=1e-3), show_progress=False)
+    log = (changed / "train.log").read_text()
+    assert "vision: resumed" in log and "stage1: resumed" not in log
 
     model = Blip2ForConditionalGeneration.from_pretrained(first)
     processor = Blip2Processor.from_pretrained(first)
+    # BLIP-2's shape: 6 cross-attention layers would need 12 Q-Former layers; tiny has 2 layers, 1 cross-attention.
+    assert model.config.qformer_config.cross_attention_frequency == 2
+    assert not hasattr(model.qformer.encoder.layer[0], "intermediate")  # stage 1's text blocks stay behind
     example = easy_vqa_split("test", 1)[0]
     inputs = processor(images=example.image, text=format_prompt(example.question), return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 32
@@ -105,9 +114,41 @@ def test_train_reference_is_deterministic_and_loadable(tmp_path, tiny_settings):
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_shipped_reference_has_blip2_shape(reference):
+    model, _ = reference
+    config = model.config
+    assert config.num_query_tokens == 32
+    assert config.qformer_config.num_hidden_layers == 12 and config.qformer_config.cross_attention_frequency == 2
+    assert len(catp.pruning.cross_attention_layers(model)) == 6
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    assert grid * grid + 1 == 257
+
+
+def test_itg_mask_lets_text_see_queries_and_earlier_text_only():
+    from catp.reference.qformer import itg_mask
+
+    mask = itg_mask(2, torch.tensor([[1, 1, 0]]))[0, 0] == 0  # (5, 5) allowed
+    queries, text = slice(0, 2), slice(2, 5)
+    assert mask[queries, queries].all() and not mask[queries, text].any()
+    assert mask[text, queries].all()
+    assert mask[2:, 2:].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+
+
+def test_language_model_text_has_captions_questions_and_both():
+    from catp.reference.language import text_sequences
+    from catp.reference.model import build_tokenizer
+    from catp.reference.data import text_corpus, PROMPT
+
+    tokenizer = build_tokenizer([PROMPT] + [" ".join(t) for t in text_corpus(500, 0)])
+    sequences = text_sequences(tokenizer, 300, seed=0)
+    bos = tokenizer.bos_token_id
+    starts_with_bos = sum(s[0] == bos for s in sequences)
+    assert 0 < starts_with_bos < len(sequences)  # captions before BOS (where the queries go) and plain text
+    decoded = [tokenizer.decode(s) for s in sequences]
+    assert any("Question" in d for d in decoded) and any("Question" not in d for d in decoded)
+
+
 def test_train_reference_rejects_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="tasks"):
-        train_reference(tmp_path, TrainSettings(tasks=("coco",)))
     with pytest.raises(ValueError, match="size"):
         train_reference(tmp_path, TrainSettings(size="huge"))
 
@@ -118,15 +159,40 @@ def test_scenes_are_deterministic_and_consistent():
     assert a[0].image.tobytes() == b[0].image.tobytes()
     assert [(e.question, e.answer) for e in a] != [(e.question, e.answer) for e in c]
     kinds = {e.question.split()[1] for e in a}
-    assert kinds == {"color", "shape", "many"}
+    assert kinds == {"color", "shape", "size", "many"}
     for e in a:
         if e.question.startswith("how many"):
-            assert e.answer in {"0", "1", "2", "3", "4"}
+            assert e.answer in {"0", "1", "2", "3", "4", "5"}
         if e.question.startswith("what shape"):
             assert e.answer in SHAPES
+        if e.question.startswith("what size"):
+            assert e.answer in {"small", "large"}
     test = scenes_split("test", 30)
     assert len(test) == 30 and test[0].image.size == (96, 96)
     with pytest.raises(ValueError):
         generate_scenes(-1, seed=0)
     with pytest.raises(ValueError):
-        scenes_split("validation")
+        scenes_split("dev")
+
+
+def test_scene_captions_name_every_object_left_to_right():
+    import random
+
+    from catp.reference.data import scene_caption, scenes_with_questions
+
+    for scene, _ in scenes_with_questions(20, seed=5):
+        caption = scene_caption(scene.objects)
+        parts = caption.split(" , ")
+        assert len(parts) == len(scene.objects)
+        assert [p.split() for p in parts] == [[o.size, o.color, o.shape] for o in scene.objects]
+        assert [o.x for o in scene.objects] == sorted(o.x for o in scene.objects)
+
+
+def test_validation_splits_are_disjoint_from_train():
+    from catp.reference.data import EASY_VQA_VALIDATION_FROM
+
+    train, validation = easy_vqa_split("train"), easy_vqa_split("validation")
+    assert {e.image_id for e in train}.isdisjoint({e.image_id for e in validation})
+    assert min(e.image_id for e in validation) == EASY_VQA_VALIDATION_FROM
+    assert len(train) + len(validation) == 38_575
+    assert scenes_split("validation", 5)[0].image.tobytes() != scenes_split("train", 5)[0].image.tobytes()

@@ -42,6 +42,7 @@ app.command("bench")(__import__("catp.bench.command", fromlist=["bench"]).bench)
 from catp.evaluation.cli import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("diagnose")(__import__("catp.evaluation.diagnose", fromlist=["diagnose_command"]).diagnose_command)
 
 
 def main() -> None:

@@ -1,53 +1,388 @@
-"""How image-dependent are a method's kept sets, and how good are they? (docs/results.md)
+"""``catp diagnose``: do a model's query tokens differ, and does pruning have a choice to make?
 
-    python -m catp.evaluation.diagnose [--images 1000] [--questions 2000] [--keep 8]
+Token pruning can only help if the query tokens carry different things. This module
+measures that on any ``from_pretrained`` BLIP-2 or InstructBLIP and a set of images:
 
-For each method: the number of distinct kept sets over the first ``--images`` easy-VQA test
-images (``catp.select_queries``), and greedy exact match on the first ``--questions`` test
-questions inside ``catp.pruned`` (greedy, not the paper's 5 beams: a quick diagnostic).
-Runs on the embedded reference model.
+* **query-output cosine**: mean pairwise cosine of the Q-Former's ``Q`` output tokens, and
+  the mean over queries of the cosine to the nearest other query (1.0 = duplicates);
+* **effective rank** of the centred query outputs: ``exp(entropy(s / sum(s)))`` of their
+  singular values ``s`` (1 = all queries on one line; up to ``Q``);
+* per cross-attention layer, the **map correlation**: the mean pairwise Pearson
+  correlation of the queries' attention maps over the image tokens (mean over heads), and
+  the **attention entropy** of each query's map over the image tokens, divided by
+  ``log N`` (1 = uniform attention);
+* per method, the number of **distinct kept sets** over the images;
+* on the generated scenes, each query's **share of attention on object patches** (last
+  cross-attention layer, mean over heads, over the patch tokens), next to the share of
+  patches that are object patches (what attention spread evenly would give).
+
+The metrics are small pure functions over tensors; :func:`diagnose` runs the model once per
+batch (the Q-Former eager, to expose its probabilities) and :func:`catp.select_queries` per
+method.
+
+    catp diagnose --dataset easy-vqa --limit 500
+    catp diagnose --model Salesforce/blip2-opt-2.7b --images my_images/ --dtype float16 --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+import typer
+from torch import nn
 
-import catp
-from catp.methods import CATPLayer, PruningMethod
-from catp.reference import load
-from catp.reference.evaluate import answer, exact_match
-from catp.reference.train import task_examples
+__all__ = [
+    "Diagnosis",
+    "attention_entropy",
+    "diagnose",
+    "effective_rank",
+    "map_correlation",
+    "object_attention_share",
+    "query_cosine",
+]
 
-#: The methods compared, by label; layer 1 only isolates the first cross-attention layer.
-CANDIDATES: dict[str, str | PruningMethod] = {
-    "catp (last layer)": "catp",
-    "catp-layer, layer_weights=[1, 0] (first layer only)": CATPLayer(layer_weights=[1.0, 0.0]),
-    "catp-all": "catp-all",
-    "selfattn": "selfattn",
-    "first": "first",
-}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--questions", type=int, default=2000)
-    parser.add_argument("--keep", type=int, default=8)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, processor = load()
-    examples = task_examples("easy-vqa", "test", max(args.images, args.questions))
-    pixel_values = processor.image_processor([e.image for e in examples[: args.images]], return_tensors="pt")["pixel_values"]
-    print(f"| method (keep {args.keep}) | distinct kept sets over {args.images} images | greedy exact match, first {args.questions} questions |")
-    print("|---|---|---|")
-    for label, method in CANDIDATES.items():
-        kept = catp.select_queries(model, pixel_values, method=method, keep=args.keep)
-        distinct = len({tuple(row) for row in kept.tolist()})
-        accuracy = exact_match(answer(model, processor, examples[: args.questions], method=method, keep=args.keep), examples[: args.questions])
-        print(f"| {label} | {distinct} | {accuracy:.3f} |", flush=True)
+#: Methods whose kept sets are counted by default.
+DEFAULT_METHODS: tuple[str, ...] = ("catp", "catp-all", "catp-layer", "catp-image", "l2norm", "selfattn", "random")
+#: The Q-Former instruction for InstructBLIP models when none is given.
+DEFAULT_INSTRUCTION = "What is in the image?"
 
 
-if __name__ == "__main__":
-    main()
+# -- metrics: pure functions ----------------------------------------------------------------
+
+def query_cosine(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity among the query outputs of each sample.
+
+    Args:
+        outputs: ``(B, Q, D)``.
+
+    Returns:
+        ``(mean pairwise cosine (B,), mean nearest-other-query cosine (B,))``.
+    """
+    unit = nn.functional.normalize(outputs.float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)  # (B, Q, Q)
+    q = cosine.shape[-1]
+    off_diagonal = ~torch.eye(q, dtype=torch.bool, device=cosine.device)
+    pairwise = cosine[:, off_diagonal].mean(dim=-1)
+    nearest = cosine.masked_fill(~off_diagonal, -2.0).amax(dim=-1).mean(dim=-1)
+    return pairwise, nearest
+
+
+def effective_rank(outputs: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of the normalised singular values of the centred query outputs.
+
+    Args:
+        outputs: ``(B, Q, D)``.
+
+    Returns:
+        ``(B,)``, between 1 and ``min(Q - 1, D)``.
+    """
+    centred = outputs.float() - outputs.float().mean(dim=1, keepdim=True)
+    singular = torch.linalg.svdvals(centred)  # (B, min(Q, D))
+    p = singular / singular.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+    return entropy.exp()
+
+
+def map_correlation(probs: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise Pearson correlation of the queries' attention maps.
+
+    Args:
+        probs: one cross-attention layer's probabilities ``(B, H, Q, N)``; maps are
+            averaged over heads first.
+
+    Returns:
+        ``(B,)``: the mean over the ``Q (Q - 1)`` ordered pairs of distinct queries.
+    """
+    maps = probs.float().mean(dim=1)  # (B, Q, N)
+    centred = maps - maps.mean(dim=-1, keepdim=True)
+    unit = nn.functional.normalize(centred, dim=-1)
+    corr = unit @ unit.transpose(1, 2)
+    q = corr.shape[-1]
+    off_diagonal = ~torch.eye(q, dtype=torch.bool, device=corr.device)
+    return corr[:, off_diagonal].mean(dim=-1)
+
+
+def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each query's attention over the image tokens, divided by ``log N``.
+
+    Args:
+        probs: ``(B, H, Q, N)``.
+
+    Returns:
+        ``(B,)``: the mean over heads and queries (1 = uniform, 0 = one token).
+    """
+    p = probs.float().clamp_min(1e-12)
+    entropy = -(p * p.log()).sum(dim=-1)  # (B, H, Q)
+    return entropy.mean(dim=(1, 2)) / math.log(probs.shape[-1])
+
+
+def object_attention_share(probs: torch.Tensor, object_patches: torch.Tensor) -> torch.Tensor:
+    """Each query's share of its patch attention that falls on object patches.
+
+    Args:
+        probs: ``(B, H, Q, 1 + P)`` with the CLS token first (it is left out).
+        object_patches: ``(B, P)`` bool, true where a patch shows an object.
+
+    Returns:
+        ``(B, Q)`` in [0, 1].
+    """
+    patches = probs.float().mean(dim=1)[..., 1:]  # (B, Q, P)
+    patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (patches * object_patches[:, None, :].float()).sum(dim=-1)
+
+
+# -- running a model ---------------------------------------------------------------------
+
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` measured over ``num_images`` images (means over images).
+
+    Attributes:
+        model: the model's name or class.
+        num_images, num_queries, keep: the run's shape.
+        pairwise_cosine, nearest_cosine, effective_rank: query-output statistics.
+        map_correlation, attention_entropy: one value per cross-attention layer, in order.
+        distinct_kept_sets: method name -> number of distinct kept sets over the images.
+        object_share: per query, the mean share of attention on object patches (or ``None``).
+        object_patch_share: the mean share of patches that are object patches (or ``None``).
+    """
+
+    model: str
+    num_images: int
+    num_queries: int
+    keep: int
+    pairwise_cosine: float
+    nearest_cosine: float
+    effective_rank: float
+    map_correlation: list[float]
+    attention_entropy: list[float]
+    distinct_kept_sets: dict[str, int] = field(default_factory=dict)
+    object_share: list[float] | None = None
+    object_patch_share: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def markdown(self) -> str:
+        """The figures as a markdown table (one row per figure)."""
+        layers = len(self.map_correlation)
+        rows = [
+            ("images", str(self.num_images)),
+            ("mean pairwise query cosine", f"{self.pairwise_cosine:.3f}"),
+            ("mean nearest-other-query cosine", f"{self.nearest_cosine:.3f}"),
+            (f"effective rank (of {self.num_queries})", f"{self.effective_rank:.2f}"),
+            *((f"map correlation, cross-attention layer {i + 1}/{layers}", f"{v:.3f}") for i, v in enumerate(self.map_correlation)),
+            *((f"attention entropy / log N, layer {i + 1}/{layers}", f"{v:.3f}") for i, v in enumerate(self.attention_entropy)),
+            *((f"distinct kept sets at keep {self.keep}: {m}", str(n)) for m, n in self.distinct_kept_sets.items()),
+        ]
+        if self.object_share is not None:
+            share = torch.tensor(self.object_share)
+            rows.append(("attention on object patches, per query: mean (min-max)", f"{share.mean():.3f} ({share.min():.3f}-{share.max():.3f})"))
+            rows.append(("object patches among all patches", f"{self.object_patch_share:.3f}"))
+        return "\n".join(["| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect the Q-Former's query outputs ``(B, Q, D)`` and cross-attention maps of the next runs."""
+    from catp.pruning import cross_attention_layers, eager_qformer
+
+    captured: dict[str, list[torch.Tensor]] = {"outputs": [], "cross": []}
+    q = int(model.config.num_query_tokens)
+
+    def on_qformer(module: nn.Module, args: tuple, output: Any) -> None:
+        captured["outputs"].append(output[0][:, :q].detach().float().cpu())
+
+    def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
+        captured["cross"].append(output[1].detach().float().cpu())
+
+    handles = [model.qformer.register_forward_hook(on_qformer)]
+    with eager_qformer(model):
+        try:
+            handles += [layer.crossattention.attention.register_forward_hook(on_cross) for layer in cross_attention_layers(model)]
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _qformer_inputs(model: nn.Module, processor: Any, batch: int, instruction: str | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """InstructBLIP's Q-Former reads the instruction too; BLIP-2's reads nothing else."""
+    import inspect
+
+    if "qformer_input_ids" not in inspect.signature(model.get_image_features).parameters:
+        if instruction is not None:
+            raise ValueError(f"{type(model).__name__} has no instruction input; leave instruction unset")
+        return {}
+    tokens = processor.qformer_tokenizer([instruction or DEFAULT_INSTRUCTION] * batch, return_tensors="pt", padding=True)
+    return {"qformer_input_ids": tokens["input_ids"].to(device), "qformer_attention_mask": tokens["attention_mask"].to(device)}
+
+
+def diagnose(
+    model: nn.Module,
+    processor: Any,
+    images: Sequence[Any],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    keep: int | float = 8,
+    instruction: str | None = None,
+    object_masks: Sequence[Any] | None = None,
+    batch_size: int = 64,
+) -> Diagnosis:
+    """Measure how distinct ``model``'s query tokens are on ``images``.
+
+    Args:
+        model: a ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``.
+        processor: its processor (the image processor makes the pixel values).
+        images: PIL images.
+        methods: pruning methods whose distinct kept sets are counted.
+        keep: the keep level for the kept sets (a count or a fraction).
+        instruction: InstructBLIP's Q-Former instruction (default :data:`DEFAULT_INSTRUCTION`).
+        object_masks: optional per-image ``(gh, gw)`` bool patch grids, true on object
+            patches (the generated scenes have them); adds the object-attention figures.
+        batch_size: images per forward pass.
+
+    Returns:
+        A :class:`Diagnosis` (means over images).
+    """
+    import catp
+    from catp.pruning import check_model, resolve_keep
+
+    check_model(model)
+    if len(images) == 0:
+        raise ValueError("diagnose needs at least one image")
+    if object_masks is not None and len(object_masks) != len(images):
+        raise ValueError(f"{len(object_masks)} object masks for {len(images)} images")
+    names = [catp.get_method(m).name if not isinstance(m, str) else m for m in methods]
+    for name in names:
+        catp.get_method(name)  # an unknown method fails before any work
+    q = int(model.config.num_query_tokens)
+    k = resolve_keep(keep, q)
+    device = next(model.parameters()).device
+    dtype = next(model.vision_model.parameters()).dtype
+    outputs, cross = [], []
+    kept: dict[str, list[tuple[int, ...]]] = {name: [] for name in names}
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        pixels = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
+        extra = _qformer_inputs(model, processor, len(chunk), instruction, device)
+        with torch.no_grad(), _capture(model) as captured:
+            model.get_image_features(pixels, **extra)
+        outputs.append(captured["outputs"][0])
+        cross.append(torch.stack(captured["cross"]))  # (L, B, H, Q, N)
+        for name in names:
+            # One seed per image: one seed for all would draw the same set for every image.
+            options = {"seed": list(range(start, start + len(chunk)))} if name == "random" else {}
+            rows = catp.select_queries(model, pixels, method=name, keep=k, **extra, **options)
+            kept[name].extend(tuple(r) for r in rows.tolist())
+    query_outputs = torch.cat(outputs)
+    maps = torch.cat(cross, dim=1)  # (L, images, H, Q, N)
+    pairwise, nearest = query_cosine(query_outputs)
+    result = Diagnosis(
+        model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        num_images=len(images), num_queries=q, keep=k,
+        pairwise_cosine=float(pairwise.mean()), nearest_cosine=float(nearest.mean()),
+        effective_rank=float(effective_rank(query_outputs).mean()),
+        map_correlation=[float(map_correlation(layer).mean()) for layer in maps],
+        attention_entropy=[float(attention_entropy(layer).mean()) for layer in maps],
+        distinct_kept_sets={name: len(set(sets)) for name, sets in kept.items()},
+    )
+    if object_masks is not None:
+        masks = torch.stack([torch.as_tensor(m, dtype=torch.bool).flatten() for m in object_masks])
+        if masks.shape[1] != maps.shape[-1] - 1:
+            raise ValueError(f"object masks have {masks.shape[1]} patches, the model has {maps.shape[-1] - 1}")
+        share = object_attention_share(maps[-1], masks)  # (images, Q)
+        result.object_share = share.mean(dim=0).tolist()
+        result.object_patch_share = float(masks.float().mean())
+    return result
+
+
+# -- command line -------------------------------------------------------------------------
+
+def _scene_images(split: str, limit: int, grid: int) -> tuple[list, list]:
+    """Generated scenes of ``split`` and their object patch grids ``(grid, grid)`` (a patch with any object pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    from catp.reference.data import SCENE_SPLITS, scenes_with_questions
+
+    if split not in SCENE_SPLITS:
+        raise ValueError(f"scenes split must be one of {list(SCENE_SPLITS)}, got {split!r}")
+    seed, count = SCENE_SPLITS[split]
+    scenes = [s for s, _ in scenes_with_questions(min(count, limit), seed)]
+    masks = [np.asarray(s.shape_map.resize((grid, grid), Image.Resampling.BOX)) > 0 for s in scenes]
+    return [s.image for s in scenes], masks
+
+
+def _folder_images(folder: Path, limit: int) -> list:
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise ValueError(f"--images must be a folder of images, got {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})[:limit]
+    if not paths:
+        raise ValueError(f"no .png/.jpg/.jpeg/.bmp/.webp images in {folder}")
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                out.append(image.convert("RGB"))
+        except OSError as error:
+            raise ValueError(f"cannot read {path} as an image: {error}") from None
+    return out
+
+
+def diagnose_command(
+    model: str | None = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    dataset: str = typer.Option("easy-vqa", help="Images from easy-vqa or scenes (scenes add the object-attention figures); ignored with --images."),
+    split: str = typer.Option("test", help="Split of --dataset."),
+    images: Path | None = typer.Option(None, help="A folder of images to use instead of --dataset."),
+    limit: int = typer.Option(500, min=1, help="Number of images."),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods whose distinct kept sets are counted."),
+    keep: int = typer.Option(8, min=1, help="Keep level for the kept sets."),
+    instruction: str | None = typer.Option(None, help=f"InstructBLIP's Q-Former instruction (default {DEFAULT_INSTRUCTION!r})."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
+) -> None:
+    """Measure how distinct a model's query tokens are: cosine, effective rank, map correlation, entropy, kept sets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from catp.evaluation.cli import _default_model, load_model
+
+    loaded, processor, _ = load_model(model or _default_model(), dtype, device)
+    grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
+    masks = None
+    if images is not None:
+        pictures = _folder_images(images, limit)
+    elif dataset == "scenes":
+        pictures, masks = _scene_images(split, limit, grid)
+    elif dataset == "easy-vqa":
+        from catp.reference.data import easy_vqa_split
+
+        seen: dict[int, Any] = {}
+        for e in easy_vqa_split(split):
+            seen.setdefault(e.image_id, e.image)
+            if len(seen) == limit:
+                break
+        pictures = list(seen.values())
+    else:
+        raise ValueError(f"--dataset must be easy-vqa or scenes (or give --images), got {dataset!r}")
+    result = diagnose(loaded, processor, pictures, methods=[m.strip() for m in methods.split(",") if m.strip()], keep=keep,
+                      instruction=instruction, object_masks=masks)
+    table = Table("figure", "value", title=f"catp diagnose: {result.model}")
+    for line in result.markdown().splitlines()[2:]:
+        name, value = (cell.strip() for cell in line.strip("|").split("|"))
+        table.add_row(name, value)
+    Console().print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.to_json())
+        typer.echo(f"wrote {out}")

@@ -27,6 +27,11 @@ __all__ = [
     "draw_scene",
     "scene_questions",
     "scenes_split",
+    "scenes_with_questions",
+    "scene_caption",
+    "text_corpus",
+    "easy_vqa_style_question",
+    "SCENES_VERSION",
 ]
 
 #: The prompt format the reference model is trained with (the paper's VQA prompt).
@@ -72,22 +77,31 @@ class VQAExample:
 
 # -- easy-VQA ------------------------------------------------------------------------
 
-def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
-    """easy-VQA questions of ``split`` ("train": 38,575, "test": 9,673), in the dataset's order.
+#: easy-VQA has no validation split: its last 400 training images (ids 3600-3999) and their
+#: questions are ours, for tuning the recipe; "train" is the rest.
+EASY_VQA_VALIDATION_FROM = 3600
 
+
+def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
+    """easy-VQA questions of ``split`` in the dataset's order.
+
+    "train": the questions on training images 0-3599 (34,7xx); "validation": those on
+    training images 3600-3999 (carved out for tuning); "test": the test split (9,673).
     Images are opened once and shared by their questions. ``limit`` keeps the first
     ``limit`` questions.
     """
     import easy_vqa
 
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    else:
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    if split == "test":
         questions, answers, image_ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
+    else:
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+        keep = [(image_id >= EASY_VQA_VALIDATION_FROM) == (split == "validation") for image_id in image_ids]
+        questions, answers, image_ids = ([x for x, k in zip(column, keep) if k] for column in (questions, answers, image_ids))
     if limit is not None:
         questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
     images: dict[int, Image.Image] = {}
@@ -98,6 +112,34 @@ def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
                 images[image_id] = im.convert("RGB")
         out.append(VQAExample(images[image_id], question, answer, int(image_id)))
     return out
+
+
+#: easy-VQA's question templates (read off its training questions): ``{c}`` a colour,
+#: ``{s}`` a shape; the "not_" kinds ask with a negation, which flips the yes/no answer.
+EASY_VQA_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": ("what color is the shape?", "what color is the {s}?", "what is the color of the {s}?", "what is the color of the shape?"),
+    "shape": ("what shape is in the image?", "what shape does the image contain?", "what shape is present?", "what is the {c} shape?"),
+    "has_color": ("is a {c} shape present?", "is there a {c} shape?", "does the image contain a {c} shape?", "is there a {c} shape in the image?"),
+    "not_color": ("does the image not contain a {c} shape?", "is there not a {c} shape?", "is there not a {c} shape in the image?", "is no {c} shape present?"),
+    "has_shape": ("is there a {s}?", "is a {s} present?", "does the image contain a {s}?", "is there a {s} in the image?"),
+    "not_shape": ("is no {s} present?", "is there not a {s}?", "does the image not contain a {s}?", "is there not a {s} in the image?"),
+}
+
+
+def easy_vqa_style_question(shape: str, color: str, rng: random.Random) -> tuple[str, str]:
+    """One easy-VQA-style ``(question, answer)`` about an image of one ``color`` ``shape``.
+
+    For text-only data (the language model's pretraining): easy-VQA's own templates and
+    answers; yes/no questions name the right colour or shape about half of the time.
+    """
+    kind = rng.choice(list(EASY_VQA_TEMPLATES))
+    template = rng.choice(EASY_VQA_TEMPLATES[kind])
+    if kind in ("color", "shape"):
+        return template.format(c=color, s=shape), color if kind == "color" else shape
+    asked_color = color if rng.random() < 0.5 else rng.choice(list(COLORS))
+    asked_shape = shape if rng.random() < 0.5 else rng.choice(SHAPES)
+    present = asked_color == color if kind.endswith("color") else asked_shape == shape
+    return template.format(c=asked_color, s=asked_shape), "yes" if present != kind.startswith("not") else "no"
 
 
 # -- drawing -------------------------------------------------------------------------
@@ -174,13 +216,13 @@ class _Canvas:
         self.shape_map, self.color_map = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
         self.objects: list[SceneObject] = []
 
-    def add(self, shape: str, color: str, box: tuple[float, float, float, float], rng: random.Random) -> "_Canvas":
+    def add(self, shape: str, color: str, box: tuple[float, float, float, float], rng: random.Random, size: str = "large") -> "_Canvas":
         kind, geometry = _shape_outline(shape, box, rng)
         big = [tuple(c * _SUPERSAMPLE for c in g) if isinstance(g, tuple) else g * _SUPERSAMPLE for g in geometry]
         _paint(ImageDraw.Draw(self.image), (kind, big), COLORS[color])
         _paint(ImageDraw.Draw(self.shape_map), (kind, geometry), 1 + SHAPES.index(shape))
         _paint(ImageDraw.Draw(self.color_map), (kind, geometry), 1 + list(COLORS).index(color))
-        self.objects.append(SceneObject(shape, color, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+        self.objects.append(SceneObject(shape, color, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, size))
         return self
 
     def finish(self) -> "Scene":
@@ -193,20 +235,27 @@ _SUPERSAMPLE = 4
 
 # -- scenes: the project's harder task ------------------------------------------------
 
-#: Resolution of scene images and the fixed seeds and sizes of the scene splits.
+#: Version of the scenes task (generator, questions and captions). Version 2: 1-5 objects in
+#: 5 columns, two sizes, any height, captions; version 1 (catp <= 0.1): 2-4 objects, 4 columns.
+SCENES_VERSION = 2
+#: Resolution of scene images and the fixed seeds and sizes of the scene splits. "validation"
+#: is carved from the training generator's distribution (another seed) for tuning the recipe.
 SCENE_SIZE = 96
-SCENE_SPLITS: dict[str, tuple[int, int]] = {"train": (10_007, 6000), "test": (20_011, 1000)}  # split -> (seed, scenes)
-_COLUMNS = 4  # objects sit in distinct columns, so "left of" is always well defined
+SCENE_SPLITS: dict[str, tuple[int, int]] = {"train": (10_007, 8000), "validation": (30_011, 500), "test": (20_011, 1000)}  # split -> (seed, scenes)
+_COLUMNS = 5  # objects sit in distinct columns, so "left of" is always well defined
+#: Object extent as a share of the column width, per size word.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.4, 0.6), "large": (0.8, 1.0)}
 
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One drawn object: its shape, colour name and centre in pixels."""
+    """One drawn object: its shape, colour name, size word and centre in pixels."""
 
     shape: str
     color: str
     x: float
     y: float
+    size: str = "large"
 
 
 @dataclass(frozen=True)
@@ -226,8 +275,12 @@ class Scene:
     color_map: Image.Image
 
 
-def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 2, max_objects: int = 4) -> Scene:
-    """Draw ``min_objects..max_objects`` shapes of distinct colours in distinct columns."""
+def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 1, max_objects: int = _COLUMNS) -> Scene:
+    """Draw ``min_objects..max_objects`` shapes of distinct colours in distinct columns.
+
+    Each object is "small" or "large" (:data:`SIZES`, relative to the column width) and
+    sits at any height.
+    """
     if not 1 <= min_objects <= max_objects <= _COLUMNS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {_COLUMNS}, got {min_objects}, {max_objects}")
     canvas = _Canvas(size, rng)
@@ -237,21 +290,30 @@ def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 2,
     column_width = size / _COLUMNS
     for column, color in zip(columns, color_names):
         shape = rng.choice(SHAPES)
-        extent = rng.uniform(0.6, 0.9) * column_width
+        size_word = rng.choice(list(SIZES))
+        extent = rng.uniform(*SIZES[size_word]) * column_width
         x0 = column * column_width + rng.uniform(0, column_width - extent)
         y0 = rng.uniform(0, size - extent)
-        canvas.add(shape, color, (x0, y0, x0 + extent, y0 + extent), rng)
+        canvas.add(shape, color, (x0, y0, x0 + extent, y0 + extent), rng, size_word)
     return canvas.finish()
 
 
-def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """Up to three ``(question, answer)`` pairs about ``scene``, each needing one specific object.
+def scene_caption(objects: "tuple[SceneObject, ...] | list[SceneObject]") -> str:
+    """The caption that names every object, left to right: ``"small red circle , large blue triangle"``."""
+    return " , ".join(f"{o.size} {o.color} {o.shape}" for o in objects)
+
+
+def scene_questions(scene: Scene | tuple[SceneObject, ...], rng: random.Random) -> list[tuple[str, str]]:
+    """Up to four ``(question, answer)`` pairs about ``scene``, each needing specific objects.
 
     * "what color is the {shape}?" about a shape that occurs exactly once;
     * "what shape is left of the {color} object?": the nearest object to its left;
-    * "how many {shape}s are there?" answered with a digit ("0" to "4").
+    * "what size is the {color} object?": "small" or "large";
+    * "how many {shape}s are there?" answered with a digit ("0" to "5").
+
+    ``scene`` may also be the objects alone (for text-only data).
     """
-    objects = scene.objects
+    objects = scene.objects if isinstance(scene, Scene) else tuple(scene)
     pairs = []
     unique = [s for s in SHAPES if sum(o.shape == s for o in objects) == 1]
     if unique:
@@ -260,29 +322,36 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     if len(objects) > 1:
         i = rng.randrange(1, len(objects))
         pairs.append((f"what shape is left of the {objects[i].color} object?", objects[i - 1].shape))
+    target = rng.choice(objects)
+    pairs.append((f"what size is the {target.color} object?", target.size))
     shape = rng.choice(SHAPES)
     pairs.append((f"how many {shape}s are there?", str(sum(o.shape == shape for o in objects))))
     return pairs
 
 
-def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> list[VQAExample]:
-    """Questions about ``n`` generated scenes (about 3 per scene), deterministic for ``seed``.
-
-    Each scene holds 2-4 shapes (circle, rectangle, triangle) of distinct easy-VQA colours
-    on a light background; ``image_id`` is the scene's index.
-    """
+def scenes_with_questions(n: int, seed: int, size: int = SCENE_SIZE) -> list[tuple[Scene, list[tuple[str, str]]]]:
+    """``n`` generated scenes, each with its ``(question, answer)`` pairs, deterministic for ``seed``."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     rng = random.Random(seed)
     out = []
-    for index in range(n):
+    for _ in range(n):
         scene = draw_scene(rng, size)
-        out.extend(VQAExample(scene.image, q, a, index) for q, a in scene_questions(scene, rng))
+        out.append((scene, scene_questions(scene, rng)))
     return out
 
 
+def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> list[VQAExample]:
+    """Questions about ``n`` generated scenes (about 3.7 per scene), deterministic for ``seed``.
+
+    Each scene holds 1-5 shapes (circle, rectangle, triangle) of distinct easy-VQA colours
+    and two sizes on a light background; ``image_id`` is the scene's index.
+    """
+    return [VQAExample(scene.image, q, a, index) for index, (scene, pairs) in enumerate(scenes_with_questions(n, seed, size)) for q, a in pairs]
+
+
 def scenes_split(split: str, limit: int | None = None) -> list[VQAExample]:
-    """The fixed ``"train"`` (6,000 scenes) or ``"test"`` (1,000 scenes) split of the scenes task.
+    """The fixed ``"train"`` (8,000 scenes), ``"validation"`` (500) or ``"test"`` (1,000 scenes) split.
 
     ``limit`` keeps the first ``limit`` questions.
     """
@@ -292,3 +361,24 @@ def scenes_split(split: str, limit: int | None = None) -> list[VQAExample]:
     if limit is not None:
         count = min(count, limit)  # at least one question per scene: never fewer than needed
     return generate_scenes(count, seed)[:limit]
+
+
+def text_corpus(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` text-only ``(caption, question, answer)`` triples about symbolic scenes.
+
+    For the language model's pretraining on text: nothing is drawn. 40% describe one object
+    and ask an easy-VQA-style question; the rest describe 1-5 objects as the scenes task
+    does (distinct colours, left to right) and ask one of its questions.
+    """
+    rng = random.Random(seed)
+    names = list(COLORS)
+    out = []
+    for _ in range(n):
+        single = rng.random() < 0.4
+        count = 1 if single else rng.randint(1, _COLUMNS)
+        objects = tuple(
+            SceneObject(rng.choice(SHAPES), color, float(i), 0.0, rng.choice(list(SIZES))) for i, color in enumerate(rng.sample(names, count))
+        )
+        question, answer = easy_vqa_style_question(objects[0].shape, objects[0].color, rng) if single else rng.choice(scene_questions(objects, rng))
+        out.append((scene_caption(objects), question, answer))
+    return out

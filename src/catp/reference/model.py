@@ -23,18 +23,18 @@ class ModelSize:
 
     width: int = 128
     vision_layers: int = 4
-    qformer_layers: int = 4
-    text_layers: int = 2
+    #: 12 layers with cross-attention every 2nd: 6 cross-attention layers, as in BLIP-2.
+    qformer_layers: int = 12
+    text_layers: int = 4
     heads: int = 4
-    image_size: int = 64
-    patch_size: int = 8
+    #: 96 px with patch 6: 16 x 16 patches + CLS = 257 image tokens, as EVA ViT-g/14 at 224 px.
+    image_size: int = 96
+    patch_size: int = 6
     num_query_tokens: int = 32
 
 
 SIZES: dict[str, ModelSize] = {
     "reference": ModelSize(),
-    # easy-VQA and the 96 px scenes task.
-    "reference-96": ModelSize(image_size=96),
     # For tests: the same structure, as small as it gets.
     "tiny": ModelSize(width=32, vision_layers=1, qformer_layers=2, text_layers=1, heads=2, image_size=32, patch_size=16),
 }
@@ -82,11 +82,13 @@ def build_processor(tokenizer, size: ModelSize):
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=size.num_query_tokens)
 
 
-def build_config(size: ModelSize, tokenizer):
+def build_config(size: ModelSize, tokenizer, qformer_text_input: bool = False):
     """The ``Blip2Config`` for ``size`` and ``tokenizer``.
 
     Fixes the from-scratch trap of SPEC §6: the vision config defaults to
     ``initializer_range=1e-10``, which leaves the ViT almost untrainable.
+    ``qformer_text_input=True`` gives the Q-Former its text feed-forward blocks, for the
+    stage-1 objectives (the shipped model, like a stock BLIP-2 for generation, has none).
     """
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
@@ -98,7 +100,7 @@ def build_config(size: ModelSize, tokenizer):
     qformer = Blip2QFormerConfig(
         vocab_size=len(tokenizer), hidden_size=w, num_hidden_layers=size.qformer_layers, num_attention_heads=size.heads,
         intermediate_size=4 * w, cross_attention_frequency=2, encoder_hidden_size=w, max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_qformer_text_input=qformer_text_input,
     )
     text = OPTConfig(
         vocab_size=len(tokenizer), hidden_size=w, num_hidden_layers=size.text_layers, ffn_dim=4 * w,

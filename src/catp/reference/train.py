@@ -1,13 +1,25 @@
-"""Train the reference BLIP-2 from scratch on the CPU (SPEC §7's recipe).
+"""Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 itself is trained (SPEC §8).
 
-1. Pretrain the ViT on generated single-shape images (classify shape and colour).
-2. Freeze it and compute its outputs once per VQA image.
-3. Train the Q-Former, the projection and the OPT language model on VQA with the prompt
-   ``"Question: {} Short answer:"``, the loss on the answer tokens and EOS only.
-4. Freeze all but the language model and fine-tune it on random subsets of the query
-   tokens (:mod:`catp.reference.reader`), so that it reads a pruned prefix at all.
+BLIP-2 joins a *pretrained, frozen* image encoder and a *pretrained, frozen* language model
+with a Q-Former, trained in two stages. The miniature copies that:
 
-Deterministic for a seed (single process, fixed thread count, seeded shuffles).
+0. **Vision tower**: a ViT pretrained on generated shapes and scenes (shape and colour per
+   image, and dense per-patch labels), then frozen; its outputs are cached once per image.
+1. **Language model**: an OPT trained on text alone (captions, and questions with their
+   answers after a caption or without one), with random position offsets so that text at
+   any position is normal to it. Then frozen. It never sees a query token in training
+   (:mod:`catp.reference.language`).
+2. **Stage 1, representation learning**: the Q-Former against the frozen tower with BLIP-2's
+   image-text contrastive (max over the 32 queries) and image-grounded caption generation
+   objectives, on scenes whose captions name every object (:mod:`catp.reference.qformer`).
+3. **Stage 2, generative learning**: the Q-Former's outputs go through a linear projection
+   as soft prompts to the frozen language model; the Q-Former and the projection learn
+   captioning and VQA ("Question: {} Short answer:") with a language-modelling loss.
+
+Nothing here uses a pruning method, a query subset or a loss on the queries' similarity:
+the queries differ only as far as the tasks need them to.
+
+Deterministic for a seed and a thread count (seeded shuffles, deterministic algorithms).
 """
 
 from __future__ import annotations
@@ -15,18 +27,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from catp.reference.data import PROMPT, VQAExample, easy_vqa_split, format_prompt, generate_shape_images
+from catp.reference.data import (
+    PROMPT,
+    VQAExample,
+    easy_vqa_split,
+    format_prompt,
+    generate_shape_scenes,
+    scene_caption,
+    scenes_split,
+    scenes_with_questions,
+    SCENE_SPLITS,
+    SCENES_VERSION,
+)
 from catp.reference.model import SIZES, build_config, build_processor, build_tokenizer
 
-__all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS"]
+__all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS", "ImageSet", "projected_queries"]
 
-#: Tasks the reference model can be trained on, in training-mix order.
+#: Tasks the reference model answers (and ``catp eval`` / ``catp demo`` can ask it).
 TASKS: tuple[str, ...] = ("easy-vqa", "scenes")
 
 
@@ -36,33 +59,98 @@ class TrainSettings:
 
     seed: int = 0
     size: str = "reference"
-    tasks: tuple[str, ...] = ("easy-vqa",)
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 1e-3
-    pretrain_images: int = 30_000
-    pretrain_epochs: int = 2
-    pretrain_batch_size: int = 128
-    pretrain_lr: float = 1e-3
-    #: Stage 3 (see catp.reference.reader): LLM-only fine-tune on random query subsets.
-    reader_epochs: int = 1
-    reader_lr: float = 1e-4
-    #: Caps for quick runs and tests (None = the whole split).
+    #: Vision tower: generated images (half single shapes, half scenes), epochs, batch, lr.
+    vision_images: int = 10_000
+    vision_epochs: int = 2
+    vision_batch_size: int = 64
+    vision_lr: float = 1e-3
+    #: Language model on text: sequences, epochs, batch, lr, largest position offset.
+    text_sequences: int = 80_000
+    text_epochs: int = 2
+    text_batch_size: int = 128
+    text_lr: float = 2e-3
+    text_max_offset: int = 40
+    #: Generated single-shape images with captions (stages 1 and 2), beside the scenes.
+    shape_images: int = 2000
+    #: Stage 1 (ITC + ITG): epochs over the captioned images, batch (images), lr.
+    stage1_epochs: int = 3
+    stage1_batch_size: int = 64
+    stage1_lr: float = 5e-4
+    #: Stage 2 (captions + VQA through the frozen LM): epochs over the images, batch (images), lr.
+    stage2_epochs: int = 4
+    stage2_batch_size: int = 32
+    stage2_lr: float = 5e-4
+    #: Questions per image per stage-2 epoch, at most (easy-VQA has ~10 per image; a fresh draw each epoch).
+    stage2_questions_per_image: int = 4
+    #: Caps for quick runs and tests (None = everything): images per source, validation questions.
     train_limit: int | None = None
     monitor_limit: int = 2000
-    threads: int = 2
+    threads: int = 1
 
 
 def task_examples(task: str, split: str, limit: int | None = None) -> list[VQAExample]:
-    """The VQA examples of ``task`` ("easy-vqa" or "scenes") for ``split`` ("train"/"test")."""
+    """The VQA examples of ``task`` ("easy-vqa" or "scenes") for ``split`` ("train", "validation" or "test")."""
     if task == "easy-vqa":
         return easy_vqa_split(split, limit)
     if task == "scenes":
-        from catp.reference.data import scenes_split
-
         return scenes_split(split, limit)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
+
+@dataclass
+class ImageSet:
+    """Training images with what is said about them.
+
+    Attributes:
+        images: PIL images.
+        captions: one caption per image, or ``None`` where there is none (easy-VQA).
+        questions: ``(image index, question, answer)`` triples.
+    """
+
+    images: list
+    captions: list[str | None]
+    questions: list[tuple[int, str, str]]
+
+    def __add__(self, other: "ImageSet") -> "ImageSet":
+        n = len(self.images)
+        return ImageSet(self.images + other.images, self.captions + other.captions, self.questions + [(n + i, q, a) for i, q, a in other.questions])
+
+
+def _easy_vqa_images(split: str, limit: int | None) -> ImageSet:
+    examples = easy_vqa_split(split)
+    index: dict[int, int] = {}
+    images, questions = [], []
+    for e in examples:
+        if e.image_id not in index:
+            if limit is not None and len(images) >= limit:
+                continue
+            index[e.image_id] = len(images)
+            images.append(e.image)
+        questions.append((index[e.image_id], e.question, e.answer))
+    return ImageSet(images, [None] * len(images), questions)
+
+
+def _scene_images(split: str, limit: int | None) -> ImageSet:
+    seed, count = SCENE_SPLITS[split]
+    scenes = scenes_with_questions(count if limit is None else min(count, limit), seed)
+    return ImageSet([s.image for s, _ in scenes], [scene_caption(s.objects) for s, _ in scenes], [(i, q, a) for i, (_, pairs) in enumerate(scenes) for q, a in pairs])
+
+
+def _shape_images(count: int, seed: int, size: int) -> ImageSet:
+    """Single generated shapes, captioned like scenes ("large red circle"): extent over half the image is large."""
+    from catp.reference.data import SceneObject
+
+    out = generate_shape_scenes(count, seed=seed, size=size)
+    captions = []
+    for s in out:
+        bbox = s.shape_map.getbbox() or (0, 0, 0, 0)
+        word = "large" if max(bbox[2] - bbox[0], bbox[3] - bbox[1]) > size / 2 else "small"
+        o = s.objects[0]
+        captions.append(scene_caption([SceneObject(o.shape, o.color, o.x, o.y, word)]))
+    return ImageSet([s.image for s in out], captions, [])
+
+
+# -- shared helpers -------------------------------------------------------------------
 
 def _pixels(processor, images: list, batch: int = 512):
     """``(N, 3, S, S)`` pixel values through the model's own image processor."""
@@ -80,6 +168,15 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_and_schedule(params: list, lr: float, total_steps: int, weight_decay: float = 0.01):
+    """AdamW with a linear warm-up (5%) and cosine decay to 10% over ``total_steps``."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total_steps, max(1, total_steps // 20)))
+    return optimizer, scheduler
+
+
 def _logger(out: Path) -> logging.Logger:
     log = logging.getLogger(f"catp.reference.train.{out}")
     log.setLevel(logging.INFO)
@@ -92,19 +189,22 @@ def _logger(out: Path) -> logging.Logger:
     return log
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar (disabled when ``enabled`` is false)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _pretrain_data(settings: TrainSettings, image_size: int, patch_size: int) -> tuple[list, Any, Any]:
-    """Images and labels for the vision pretraining.
+# -- step 0: the vision tower -----------------------------------------------------------
 
-    easy-VQA only: ``pretrain_images`` single-shape images; labels ``(N, 2)`` = (shape, colour).
-    With ``scenes``: half single-shape images, half scenes, and also dense labels
-    ``(N, 2, P)``: the shape (0 = background) and colour (0 = none) under each patch centre,
-    so that the patch tokens learn where each object is. ``-100`` marks "no label".
+def _vision_data(settings: TrainSettings, image_size: int, patch_size: int) -> tuple[list, Any, Any]:
+    """Images and labels for the vision pretraining: half single shapes, half scenes.
+
+    Returns ``(images, labels (N, 2), maps (N, 2, P))``: labels are (shape, colour) for
+    single-shape images and ``-100`` ("no label") for scenes; maps are the shape
+    (0 = background) and colour (0 = none) under each patch centre, so that the patch
+    tokens learn where each object is.
     """
     import random
 
@@ -112,14 +212,11 @@ def _pretrain_data(settings: TrainSettings, image_size: int, patch_size: int) ->
     import torch
     from PIL import Image
 
-    from catp.reference.data import COLORS, SHAPES, draw_scene, generate_shape_images, generate_shape_scenes
+    from catp.reference.data import COLORS, SHAPES, draw_scene
 
-    if "scenes" not in settings.tasks:
-        samples = generate_shape_images(settings.pretrain_images, seed=settings.seed + 1, size=image_size)
-        return [s[0] for s in samples], torch.tensor([[s[1], s[2]] for s in samples]), None
-    half = settings.pretrain_images // 2
+    half = settings.vision_images // 2
     rng = random.Random(settings.seed + 4)
-    scenes = generate_shape_scenes(half, seed=settings.seed + 1) + [draw_scene(rng, image_size) for _ in range(settings.pretrain_images - half)]
+    scenes = generate_shape_scenes(half, seed=settings.seed + 1, size=image_size) + [draw_scene(rng, image_size) for _ in range(settings.vision_images - half)]
     grid = image_size // patch_size
 
     def dense(label_map: Image.Image) -> Any:
@@ -127,7 +224,7 @@ def _pretrain_data(settings: TrainSettings, image_size: int, patch_size: int) ->
         return torch.from_numpy(np.asarray(label_map.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
 
     labels = torch.tensor([
-        [SHAPES.index(s.objects[0].shape), list(COLORS).index(s.objects[0].color)] if len(s.objects) == 1 else [-100, -100] for s in scenes
+        [SHAPES.index(s.objects[0].shape), list(COLORS).index(s.objects[0].color)] if len(s.objects) == 1 and i < half else [-100, -100] for i, s in enumerate(scenes)
     ])
     maps = torch.stack([torch.stack([dense(s.shape_map), dense(s.color_map)]) for s in scenes])
     return [s.image for s in scenes], labels, maps
@@ -141,32 +238,30 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
     from catp.reference.data import COLORS, SHAPES
 
     vision = model.config.vision_config
-    images, labels, maps = _pretrain_data(settings, vision.image_size, vision.patch_size)
+    images, labels, maps = _vision_data(settings, vision.image_size, vision.patch_size)
     pixels = _pixels(processor, images)
     heads = nn.Linear(vision.hidden_size, len(SHAPES) + len(COLORS))
-    dense_heads = nn.Linear(vision.hidden_size, 1 + len(SHAPES) + 1 + len(COLORS)) if maps is not None else None
-    params = list(model.vision_model.parameters()) + list(heads.parameters()) + (list(dense_heads.parameters()) if dense_heads else [])
-    optimizer = torch.optim.AdamW(params, lr=settings.pretrain_lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(len(images) / settings.pretrain_batch_size)
-    total = steps_per_epoch * settings.pretrain_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, max(1, total // 20)))
+    dense_heads = nn.Linear(vision.hidden_size, 1 + len(SHAPES) + 1 + len(COLORS))
+    params = list(model.vision_model.parameters()) + list(heads.parameters()) + list(dense_heads.parameters())
+    steps_per_epoch = math.ceil(len(images) / settings.vision_batch_size)
+    optimizer, scheduler = optimizer_and_schedule(params, settings.vision_lr, steps_per_epoch * settings.vision_epochs, weight_decay=0.05)
     generator = torch.Generator().manual_seed(settings.seed + 2)
     model.vision_model.train()
     accuracy = 0.0
     ce = nn.functional.cross_entropy
-    bar = _progress(total, "vision pretrain", show)
-    for epoch in range(settings.pretrain_epochs):
+    bar = progress(steps_per_epoch * settings.vision_epochs, "vision", show)
+    for epoch in range(settings.vision_epochs):
         order = torch.randperm(len(images), generator=generator)
         correct = seen = 0
-        for i in range(0, len(images), settings.pretrain_batch_size):
-            idx = order[i : i + settings.pretrain_batch_size]
+        for i in range(0, len(images), settings.vision_batch_size):
+            idx = order[i : i + settings.vision_batch_size]
             out = model.vision_model(pixel_values=pixels[idx])
             logits = heads(out.pooler_output)
             shape_logits, target = logits[:, : len(SHAPES)], labels[idx]
-            loss = ce(shape_logits, target[:, 0], ignore_index=-100) + ce(logits[:, len(SHAPES) :], target[:, 1], ignore_index=-100)
-            if dense_heads is not None:
-                patch = dense_heads(out.last_hidden_state[:, 1:])  # (B, P, 4 + 9)
-                loss = loss + ce(patch[..., : 1 + len(SHAPES)].flatten(0, 1), maps[idx, 0].flatten()) + ce(patch[..., 1 + len(SHAPES) :].flatten(0, 1), maps[idx, 1].flatten())
+            loss = ce(shape_logits, target[:, 0], ignore_index=-100) if (target[:, 0] >= 0).any() else logits.sum() * 0
+            loss = loss + (ce(logits[:, len(SHAPES) :], target[:, 1], ignore_index=-100) if (target[:, 1] >= 0).any() else 0)
+            patch = dense_heads(out.last_hidden_state[:, 1:])  # (B, P, 4 + 9)
+            loss = loss + ce(patch[..., : 1 + len(SHAPES)].flatten(0, 1), maps[idx, 0].flatten()) + ce(patch[..., 1 + len(SHAPES) :].flatten(0, 1), maps[idx, 1].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,61 +272,22 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", shape_acc=f"{correct / max(1, seen):.3f}")
         accuracy = correct / max(1, seen)
-        log.info("vision pretrain epoch %d/%d: loss %.4f, shape accuracy %.4f", epoch + 1, settings.pretrain_epochs, loss.item(), accuracy)
+        log.info("vision epoch %d/%d: loss %.4f, shape accuracy %.4f", epoch + 1, settings.vision_epochs, loss.item(), accuracy)
     bar.close()
     return accuracy
 
 
-@dataclass
-class _Encoded:
-    """Examples turned into tensors: ``features`` (num_images, N, D) and per-example rows."""
-
-    features: Any
-    image_index: Any  # (E,) long
-    input_ids: Any  # (E, L) long, right-padded, 32 placeholders first
-    labels: Any  # (E, L) long, -100 except answer tokens and EOS
-    lengths: Any  # (E,) long
-    answer_start: Any  # (E,) long: position of the first answer token
-
-
-def _encode(model, processor, examples: list[VQAExample], batch: int = 256) -> _Encoded:
-    """Run the frozen vision tower once per distinct image and tokenize the examples."""
+def encode_images(model, processor, images: list, batch: int = 256):
+    """The frozen vision tower's outputs ``(N, 257, D)`` for ``images``, computed once."""
     import torch
 
-    tokenizer = processor.tokenizer
-    q = model.config.num_query_tokens
-    images: dict[int, int] = {}
-    unique: list = []
-    image_index = []
-    for example in examples:
-        key = id(example.image)
-        if key not in images:
-            images[key] = len(unique)
-            unique.append(example.image)
-        image_index.append(images[key])
     model.vision_model.eval()
     with torch.no_grad():
-        pixels = _pixels(processor, unique)
-        features = torch.cat([model.vision_model(pixel_values=pixels[i : i + batch]).last_hidden_state for i in range(0, len(unique), batch)])
-    prompts = tokenizer([format_prompt(e.question) for e in examples], add_special_tokens=True)["input_ids"]
-    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
-    rows = [[model.config.image_token_index] * q + p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (row, p) in enumerate(zip(rows, prompts)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        start = q + len(p)
-        labels[i, start : len(row)] = input_ids[i, start : len(row)]
-    return _Encoded(
-        features=features,
-        image_index=torch.tensor(image_index),
-        input_ids=input_ids,
-        labels=labels,
-        lengths=torch.tensor([len(r) for r in rows]),
-        answer_start=torch.tensor([q + len(p) for p in prompts]),
-    )
+        pixels = _pixels(processor, images)
+        return torch.cat([model.vision_model(pixel_values=pixels[i : i + batch]).last_hidden_state for i in range(0, len(images), batch)])
 
+
+# -- stage 2: generative learning through the frozen language model ---------------------
 
 def projected_queries(model, features):
     """Projected Q-Former outputs ``(B, Q, D_llm)`` for cached vision outputs ``features`` (B, N, D)."""
@@ -246,36 +302,194 @@ def projected_queries(model, features):
     return model.language_projection(query)
 
 
-def _vqa_logits(model, features, input_ids, attention_mask):
-    """Logits ``(B, L, V)`` of the stock sub-modules on cached vision outputs ``features`` (B, N, D).
+@dataclass
+class _Rows:
+    """Tokenized language-model rows: ``[BOS] text [EOS]``, right-padded.
 
-    Mirrors ``Blip2ForConditionalGeneration.forward`` with the placeholders first in every row.
+    ``ids`` (R, T) long; ``labels`` (R, T) with -100 where no loss is taken; ``image`` (R,)
+    the image each row belongs to; ``lengths`` (R,); ``caption`` (R,) bool: a caption row
+    (else a question).
+    """
+
+    ids: Any
+    labels: Any
+    image: Any
+    lengths: Any
+    caption: Any
+
+    def __getitem__(self, rows) -> "_Rows":
+        return _Rows(self.ids[rows], self.labels[rows], self.image[rows], self.lengths[rows], self.caption[rows])
+
+
+def _rows(tokenizer, images: ImageSet, with_captions: bool) -> _Rows:
+    """VQA rows (loss on the answer and EOS) and, if asked, caption rows (loss on the caption and EOS)."""
+    import torch
+
+    texts, answers, owners = [], [], []
+    for index, question, answer in images.questions:
+        texts.append(format_prompt(question))
+        answers.append(answer)
+        owners.append(index)
+    if with_captions:
+        for index, caption in enumerate(images.captions):
+            if caption is not None:
+                texts.append("")
+                answers.append(caption)
+                owners.append(index)
+    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]  # [BOS] prompt
+    targets = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    rows = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, targets)]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, len(prompt) : len(row)] = ids[i, len(prompt) : len(row)]
+    caption = torch.arange(len(rows)) >= len(images.questions)
+    return _Rows(ids, labels, torch.tensor(owners), torch.tensor([len(r) for r in rows]), caption)
+
+
+def _soft_prompt_logits(model, queries, ids, lengths):
+    """Logits ``(R, Q + T, V)`` of the language model on ``[queries][ids]``.
+
+    Mirrors ``Blip2ForConditionalGeneration.forward`` with the 32 projected query outputs
+    ``queries`` (R, Q, D) in front of right-padded text ``ids`` (R, T).
     """
     import torch
 
-    q = model.config.num_query_tokens
-    embeds = model.get_input_embeddings()(input_ids[:, q:])
-    embeds = torch.cat([projected_queries(model, features), embeds], dim=1)
-    return model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    q = queries.shape[1]
+    embeds = torch.cat([queries, model.get_input_embeddings()(ids)], dim=1)
+    mask = torch.cat([torch.ones(len(ids), q, dtype=torch.long), (torch.arange(ids.shape[1]) < lengths[:, None]).long()], dim=1)
+    return model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
 
 
-def _first_token_accuracy(model, data: _Encoded, rows, batch: int = 256) -> float:
-    """Share of ``rows`` whose greedy first answer token is right (answers are one token + EOS)."""
+def _first_token_accuracy(model, features, rows: _Rows, batch: int = 256) -> float:
+    """Share of VQA ``rows`` whose greedy first answer token is right (on cached ``features``)."""
     import torch
 
     model.eval()
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            idx = rows[i : i + batch]
-            length = int(data.lengths[idx].max())
-            ids = data.input_ids[idx, :length]
-            logits = _vqa_logits(model, data.features[data.image_index[idx]], ids, (ids != -1).long() & (torch.arange(length) < data.lengths[idx, None]).long())
-            at = data.answer_start[idx] - 1
-            guess = logits[torch.arange(len(idx)), at].argmax(-1)
-            correct += int((guess == ids[torch.arange(len(idx)), at + 1]).sum())
-    model.train()
-    return correct / max(1, len(rows))
+        for i in range(0, len(rows.ids), batch):
+            ids, labels, lengths = rows.ids[i : i + batch], rows.labels[i : i + batch], rows.lengths[i : i + batch]
+            logits = _soft_prompt_logits(model, projected_queries(model, features[rows.image[i : i + batch]]), ids, lengths)
+            first = (labels != -100).long().argmax(dim=1)  # position of the first answer token in the text
+            # Position Q + t - 1 predicts text token t.
+            guess = logits[torch.arange(len(ids)), model.config.num_query_tokens + first - 1].argmax(-1)
+            correct += int((guess == ids[torch.arange(len(ids)), first]).sum())
+    return correct / max(1, len(rows.ids))
+
+
+def generative_stage(model, features, rows: _Rows, settings: TrainSettings, monitors: dict[str, tuple[Any, _Rows]], log: logging.Logger, show: bool) -> None:
+    """Stage 2: the Q-Former, query tokens and projection learn captions and VQA; vision and LM frozen.
+
+    One Q-Former pass per image per step: every row of an image (its questions and its
+    caption) reads the same projected queries.
+    """
+    import torch
+
+    model.requires_grad_(False)
+    params = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    import random
+
+    n_images = len(features)
+    questions = [[] for _ in range(n_images)]
+    captions = [[] for _ in range(n_images)]
+    for r, (owner, is_caption) in enumerate(zip(rows.image.tolist(), rows.caption.tolist())):
+        (captions if is_caption else questions)[owner].append(r)
+    draw = random.Random(settings.seed + 9)
+    steps_per_epoch = math.ceil(n_images / settings.stage2_batch_size)
+    optimizer, scheduler = optimizer_and_schedule(params, settings.stage2_lr, steps_per_epoch * settings.stage2_epochs)
+    generator = torch.Generator().manual_seed(settings.seed + 3)
+    bar = progress(steps_per_epoch * settings.stage2_epochs, "stage 2", show)
+    for epoch in range(settings.stage2_epochs):
+        model.qformer.train()
+        model.language_model.eval()  # frozen: no dropout, as a frozen LLM
+        order = torch.randperm(n_images, generator=generator)
+        loss_sum = 0.0
+        for step, i in enumerate(range(0, n_images, settings.stage2_batch_size)):
+            images = order[i : i + settings.stage2_batch_size]
+            local = {int(img): j for j, img in enumerate(images)}
+            picked = torch.tensor([
+                r for img in images.tolist()
+                for r in captions[img] + draw.sample(questions[img], min(len(questions[img]), settings.stage2_questions_per_image))
+            ])
+            length = int(rows.lengths[picked].max())
+            queries = projected_queries(model, features[images])
+            owners = torch.tensor([local[int(o)] for o in rows.image[picked]])
+            ids, labels = rows.ids[picked, :length], rows.labels[picked, :length]
+            logits = _soft_prompt_logits(model, queries[owners], ids, rows.lengths[picked])
+            q = queries.shape[1]
+            # Position q + t - 1 predicts text token t.
+            loss = torch.nn.functional.cross_entropy(logits[:, q - 1 : -1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / (step + 1):.3f}")
+            if step % 100 == 0:
+                log.info("stage 2 epoch %d step %d/%d loss %.4f", epoch + 1, step, steps_per_epoch, loss_sum / (step + 1))
+        held_out = {task: round(_first_token_accuracy(model, f, r), 4) for task, (f, r) in monitors.items()}
+        log.info("stage 2 epoch %d/%d done: loss %.4f, validation first-token accuracy %s", epoch + 1, settings.stage2_epochs, loss_sum / (step + 1), held_out)
+        bar.write(f"stage 2 epoch {epoch + 1}: loss {loss_sum / (step + 1):.4f}, validation {held_out}")
+    bar.close()
+    model.requires_grad_(False)
+
+
+# -- the whole recipe -------------------------------------------------------------------
+
+class _Stages:
+    """Finished stages saved under ``folder``, so that a killed run resumes where it stopped.
+
+    Each stage starts from its own seed, so a resumed run gives the same weights as an
+    uninterrupted one. A stage's file is reused only if the settings it (and every stage
+    before it) depends on are unchanged; otherwise it is trained again.
+    """
+
+    #: Settings every stage depends on (they fix the data, the vocabulary and the shapes).
+    COMMON: tuple[str, ...] = ("seed", "size", "train_limit", "shape_images", "threads")
+
+    def __init__(self, folder: Path, settings: TrainSettings, model, log: logging.Logger) -> None:
+        self.folder, self.settings, self.model, self.log = folder, settings, model, log
+        self.depends: dict[str, Any] = {k: getattr(settings, k) for k in self.COMMON}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, prefixes: tuple[str, ...], fields: str, train) -> None:
+        """Load stage ``name``'s weights (parameters whose names start with ``prefixes``) if saved with the same settings, else ``train()`` and save them.
+
+        ``fields``: the prefix of the settings this stage reads (e.g. ``"vision_"``).
+        """
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        self.depends.update({k: v for k, v in asdict(self.settings).items() if k.startswith(fields)})
+        stamp = json.dumps(self.depends, sort_keys=True)
+        path, stamp_path = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
+        if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
+            unknown = self.model.load_state_dict(load_file(path), strict=False).unexpected_keys
+            if unknown:
+                raise RuntimeError(f"{path} holds unknown weights {unknown[:3]}")
+            self.log.info("%s: resumed from %s", name, path)
+            return
+        train()
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k.startswith(prefixes)}  # clone: tied weights share memory
+        save_file(state, str(path))
+        stamp_path.write_text(stamp)
+
+
+def _vocabulary_texts(train: ImageSet) -> list[str]:
+    """Every text the tokenizer must know: the prompt, the questions, answers and captions, and every word of the scenes task."""
+    from catp.reference.data import COLORS, EASY_VQA_TEMPLATES, SHAPES, SIZES
+
+    words = [*COLORS, *SHAPES, *(f"{s}s" for s in SHAPES), *SIZES, *(str(i) for i in range(6)), "yes", "no", ","]
+    templates = [t.format(c="red", s="circle") for group in EASY_VQA_TEMPLATES.values() for t in group]
+    return [PROMPT, " ".join(words), *templates, *(q for _, q, _ in train.questions), *(a for _, _, a in train.questions), *(c for c in train.captions if c)]
 
 
 def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), show_progress: bool = True) -> Path:
@@ -288,82 +502,68 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
 
+    from catp.reference.language import pretrain_language_model
+    from catp.reference.qformer import pretrain_qformer
+
     if settings.size not in SIZES:
         raise ValueError(f"unknown size {settings.size!r}; choose from {list(SIZES)}")
-    if settings.epochs < 1 or settings.pretrain_epochs < 0:
-        raise ValueError("epochs must be >= 1 and pretrain_epochs >= 0")
-    unknown = [t for t in settings.tasks if t not in TASKS]
-    if unknown or not settings.tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {settings.tasks}")
+    if min(settings.vision_epochs, settings.text_epochs, settings.stage1_epochs, settings.stage2_epochs) < 0:
+        raise ValueError("epochs must be >= 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = _logger(out)
-    log.info("settings %s", asdict(settings))
+    log.info("settings %s; scenes version %d", asdict(settings), SCENES_VERSION)
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     torch.use_deterministic_algorithms(True)
-
-    train = [e for task in settings.tasks for e in task_examples(task, "train", settings.train_limit)]
-    monitor = {task: task_examples(task, "test", settings.monitor_limit) for task in settings.tasks}
-    tokenizer = build_tokenizer([PROMPT] + [e.question for e in train] + [e.answer for e in train])
     size = SIZES[settings.size]
+
+    easy, scenes = _easy_vqa_images("train", settings.train_limit), _scene_images("train", settings.train_limit)
+    shapes = _shape_images(settings.shape_images if settings.train_limit is None else min(settings.shape_images, settings.train_limit), settings.seed + 5, size.image_size)
+    train = easy + scenes + shapes
+    tokenizer = build_tokenizer(_vocabulary_texts(train))
     processor = build_processor(tokenizer, size)
     config = build_config(size, tokenizer)
-    config.catp_reference_tasks = list(settings.tasks)  # read by `catp demo` to pick its questions
+    config.catp_reference_tasks = list(TASKS)  # read by `catp demo` to pick its questions
+    config.catp_scenes_version = SCENES_VERSION
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():
         # Zeros (the stock init) make all 32 queries identical (SPEC §6).
         model.query_tokens.normal_(0.0, 0.02)
-    model.train()
 
-    shape_accuracy = pretrain_vision(model, processor, settings, log, show_progress)
+    stages = _Stages(out / "stages", settings, model, log)  # stage 2 is not saved apart: the checkpoint is its result
+    torch.manual_seed(settings.seed + 10)
+    stages.run("vision", ("vision_model.",), "vision_", lambda: pretrain_vision(model, processor, settings, log, show_progress))
     model.vision_model.requires_grad_(False)
-    data = _encode(model, processor, train)
-    monitors = {task: _encode(model, processor, examples) for task, examples in monitor.items()}
-    log.info("vision pretrained (shape acc %.4f); %d train questions on %d images; %.0fs so far", shape_accuracy, len(train), len(data.features), time.perf_counter() - started)
+    features = encode_images(model, processor, train.images)
+    monitor_sets = {"easy-vqa": _easy_vqa_images("validation", None), "scenes": _scene_images("validation", None)}
+    monitors = {}
+    for task, images in monitor_sets.items():
+        rows = _rows(tokenizer, images, with_captions=False)
+        keep = torch.arange(min(len(rows.ids), settings.monitor_limit))
+        monitors[task] = (encode_images(model, processor, images.images), rows[keep])
+    log.info("vision tower ready; %d training images, %d questions; %.0fs so far", len(train.images), len(train.questions), time.perf_counter() - started)
 
-    params = [p for name, p in model.named_parameters() if not name.startswith("vision_model.")]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, max(1, total // 20)))
-    generator = torch.Generator().manual_seed(settings.seed + 3)
-    bar = _progress(total, "vqa", show_progress)
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(train), generator=generator)
-        correct = seen = 0
-        loss_sum = 0.0
-        for step, i in enumerate(range(0, len(train), settings.batch_size)):
-            idx = order[i : i + settings.batch_size]
-            length = int(data.lengths[idx].max())
-            ids, labels = data.input_ids[idx, :length], data.labels[idx, :length]
-            mask = (torch.arange(length) < data.lengths[idx, None]).long()
-            logits = _vqa_logits(model, data.features[data.image_index[idx]], ids, mask)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            at = data.answer_start[idx] - 1
-            correct += int((logits[torch.arange(len(idx)), at].argmax(-1) == ids[torch.arange(len(idx)), at + 1]).sum())
-            seen += len(idx)
-            loss_sum += loss.item()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / (step + 1):.3f}", acc=f"{correct / seen:.3f}")
-            if step % 100 == 0:
-                log.info("epoch %d step %d/%d loss %.4f train acc %.4f", epoch + 1, step, steps_per_epoch, loss_sum / (step + 1), correct / seen)
-        held_out = {task: _first_token_accuracy(model, enc, torch.arange(len(enc.input_ids))) for task, enc in monitors.items()}
-        log.info("epoch %d/%d done: loss %.4f train acc %.4f, test first-token acc (first %d) %s, %.0fs", epoch + 1, settings.epochs, loss_sum / (step + 1), correct / seen, settings.monitor_limit, held_out, time.perf_counter() - started)
-        bar.write(f"epoch {epoch + 1}: loss {loss_sum / (step + 1):.4f}, train acc {correct / seen:.4f}, test acc {held_out}")
-    bar.close()
-    _reader_stage(model, data, settings, log, show_progress)
+    torch.manual_seed(settings.seed + 20)
+    stages.run("language", ("language_model.",), "text_", lambda: pretrain_language_model(model.language_model, tokenizer, settings, log, show_progress))
+    model.language_model.requires_grad_(False)
+    log.info("language model pretrained on text; %.0fs so far", time.perf_counter() - started)
+
+    torch.manual_seed(settings.seed + 30)
+    captioned = torch.tensor([i for i, c in enumerate(train.captions) if c is not None])
+    stages.run("stage1", ("qformer.", "query_tokens"), "stage1_", lambda: pretrain_qformer(
+        model, config, tokenizer, features[captioned], [train.captions[i] for i in captioned.tolist()], settings, log, show_progress))
+    log.info("stage 1 done; %.0fs so far", time.perf_counter() - started)
+
+    torch.manual_seed(settings.seed + 40)
+    generative_stage(model, features, _rows(tokenizer, train, with_captions=True), settings, monitors, log, show_progress)
+    log.info("stage 2 done; %.0fs so far", time.perf_counter() - started)
 
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=4, do_sample=False, num_beams=1,
+        max_new_tokens=5, do_sample=False, num_beams=1,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -371,74 +571,13 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     return out
 
 
-def _reader_stage(model, data: _Encoded, settings: TrainSettings, log: logging.Logger, show: bool) -> None:
-    """Stage 4: the language model learns to read any subset of the query tokens."""
-    if settings.reader_epochs < 1:
-        return
-    import torch
-
-    from catp.reference.reader import finetune_reader
-
-    # Reseed: dropout draws from the global generator, and stage 4 must not depend on
-    # how much of it stages 1-3 used (so that --reader-from equals the full run).
-    torch.manual_seed(settings.seed + 7)
-    model.eval()  # the frozen Q-Former runs without dropout; finetune_reader puts the LLM back in train mode
-    model.requires_grad_(False)
-    model.language_model.requires_grad_(True)
-    bar = _progress(math.ceil(len(data.input_ids) / settings.batch_size) * settings.reader_epochs, "reader", show)
-    finetune_reader(model, data, seed=settings.seed, epochs=settings.reader_epochs, lr=settings.reader_lr,
-                    batch_size=settings.batch_size, log=log, bar=bar)
-    bar.close()
-
-
-def reader_from_checkpoint(source: str | Path, out: str | Path, settings: TrainSettings = TrainSettings(), show_progress: bool = True) -> Path:
-    """Run only stage 4 on a stage-2 checkpoint ``source`` and save the result to ``out``.
-
-    Gives the same weights as a full :func:`train_reference` run with the same settings
-    whose stages 1-3 produced ``source`` (stage 4 reads nothing else from the run).
-    """
-    import shutil
-
-    import torch
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = _logger(out)
-    log.info("stage 4 only, from %s; settings %s", source, asdict(settings))
-    torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    torch.use_deterministic_algorithms(True)
-    model = Blip2ForConditionalGeneration.from_pretrained(source).eval()
-    processor = Blip2Processor.from_pretrained(source)
-    train = [e for task in model.config.catp_reference_tasks for e in task_examples(task, "train", settings.train_limit)]
-    data = _encode(model, processor, train)
-    _reader_stage(model, data, settings, log, show_progress)
-    model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    if Path(source, "train.log").is_file() and Path(source).resolve() != out.resolve():
-        shutil.copy(Path(source, "train.log"), out / "train-stages-1-3.log")
-    log.info("saved to %s", out)
-    return out
-
-
 def train_reference_command(
     out: Path = typer.Option(..., help="Directory to write the checkpoint (config, safetensors, processor, train.log)."),
-    seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
-    epochs: int = typer.Option(TrainSettings.epochs, help="VQA epochs."),
-    tasks: str = typer.Option(",".join(TrainSettings.tasks), help=f"Comma-separated tasks from {', '.join(TASKS)}."),
+    seed: int = typer.Option(0, help="Seed: the same seed and thread count give the same weights."),
     size: str = typer.Option(TrainSettings.size, help=f"Model size: {', '.join(SIZES)}."),
-    pretrain_images: int = typer.Option(TrainSettings.pretrain_images, help="Generated images for the vision pretraining."),
-    train_limit: int = typer.Option(None, help="Use only the first N training questions of each task (quick runs)."),
-    reader_epochs: int = typer.Option(TrainSettings.reader_epochs, help="Stage-4 epochs (0 skips it): the LLM learns to read any subset of query tokens."),
-    reader_from: Path = typer.Option(None, help="Run only stage 4 on this stage-2 checkpoint (same result as the full run that made it)."),
-    threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights may differ across thread counts)."),
+    train_limit: int = typer.Option(None, help="Use only the first N training images of each source (quick runs)."),
+    threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights differ across thread counts)."),
 ) -> None:
-    """Train the reference BLIP-2 from scratch on the CPU and save it as a Hugging Face checkpoint."""
-    settings = TrainSettings(
-        seed=seed, epochs=epochs, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), size=size,
-        pretrain_images=pretrain_images, train_limit=train_limit, threads=threads, reader_epochs=reader_epochs,
-    )
-    path = reader_from_checkpoint(reader_from, out, settings) if reader_from else train_reference(out, settings)
+    """Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 is trained, and save it as a Hugging Face checkpoint."""
+    path = train_reference(out, TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads))
     print(f"saved {path} (log: {path / 'train.log'})")

@@ -1,0 +1,98 @@
+"""The reference model's language model, pretrained on text alone (before it meets an image).
+
+BLIP-2's OPT was pretrained on text and is frozen when the Q-Former is trained, so text at
+any position is normal to it and it has never seen a query token. The miniature copies
+that: a small OPT learns, from generated text only,
+
+* captions that name every object ("small red circle , large blue triangle");
+* questions with their answers after a caption (``"{caption} </s> Question: {q} Short
+  answer: {a} </s>"``): reading an answer off a description, the skill the soft prompts
+  of stage 2 will call on; the caption stands where the query tokens will stand;
+* questions with their answers and no caption (the answers' prior);
+
+each at a random position offset (``position_ids`` start anywhere in
+``0..text_max_offset``), so that a prompt after 4 query tokens is as normal as after 32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+__all__ = ["text_sequences", "pretrain_language_model"]
+
+
+def text_sequences(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """``count`` token-id sequences of the three kinds above (about 70% / 15% / 15%)."""
+    from catp.reference.data import format_prompt, text_corpus
+
+    rng = random.Random(seed)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    corpus = text_corpus(count, seed)
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = []
+    for caption, question, answer in corpus:
+        kind = rng.random()
+        if kind < 0.15:  # a caption alone, as a caption row of stage 2 reads
+            out.append([bos, *words(caption), eos])
+        elif kind < 0.30:  # a question alone
+            out.append([bos, *words(format_prompt(question)), *words(answer), eos])
+        else:  # a question about a description
+            out.append([*words(caption), bos, *words(format_prompt(question)), *words(answer), eos])
+    return out
+
+
+def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool) -> float:
+    """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
+
+    ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
+    ``text_max_offset``, ``seed``).
+    """
+    import torch
+
+    from catp.reference.train import optimizer_and_schedule, progress
+
+    sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6)
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in sequences])
+    limit = lm.config.max_position_embeddings - length
+    if settings.text_max_offset > limit:
+        raise ValueError(f"text_max_offset {settings.text_max_offset} leaves no room for {length} tokens in {lm.config.max_position_embeddings} positions")
+    steps_per_epoch = math.ceil(len(sequences) / settings.text_batch_size)
+    params = list(lm.parameters())
+    optimizer, scheduler = optimizer_and_schedule(params, settings.text_lr, steps_per_epoch * settings.text_epochs)
+    generator = torch.Generator().manual_seed(settings.seed + 7)
+    lm.train()
+    bar = progress(steps_per_epoch * settings.text_epochs, "language model", show)
+    mean = 0.0
+    for epoch in range(settings.text_epochs):
+        order = torch.randperm(len(sequences), generator=generator)
+        total, steps = 0.0, 0
+        for i in range(0, len(sequences), settings.text_batch_size):
+            idx = order[i : i + settings.text_batch_size]
+            width = int(lengths[idx].max())
+            batch = ids[idx, :width]
+            mask = (torch.arange(width) < lengths[idx, None]).long()
+            offsets = torch.randint(0, settings.text_max_offset + 1, (len(idx), 1), generator=generator)
+            logits = lm(input_ids=batch, attention_mask=mask, position_ids=offsets + torch.arange(width)).logits
+            labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.3f}")
+        mean = total / max(1, steps)
+        log.info("language model epoch %d/%d: loss %.4f", epoch + 1, settings.text_epochs, mean)
+    bar.close()
+    lm.eval()
+    return mean
