@@ -21,7 +21,11 @@ from catp.reference.data import VQAExample, format_prompt
 __all__ = ["answer", "exact_match", "pruning_table"]
 
 
-def answer(model, processor, examples: Sequence[VQAExample], method: str | None = None, keep: int | None = None, batch_size: int = 256, max_new_tokens: int = 3, sessions: list | None = None) -> list[str]:
+#: New tokens for greedy answers (the floors of the reference model are stated with up to 5).
+MAX_NEW_TOKENS = 5
+
+
+def answer(model, processor, examples: Sequence[VQAExample], method: str | None = None, keep: int | None = None, batch_size: int = 256, max_new_tokens: int = MAX_NEW_TOKENS, sessions: list | None = None) -> list[str]:
     """Greedy answers of ``model`` to ``examples`` (optionally pruned to ``keep`` tokens with ``method``).
 
     Args:
@@ -107,6 +111,62 @@ def accuracy_command(model: str | None = None, task: str = "easy-vqa", limit: in
     started = time.perf_counter()
     score = exact_match(answer(net, processor, examples), examples)
     print(f"{task} test: exact match {score:.4f} on {len(examples)} questions ({time.perf_counter() - started:.0f}s)")
+
+
+#: The floors the shipped reference model must meet (issue: a faithful miniature BLIP-2).
+FLOORS: dict[str, tuple[str, float]] = {
+    "easy-vqa exact match (full test split)": (">=", 0.95),
+    "scenes exact match (full test split)": (">=", 0.85),
+    "mean nearest-other-query cosine (500 easy-VQA test images)": ("<=", 0.90),
+    "effective rank (500 easy-VQA test images)": (">=", 8.0),
+    "mean pairwise query cosine (500 easy-VQA test images)": ("<=", 0.45),
+    "scenes: unpruned minus `first` at keep 4 (points)": (">=", 10.0),
+}
+
+
+@app.command("floors")
+def floors_command(model: str | None = None, threads: int = 2, out: Path | None = None) -> None:
+    """Check the reference model's floors: accuracy on both full test splits, query diversity, pruning matters.
+
+    Greedy exact match with up to 5 new tokens; the diversity figures from
+    :func:`catp.evaluation.diagnose.diagnose` on the first 500 easy-VQA test images.
+    """
+    import json
+
+    import torch
+
+    from catp.evaluation.diagnose import diagnose
+    from catp.reference import load
+    from catp.reference.train import task_examples
+
+    torch.set_num_threads(threads)
+    net, processor = load(model)
+    started = time.perf_counter()
+    easy, scenes = task_examples("easy-vqa", "test"), task_examples("scenes", "test")
+    unpruned = {"easy-vqa": exact_match(answer(net, processor, easy), easy), "scenes": exact_match(answer(net, processor, scenes), scenes)}
+    first4 = exact_match(answer(net, processor, scenes, "first", 4), scenes)
+    images = list({e.image_id: e.image for e in easy}.values())[:500]
+    figures = diagnose(net, processor, images, methods=["catp"], keep=8)
+    values = {
+        "easy-vqa exact match (full test split)": unpruned["easy-vqa"],
+        "scenes exact match (full test split)": unpruned["scenes"],
+        "mean nearest-other-query cosine (500 easy-VQA test images)": figures.nearest_cosine,
+        "effective rank (500 easy-VQA test images)": figures.effective_rank,
+        "mean pairwise query cosine (500 easy-VQA test images)": figures.pairwise_cosine,
+        "scenes: unpruned minus `first` at keep 4 (points)": 100 * (unpruned["scenes"] - first4),
+    }
+    lines = ["| floor | value | required | |", "|---|---|---|---|"]
+    for name, (op, bound) in FLOORS.items():
+        ok = values[name] >= bound if op == ">=" else values[name] <= bound
+        lines.append(f"| {name} | {values[name]:.4f} | {op} {bound} | {'PASS' if ok else 'FAIL'} |")
+    lines.append(f"| (reported) last-layer map correlation | {figures.map_correlation[-1]:.4f} | | |")
+    lines.append(f"| (reported) distinct CATP top-8 sets over 500 images | {figures.distinct_kept_sets['catp']} | | |")
+    lines.append(f"| (reported) scenes exact match with `first` at keep 4 | {first4:.4f} | | |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"({len(easy)} easy-VQA and {len(scenes)} scenes test questions, {time.perf_counter() - started:.0f}s)")
+    if out is not None:
+        out.write_text(json.dumps({"values": values, "diagnosis": json.loads(figures.to_json()), "table": table}, indent=2))
 
 
 @app.command("table")

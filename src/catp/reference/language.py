@@ -92,7 +92,26 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.3f}")
         mean = total / max(1, steps)
-        log.info("language model epoch %d/%d: loss %.4f", epoch + 1, settings.text_epochs, mean)
+        log.info("language model epoch %d/%d: loss %.4f, held-out answers read off a caption: %.4f", epoch + 1, settings.text_epochs, mean,
+                 answer_accuracy(lm, tokenizer, settings.seed + 11))
+        lm.train()
     bar.close()
     lm.eval()
     return mean
+
+
+def answer_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> float:
+    """Share of held-out "caption </s> question" texts whose greedy first answer token is right."""
+    import torch
+
+    from catp.reference.data import format_prompt, text_corpus
+
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [([*words(c), tokenizer.bos_token_id, *words(format_prompt(q))], words(a)[0]) for c, q, a in text_corpus(count, seed)]
+    lm.eval()
+    correct = 0
+    with torch.no_grad():
+        for prompt, target in rows:
+            logits = lm(input_ids=torch.tensor([prompt])).logits
+            correct += int(logits[0, -1].argmax()) == target
+    return correct / len(rows)

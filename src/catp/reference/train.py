@@ -60,10 +60,10 @@ class TrainSettings:
     seed: int = 0
     size: str = "reference"
     #: Vision tower: generated images (half single shapes, half scenes), epochs, batch, lr.
-    vision_images: int = 10_000
+    vision_images: int = 16_000
     vision_epochs: int = 2
-    vision_batch_size: int = 64
-    vision_lr: float = 1e-3
+    vision_batch_size: int = 32
+    vision_lr: float = 1.5e-3
     #: Language model on text: sequences, epochs, batch, lr, largest position offset.
     text_sequences: int = 80_000
     text_epochs: int = 2
@@ -264,6 +264,7 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
             loss = loss + ce(patch[..., : 1 + len(SHAPES)].flatten(0, 1), maps[idx, 0].flatten()) + ce(patch[..., 1 + len(SHAPES) :].flatten(0, 1), maps[idx, 1].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             labelled = target[:, 0] >= 0
@@ -271,6 +272,8 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
             seen += int(labelled.sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", shape_acc=f"{correct / max(1, seen):.3f}")
+            if bar.n % 100 == 0:
+                log.info("vision step %d: loss %.4f, shape accuracy since epoch start %.4f", bar.n, loss.item(), correct / max(1, seen))
         accuracy = correct / max(1, seen)
         log.info("vision epoch %d/%d: loss %.4f, shape accuracy %.4f", epoch + 1, settings.vision_epochs, loss.item(), accuracy)
     bar.close()
@@ -456,20 +459,20 @@ class _Stages:
 
     def __init__(self, folder: Path, settings: TrainSettings, model, log: logging.Logger) -> None:
         self.folder, self.settings, self.model, self.log = folder, settings, model, log
-        self.depends: dict[str, Any] = {k: getattr(settings, k) for k in self.COMMON}
         folder.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, prefixes: tuple[str, ...], fields: str, train) -> None:
+    def run(self, name: str, prefixes: tuple[str, ...], fields: tuple[str, ...], train) -> None:
         """Load stage ``name``'s weights (parameters whose names start with ``prefixes``) if saved with the same settings, else ``train()`` and save them.
 
-        ``fields``: the prefix of the settings this stage reads (e.g. ``"vision_"``).
+        ``fields``: prefixes of the settings this stage depends on, its own and those of
+        the stages whose results it reads (e.g. ``("vision_", "stage1_")``).
         """
         import json
 
         from safetensors.torch import load_file, save_file
 
-        self.depends.update({k: v for k, v in asdict(self.settings).items() if k.startswith(fields)})
-        stamp = json.dumps(self.depends, sort_keys=True)
+        depends = {k: v for k, v in asdict(self.settings).items() if k in self.COMMON or k.startswith(fields)}
+        stamp = json.dumps(depends, sort_keys=True)
         path, stamp_path = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
         if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
             unknown = self.model.load_state_dict(load_file(path), strict=False).unexpected_keys
@@ -534,7 +537,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
 
     stages = _Stages(out / "stages", settings, model, log)  # stage 2 is not saved apart: the checkpoint is its result
     torch.manual_seed(settings.seed + 10)
-    stages.run("vision", ("vision_model.",), "vision_", lambda: pretrain_vision(model, processor, settings, log, show_progress))
+    stages.run("vision", ("vision_model.",), ("vision_",), lambda: pretrain_vision(model, processor, settings, log, show_progress))
     model.vision_model.requires_grad_(False)
     features = encode_images(model, processor, train.images)
     monitor_sets = {"easy-vqa": _easy_vqa_images("validation", None), "scenes": _scene_images("validation", None)}
@@ -546,13 +549,13 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     log.info("vision tower ready; %d training images, %d questions; %.0fs so far", len(train.images), len(train.questions), time.perf_counter() - started)
 
     torch.manual_seed(settings.seed + 20)
-    stages.run("language", ("language_model.",), "text_", lambda: pretrain_language_model(model.language_model, tokenizer, settings, log, show_progress))
+    stages.run("language", ("language_model.",), ("text_",), lambda: pretrain_language_model(model.language_model, tokenizer, settings, log, show_progress))
     model.language_model.requires_grad_(False)
     log.info("language model pretrained on text; %.0fs so far", time.perf_counter() - started)
 
     torch.manual_seed(settings.seed + 30)
     captioned = torch.tensor([i for i, c in enumerate(train.captions) if c is not None])
-    stages.run("stage1", ("qformer.", "query_tokens"), "stage1_", lambda: pretrain_qformer(
+    stages.run("stage1", ("qformer.", "query_tokens"), ("vision_", "stage1_"), lambda: pretrain_qformer(
         model, config, tokenizer, features[captioned], [train.captions[i] for i in captioned.tolist()], settings, log, show_progress))
     log.info("stage 1 done; %.0fs so far", time.perf_counter() - started)
 
