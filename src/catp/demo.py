@@ -141,26 +141,34 @@ def demo(
     out: Path = typer.Option(Path("catp-demo.png"), help="Where to write the PNG."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods from catp.METHODS."),
     keeps: str = typer.Option(",".join(map(str, DEFAULT_KEEPS)), help="Comma-separated keep counts."),
-    per_task: int = typer.Option(6, help="Test images per task."),
-    threads: int = typer.Option(2, help="torch threads."),
+    per_task: int = typer.Option(6, min=1, help="Test images per task."),
+    threads: int = typer.Option(2, min=1, help="torch threads."),
 ) -> None:
     """Prune the embedded reference model on a few test questions: table of answers + kept tokens, and a PNG."""
     import torch
 
-    import catp
+    from catp.cli import INPUT_ERRORS, user_input
+    from catp.methods import get_method
+    from catp.pruning import resolve_keep
     from catp.reference import load
 
     started = time.perf_counter()
-    torch.set_num_threads(threads)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = [m for m in names if m not in catp.METHODS]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(catp.METHODS)}", param_hint="--methods")
+    if not names:
+        raise typer.BadParameter(f"give at least one method, got {methods!r}", param_hint="--methods")
+    with user_input(param="--methods"):
+        for name in names:
+            get_method(name)
     try:
         keep_counts = tuple(int(k) for k in keeps.split(",") if k.strip())
     except ValueError:
         raise typer.BadParameter(f"keeps must be comma-separated integers, got {keeps!r}", param_hint="--keeps") from None
-    net, processor = load(model)
+    torch.set_num_threads(threads)
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        net, processor = load(model)
+    with user_input(param="--keeps"):
+        for keep in keep_counts:
+            resolve_keep(keep, int(net.config.num_query_tokens))
     tasks = tuple(getattr(net.config, "catp_reference_tasks", None) or ("easy-vqa",))
     result = run_demo(net, processor, demo_examples(per_task, tasks), names, keep_counts)
     print_demo(result)

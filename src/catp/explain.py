@@ -192,6 +192,32 @@ def _load_image(image: Image.Image | str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
 
 
+def check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
+                 keep: int | float, prompt: str = DEFAULT_PROMPT) -> tuple[list[PruningMethod], int]:
+    """Check the arguments of :func:`explain` (all but the image) before anything runs.
+
+    Returns:
+        The methods, resolved, and ``keep`` as a token count.
+
+    Raises:
+        ValueError, TypeError: the argument at fault, named in the message.
+    """
+    check_model(model)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if isinstance(methods, (str, PruningMethod)):
+        methods = [methods]
+    resolved = [get_method(m) for m in methods]
+    if not resolved:
+        raise ValueError("give at least one method")
+    names = [m.name for m in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each method may appear once, got {names}")
+    if not isinstance(prompt, str) or prompt.count("{}") != 1:
+        raise ValueError(f"prompt must hold one '{{}}' for the question, got {prompt!r}")
+    return resolved, resolve_keep(keep, int(model.config.num_query_tokens))
+
+
 def explain(
     model: nn.Module,
     processor: Any,
@@ -220,20 +246,7 @@ def explain(
     Returns:
         An :class:`Explanation`.
     """
-    check_model(model)
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"question must be a non-empty string, got {question!r}")
-    if isinstance(methods, (str, PruningMethod)):
-        methods = [methods]
-    resolved = [get_method(m) for m in methods]
-    if not resolved:
-        raise ValueError("give at least one method")
-    names = [m.name for m in resolved]
-    if len(set(names)) != len(names):
-        raise ValueError(f"each method may appear once, got {names}")
-    if not isinstance(prompt, str) or prompt.count("{}") != 1:
-        raise ValueError(f"prompt must hold one '{{}}' for the question, got {prompt!r}")
-    k = resolve_keep(keep, int(model.config.num_query_tokens))
+    resolved, k = check_inputs(model, question, methods, keep, prompt)
     rgb = _load_image(image)
     text = prompt.format(question.strip())
 
@@ -449,7 +462,7 @@ def _parse_keep(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--keep must be a token count (8) or a fraction (0.25), got {text!r}") from None
+        raise ValueError(f"expected a token count (8) or a fraction (0.25), got {text!r}") from None
 
 
 def _load_model(name: str | None) -> tuple[nn.Module, Any]:
@@ -470,22 +483,24 @@ def explain_command(
     max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer length limit."),
 ) -> None:
     """Show which query tokens each method keeps, and what each token looks at in the image."""
+    from catp.cli import INPUT_ERRORS, user_input
+
     if image is not None and question is None:
         raise typer.BadParameter("give the --question to ask about --image", param_hint="--question")
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
+    with user_input(param="--methods"):  # before the model loads; check_inputs checks the rest
         for name in names:
             get_method(name)
+    with user_input(param="--keep"):
         keep_value = _parse_keep(keep)
+    with user_input(param="--image"):
         picture = sample_image() if image is None else _load_image(image)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
-    loaded, processor = _load_model(model)
-    try:
-        explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
-                              max_new_tokens=max_new_tokens)
-    except (ValueError, TypeError) as error:
-        raise typer.BadParameter(str(error)) from None
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        loaded, processor = _load_model(model)
+    with user_input():
+        check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
+    explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
+                          max_new_tokens=max_new_tokens)
     figure = draw_explanation(explanation, out)
     typer.echo(f"unpruned: {explanation.answer!r}")
     for m in explanation.methods.values():

@@ -108,24 +108,32 @@ def bench(
     from catp.bench.archs import bytes_per_element
     from catp.bench.report import checks_table, plot, results_table
     from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
+    from catp.cli import INPUT_ERRORS, user_input
+    from catp.methods import get_method
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
     dtype = dtype or ("bf16" if arch else "fp32")
-    bytes_per_element(dtype)  # validates the name
+    with user_input(param="--dtype"):
+        bytes_per_element(dtype)  # validates the name
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter(f"--device {device}: CUDA is not available here")
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter("--threads must be >= 1")
         torch.set_num_threads(threads)
-    settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
-                             instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats)
+    with user_input():
+        settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
+                                 instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats)
     if check_stat not in CHECK_STATISTICS:
         raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    with user_input(param="--methods"):  # before a large model is built
+        for method in method_list:
+            get_method(method)
     batches = parse_ints(batch, "--batch")
     try:
-        net, name = load_model(model, arch, device, dtype)
+        with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
+            net, name = load_model(model, arch, device, dtype)
     except MemoryError as error:
         console.print(f"[red]catp bench: {error}[/]")
         raise typer.Exit(2) from None
@@ -133,7 +141,8 @@ def bench(
     keeps = parse_keeps(keep, q)
     if check and 8 not in keeps and q >= 8 and arch == "blip2-opt-2.7b":
         keeps.append(8)  # target (d) is defined at keep 8
-    cases = cases_for(method_list, keeps, batches, q, check=check)
+    with user_input():
+        cases = cases_for(method_list, keeps, batches, q, check=check)
     console.print(f"[bold]catp bench[/]: {name}, {dtype} on {device}, {len(cases)} cases x ({warmup} warm-up + {repeats} timed)")
     runner = Benchmark(net, device, bytes_per_element(dtype), settings, progress=lambda msg: console.log(msg))
     results = runner.run(cases)

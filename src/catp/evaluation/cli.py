@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from catp.evaluation.datasets import DEFAULT_SPLIT
+from catp.evaluation.hf import describe_default_columns
 from catp.protocol import PAPER_KEEPS, PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -35,19 +37,39 @@ def _parse_keep(text: str) -> list[int | float]:
     return out
 
 
-def load_model(name: str, dtype: str, device: str):
-    """Model (eval mode, on ``device``) and processor from a hub id or a local directory."""
-    import torch
-    from tokenizers import AddedToken
-    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+#: The model classes ``catp eval`` runs, by ``config.model_type``.
+_MODEL_CLASSES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
 
-    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration}
-    model_type = AutoConfig.from_pretrained(name).model_type
-    if model_type not in classes:
-        raise typer.BadParameter(f"{name} is a {model_type!r} model; catp eval supports {', '.join(classes)}")
+
+def model_config(name: str):
+    """The config of model ``name`` (hub id or local directory), a BLIP-2 or InstructBLIP one.
+
+    Raises:
+        OSError: no such model; ValueError: a model of another type.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    if config.model_type not in _MODEL_CLASSES:
+        raise ValueError(f"{name} is a {config.model_type!r} model; catp eval supports {', '.join(_MODEL_CLASSES)}")
+    return config
+
+
+def load_model(name: str, dtype: str, device: str):
+    """Model (eval mode, on ``device``) and processor from a hub id or a local directory.
+
+    Raises:
+        OSError: no such model; ValueError: not a BLIP-2 / InstructBLIP model.
+    """
+    import torch
+    import transformers
+    from tokenizers import AddedToken
+    from transformers import AutoProcessor
+
+    model_class = getattr(transformers, _MODEL_CLASSES[model_config(name).model_type])
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    model = classes[model_type].from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+    model = model_class.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(name)
     if model.config.use_decoder_only_language_model:
         processor.tokenizer.padding_side = "left"  # generation continues at the right end
@@ -73,11 +95,16 @@ def _default_model() -> str:
 
 def eval_command(
     model: Optional[str] = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
-    dataset: str = typer.Option("easy-vqa", help="vqav2, ok-vqa, easy-vqa, scenes, jsonl, or a path ending in .jsonl."),
+    dataset: str = typer.Option("easy-vqa", help="vqav2, ok-vqa, easy-vqa, scenes, jsonl, a path ending in .jsonl, or hf:NAME "
+                                "(a Hugging Face dataset: hub id, save_to_disk directory, or parquet file/folder)."),
     questions: Optional[Path] = typer.Option(None, help="Questions file (VQA questions JSON, or the JSONL file)."),
     annotations: Optional[Path] = typer.Option(None, help="VQA annotations JSON (vqav2, ok-vqa)."),
     images: Optional[Path] = typer.Option(None, help="COCO image directory (vqav2, ok-vqa)."),
-    split: str = typer.Option("test", help="Split of a built-in generated dataset (easy-vqa, scenes)."),
+    split: Optional[str] = typer.Option(None, help=f"Split. easy-vqa, scenes: train or test (default {DEFAULT_SPLIT}). hf: required when "
+                                        "the dataset has several."),
+    config: Optional[str] = typer.Option(None, help="Config (subset) of an hf: dataset that has several."),
+    columns: Optional[str] = typer.Option(None, help="Columns of an hf: dataset as role=column pairs, e.g. "
+                                          "image=img,answers=labels. Default: " + describe_default_columns() + "."),
     methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
     keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
     batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
@@ -96,32 +123,51 @@ def eval_command(
     import torch
     from accelerate import PartialState
 
+    from catp.cli import INPUT_ERRORS, user_input
     from catp.evaluation import harness, report
-    from catp.evaluation.datasets import load_dataset, subsample
+    from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
+    from catp.evaluation.hf import parse_columns
     from catp.methods import METHODS
 
+    # Everything the options name is checked before the model's weights load or a question runs.
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     chosen = list(METHODS) if methods == "all" else _split_list(methods)
     keeps = _parse_keep(keep)
-    protocol = harness.Protocol(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
-    state = PartialState(cpu=device == "cpu")
+    with user_input(param="--columns"):
+        column_map = parse_columns(columns) if columns is not None else None
+    with user_input(param="--prompt"):
+        protocol = harness.Protocol(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
     model_name = model or _default_model()
-    selected = subsample(load_dataset(dataset, questions=questions, annotations=annotations, images=images, split=split), fraction, seed)
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        num_query_tokens = int(model_config(model_name).num_query_tokens)
+    with user_input():
+        configs = harness.build_configs(chosen, keeps, num_query_tokens)
+        selected = load_dataset(dataset, questions=questions, annotations=annotations, images=images, split=split,
+                                config=config, columns=column_map)
+        selected = subsample(selected, fraction, seed)
     if limit is not None:
         selected = harness.order_questions(selected, seed)[:limit]
-    net, processor, dtype = load_model(model_name, dtype, device or str(state.device))
-    configs = harness.build_configs(chosen, keeps, int(net.config.num_query_tokens))
-    manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), split, fraction, seed, limit, dtype,
-                                    protocol, len(selected))
-    if state.is_main_process:
-        harness.check_manifest(out, manifest, is_main=True)
-    state.wait_for_everyone()
-    harness.check_manifest(out, manifest, is_main=False)
+    state = PartialState(cpu=device == "cpu")
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        net, processor, dtype = load_model(model_name, dtype, device or str(state.device))
+    manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), resolve_split(dataset, split),
+                                    fraction, seed, limit, dtype, protocol, len(selected), config=config, columns=column_map)
+    with user_input():  # an --out that holds another run
+        if state.is_main_process:
+            harness.check_manifest(out, manifest, is_main=True)
+        state.wait_for_everyone()
+        harness.check_manifest(out, manifest, is_main=False)
     torch.set_grad_enabled(False)
-    harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
-                      rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
-                      progress=progress)
+    # Only bad data (an unreadable image) is the user's to fix here; anything else is a bug.
+    with user_input(DatasetError):
+        try:
+            harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
+                              rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
+                              progress=progress)
+        except DatasetError as error:
+            raise DatasetError(f"{error}\nThe predictions made so far are kept in {out}: fix the data and rerun the same "
+                               "command to resume.") from None
     state.wait_for_everyone()
     if state.is_main_process:
         summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected))

@@ -8,10 +8,13 @@ A new dataset is one registered function::
 
 Built in: ``vqav2`` and ``ok-vqa`` (official questions JSON + annotations JSON + COCO
 image directory), ``easy-vqa`` (from its package), ``scenes`` (the project's harder
-generated task, when :mod:`catp.reference.data` provides it) and ``jsonl`` (one
-``{"image", "question", "answers"}`` object per line).
+generated task, when :mod:`catp.reference.data` provides it), ``jsonl`` (one
+``{"image", "question", "answers"}`` object per line) and ``hf`` (``hf:NAME``: a Hugging
+Face dataset, see :mod:`catp.evaluation.hf`).
 
-A malformed file raises a ``ValueError`` naming the file and the line or record.
+A malformed file raises a ``ValueError`` naming the file and the line or record; a
+malformed row of an ``hf:`` dataset, or an image that cannot be read, a
+:class:`DatasetError`.
 """
 
 from __future__ import annotations
@@ -20,17 +23,28 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image
 
-__all__ = ["DATASETS", "Question", "load_dataset", "register_dataset", "subsample"]
+__all__ = ["DATASETS", "DEFAULT_SPLIT", "DatasetError", "Question", "load_dataset", "register_dataset", "resolve_split", "subsample"]
 
 #: A path to an image file, an image, or a function that makes one.
 ImageSource = Union[str, Path, Image.Image, Callable[[], Image.Image]]
+
+#: ``--dataset hf:NAME`` loads ``NAME`` with the ``datasets`` library.
+HF_PREFIX = "hf:"
+#: The split of the built-in datasets when none is given. (``hf:`` datasets have none: their
+#: only split, or the caller must choose.)
+DEFAULT_SPLIT = "test"
+
+
+class DatasetError(ValueError):
+    """Malformed data: the message names the dataset, and the split, row and column (or the
+    file and line) at fault. Raised when loading, and when an image is read during a run."""
 
 
 @dataclass(frozen=True)
@@ -51,19 +65,28 @@ class Question:
     image: ImageSource
 
     def load_image(self) -> Image.Image:
-        """The image, in RGB."""
+        """The image, in RGB.
+
+        Raises:
+            DatasetError: the image file cannot be read (a function that makes the image
+                raises its own, more precise, ``DatasetError``).
+        """
         image = self.image
         if callable(image) and not isinstance(image, Image.Image):
             image = image()
         if isinstance(image, (str, Path)):
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
+            try:
+                with Image.open(image) as opened:
+                    return opened.convert("RGB")
+            except OSError as error:
+                raise DatasetError(f"question {self.id!r}: cannot read image {str(image)!r}: {error}") from None
         return image.convert("RGB")
 
 
 Loader = Callable[..., list[Question]]
 #: Registered dataset loaders by name. Each takes keyword arguments ``questions``,
-#: ``annotations``, ``images`` (paths, any of them ``None``) and ``split``.
+#: ``annotations``, ``images`` (paths, any of them ``None``) and ``split``; ``hf`` also
+#: ``source``, ``config`` and ``columns``.
 DATASETS: dict[str, Loader] = {}
 
 
@@ -83,26 +106,56 @@ def load_dataset(
     questions: str | Path | None = None,
     annotations: str | Path | None = None,
     images: str | Path | None = None,
-    split: str = "test",
+    split: str | None = None,
+    config: str | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> list[Question]:
-    """Load a registered dataset; a ``name`` ending in ``.jsonl`` is a JSONL file.
+    """Load a registered dataset.
+
+    Args:
+        name: a registered name; a path ending in ``.jsonl`` (a JSONL file); or
+            ``hf:NAME``, a Hugging Face dataset: a hub id, a ``save_to_disk`` directory, or
+            local parquet files (a file or a folder).
+        questions, annotations, images: the files of ``vqav2`` / ``ok-vqa`` / ``jsonl``.
+        split: the split; default :func:`resolve_split`.
+        config, columns: of an ``hf:`` dataset only: its config (subset), and which
+            column holds what (:func:`catp.evaluation.hf.parse_columns`).
 
     Raises:
-        ValueError: unknown name, missing file arguments, or a malformed file.
+        ValueError: unknown name, missing file arguments, options that do not apply, or a
+            malformed file (a :class:`DatasetError` for a malformed ``hf:`` row).
+        catp.extras.MissingExtraError: ``hf:`` without the ``datasets`` package.
     """
-    if name.endswith(".jsonl") and questions is None:
+    label = name
+    split = resolve_split(name, split)
+    options: dict[str, Any] = {}
+    if name.startswith(HF_PREFIX):
+        name, options = "hf", {"source": name[len(HF_PREFIX):], "config": config, "columns": columns}
+    elif name.endswith(".jsonl") and questions is None:
         name, questions = "jsonl", name
     loader = DATASETS.get(name)
     if loader is None:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))} or a .jsonl file")
+        names = ", ".join(f"{HF_PREFIX}NAME" if n == "hf" else n for n in sorted(DATASETS))
+        raise ValueError(f"unknown dataset {name!r}; choose one of {names} or a .jsonl file")
+    if name != "hf" and (config is not None or columns is not None):
+        raise ValueError(f"--config and --columns apply to {HF_PREFIX}NAME datasets, not to {label!r}")
     paths = {key: Path(value) if value is not None else None for key, value in
              (("questions", questions), ("annotations", annotations), ("images", images))}
-    loaded = loader(split=split, **paths)
+    loaded = loader(split=split, **paths, **options)
     ids = [q.id for q in loaded]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"dataset {name!r} has duplicate question id {duplicate!r}")
+        raise ValueError(f"dataset {label!r} has duplicate question id {duplicate!r}")
     return loaded
+
+
+def resolve_split(name: str, split: str | None) -> str | None:
+    """The split :func:`load_dataset` loads for ``split``: itself when given; else
+    :data:`DEFAULT_SPLIT` for the built-in datasets and ``None`` for ``hf:`` datasets (whose
+    loader takes their only split, or asks for one)."""
+    if split is not None:
+        return split
+    return None if name.startswith(HF_PREFIX) or name == "hf" else DEFAULT_SPLIT
 
 
 def subsample(questions: Sequence[Question], fraction: float = 1.0, seed: int = 0) -> list[Question]:
@@ -267,3 +320,14 @@ def load_scenes(split: str = "test", **_: Any) -> list[Question]:
     if make is None:
         raise ValueError("dataset 'scenes' needs catp.reference.data.scenes_split, which this version does not have")
     return [Question(f"{split}/{i}", example.question, (example.answer,), example.image) for i, example in enumerate(make(split))]
+
+
+@register_dataset("hf")
+def load_hf(source: str | None = None, split: str | None = None, config: str | None = None,
+            columns: Mapping[str, str] | None = None, **_: Any) -> list[Question]:
+    """A Hugging Face dataset, ``--dataset hf:NAME`` (see :mod:`catp.evaluation.hf`)."""
+    if not source:
+        raise ValueError(f"dataset 'hf' needs a name: {HF_PREFIX}NAME (a hub id, a save_to_disk directory, or parquet files)")
+    from catp.evaluation.hf import load_hf_split
+
+    return load_hf_split(source, split=split, config=config, columns=columns)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,11 +248,21 @@ def iter_records(out: Path, questions: Sequence[Question], configs: Sequence[Con
         yield config, [records[(config.name, q.id)] for q in questions if (config.name, q.id) in records]
 
 
-def manifest_for(model_name: str, dataset: str, split: str, fraction: float, seed: int, limit: int | None, dtype: str,
-                 protocol: Protocol, num_questions: int) -> dict[str, Any]:
-    """What a run measures; a resumed run must match it (methods and keeps may be added)."""
-    return {"model": model_name, "dataset": dataset, "split": split, "fraction": fraction, "seed": seed, "limit": limit,
-            "dtype": dtype, "num_questions": num_questions, **asdict(protocol)}
+def manifest_for(model_name: str, dataset: str, split: str | None, fraction: float, seed: int, limit: int | None, dtype: str,
+                 protocol: Protocol, num_questions: int, *, config: str | None = None,
+                 columns: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a run measures; a resumed run must match it (methods and keeps may be added).
+
+    ``config`` and ``columns`` (of an ``hf:`` dataset) appear only when given, so the
+    manifests of other runs are unchanged.
+    """
+    manifest = {"model": model_name, "dataset": dataset, "split": split, "fraction": fraction, "seed": seed, "limit": limit,
+                "dtype": dtype, "num_questions": num_questions, **asdict(protocol)}
+    if config is not None:
+        manifest["config"] = config
+    if columns is not None:
+        manifest["columns"] = dict(columns)
+    return manifest
 
 
 def env_rank() -> tuple[int, int]:

@@ -93,6 +93,16 @@ class TrainSettings:
     monitor_limit: int = 2000
     threads: int = 1
 
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting a run cannot use."""
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose from {list(SIZES)}")
+        epochs = {name: getattr(self, name) for name in ("vision_epochs", "text_epochs", "stage1_epochs", "stage2_epochs")}
+        if min(epochs.values()) < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
 
 def task_examples(task: str, split: str, limit: int | None = None) -> list[VQAExample]:
     """The VQA examples of ``task`` ("easy-vqa" or "scenes") for ``split`` ("train", "validation" or "test")."""
@@ -544,10 +554,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     from catp.reference.language import pretrain_language_model
     from catp.reference.qformer import pretrain_qformer
 
-    if settings.size not in SIZES:
-        raise ValueError(f"unknown size {settings.size!r}; choose from {list(SIZES)}")
-    if min(settings.vision_epochs, settings.text_epochs, settings.stage1_epochs, settings.stage2_epochs) < 0:
-        raise ValueError("epochs must be >= 0")
+    settings.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = _logger(out)
@@ -622,5 +629,10 @@ def train_reference_command(
     threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights differ across thread counts)."),
 ) -> None:
     """Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 is trained, and save it as a Hugging Face checkpoint."""
-    path = train_reference(out, TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads))
+    from catp.cli import user_input
+
+    settings = TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads)
+    with user_input():
+        settings.check()
+    path = train_reference(out, settings)
     print(f"saved {path} (log: {path / 'train.log'})")
