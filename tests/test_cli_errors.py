@@ -6,14 +6,10 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from test_eval import said
 from typer.testing import CliRunner
 
 from catp.cli import app
-
-
-def _one_line(output: str) -> str:
-    """The output with rich's box borders and line wrapping removed."""
-    return " ".join(output.replace("│", " ").split())
 
 
 @pytest.mark.parametrize(("args", "named"), [
@@ -41,9 +37,8 @@ def _one_line(output: str) -> str:
 def test_bad_input_is_one_usage_error(args, named, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, args)
-    output = _one_line(result.output)
     assert result.exit_code == 2, result.output + repr(result.exception)
-    assert named in output, output
+    assert said(result.output, named), result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "never-written").exists() and not (tmp_path / "x.png").exists()
 

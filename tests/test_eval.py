@@ -70,9 +70,13 @@ def jsonl_dataset(tmp_path_factory) -> Path:
     return root / "questions.jsonl"
 
 
-def _one_line(output: str) -> str:
-    """A command's output with rich's box borders and line wrapping removed."""
-    return " ".join(output.replace("│", " ").split())
+def said(output: str, text: str) -> bool:
+    """Whether a command's ``output`` holds ``text``, however rich's error box wrapped it
+    (borders and all whitespace are ignored)."""
+    def squash(s: str) -> str:
+        return "".join(s.replace("│", "").split())
+
+    return squash(text) in squash(output)
 
 
 def _records(out: Path) -> dict:
@@ -160,7 +164,7 @@ def test_resume_refuses_other_settings(full_run, model_dir, jsonl_dataset, tmp_p
     shutil.copytree(full_run, out)
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(out),
                                       *FAST, "--seed", "1"])
-    assert result.exit_code == 2 and "seed: 0 -> 1" in _one_line(result.output)
+    assert result.exit_code == 2 and said(result.output, "seed: 0 -> 1")
 
 
 def test_random_method_seeds_per_question_not_per_batch(full_run, model_dir, jsonl_dataset, tmp_path):
@@ -207,4 +211,4 @@ def test_bad_options(model_dir, jsonl_dataset, tmp_path):
     base = ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(tmp_path / "x"), "--no-progress"]
     for option, value, named in (("--methods", "catpp", "catpp"), ("--keep", "four", "four"), ("--keep", "16", "out of range")):
         result = runner.invoke(app, [*base, option, value])
-        assert result.exit_code == 2 and named in _one_line(result.output), result.output
+        assert result.exit_code == 2 and said(result.output, named), result.output
