@@ -22,6 +22,7 @@ from catp.cli import app
     (["eval", "--columns", "picture=img"], "unknown role 'picture'"),
     (["eval", "--model", "./no-such-model"], "no-such-model"),
     (["eval", "--prompt", "no slot"], "prompt must contain '{}'"),
+    (["eval", "--dtype", "fp8"], "got 'fp8'"),
     (["bench", "--arch", "nope"], "unknown arch 'nope'"),
     (["bench", "--methods", "nope"], "unknown method 'nope'"),
     (["bench", "--dtype", "fp8"], "unknown dtype 'fp8'"),
@@ -31,7 +32,12 @@ from catp.cli import app
     (["explain", "--out", "x.png", "--methods", "catp,catp"], "each method may appear once"),
     (["explain", "--out", "x.png", "--image", "no-such.png", "--question", "what?"], "image file not found: no-such.png"),
     (["train-reference", "--out", "never-written", "--size", "huge"], "unknown size 'huge'"),
-    (["train-reference", "--out", "never-written", "--tasks", "coco"], "('coco',)"),
+    (["train-reference", "--out", "never-written", "--threads", "0"], "threads must be >= 1, got 0"),
+    (["diagnose", "--methods", "nope"], "unknown method 'nope'"),
+    (["diagnose", "--keep", "99"], "keep=99 is out of range"),
+    (["diagnose", "--dtype", "fp8"], "got 'fp8'"),
+    (["diagnose", "--dataset", "nope"], "got 'nope'"),
+    (["diagnose", "--instruction", "look"], "has no instruction input"),
     (["methods", "--verbose"], "No such option: --verbose"),
 ])
 def test_bad_input_is_one_usage_error(args, named, tmp_path, monkeypatch):

@@ -37,6 +37,12 @@ def _parse_keep(text: str) -> list[int | float]:
     return out
 
 
+def check_dtype(dtype: str) -> None:
+    """Raise a ``ValueError`` unless ``dtype`` is one of ``auto, float32, float16, bfloat16``."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+
+
 #: The model classes ``catp eval`` runs, by ``config.model_type``.
 _MODEL_CLASSES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
 
@@ -59,13 +65,14 @@ def load_model(name: str, dtype: str, device: str):
     """Model (eval mode, on ``device``) and processor from a hub id or a local directory.
 
     Raises:
-        OSError: no such model; ValueError: not a BLIP-2 / InstructBLIP model.
+        OSError: no such model; ValueError: not a BLIP-2 / InstructBLIP model, or an unknown ``dtype``.
     """
     import torch
     import transformers
     from tokenizers import AddedToken
     from transformers import AutoProcessor
 
+    check_dtype(dtype)
     model_class = getattr(transformers, _MODEL_CLASSES[model_config(name).model_type])
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
@@ -130,8 +137,8 @@ def eval_command(
     from catp.methods import METHODS
 
     # Everything the options name is checked before the model's weights load or a question runs.
-    if dtype not in _DTYPES:
-        raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    with user_input(param="--dtype"):
+        check_dtype(dtype)
     chosen = list(METHODS) if methods == "all" else _split_list(methods)
     keeps = _parse_keep(keep)
     with user_input(param="--columns"):

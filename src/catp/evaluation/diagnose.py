@@ -355,28 +355,38 @@ def diagnose_command(
     from rich.console import Console
     from rich.table import Table
 
+    from catp.cli import INPUT_ERRORS, user_input
     from catp.evaluation.cli import _default_model, load_model
+    from catp.methods import get_method
+    from catp.pruning import resolve_keep
 
-    loaded, processor, _ = load_model(model or _default_model(), dtype, device)
-    grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
-    masks = None
-    if images is not None:
-        pictures = _folder_images(images, limit)
-    elif dataset == "scenes":
-        pictures, masks = _scene_images(split, limit, grid)
-    elif dataset == "easy-vqa":
-        from catp.reference.data import easy_vqa_split
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    with user_input(param="--methods"):  # before the model loads
+        for name in names:
+            get_method(name)
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        loaded, processor, _ = load_model(model or _default_model(), dtype, device)
+    with user_input():
+        resolve_keep(keep, int(loaded.config.num_query_tokens))
+        _qformer_inputs(loaded, processor, 1, instruction, torch.device(device))  # an --instruction the model cannot take
+        grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
+        masks = None
+        if images is not None:
+            pictures = _folder_images(images, limit)
+        elif dataset == "scenes":
+            pictures, masks = _scene_images(split, limit, grid)
+        elif dataset == "easy-vqa":
+            from catp.reference.data import easy_vqa_split
 
-        seen: dict[int, Any] = {}
-        for e in easy_vqa_split(split):
-            seen.setdefault(e.image_id, e.image)
-            if len(seen) == limit:
-                break
-        pictures = list(seen.values())
-    else:
-        raise ValueError(f"--dataset must be easy-vqa or scenes (or give --images), got {dataset!r}")
-    result = diagnose(loaded, processor, pictures, methods=[m.strip() for m in methods.split(",") if m.strip()], keep=keep,
-                      instruction=instruction, object_masks=masks)
+            seen: dict[int, Any] = {}
+            for e in easy_vqa_split(split):
+                seen.setdefault(e.image_id, e.image)
+                if len(seen) == limit:
+                    break
+            pictures = list(seen.values())
+        else:
+            raise ValueError(f"--dataset must be easy-vqa or scenes (or give --images), got {dataset!r}")
+    result = diagnose(loaded, processor, pictures, methods=names, keep=keep, instruction=instruction, object_masks=masks)
     table = Table("figure", "value", title=f"catp diagnose: {result.model}")
     for line in result.markdown().splitlines()[2:]:
         name, value = (cell.strip() for cell in line.strip("|").split("|"))
