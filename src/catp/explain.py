@@ -192,7 +192,7 @@ def _load_image(image: Image.Image | str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
 
 
-def check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
+def _check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
                  keep: int | float, prompt: str = DEFAULT_PROMPT) -> tuple[list[PruningMethod], int]:
     """Check the arguments of :func:`explain` (all but the image) before anything runs.
 
@@ -246,7 +246,7 @@ def explain(
     Returns:
         An :class:`Explanation`.
     """
-    resolved, k = check_inputs(model, question, methods, keep, prompt)
+    resolved, k = _check_inputs(model, question, methods, keep, prompt)
     rgb = _load_image(image)
     text = prompt.format(question.strip())
 
@@ -488,7 +488,7 @@ def explain_command(
     if image is not None and question is None:
         raise typer.BadParameter("give the --question to ask about --image", param_hint="--question")
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    with user_input(param="--methods"):  # before the model loads; check_inputs checks the rest
+    with user_input(param="--methods"):  # before the model loads; _check_inputs checks the rest
         for name in names:
             get_method(name)
     with user_input(param="--keep"):
@@ -498,7 +498,7 @@ def explain_command(
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         loaded, processor = _load_model(model)
     with user_input():
-        check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
+        _check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
     explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
                           max_new_tokens=max_new_tokens)
     figure = draw_explanation(explanation, out)

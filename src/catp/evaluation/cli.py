@@ -165,9 +165,9 @@ def eval_command(
             harness.check_manifest(out, manifest, is_main=True)
         state.wait_for_everyone()
         harness.check_manifest(out, manifest, is_main=False)
-    torch.set_grad_enabled(False)
     # Only bad data (an unreadable image) is the user's to fix here; anything else is a bug.
-    with user_input(DatasetError):
+    # (no_grad, not set_grad_enabled: the command may run inside another program, e.g. a test.)
+    with user_input(DatasetError), torch.no_grad():
         try:
             harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
                               rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,

@@ -43,8 +43,9 @@ DEFAULT_SPLIT = "test"
 
 
 class DatasetError(ValueError):
-    """Malformed data: the message names the dataset, and the split, row and column (or the
-    file and line) at fault. Raised when loading, and when an image is read during a run."""
+    """Malformed data: a bad row of an ``hf:`` dataset (the message names the dataset, split,
+    row and column), found when it loads, or an image that cannot be read, found when its
+    batch runs."""
 
 
 @dataclass(frozen=True)
