@@ -70,7 +70,7 @@ def test_pruned_answers_run_on_reference(reference):
 
 @pytest.fixture(scope="module")
 def tiny_settings():
-    return TrainSettings(size="tiny", vision_images=64, vision_epochs=1, text_sequences=256, text_epochs=1, shape_images=16,
+    return TrainSettings(size="tiny", vision_coarse_size=16, vision_coarse_images=64, vision_images=64, vision_epochs=1, text_sequences=256, text_epochs=1, shape_images=16,
                          stage1_epochs=1, stage1_batch_size=16, stage2_epochs=1, stage2_batch_size=8, train_limit=24, monitor_limit=16)
 
 
@@ -88,7 +88,7 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     # The init traps of SPEC §6 are fixed: random distinct queries, a trainable ViT init.
     assert a["query_tokens"].std() > 1e-3
     log = (first / "train.log").read_text()
-    for stage in ("vision epoch 1/1", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):
+    for stage in ("vision coarse (", "vision full (", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):
         assert log.count(stage) == 1, stage
 
     # A run killed after stage 1 resumes from its stage files and gives the same weights;

@@ -82,13 +82,13 @@ class VQAExample:
 EASY_VQA_VALIDATION_FROM = 3600
 
 
-def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
+def easy_vqa_split(split: str, limit: int | None = None, image_limit: int | None = None) -> list[VQAExample]:
     """easy-VQA questions of ``split`` in the dataset's order.
 
-    "train": the questions on training images 0-3599 (34,7xx); "validation": those on
-    training images 3600-3999 (carved out for tuning); "test": the test split (9,673).
+    "train": the questions on training images 0-3599 (34,687); "validation": those on
+    training images 3600-3999 (3,888; carved out for tuning); "test": the test split (9,673).
     Images are opened once and shared by their questions. ``limit`` keeps the first
-    ``limit`` questions.
+    ``limit`` questions; ``image_limit`` only those on the first ``image_limit`` images.
     """
     import easy_vqa
 
@@ -101,6 +101,10 @@ def easy_vqa_split(split: str, limit: int | None = None) -> list[VQAExample]:
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
         keep = [(image_id >= EASY_VQA_VALIDATION_FROM) == (split == "validation") for image_id in image_ids]
+        questions, answers, image_ids = ([x for x, k in zip(column, keep) if k] for column in (questions, answers, image_ids))
+    if image_limit is not None:
+        first = list(dict.fromkeys(image_ids))[:image_limit]
+        keep = [image_id in set(first) for image_id in image_ids]
         questions, answers, image_ids = ([x for x, k in zip(column, keep) if k] for column in (questions, answers, image_ids))
     if limit is not None:
         questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]

@@ -133,13 +133,10 @@ class ImageSet:
 
 
 def _easy_vqa_images(split: str, limit: int | None) -> ImageSet:
-    examples = easy_vqa_split(split)
     index: dict[int, int] = {}
     images, questions = [], []
-    for e in examples:
+    for e in easy_vqa_split(split, image_limit=limit):
         if e.image_id not in index:
-            if limit is not None and len(images) >= limit:
-                continue
             index[e.image_id] = len(images)
             images.append(e.image)
         questions.append((index[e.image_id], e.question, e.answer))
@@ -587,7 +584,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     stages.run("vision", ("vision_model.",), ("vision_",), lambda: pretrain_vision(model, processor, settings, log, show_progress))
     model.vision_model.requires_grad_(False)
     features = encode_images(model, processor, train.images)
-    monitor_sets = {"easy-vqa": _easy_vqa_images("validation", None), "scenes": _scene_images("validation", None)}
+    monitor_sets = {"easy-vqa": _easy_vqa_images("validation", settings.train_limit), "scenes": _scene_images("validation", settings.train_limit)}
     monitors = {}
     for task, images in monitor_sets.items():
         rows = _rows(tokenizer, images, with_captions=False)
