@@ -244,10 +244,6 @@ def test_cuda(family):
             out = model.generate(**inputs, **GREEDY)
         assert session.keep_indices.device.type == "cuda" and session.pick_order.device.type == "cuda", method
         assert out.device.type == "cuda"
-        cpu = {k: v.cpu() for k, v in inputs.items()}
-        assert torch.equal(session.keep_indices.cpu(), catp.select_queries(model.cpu(), cpu["pixel_values"], method=method,
-                                                                           keep=3, **qformer_inputs(cpu))), method
-        model.cuda()
 
 
 def test_captioning_without_input_ids():
