@@ -275,3 +275,17 @@ def test_selectors_on_a_model_select_among_the_right_tokens(family, features):
         assert session.pick_order.tolist() == expected, name
         assert torch.equal(session.keep_indices, session.pick_order.sort(dim=1).values)
         assert session.scores is None
+
+
+def test_catp_methods_lists_every_method_with_its_kind():
+    from typer.testing import CliRunner
+
+    from catp.cli import app
+
+    result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 3}
+    assert set(catp.METHODS) <= set(lines)
+    for name in catp.METHODS:
+        assert ("selects" in lines[name]) == (name in SELECTORS), name
+    assert "DivPrune, CVPR 2025" in lines["divprune"] and "DART, arXiv 2502.11494" in lines["dart"]

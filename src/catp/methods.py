@@ -111,10 +111,10 @@ class PruningMethod:
         """Return ``(B, k)`` distinct indices in ``0..Q-1``, in the order they were picked."""
         raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
 
-    @property
-    def is_selector(self) -> bool:
-        """Whether this method picks indices itself (it overrides :meth:`select`)."""
-        return type(self).select is not PruningMethod.select
+    @classmethod
+    def selects(cls) -> bool:
+        """Whether this method picks indices itself (it overrides :meth:`select`) rather than scoring."""
+        return cls.select is not PruningMethod.select
 
     def validate(self, num_cross_layers: int, keep: int) -> None:
         """Check options against the model and the kept count before anything runs (default: nothing to check)."""
@@ -151,7 +151,7 @@ def choose(method: PruningMethod, captures: Captures, k: int) -> Choice:
     Returns:
         A :class:`Choice` on ``captures.device``.
     """
-    if method.is_selector:
+    if method.selects():
         order = method.select(captures, k).to(captures.device)
         _check_picks(order, captures, k, method.name)
         scores = None
