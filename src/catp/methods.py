@@ -31,6 +31,7 @@ from catp import scoring
 
 __all__ = [
     "METHODS",
+    "SELECTORS",
     "Captures",
     "Choice",
     "Needs",
@@ -407,6 +408,8 @@ _REGISTRY: dict[str, type[PruningMethod]] = {
 
 #: Every method name, as accepted by ``method=``.
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+#: The methods that select (:meth:`PruningMethod.select`) rather than score.
+SELECTORS: tuple[str, ...] = tuple(name for name, cls in _REGISTRY.items() if cls.selects())
 
 
 def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:

@@ -79,6 +79,8 @@ def eval_command(
     images: Optional[Path] = typer.Option(None, help="COCO image directory (vqav2, ok-vqa)."),
     split: str = typer.Option("test", help="Split of a built-in generated dataset (easy-vqa, scenes)."),
     methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
+    compare: str = typer.Option("", help="Also give every method's paired differences against these methods (e.g. catp,random). "
+                                "Built in: CATP variants vs l2norm, selfattn, first, random; divprune, dart, catp-diverse vs catp, random."),
     keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
     batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
     dtype: str = typer.Option("auto", help=f"One of {', '.join(_DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
@@ -103,6 +105,10 @@ def eval_command(
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     chosen = list(METHODS) if methods == "all" else _split_list(methods)
+    baselines = _split_list(compare)
+    unknown = [m for m in baselines if m not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}", param_hint="--compare")
     keeps = _parse_keep(keep)
     protocol = harness.Protocol(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
     state = PartialState(cpu=device == "cpu")
@@ -124,7 +130,7 @@ def eval_command(
                       progress=progress)
     state.wait_for_everyone()
     if state.is_main_process:
-        summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected))
+        summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected), compare=baselines)
         summary["run"] = manifest
         paths = report.write_reports(summary, out, title=f"{Path(model_name).name} on {dataset}")
         typer.echo(report.markdown_table(summary))
