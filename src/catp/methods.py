@@ -32,6 +32,7 @@ from catp import scoring
 __all__ = [
     "METHODS",
     "SELECTORS",
+    "FEATURES",
     "Captures",
     "Choice",
     "Needs",
@@ -129,7 +130,7 @@ class Choice:
         keep_indices: ``(B, k)`` kept indices, ascending: the order the LLM receives them.
         pick_order: ``(B, k)`` the same indices in the order the method picked them; for
             a scorer, by descending score.
-        scores: ``(B, Q)`` float32 scores of a scorer; ``None`` for a selector.
+        scores: ``(B, Q)`` scores of a scorer; ``None`` for a selector.
     """
 
     keep_indices: torch.Tensor
@@ -354,7 +355,8 @@ class DART(_OnTokens):
     rather than a quota per pivot. See :func:`catp.scoring.dart_select`.
 
     Args:
-        features: which tokens to compare (see :data:`FEATURES`).
+        features: which tokens to compare (see :data:`FEATURES`). The Q-Former outputs end
+            with a LayerNorm, so with ``"qformer"`` their norms, which pick the pivots, vary little.
         pivots: pivot count in ``1..k``; default ``max(1, round(k / 8))``.
     """
 

@@ -25,7 +25,7 @@ tokens, plus our own CATP vote with a diversity penalty (:func:`catp_diverse_sel
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -419,7 +419,13 @@ def catp_diverse_select(votes: torch.Tensor, tokens: torch.Tensor, k: int, lam: 
     return _greedy(first, k, lambda closest: value - lam * closest, similarity, torch.maximum)
 
 
-def _greedy(first: torch.Tensor, k: int, objective, pairwise: torch.Tensor, combine) -> torch.Tensor:
+def _greedy(
+    first: torch.Tensor,
+    k: int,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    pairwise: torch.Tensor,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """The loop shared by the greedy selections, batched over samples.
 
     Keeps ``agg[b, j]``, ``combine`` (min or max) of ``pairwise[b, kept, j]`` over the kept
