@@ -77,6 +77,7 @@ def _records(out: Path) -> dict:
 def _eval(model_dir: Path, data: Path, out: Path, *extra: str):
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(data), "--out", str(out), *FAST, *extra])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert torch.is_grad_enabled()  # the command leaves autograd as it found it (training tests share the process)
     return result
 
 

@@ -124,10 +124,10 @@ def eval_command(
         harness.check_manifest(out, manifest, is_main=True)
     state.wait_for_everyone()
     harness.check_manifest(out, manifest, is_main=False)
-    torch.set_grad_enabled(False)
-    harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
-                      rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
-                      progress=progress)
+    with torch.no_grad():  # scoped: a global switch would leak into the caller's process (tests, notebooks)
+        harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
+                          rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
+                          progress=progress)
     state.wait_for_everyone()
     if state.is_main_process:
         summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected), compare=baselines)
