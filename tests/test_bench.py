@@ -139,7 +139,9 @@ def test_cases_grid():
     cases = cases_for(["catp", "first"], [4, 2], [1, 2], 8, check=False)
     assert [(c.method, c.keep) for c in cases if c.batch == 1] == [("none", 8), ("catp", 4), ("first", 4), ("catp", 2), ("first", 2)]
     checked = {(c.method, c.keep) for c in cases_for(["catp"], [4], [1], 8, check=True)}
-    assert checked == {("none", 8), ("catp", 8), ("first", 4), ("catp", 4), ("llm-only", 4)}
+    # The selectors always join target (a), the scoring/selection overhead.
+    assert checked == {("none", 8), ("catp", 8), ("first", 4), ("catp", 4), ("llm-only", 4), ("divprune", 4), ("dart", 4),
+                       ("catp-diverse", 4)}
     with pytest.raises(ValueError, match="unknown method"):
         cases_for(["catpp"], [4], [1], 8)
 
@@ -158,6 +160,9 @@ def test_benchmark_runs_every_family(family):
             assert r["seconds"]["vision"]["median"] > 0 and r["flops"]["vision"] > 0
     checks = evaluate_checks(results, 8, paper_shape=False)
     assert {c["target"] for c in checks} == {"a", "b", "c"}
+    overhead = {c["case"].split()[0]: c["detail"] for c in checks if c["target"] == "a"}
+    assert set(overhead) == {"catp", "divprune", "dart", "catp-diverse"}
+    assert "Q-Former+selection" in overhead["divprune"] and "Q-Former+scoring" in overhead["catp"]
 
 
 def test_build_arch_materialises_without_meta(monkeypatch):

@@ -86,6 +86,7 @@ def _records(out: Path) -> dict:
 def _eval(model_dir: Path, data: Path, out: Path, *extra: str):
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(data), "--out", str(out), *FAST, *extra])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert torch.is_grad_enabled()  # the command leaves autograd as it found it (training tests share the process)
     return result
 
 
@@ -130,9 +131,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(full_run, model_dir, jso
     calls = {"n": 0}
     real = harness._generate
 
+    configs = 1 + 2 * len(catp.METHODS)  # unpruned + every method at keep 4 and 2
+    stop_after = configs + configs // 2  # mid-way through the second batch of 3 questions
+
     def dies_after_some_batches(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 20:  # mid-way through the second batch of 3 questions (17 configs each)
+        if calls["n"] > stop_after:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -155,7 +159,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(full_run, model_dir, jso
     _eval(model_dir, jsonl_dataset, out, "--batch-size", "3")
     assert _records(out) == _records(full_run)
     # Nothing already written was recomputed: only the interrupted batch's missing configs and later batches.
-    assert counted["n"] == 17 * 4 - 20
+    assert counted["n"] == configs * 4 - stop_after
     assert json.loads((out / "summary.json").read_text())["rows"] == json.loads((full_run / "summary.json").read_text())["rows"]
 
 
@@ -206,9 +210,37 @@ def test_summary_statistics():
     assert comparison["difference"] == pytest.approx(25.0) and comparison["verdict"] == "win"
 
 
+def test_selectors_are_compared_with_catp_and_random(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    pairs = {(c["method"], c["baseline"], c["keep"]) for c in summary["comparisons"]}
+    for method in ("divprune", "dart", "catp-diverse"):
+        assert {(method, "catp", k) for k in (4, 2)} | {(method, "random", k) for k in (4, 2)} <= pairs
+        assert not any(p[0] == method and p[1] in ("l2norm", "selfattn", "first") for p in pairs)
+    rows = {r["config"]: r for r in summary["rows"]}
+    assert "x_catp" in rows["divprune@4"] and "x_random" in rows["divprune@4"]
+    table = (full_run / "summary.md").read_text()
+    assert "| divprune | catp |" in table and "| catp-diverse | random |" in table and "| catp | l2norm |" in table
+
+
+def test_compare_adds_paired_differences_against_chosen_methods():
+    def records(pattern):
+        return [{"id": str(i), "accuracy": float(pattern(i)), "llm_tokens": 10} for i in range(40)]
+
+    configs = [(harness.Config("l2norm", 4), records(lambda i: i % 2)), (harness.Config("catp", 4), records(lambda i: i % 4 == 0)),
+               (harness.Config("random", 4), records(lambda i: i % 3 == 0))]
+    built_in = {(c["method"], c["baseline"]) for c in report.summarize(configs, 40)["comparisons"]}
+    assert built_in == {("catp", "l2norm"), ("catp", "random")}
+    chosen = report.summarize(configs, 40, compare=["catp", "random"])
+    assert {(c["method"], c["baseline"]) for c in chosen["comparisons"]} == built_in | {("l2norm", "catp"), ("l2norm", "random"),
+                                                                                        ("random", "catp")}
+    assert "| l2norm | catp |" in report.markdown_table(chosen)
+
+
 def test_bad_options(model_dir, jsonl_dataset, tmp_path):
     runner = CliRunner()
     base = ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(tmp_path / "x"), "--no-progress"]
     for option, value, named in (("--methods", "catpp", "catpp"), ("--keep", "four", "four"), ("--keep", "16", "out of range")):
         result = runner.invoke(app, [*base, option, value])
         assert result.exit_code == 2 and said(result.output, named), result.output
+    bad_compare = runner.invoke(app, [*base, "--compare", "catp,randomm"])
+    assert bad_compare.exit_code == 2 and said(bad_compare.output, "randomm"), bad_compare.output

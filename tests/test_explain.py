@@ -110,6 +110,35 @@ def test_figure_panels_and_png(explanation, tmp_path):
     assert framed == explanation.methods["catp"].kept.tolist()
 
 
+def test_selectors_show_their_pick_order(model, processor, tmp_path):
+    methods = ("catp", "divprune", "catp-diverse")
+    ex = catp.explain(model, processor, sample_image(), QUESTION, methods=methods, keep=KEEP)
+    pixel_values = processor(images=sample_image(), return_tensors="pt")["pixel_values"]
+    for name in ("divprune", "catp-diverse"):
+        m = ex.methods[name]
+        assert m.is_selector and m.scores is None
+        with catp.pruned(model, method=name, keep=KEEP) as session, torch.no_grad():
+            model.get_image_features(pixel_values)
+        assert torch.equal(m.pick_order, session.pick_order[0]) and torch.equal(m.kept, session.keep_indices[0])
+        assert [m.pick_number(q) for q in m.pick_order.tolist()] == [1, 2, 3]
+    assert not ex.methods["catp"].is_selector
+    fig = draw_explanation(ex)
+    assert len(fig.axes) == 2 + NUM_QUERY + len(methods)
+    # Each tile a selector kept carries its pick number in the selector's colour; no other tile does.
+    colour = to_rgba(method_colours(methods)["divprune"])
+    grid = fig.axes[2:2 + NUM_QUERY]
+    badges = {q: [t.get_text() for t in ax.texts if to_rgba(t.get_bbox_patch().get_facecolor()) == colour]
+              for q, ax in enumerate(grid)}
+    assert {q: b for q, b in badges.items() if b} == {q: [str(ex.methods["divprune"].pick_number(q))]
+                                                      for q in ex.methods["divprune"].kept.tolist()}
+    # The selector's bar panel numbers its picks.
+    bars = fig.axes[2 + NUM_QUERY + 1]
+    assert sorted(t.get_text() for t in bars.texts) == ["1", "2", "3"]
+    write_html(ex, fig, tmp_path / "x.html")
+    order = ", ".join(f"q{q}" for q in ex.methods["divprune"].pick_order.tolist())
+    assert f"<td>{order}</td>" in (tmp_path / "x.html").read_text()
+
+
 def test_default_methods_give_one_grid(model, processor, tmp_path):
     ex = catp.explain(model, processor, sample_image(), QUESTION, keep=0.5)
     assert list(ex.methods) == ["catp", "l2norm", "selfattn"] and ex.keep == NUM_QUERY // 2
@@ -152,10 +181,11 @@ def test_cli_writes_png_and_html(model, processor, tmp_path):
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     png, page = tmp_path / "out.png", tmp_path / "out.html"
-    args = ["explain", "--model", str(tmp_path / "model"), "--methods", "catp,l2norm", "--keep", "0.5", "--out", str(png)]
+    args = ["explain", "--model", str(tmp_path / "model"), "--methods", "catp,dart", "--keep", "0.5", "--out", str(png)]
     result = CliRunner().invoke(app, [*args, "--html", str(page)])
     assert result.exit_code == 0, result.output
     assert "catp keep 4" in result.output and png.stat().st_size > 0 and "base64" in page.read_text()
+    assert "dart keep 4" in result.output and "picked in order" in result.output
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,8 @@ def test_generate_returns_the_callers_prompt(model, family):
         assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("method", ["catp", "l2norm", "random"])
+# Selectors too: a greedy selection of all Q tokens must keep every one of them.
+@pytest.mark.parametrize("method", ["catp", "l2norm", "random", "divprune", "dart", "catp-diverse"])
 def test_keep_all_equals_unpruned(model, family, method):
     inputs = tiny_inputs(family)
     plain = model.generate(**inputs, **GREEDY)
@@ -91,12 +92,13 @@ def test_keep_all_equals_unpruned(model, family, method):
     assert torch.equal(plain, same) and torch.equal(plain, also)
 
 
+@pytest.mark.parametrize("method", ["catp", "divprune", "dart", "catp-diverse"])
 @pytest.mark.parametrize("layout", ["processor", "pad-first"])
-def test_batched_equals_one_by_one(model, family, layout):
+def test_batched_equals_one_by_one(model, family, layout, method):
     inputs = tiny_inputs(family, prompt_lengths=(6, 2, 4), layout=layout)
-    with catp.pruned(model, method="catp", keep=4) as session:
+    with catp.pruned(model, method=method, keep=4) as session:
         batched = new_tokens(model, inputs, model.generate(**inputs, **GREEDY))
-        batched_keep = session.keep_indices.clone()
+        batched_keep, batched_order = session.keep_indices.clone(), session.pick_order.clone()
         for i in range(3):
             real = inputs["attention_mask"][i].bool()
             single = {
@@ -107,6 +109,7 @@ def test_batched_equals_one_by_one(model, family, layout):
             }
             alone = new_tokens(model, single, model.generate(**single, **GREEDY))
             assert torch.equal(session.keep_indices[0], batched_keep[i])
+            assert torch.equal(session.pick_order[0], batched_order[i])
             assert torch.equal(batched[i, : alone.shape[1]], alone[0]), f"sample {i}"
 
 
@@ -224,6 +227,9 @@ def test_half_precision(family, dtype):
     with catp.pruned(model, method="catp-image", keep=3) as session:
         out = model.generate(**inputs, **GREEDY)
     assert session.scores.dtype == torch.float32 and out.shape[0] == 2
+    with catp.pruned(model, method="catp-diverse", keep=3) as session:  # similarities computed in float32
+        model.generate(**inputs, **GREEDY)
+    assert session.pick_order.shape == (2, 3) and session.scores is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -233,9 +239,11 @@ def test_cuda(family):
     plain = model.generate(**inputs, **GREEDY)
     with catp.pruned(model, method="catp", keep=NUM_QUERY):
         assert torch.equal(model.generate(**inputs, **GREEDY), plain)
-    with catp.pruned(model, method="catp", keep=3) as session:
-        out = model.generate(**inputs, **GREEDY)
-    assert session.keep_indices.device.type == "cuda" and out.device.type == "cuda"
+    for method in ("catp", "divprune", "dart", "catp-diverse"):
+        with catp.pruned(model, method=method, keep=3) as session:
+            out = model.generate(**inputs, **GREEDY)
+        assert session.keep_indices.device.type == "cuda" and session.pick_order.device.type == "cuda", method
+        assert out.device.type == "cuda"
 
 
 def test_captioning_without_input_ids():

@@ -144,6 +144,8 @@ def test_topk_indices_ascending_and_stable_ties():
     assert scoring.topk_indices(scores, 2).tolist() == [[1, 2], [0, 4]]
     assert scoring.topk_indices(scores, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
     assert scoring.topk_indices(scores, 2).dtype == torch.long
+    # The order a scorer "picks" in: highest first, ties to the lower index.
+    assert scoring.topk_order(scores, 3).tolist() == [[1, 2, 4], [4, 0, 1]]
 
 
 def test_random_scores_are_seeded_per_row():

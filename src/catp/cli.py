@@ -74,9 +74,9 @@ def methods() -> None:
 
     from catp.methods import _REGISTRY
 
-    table = Table("method", "what it scores")
+    table = Table("method", "kind", "what it keeps")
     for name, cls in _REGISTRY.items():
-        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+        table.add_row(name, "selects" if cls.selects() else "scores", (cls.__doc__ or "").strip().splitlines()[0])
     Console().print(table)
 
 

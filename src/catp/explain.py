@@ -8,7 +8,8 @@ Two steps, so that notebooks can draw their own figures:
   answers.
 * :func:`draw_explanation` turns an :class:`Explanation` into a matplotlib figure: the
   image, the answers, one small map per query token (4 x 8 for 32 tokens) with a coloured
-  frame per method that kept it, and one bar chart of scores per method.
+  frame per method that kept it (and, for a selector, the number of its pick), and one bar
+  chart per method: a scorer's scores, or a selector's picks in the order it made them.
 
 ``catp explain`` (:func:`explain_command`) does both on the embedded reference model and a
 built-in sample image by default. Notation: ``Q`` query tokens, ``L`` cross-attention
@@ -73,8 +74,11 @@ class MethodExplanation:
 
     Attributes:
         name: the method's name (a key of :data:`catp.METHODS`).
-        scores: ``(Q,)`` the method's scores (higher = keep), as ``PruningSession.scores``.
+        scores: ``(Q,)`` a scorer's scores (higher = keep), as ``PruningSession.scores``;
+            ``None`` for a selector (``divprune``, ``dart``, ``catp-diverse``).
         kept: ``(k,)`` ascending indices it kept, as ``PruningSession.keep_indices``.
+        pick_order: ``(k,)`` the same indices in the order the method picked them, as
+            ``PruningSession.pick_order`` (a scorer's: by descending score).
         answer: the model's answer with only the kept tokens.
         map_layers: the cross-attention layers (0-based, among the ``L``) whose maps the
             method reads; methods that read none (``l2norm``, ``selfattn``, ``first``,
@@ -82,10 +86,21 @@ class MethodExplanation:
     """
 
     name: str
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     kept: torch.Tensor
+    pick_order: torch.Tensor
     answer: str
     map_layers: tuple[int, ...]
+
+    @property
+    def is_selector(self) -> bool:
+        """Whether the method picked its tokens itself (it has a pick order, no scores)."""
+        return self.scores is None
+
+    def pick_number(self, query: int) -> int | None:
+        """1 for the method's first pick, 2 for the second, ...; ``None`` when ``query`` was not kept."""
+        order = self.pick_order.tolist()
+        return order.index(query) + 1 if query in order else None
 
 
 @dataclass(frozen=True)
@@ -270,11 +285,12 @@ def explain(
         for method in resolved:
             with pruned(model, method=method, keep=k) as session:
                 method_answer = answer(model.generate(**inputs, **generate_kwargs))
-            assert session.scores is not None and session.keep_indices is not None
+            assert session.keep_indices is not None and session.pick_order is not None
             results[method.name] = MethodExplanation(
                 name=method.name,
-                scores=session.scores[0].float().cpu(),
+                scores=None if session.scores is None else session.scores[0].float().cpu(),
                 kept=session.keep_indices[0].cpu(),
+                pick_order=session.pick_order[0].cpu(),
                 answer=method_answer,
                 map_layers=_map_layers(method, num_layers),
             )
@@ -316,7 +332,10 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
 
     Each map is one query token's head-averaged cross-attention, min-max scaled on its own
     (so each shows where that token looks), overlaid on the image and upsampled to it patch
-    by patch. A token kept by a method gets a frame in that method's colour.
+    by patch. A token kept by a method gets a frame in that method's colour; a token kept
+    by a selector also gets the number of its pick (1 = picked first) in that colour.
+    A scorer's bar chart shows its scores; a selector's shows its picks, the first pick
+    tallest, each numbered.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
@@ -375,6 +394,11 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
                 inset = 0.005 + depth * 0.075
                 ax.add_patch(Rectangle((inset, inset), 1 - 2 * inset, 1 - 2 * inset, transform=ax.transAxes, fill=False,
                                        edgecolor=colours[m.name], linewidth=4, clip_on=False))
+            # A selector's pick number, one badge per selector along the tile's top edge.
+            for slot, selector in enumerate(m for m in kept_by[q] if m.is_selector):
+                ax.text(0.1 + slot * 0.28, 0.9, str(selector.pick_number(q)), transform=ax.transAxes, ha="left", va="top",
+                        fontsize=8, fontweight="bold", color="white",
+                        bbox=dict(boxstyle="round,pad=0.15", facecolor=colours[selector.name], edgecolor="none"))
             tags = "+".join(m.name for m in kept_by[q])
             ax.set_title(f"q{q}" + (f"  {tags}" if tags else ""), fontsize=8, fontweight="bold" if tags else "normal",
                          color=colours[kept_by[q][0].name] if len(kept_by[q]) == 1 else "black")
@@ -385,26 +409,51 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
         grid_fig.legend(handles=[Patch(facecolor="none", edgecolor=colours[m.name], linewidth=3, label=f"kept by {m.name}")
                                  for m in members], loc="outside lower center", ncols=len(members), fontsize=10, frameon=False)
 
-    # Score bars: kept tokens in the method's colour.
+    # One bar chart per method: a scorer's scores, a selector's picks; kept tokens in the method's colour.
     for bar_fig, m in zip(bar_figs, methods):
         ax = bar_fig.subplots()
-        kept = set(m.kept.tolist())
-        ax.bar(range(num_queries), m.scores.numpy(),
-               color=[colours[m.name] if q in kept else "#BBBBBB" for q in range(num_queries)])
+        (_pick_bars if m.is_selector else _score_bars)(ax, m, colours[m.name], num_queries)
         ax.set_xticks(range(num_queries), [f"q{q}" for q in range(num_queries)], fontsize=7, rotation=90)
         ax.set_xlim(-0.6, num_queries - 0.4)
-        # Scores differ little next to their size (votes sum to about the same): zoom on their range.
-        low, high = float(m.scores.min()), float(m.scores.max())
-        margin = 0.15 * (high - low) or 0.5 * abs(high) or 1.0
-        ax.set_ylim(low - margin, high + margin)
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_ylabel("score", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
-        ax.set_title(f"{m.name}: score per query token (coloured = the {len(kept)} kept) -> answer {m.answer!r}",
-                     fontsize=10, color=colours[m.name], loc="left")
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
+
+
+def _bar_colours(m: MethodExplanation, colour: str, num_queries: int) -> list[str]:
+    kept = set(m.kept.tolist())
+    return [colour if q in kept else "#BBBBBB" for q in range(num_queries)]
+
+
+def _score_bars(ax: Any, m: MethodExplanation, colour: str, num_queries: int) -> None:
+    """A scorer's panel: its score per query token."""
+    assert m.scores is not None
+    ax.bar(range(num_queries), m.scores.numpy(), color=_bar_colours(m, colour, num_queries))
+    # Scores differ little next to their size (votes sum to about the same): zoom on their range.
+    low, high = float(m.scores.min()), float(m.scores.max())
+    margin = 0.15 * (high - low) or 0.5 * abs(high) or 1.0
+    ax.set_ylim(low - margin, high + margin)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_ylabel("score", fontsize=9)
+    ax.set_title(f"{m.name}: score per query token (coloured = the {len(m.kept)} kept) -> answer {m.answer!r}",
+                 fontsize=10, color=colour, loc="left")
+
+
+def _pick_bars(ax: Any, m: MethodExplanation, colour: str, num_queries: int) -> None:
+    """A selector's panel (it has no scores): kept token ``q``'s bar is ``k + 1 - pick number``, so the first pick is tallest, and is numbered."""
+    k = len(m.pick_order)
+    numbers = [m.pick_number(q) for q in range(num_queries)]
+    heights = [0 if n is None else k + 1 - n for n in numbers]
+    ax.bar(range(num_queries), heights, color=_bar_colours(m, colour, num_queries))
+    for q, n in enumerate(numbers):
+        if n is not None:
+            ax.text(q, heights[q], str(n), ha="center", va="bottom", fontsize=7, fontweight="bold")
+    ax.set_ylim(0, k + 1.8)
+    ax.set_yticks([])
+    ax.set_ylabel("pick order", fontsize=9)
+    ax.set_title(f"{m.name}: the {k} kept query tokens in the order picked (1 = first) -> answer {m.answer!r}",
+                 fontsize=10, color=colour, loc="left")
 
 
 def write_html(explanation: Explanation, figure: Figure, path: str | Path) -> None:
@@ -412,17 +461,18 @@ def write_html(explanation: Explanation, figure: Figure, path: str | Path) -> No
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     png = base64.b64encode(buffer.getvalue()).decode("ascii")
-    rows = [f"<tr><td>unpruned (all {explanation.num_queries})</td><td>-</td><td>{html.escape(explanation.answer)}</td></tr>"]
+    rows = [f"<tr><td>unpruned (all {explanation.num_queries})</td><td>-</td><td>-</td><td>{html.escape(explanation.answer)}</td></tr>"]
     for m in explanation.methods.values():
         kept = ", ".join(f"q{q}" for q in m.kept.tolist())
-        rows.append(f"<tr><td>{html.escape(m.name)}</td><td>{kept}</td><td>{html.escape(m.answer)}</td></tr>")
+        order = ", ".join(f"q{q}" for q in m.pick_order.tolist()) + ("" if m.is_selector else " (by score)")
+        rows.append(f"<tr><td>{html.escape(m.name)}</td><td>{kept}</td><td>{order}</td><td>{html.escape(m.answer)}</td></tr>")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>catp explain: {html.escape(explanation.question)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;padding:4px 8px}}</style>
 </head><body>
 <h1>catp explain</h1>
 <p><b>Question:</b> {html.escape(explanation.question)}<br><b>Prompt:</b> <code>{html.escape(explanation.prompt)}</code></p>
-<table><tr><th>method</th><th>kept query tokens</th><th>answer</th></tr>
+<table><tr><th>method</th><th>kept query tokens</th><th>in pick order</th><th>answer</th></tr>
 {chr(10).join(rows)}
 </table>
 <p><img alt="catp explain figure" style="max-width:100%" src="data:image/png;base64,{png}"></p>
@@ -504,7 +554,8 @@ def explain_command(
     figure = draw_explanation(explanation, out)
     typer.echo(f"unpruned: {explanation.answer!r}")
     for m in explanation.methods.values():
-        typer.echo(f"{m.name} keep {explanation.keep}: {m.answer!r}  kept {m.kept.tolist()}")
+        picks = f", picked in order {m.pick_order.tolist()}" if m.is_selector else ""
+        typer.echo(f"{m.name} keep {explanation.keep}: {m.answer!r}  kept {m.kept.tolist()}{picks}")
     typer.echo(f"wrote {out}")
     if html_out is not None:
         write_html(explanation, figure, html_out)

@@ -1,8 +1,17 @@
 """Pruning methods as small objects with one contract.
 
 A method says what it needs to see of a Q-Former run (:class:`Needs`) and turns what
-was captured (:class:`Captures`) into scores of shape ``(batch, num_queries)``. It knows
-nothing about models or hooks; :mod:`catp.pruning` does the capturing.
+was captured (:class:`Captures`) into a choice of query tokens, in one of two ways:
+
+* a *scorer* implements :meth:`PruningMethod.score`: ``(batch, num_queries)`` scores,
+  the ``k`` highest are kept;
+* a *selector* implements :meth:`PruningMethod.select`: ``(batch, k)`` indices in the
+  order it picked them (for greedy selections, where a token's worth depends on what is
+  already kept).
+
+:func:`choose` is the one place that turns either kind into the kept set (ascending, the
+order the LLM receives them). A method knows nothing about models or hooks;
+:mod:`catp.pruning` does the capturing.
 
 Build one by name with :func:`get_method` (``get_method("catp-layer", layer_weights=[...])``),
 or pass an instance directly to :func:`catp.pruned` / :func:`catp.select_queries`.
@@ -22,7 +31,10 @@ from catp import scoring
 
 __all__ = [
     "METHODS",
+    "SELECTORS",
+    "FEATURES",
     "Captures",
+    "Choice",
     "Needs",
     "PruningMethod",
     "CATP",
@@ -33,6 +45,10 @@ __all__ = [
     "SelfAttn",
     "First",
     "Random",
+    "DivPrune",
+    "DART",
+    "CATPDiverse",
+    "choose",
     "get_method",
 ]
 
@@ -64,6 +80,8 @@ class Captures:
         self_attentions: Q-Former self-attention maps, each ``(B, H, S, S)``.
         vision_attention: last vision block's self-attention ``(B, H, N, N)``.
         query_output: Q-Former output for the query tokens ``(B, Q, D)``.
+        projected: ``language_projection`` output for the query tokens ``(B, Q, D_llm)``:
+            the tokens the LLM receives.
         device: where scores should live.
     """
 
@@ -74,20 +92,91 @@ class Captures:
     self_attentions: list[torch.Tensor] = field(default_factory=list)
     vision_attention: torch.Tensor | None = None
     query_output: torch.Tensor | None = None
+    projected: torch.Tensor | None = None
 
 
 class PruningMethod:
-    """Base class: subclasses set ``name`` and ``needs`` and implement :meth:`score`."""
+    """Base class: subclasses set ``name`` and ``needs`` and implement :meth:`score` or :meth:`select`.
+
+    Implement exactly one of them; :func:`choose` calls :meth:`select` when a subclass
+    overrides it, :meth:`score` otherwise.
+    """
 
     name: ClassVar[str]
     needs: ClassVar[Needs] = Needs()
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         """Return ``(B, Q)`` scores; the highest ``k`` are kept."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
 
-    def validate(self, num_cross_layers: int) -> None:
-        """Check options against the model before anything runs (default: nothing to check)."""
+    def select(self, captures: Captures, k: int) -> torch.Tensor:
+        """Return ``(B, k)`` distinct indices in ``0..Q-1``, in the order they were picked."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
+
+    @classmethod
+    def selects(cls) -> bool:
+        """Whether this method picks indices itself (it overrides :meth:`select`) rather than scoring."""
+        return cls.select is not PruningMethod.select
+
+    def validate(self, num_cross_layers: int, keep: int) -> None:
+        """Check options against the model and the kept count before anything runs (default: nothing to check)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a method chose for one batch (from :func:`choose`).
+
+    Attributes:
+        keep_indices: ``(B, k)`` kept indices, ascending: the order the LLM receives them.
+        pick_order: ``(B, k)`` the same indices in the order the method picked them; for
+            a scorer, by descending score.
+        scores: ``(B, Q)`` scores of a scorer; ``None`` for a selector.
+    """
+
+    keep_indices: torch.Tensor
+    pick_order: torch.Tensor
+    scores: torch.Tensor | None
+
+
+def choose(method: PruningMethod, captures: Captures, k: int) -> Choice:
+    """The one place that turns a method's output into the kept query tokens.
+
+    A scorer's ``(B, Q)`` scores give the ``k`` highest (ties to the lower index); a
+    selector's ``(B, k)`` picks are checked (shape, range, no repeats). Either way the
+    kept indices are sorted ascending, so kept tokens keep their original relative order.
+
+    Args:
+        method: the method.
+        captures: what the vision + Q-Former run exposed.
+        k: tokens kept per sample, ``1..Q``.
+
+    Returns:
+        A :class:`Choice` on ``captures.device``.
+    """
+    if method.selects():
+        order = method.select(captures, k).to(captures.device)
+        _check_picks(order, captures, k, method.name)
+        scores = None
+    else:
+        scores = method.score(captures, k / captures.num_queries).to(captures.device)
+        if scores.shape != (captures.batch_size, captures.num_queries):
+            raise ValueError(f"method {method.name!r} returned scores of shape {tuple(scores.shape)}, "
+                             f"expected (batch, num_queries) = {(captures.batch_size, captures.num_queries)}")
+        order = scoring.topk_order(scores, k)
+    return Choice(keep_indices=order.sort(dim=1).values, pick_order=order, scores=scores)
+
+
+def _check_picks(order: torch.Tensor, captures: Captures, k: int, name: str) -> None:
+    """A selector must return ``(B, k)`` integer indices in ``0..Q-1``, distinct per row."""
+    expected = (captures.batch_size, k)
+    if order.shape != expected or order.dtype.is_floating_point or order.dtype == torch.bool:
+        raise ValueError(f"method {name!r} selected a {order.dtype} tensor of shape {tuple(order.shape)}, "
+                         f"expected integer indices of shape (batch, k) = {expected}")
+    if order.numel() and (order.min() < 0 or order.max() >= captures.num_queries):
+        raise ValueError(f"method {name!r} selected indices outside 0..{captures.num_queries - 1}")
+    ascending = order.sort(dim=1).values
+    if (ascending[:, 1:] == ascending[:, :-1]).any():
+        raise ValueError(f"method {name!r} selected the same query token twice in one sample")
 
 
 @dataclass
@@ -127,7 +216,7 @@ class CATPLayer(PruningMethod):
     needs: ClassVar[Needs] = Needs(cross_attention="all")
     layer_weights: Sequence[float] | None = None
 
-    def validate(self, num_cross_layers: int) -> None:
+    def validate(self, num_cross_layers: int, keep: int) -> None:
         if self.layer_weights is not None:
             scoring.check_layer_weights(self.layer_weights, num_cross_layers)
 
@@ -212,12 +301,117 @@ class Random(PruningMethod):
         return scoring.random_scores(captures.batch_size, captures.num_queries, self.seed, device=captures.device)
 
 
+#: Which tokens a selector compares: the ``language_projection`` outputs (what the LLM
+#: receives, as DivPrune does) or the Q-Former outputs before the projection.
+FEATURES: tuple[str, ...] = ("projected", "qformer")
+
+
+@dataclass(kw_only=True)
+class _OnTokens(PruningMethod):
+    """Shared option of the selectors that compare tokens with each other.
+
+    Args:
+        features: ``"projected"`` (default): the ``language_projection`` outputs, the tokens
+            the LLM receives; ``"qformer"``: the Q-Former outputs before the projection.
+    """
+
+    features: str = "projected"
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f"{self.name}: features must be one of {', '.join(map(repr, FEATURES))}, got {self.features!r}")
+
+    def tokens(self, captures: Captures) -> torch.Tensor:
+        """The ``(B, Q, D)`` tokens to select among."""
+        tokens = captures.projected if self.features == "projected" else captures.query_output
+        assert tokens is not None, f"the {self.features} tokens were not captured"
+        return tokens
+
+
+@dataclass(kw_only=True)
+class DivPrune(_OnTokens):
+    """Max-min diversity: each pick is the token farthest (cosine) from those kept (DivPrune, CVPR 2025).
+
+    Saeed Ranjbar Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large
+    Multimodal Models", CVPR 2025 (arXiv 2503.02175). See :func:`catp.scoring.divprune_select`.
+
+    Args:
+        features: which tokens to compare (see :data:`FEATURES`).
+    """
+
+    name: ClassVar[str] = "divprune"
+
+    def select(self, captures: Captures, k: int) -> torch.Tensor:
+        return scoring.divprune_select(self.tokens(captures), k)
+
+
+@dataclass(kw_only=True)
+class DART(_OnTokens):
+    """Duplication-aware: highest-norm pivots plus the tokens least similar to any pivot (DART, arXiv 2502.11494).
+
+    Zichen Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
+    Duplication Matters More" (arXiv 2502.11494), adapted to the Q-Former: pivots by token
+    norm rather than by key norm inside an LLM layer, and one global similarity ranking
+    rather than a quota per pivot. See :func:`catp.scoring.dart_select`.
+
+    Args:
+        features: which tokens to compare (see :data:`FEATURES`). The Q-Former outputs end
+            with a LayerNorm, so with ``"qformer"`` their norms, which pick the pivots, vary little.
+        pivots: pivot count in ``1..k``; default ``max(1, round(k / 8))``.
+    """
+
+    name: ClassVar[str] = "dart"
+    pivots: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pivots is not None:
+            scoring.check_dart_pivots(self.pivots)
+
+    def validate(self, num_cross_layers: int, keep: int) -> None:
+        if self.pivots is not None:
+            scoring.check_dart_pivots(self.pivots, keep)
+
+    def select(self, captures: Captures, k: int) -> torch.Tensor:
+        return scoring.dart_select(self.tokens(captures), k, self.pivots)
+
+
+@dataclass(kw_only=True)
+class CATPDiverse(_OnTokens):
+    """Ours: greedy CATP vote minus λ x similarity to the tokens already kept (λ = 0: plain catp).
+
+    Each step keeps the token maximising ``v - λ · c``: ``v`` its last-layer CATP vote
+    (arXiv 2404.08567) min-max normalised per sample, ``c`` its maximum cosine similarity to
+    the tokens already kept. See :func:`catp.scoring.catp_diverse_select`.
+
+    Args:
+        lam: λ ``>= 0``, the weight of the duplication penalty (votes and similarities
+            are both on unit scales). Default 1.
+        features: which tokens to compare (see :data:`FEATURES`).
+    """
+
+    name: ClassVar[str] = "catp-diverse"
+    needs: ClassVar[Needs] = Needs(cross_attention="last")
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        scoring.check_diversity_weight(self.lam)
+
+    def select(self, captures: Captures, k: int) -> torch.Tensor:
+        votes = scoring.catp_scores(captures.cross_attentions)
+        return scoring.catp_diverse_select(votes, self.tokens(captures), k, self.lam)
+
+
 _REGISTRY: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (CATP, CATPAll, CATPLayer, CATPImage, L2Norm, SelfAttn, First, Random)
+    cls.name: cls
+    for cls in (CATP, CATPAll, CATPLayer, CATPImage, L2Norm, SelfAttn, First, Random, DivPrune, DART, CATPDiverse)
 }
 
 #: Every method name, as accepted by ``method=``.
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+#: The methods that select (:meth:`PruningMethod.select`) rather than score.
+SELECTORS: tuple[str, ...] = tuple(name for name, cls in _REGISTRY.items() if cls.selects())
 
 
 def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:

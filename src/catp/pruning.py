@@ -5,8 +5,9 @@ Nothing here forks model code. Inside :func:`pruned`:
 * forward hooks on the Q-Former's attention modules (and, for ``catp-image``, a
   pre-hook on the last vision block) capture what the method needs while the stock
   code runs the vision tower and the Q-Former once;
-* a forward hook on ``language_projection`` scores the queries and returns only the
-  ``k`` kept rows, in their original order;
+* a forward hook on ``language_projection`` lets the method choose (:func:`catp.methods.choose`:
+  top-``k`` scores, or a selector's picks) and returns only the ``k`` kept rows, in their
+  original order;
 * ``model.generate`` / ``model.forward`` see ``input_ids`` with only the first ``k`` of
   the ``num_query_tokens`` image placeholders of each sample, so the stock
   ``masked_scatter`` puts the kept rows into ``k`` placeholders. Every sample loses the
@@ -30,8 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from catp.methods import Captures, PruningMethod, get_method
-from catp.scoring import topk_indices
+from catp.methods import Captures, PruningMethod, choose, get_method
 
 __all__ = ["PruningSession", "cross_attention_layers", "eager_qformer", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
 
@@ -88,16 +88,19 @@ class PruningSession:
     """The state of one :func:`pruned` context; yielded to the caller.
 
     Attributes:
-        method: the scoring method.
+        method: the pruning method.
         keep: tokens kept per sample.
         keep_indices: ``(B, keep)`` indices kept by the most recent call, ascending.
-        scores: ``(B, Q)`` scores of the most recent call.
+        pick_order: ``(B, keep)`` the same indices in the order the method picked them
+            (a selector's greedy order; a scorer's by descending score).
+        scores: ``(B, Q)`` scores of the most recent call; ``None`` for a selector.
     """
 
     model: nn.Module = field(repr=False)
     method: PruningMethod
     keep: int
     keep_indices: torch.Tensor | None = None
+    pick_order: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     _captures: dict[str, Any] = field(default_factory=dict, repr=False)
     _handles: list[Any] = field(default_factory=list, repr=False)
@@ -163,11 +166,11 @@ class PruningSession:
             self_attentions=self._captures.get("self", []),
             vision_attention=self._captures.get("vision"),
             query_output=query_output.detach(),
+            projected=output.detach(),
         )
-        scores = self.method.score(captures, self.keep_fraction).to(query_output.device)
+        choice = choose(self.method, captures, self.keep)
         self._reset(module, ())
-        self.scores = scores
-        self.keep_indices = topk_indices(scores, self.keep)
+        self.keep_indices, self.pick_order, self.scores = choice.keep_indices, choice.pick_order, choice.scores
         index = self.keep_indices.unsqueeze(-1).expand(-1, -1, output.shape[-1]).to(output.device)
         return output.gather(1, index)
 
@@ -317,7 +320,7 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
             ``seed=0`` for ``random``. Unknown options are a ``TypeError``.
 
     Yields:
-        A :class:`PruningSession` whose ``keep_indices`` / ``scores`` describe the last call.
+        A :class:`PruningSession` whose ``keep_indices`` / ``pick_order`` / ``scores`` describe the last call.
 
     On exit (also when the body raises) every hook is removed and the Q-Former's
     attention implementation is restored.
@@ -326,7 +329,7 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
     method = get_method(method, **options)
     num_query_tokens = int(model.config.num_query_tokens)
     k = resolve_keep(keep, num_query_tokens)
-    method.validate(len(cross_attention_layers(model)))
+    method.validate(len(cross_attention_layers(model)), k)
     if getattr(model, "_catp_session", None) is not None:
         raise ValueError("pruned() is already active on this model; nesting it on the same model is not supported")
 

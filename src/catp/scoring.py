@@ -1,21 +1,31 @@
-"""Query-token scoring: small pure tensor functions, no model code.
+"""Query-token scoring and selection: small pure tensor functions, no model code.
 
-Every ``*_scores`` function returns a float tensor of shape ``(batch, num_queries)``;
-a higher score means "keep this query token". ``topk_indices`` turns scores into the
-kept indices. Notation used in the docstrings:
+Two kinds of function, matching the two kinds of method (:mod:`catp.methods`):
+
+* every ``*_scores`` function returns a float tensor of shape ``(batch, num_queries)``;
+  a higher score means "keep this query token". :func:`topk_order` / :func:`topk_indices`
+  turn scores into the kept indices.
+* every ``*_select`` function returns ``(batch, k)`` indices in the order it picked
+  them (greedy selections, where a token's value depends on what was already kept).
+  They run on the whole batch at once; the only Python loop is over the ``k`` picks.
+  Ties go to the lower index, like :func:`topk_order`.
+
+Notation used in the docstrings:
 
 * ``B`` batch, ``H`` heads, ``Q`` query tokens (32 in BLIP-2), ``N`` image tokens
   (257 for ViT-g/14 at 224 px), ``S`` Q-Former sequence length (``Q`` plus the
   instruction tokens for InstructBLIP), ``L`` cross-attention layers, ``D`` width.
 
-The definitions follow the CATP paper (arXiv 2404.08567) and its authors' code, with
-the image-weight bug fixed (see :func:`catp_image_scores`).
+The scores follow the CATP paper (arXiv 2404.08567) and its authors' code, with the
+image-weight bug fixed (see :func:`catp_image_scores`). The selections follow DivPrune
+(CVPR 2025, arXiv 2503.02175) and DART (arXiv 2502.11494), adapted to the Q-Former's query
+tokens, plus our own CATP vote with a diversity penalty (:func:`catp_diverse_select`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,7 +43,15 @@ __all__ = [
     "first_scores",
     "random_scores",
     "default_layer_weights",
+    "topk_order",
     "topk_indices",
+    "cosine_similarity_matrix",
+    "divprune_select",
+    "dart_select",
+    "default_dart_pivots",
+    "check_dart_pivots",
+    "catp_diverse_select",
+    "check_diversity_weight",
 ]
 
 # The authors' single-layer VQAv2 accuracies (keep fraction -> accuracy of cross-attention
@@ -241,8 +259,8 @@ def check_layer_weights(layer_weights: Sequence[float] | torch.Tensor, num_layer
     return weights
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores per row, in ascending index order.
+def topk_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, highest first (the order a scorer "picks").
 
     Ties go to the lower index (stable sort), so the result is deterministic.
 
@@ -255,10 +273,191 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if scores.dim() != 2:
         raise ValueError(f"expected scores of shape (batch, num_queries), got {tuple(scores.shape)}")
-    if not 1 <= k <= scores.shape[1]:
-        raise ValueError(f"k must be in 1..{scores.shape[1]}, got {k}")
-    order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
-    return order[:, :k].sort(dim=1).values
+    _check_k(k, scores.shape[1])
+    return torch.argsort(scores.float(), dim=1, descending=True, stable=True)[:, :k]
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_order` in ascending index order (the order the LLM receives the kept tokens). ``(B, k)``."""
+    return topk_order(scores, k).sort(dim=1).values
+
+
+# -- selections ----------------------------------------------------------------------------
+
+
+def cosine_similarity_matrix(tokens: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between every pair of tokens of each sample.
+
+    Args:
+        tokens: ``(B, Q, D)``.
+
+    Returns:
+        ``(B, Q, Q)`` float32. A zero vector has similarity 0 to everything. Rounding can
+        put entries slightly above 1 (near-duplicates), so callers must not rely on
+        ``1 - similarity >= 0``.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"expected tokens of shape (batch, num_queries, width), got {tuple(tokens.shape)}")
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """``divprune``: greedy max-min diversity on the cosine distance (DivPrune, CVPR 2025).
+
+    With ``d(i, j) = 1 - cos(x_i, x_j)``:
+
+    1. the first pick is the token whose minimum distance to all the other tokens is
+       largest (the most isolated token), as the authors start;
+    2. each next pick is the not-yet-kept token whose minimum distance to the kept ones is
+       largest.
+
+    Kept tokens are masked out explicitly rather than relying on ``d(i, i) = 0``: with
+    near-duplicates a distance can be 0 or, after rounding, negative.
+
+    Args:
+        tokens: ``(B, Q, D)`` the candidates (by default the ``language_projection``
+            outputs, the tokens the LLM receives).
+        k: tokens to keep, ``1 <= k <= Q``.
+
+    Returns:
+        ``(B, k)`` ``torch.long`` in pick order; ties go to the lower index.
+    """
+    distance = 1.0 - cosine_similarity_matrix(tokens)
+    batch, num_queries = distance.shape[:2]
+    _check_k(k, num_queries)
+    eye = torch.eye(num_queries, dtype=torch.bool, device=distance.device)
+    isolation = distance.masked_fill(eye, math.inf).amin(dim=2)  # (B, Q); +inf when Q == 1 (argmax: 0)
+    first = isolation.argmax(dim=1)
+    return _greedy(first, k, lambda nearest: nearest, distance, torch.minimum)
+
+
+def default_dart_pivots(k: int) -> int:
+    """``dart``'s default pivot count: ``max(1, round(k / 8))`` (Python rounding, half to even)."""
+    return max(1, round(k / 8))
+
+
+def check_dart_pivots(pivots: int, k: int | None = None) -> int:
+    """Validate a pivot count: an int in ``1..k`` (only ``>= 1`` when ``k`` is not known yet)."""
+    if isinstance(pivots, bool) or not isinstance(pivots, int):
+        raise TypeError(f"dart: pivots must be an int, got {type(pivots).__name__} {pivots!r}")
+    if pivots < 1 or (k is not None and pivots > k):
+        upper = "k" if k is None else str(k)
+        raise ValueError(f"dart: pivots={pivots} is out of range; it must be in 1..{upper} (the tokens kept)")
+    return pivots
+
+
+def dart_select(tokens: torch.Tensor, k: int, pivots: int | None = None) -> torch.Tensor:
+    """``dart``: duplication-aware selection (DART, arXiv 2502.11494), adapted to the Q-Former.
+
+    1. ``pivots`` tokens with the largest L2 norm (largest first);
+    2. plus the ``k - pivots`` other tokens whose maximum cosine similarity to any pivot is
+       smallest (least similar first), i.e. the tokens that duplicate the pivots least.
+
+    How this differs from the paper: DART picks pivots by the norm of their *keys* inside an
+    early LLM layer and fills a quota of tokens per pivot. Here no LLM layer has run yet
+    (the Q-Former tokens are pruned before the LLM), so pivots are picked by the norm of the
+    tokens themselves, and the rest by one global ranking of their similarity to the
+    nearest pivot, which always gives exactly ``k`` distinct tokens.
+
+    Args:
+        tokens: ``(B, Q, D)`` the candidates (by default the ``language_projection`` outputs).
+        k: tokens to keep, ``1 <= k <= Q``.
+        pivots: ``1..k``; default :func:`default_dart_pivots` (``max(1, round(k / 8))``).
+
+    Returns:
+        ``(B, k)`` ``torch.long`` in pick order: the pivots, then the rest; ties go to the
+        lower index.
+    """
+    similarity = cosine_similarity_matrix(tokens)
+    _check_k(k, similarity.shape[1])
+    pivots = default_dart_pivots(k) if pivots is None else check_dart_pivots(pivots, k)
+    norms = torch.linalg.vector_norm(tokens.float(), dim=-1)  # (B, Q)
+    pivot_idx = torch.argsort(norms, dim=1, descending=True, stable=True)[:, :pivots]  # (B, p)
+    to_pivots = similarity.gather(2, pivot_idx.unsqueeze(1).expand(-1, similarity.shape[1], -1))  # (B, Q, p)
+    duplication = to_pivots.amax(dim=2).scatter(1, pivot_idx, math.inf)  # pivots are already kept: last
+    rest = torch.argsort(duplication, dim=1, stable=True)[:, : k - pivots]
+    return torch.cat([pivot_idx, rest], dim=1)
+
+
+def check_diversity_weight(weight: float) -> float:
+    """Validate ``catp-diverse``'s λ: a finite number ``>= 0``."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"catp-diverse: lam (λ) must be a number, got {type(weight).__name__} {weight!r}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"catp-diverse: lam (λ) must be finite and >= 0 (0 is plain catp), got {weight}")
+    return float(weight)
+
+
+def catp_diverse_select(votes: torch.Tensor, tokens: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """``catp-diverse`` (ours): the CATP vote with a penalty for duplicating kept tokens.
+
+    Greedy: each step keeps the not-yet-kept token that maximises ``v - λ · c``, where ``v``
+    is its vote min-max normalised to [0, 1] per sample (all 0 when every vote is equal) and
+    ``c`` is its maximum cosine similarity to the tokens already kept. The first pick has
+    no kept token to resemble: it is the top-voted token. ``λ = 0`` picks in vote order,
+    so it keeps exactly the set :func:`topk_indices` keeps on the votes (plain ``catp``).
+
+    Args:
+        votes: ``(B, Q)`` CATP votes (:func:`catp_scores`).
+        tokens: ``(B, Q, D)`` the candidates (by default the ``language_projection`` outputs).
+        k: tokens to keep, ``1 <= k <= Q``.
+        lam: λ ``>= 0``.
+
+    Returns:
+        ``(B, k)`` ``torch.long`` in pick order; ties go to the lower index.
+    """
+    lam = check_diversity_weight(lam)
+    similarity = cosine_similarity_matrix(tokens).double()
+    if votes.shape != similarity.shape[:2]:
+        raise ValueError(f"votes of shape {tuple(votes.shape)} do not match the tokens' (batch, num_queries) {tuple(similarity.shape[:2])}")
+    _check_k(k, votes.shape[1])
+    # float64: distinct integer votes stay distinct after normalising, so λ = 0 reproduces catp exactly.
+    low, high = votes.double().aminmax(dim=1, keepdim=True)
+    value = (votes.double() - low) / (high - low).clamp_min(torch.finfo(torch.float64).tiny)
+    first = value.argmax(dim=1)
+    return _greedy(first, k, lambda closest: value - lam * closest, similarity, torch.maximum)
+
+
+def _greedy(
+    first: torch.Tensor,
+    k: int,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    pairwise: torch.Tensor,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The loop shared by the greedy selections, batched over samples.
+
+    Keeps ``agg[b, j]``, ``combine`` (min or max) of ``pairwise[b, kept, j]`` over the kept
+    tokens, and picks, ``k - 1`` times, the not-yet-kept token with the largest
+    ``objective(agg)``. ``argmax`` returns the first maximum: ties go to the lower index.
+
+    Args:
+        first: ``(B,)`` the first pick.
+        k: total picks.
+        objective: ``(B, Q) -> (B, Q)`` value of each candidate given ``agg``.
+        pairwise: ``(B, Q, Q)`` distances or similarities.
+        combine: ``torch.minimum`` or ``torch.maximum``.
+
+    Returns:
+        ``(B, k)`` ``torch.long`` in pick order.
+    """
+    rows = torch.arange(pairwise.shape[0], device=pairwise.device)
+    kept = torch.zeros(pairwise.shape[:2], dtype=torch.bool, device=pairwise.device)
+    kept[rows, first] = True
+    agg = pairwise[rows, first]
+    picks = [first]
+    for _ in range(k - 1):
+        pick = objective(agg).masked_fill(kept, -math.inf).argmax(dim=1)
+        kept[rows, pick] = True
+        agg = combine(agg, pairwise[rows, pick])
+        picks.append(pick)
+    return torch.stack(picks, dim=1)
+
+
+def _check_k(k: int, num_queries: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_queries:
+        raise ValueError(f"k must be an int in 1..{num_queries}, got {k!r}")
 
 
 def _check_layers(cross_attentions: Sequence[torch.Tensor]) -> None:

@@ -67,9 +67,10 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int], batches: Sequence[in
     """The grid. Always the unpruned reference (``none`` at keep ``Q``) per batch.
 
     With ``check``: also ``catp`` at keep ``Q`` (target b), ``first`` and ``llm-only``
-    at every keep (targets a, c).
+    at every keep (targets a, c), and every selector (:data:`catp.methods.SELECTORS`) at
+    every keep, so that target (a) covers the cost of a greedy selection as well as of scoring.
     """
-    from catp.methods import METHODS
+    from catp.methods import METHODS, SELECTORS
 
     for method in methods:
         if method not in METHODS:
@@ -80,7 +81,7 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int], batches: Sequence[in
         if check:
             wanted.append(BenchCase("catp", num_query_tokens, batch))
         for keep in keeps:
-            extra = ["first", *methods, "llm-only"] if check else list(methods)
+            extra = ["first", *methods, *SELECTORS, "llm-only"] if check else list(methods)
             wanted += [BenchCase(method, keep, batch) for method in extra]
         cases += [case for i, case in enumerate(wanted) if case not in wanted[:i] and case not in cases]
     return cases
@@ -277,7 +278,8 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
     Writing ``t(case, stage)`` for that statistic:
 
     (a) scoring overhead: ``(t(m, k, qformer) - t(first, k, qformer)) / t(first, k, end_to_end) <= 2%``
-        for every method ``m``; the Q-Former stage is where scoring and the eager Q-Former cost.
+        for every method ``m``, scorers and selectors; the Q-Former stage is where scoring, selection
+        and the eager Q-Former cost.
     (b) pruned(keep=all) vs plain generate: at keep ``Q`` the vision tower and the LLM run the
         same stock computation on the same shapes, so the cost of ours is
         ``[t(qformer) + t(outside)](catp, Q) - [t(qformer) + t(outside)](none)``, over
@@ -287,6 +289,8 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
     (c) ``|t(catp, k, prefill) / t(llm-only, k, prefill) - 1| <= 5%``.
     (d) paper shape only: ``t(none, prefill) / t(catp, 8, prefill) >= 0.8 x FLOPs(prefill, Q) / FLOPs(prefill, 8)``.
     """
+    from catp.methods import SELECTORS
+
     if statistic not in CHECK_STATISTICS:
         raise ValueError(f"statistic must be one of {CHECK_STATISTICS}, got {statistic!r}")
     checks: list[dict[str, Any]] = []
@@ -307,7 +311,7 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
         if first is not None and keep < num_query_tokens:
             overhead = (_t(r, "qformer") - _t(first, "qformer")) / _t(first, "end_to_end")
             add("a", where, overhead, "<= 2%", overhead <= 0.02,
-                f"Q-Former+scoring {_t(r, 'qformer') * 1e3:.1f} ms vs first {_t(first, 'qformer') * 1e3:.1f} ms, "
+                f"Q-Former+{'selection' if method in SELECTORS else 'scoring'} {_t(r, 'qformer') * 1e3:.1f} ms vs first {_t(first, 'qformer') * 1e3:.1f} ms, "
                 f"end-to-end (first) {_t(first, 'end_to_end') * 1e3:.1f} ms")
         if method == "catp" and keep == num_query_tokens and (none := _find(results, "none", keep, batch)):
             ours = _t(r, "qformer") + _t(r, "outside") - _t(none, "qformer") - _t(none, "outside")

@@ -113,6 +113,8 @@ def eval_command(
     columns: Optional[str] = typer.Option(None, help="Columns of an hf: dataset as role=column pairs, e.g. "
                                           "image=img,answers=labels. Default: " + describe_default_columns() + "."),
     methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
+    compare: str = typer.Option("", help="Also give every method's paired differences against these methods (e.g. catp,random). "
+                                "Built in: CATP variants vs l2norm, selfattn, first, random; divprune, dart, catp-diverse vs catp, random."),
     keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
     batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
     dtype: str = typer.Option("auto", help=f"One of {', '.join(_DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
@@ -140,6 +142,10 @@ def eval_command(
     with user_input(param="--dtype"):
         check_dtype(dtype)
     chosen = list(METHODS) if methods == "all" else _split_list(methods)
+    baselines = _split_list(compare)
+    unknown = [m for m in baselines if m not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}", param_hint="--compare")
     keeps = _parse_keep(keep)
     with user_input(param="--columns"):
         column_map = parse_columns(columns) if columns is not None else None
@@ -177,7 +183,7 @@ def eval_command(
                                "command to resume.") from None
     state.wait_for_everyone()
     if state.is_main_process:
-        summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected))
+        summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected), compare=baselines)
         summary["run"] = manifest
         paths = report.write_reports(summary, out, title=f"{Path(model_name).name} on {dataset}")
         typer.echo(report.markdown_table(summary))

@@ -12,11 +12,14 @@ from typing import Any
 
 from catp.evaluation.harness import UNPRUNED, Config
 
-__all__ = ["BASELINES", "CATP_VARIANTS", "summarize", "write_reports"]
+__all__ = ["BASELINES", "CATP_VARIANTS", "SELECTOR_BASELINES", "baselines_for", "summarize", "write_reports"]
 
 #: Methods a CATP variant is compared against (the paper's baselines and the simple references).
 BASELINES = ("l2norm", "selfattn", "first", "random")
 CATP_VARIANTS = ("catp", "catp-all", "catp-layer", "catp-image")
+#: Methods a selector (``divprune``, ``dart``, ``catp-diverse``) is compared against: does
+#: diversity beat CATP's vote, and does it beat chance?
+SELECTOR_BASELINES = ("catp", "random")
 _Z95 = 1.959963984540054
 
 
@@ -30,10 +33,32 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, _Z95 * math.sqrt(variance / n)
 
 
-def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_questions: int) -> dict[str, Any]:
-    """Summary rows (one per config) and paired comparisons (each CATP variant vs each baseline, per keep).
+def baselines_for(method: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The methods ``method`` gets paired differences against.
+
+    Built in: a CATP variant against :data:`BASELINES`, a selector against
+    :data:`SELECTOR_BASELINES`; ``extra`` (``catp eval --compare``) is added for every
+    method, the method itself excepted.
+    """
+    from catp.methods import SELECTORS
+
+    built_in = BASELINES if method in CATP_VARIANTS else SELECTOR_BASELINES if method in SELECTORS else ()
+    return tuple(b for b in dict.fromkeys([*built_in, *extra]) if b != method)
+
+
+def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_questions: int,
+              compare: Sequence[str] = ()) -> dict[str, Any]:
+    """Summary rows (one per config) and paired comparisons (each method against its
+    :func:`baselines_for`, per keep).
 
     Accuracies are in percent. Paired differences use only questions both configs answered.
+    Each row has the accuracy ratio ``x_<baseline>`` against :data:`BASELINES` and against
+    the method's own baselines.
+
+    Args:
+        per_config: each config with its records.
+        num_questions: questions in the run (a config with fewer is incomplete).
+        compare: extra baselines every method is compared against (e.g. ``["catp", "random"]``).
     """
     by_name = {config.name: (config, {r["id"]: r for r in records}) for config, records in per_config}
     unpruned = by_name.get(UNPRUNED)
@@ -51,17 +76,18 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
         if unpruned is not None and unpruned[1]:
             base = sum(100 * r["accuracy"] for r in unpruned[1].values()) / len(unpruned[1])
             row["retention_pct"] = 100 * accuracy / base if base else float("nan")
-        for baseline in BASELINES:
+        ratio_to = [] if config.method is None else list(dict.fromkeys([*BASELINES, *baselines_for(config.method, compare)]))
+        for baseline in ratio_to:
             other = by_name.get(f"{baseline}@{config.keep}")
-            if config.method is not None and other is not None and other[1]:
+            if other is not None and other[1]:
                 base = sum(100 * r["accuracy"] for r in other[1].values()) / len(other[1])
                 row[f"x_{baseline}"] = accuracy / base if base else None  # undefined against 0 accuracy
         rows.append(row)
     comparisons = []
     for config, records in by_name.values():
-        if config.method not in CATP_VARIANTS:
+        if config.method is None:
             continue
-        for baseline in BASELINES:
+        for baseline in baselines_for(config.method, compare):
             other = by_name.get(f"{baseline}@{config.keep}")
             if other is None:
                 continue
@@ -72,7 +98,7 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
             verdict = "win" if diff - half > 0 else "loss" if diff + half < 0 else "tie"
             comparisons.append({"method": config.method, "baseline": baseline, "keep": config.keep, "n": len(shared),
                                 "difference": diff, "ci95": half, "verdict": verdict})
-    return {"num_questions": num_questions, "rows": rows, "comparisons": comparisons}
+    return {"num_questions": num_questions, "rows": rows, "comparisons": comparisons, "compare": list(compare)}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -93,11 +119,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
             cells.append("" if r is None else f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{retention}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
-        lines += ["", "Paired differences, CATP variant minus baseline (percentage points, ± 95% CI), with the ratio (×):", "",
+        lines += ["", "Paired differences, method minus baseline (percentage points, ± 95% CI), with the ratio (×):", "",
                   "| method | baseline | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
         comp = {(c["method"], c["baseline"], c["keep"]): c for c in summary["comparisons"]}
-        for method in (m for m in methods if m in CATP_VARIANTS):
-            for baseline in BASELINES:
+        for method in methods:
+            for baseline in baselines_for(method, summary.get("compare", ())):
                 cells = []
                 for k in keeps:
                     c, r = comp.get((method, baseline, k)), cell.get((method, k))
