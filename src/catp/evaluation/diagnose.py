@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: Methods whose kept sets are counted by default.
-DEFAULT_METHODS: tuple[str, ...] = ("catp", "catp-all", "catp-layer", "catp-image", "l2norm", "selfattn", "random")
+DEFAULT_METHODS: tuple[str, ...] = ("catp", "catp-all", "catp-layer", "catp-image", "l2norm", "selfattn", "divprune", "dart", "catp-diverse", "random")
 #: The Q-Former instruction for InstructBLIP models when none is given.
 DEFAULT_INSTRUCTION = "What is in the image?"
 
@@ -65,8 +65,9 @@ def query_cosine(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(mean pairwise cosine (B,), mean nearest-other-query cosine (B,))``.
     """
-    unit = nn.functional.normalize(outputs.float(), dim=-1)
-    cosine = unit @ unit.transpose(1, 2)  # (B, Q, Q)
+    from catp.scoring import cosine_similarity_matrix
+
+    cosine = cosine_similarity_matrix(outputs)  # (B, Q, Q)
     q = cosine.shape[-1]
     off_diagonal = ~torch.eye(q, dtype=torch.bool, device=cosine.device)
     pairwise = cosine[:, off_diagonal].mean(dim=-1)
