@@ -79,13 +79,18 @@ class TrainSettings:
     #: Generated single-shape images with captions (stages 1 and 2), beside the scenes.
     shape_images: int = 2000
     #: Stage 1 (ITC + ITG): epochs over the captioned images, batch (images), lr.
-    stage1_epochs: int = 3
+    stage1_epochs: int = 2
     stage1_batch_size: int = 64
     stage1_lr: float = 5e-4
     #: Stage 2 (captions + VQA through the frozen LM): epochs over the images, batch (images), lr.
-    stage2_epochs: int = 4
+    stage2_epochs: int = 2
     stage2_batch_size: int = 32
     stage2_lr: float = 5e-4
+    #: The recipe's fallback: after stage 2, this many more epochs with the language model
+    #: unfrozen too (always all 32 queries, never a subset), at ``lm_tune_lr``. 0 keeps the
+    #: LM frozen as BLIP-2 does. The frozen-LM model is kept beside the result (frozen-lm/).
+    lm_tune_epochs: int = 2
+    lm_tune_lr: float = 3e-4
     #: Questions per image per stage-2 epoch, at most (easy-VQA has ~10 per image; a fresh draw each epoch).
     stage2_questions_per_image: int = 4
     #: Caps for quick runs and tests (None = everything): images per source, validation questions.
@@ -97,7 +102,7 @@ class TrainSettings:
         """Raise a ``ValueError`` naming the first setting a run cannot use."""
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose from {list(SIZES)}")
-        epochs = {name: getattr(self, name) for name in ("vision_epochs", "text_epochs", "stage1_epochs", "stage2_epochs")}
+        epochs = {name: getattr(self, name) for name in ("vision_epochs", "text_epochs", "stage1_epochs", "stage2_epochs", "lm_tune_epochs")}
         if min(epochs.values()) < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         if self.threads < 1:
@@ -426,33 +431,41 @@ def _first_token_accuracy(model, features, rows: _Rows, batch: int = 256) -> flo
     return correct / max(1, len(rows.ids))
 
 
-def generative_stage(model, features, rows: _Rows, settings: TrainSettings, monitors: dict[str, tuple[Any, _Rows]], log: logging.Logger, show: bool) -> None:
+def generative_stage(
+    model, features, rows: _Rows, settings: TrainSettings, monitors: dict[str, tuple[Any, _Rows]], log: logging.Logger, show: bool,
+    *, epochs: int, lr: float, tune_language_model: bool = False, name: str = "stage 2",
+) -> None:
     """Stage 2: the Q-Former, query tokens and projection learn captions and VQA; vision and LM frozen.
 
     One Q-Former pass per image per step: every row of an image (its questions and its
-    caption) reads the same projected queries.
+    caption) reads the same projected queries, always all 32 of them.
+    ``tune_language_model=True`` trains the language model too (the fallback of the recipe,
+    see :class:`TrainSettings`).
     """
+    import random
+
     import torch
 
     model.requires_grad_(False)
     params = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters()]
+    if tune_language_model:
+        params += list(model.language_model.parameters())
     for p in params:
         p.requires_grad_(True)
-    import random
 
     n_images = len(features)
     questions = [[] for _ in range(n_images)]
     captions = [[] for _ in range(n_images)]
     for r, (owner, is_caption) in enumerate(zip(rows.image.tolist(), rows.caption.tolist())):
         (captions if is_caption else questions)[owner].append(r)
-    draw = random.Random(settings.seed + 9)
+    draw = random.Random(settings.seed + 9 + 100 * tune_language_model)
     steps_per_epoch = math.ceil(n_images / settings.stage2_batch_size)
-    optimizer, scheduler = optimizer_and_schedule(params, settings.stage2_lr, steps_per_epoch * settings.stage2_epochs)
-    generator = torch.Generator().manual_seed(settings.seed + 3)
-    bar = progress(steps_per_epoch * settings.stage2_epochs, "stage 2", show)
-    for epoch in range(settings.stage2_epochs):
+    optimizer, scheduler = optimizer_and_schedule(params, lr, steps_per_epoch * epochs)
+    generator = torch.Generator().manual_seed(settings.seed + 3 + 100 * tune_language_model)
+    bar = progress(steps_per_epoch * epochs, name, show)
+    for epoch in range(epochs):
         model.qformer.train()
-        model.language_model.eval()  # frozen: no dropout, as a frozen LLM
+        model.language_model.train(tune_language_model)  # a frozen LM runs without dropout
         order = torch.randperm(n_images, generator=generator)
         loss_sum = 0.0
         for step, i in enumerate(range(0, n_images, settings.stage2_batch_size)):
@@ -479,10 +492,10 @@ def generative_stage(model, features, rows: _Rows, settings: TrainSettings, moni
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / (step + 1):.3f}")
             if step % 100 == 0:
-                log.info("stage 2 epoch %d step %d/%d loss %.4f", epoch + 1, step, steps_per_epoch, loss_sum / (step + 1))
+                log.info("%s epoch %d step %d/%d loss %.4f", name, epoch + 1, step, steps_per_epoch, loss_sum / (step + 1))
         held_out = {task: round(_first_token_accuracy(model, f, r), 4) for task, (f, r) in monitors.items()}
-        log.info("stage 2 epoch %d/%d done: loss %.4f, validation first-token accuracy %s", epoch + 1, settings.stage2_epochs, loss_sum / (step + 1), held_out)
-        bar.write(f"stage 2 epoch {epoch + 1}: loss {loss_sum / (step + 1):.4f}, validation {held_out}")
+        log.info("%s epoch %d/%d done: loss %.4f, validation first-token accuracy %s", name, epoch + 1, epochs, loss_sum / (step + 1), held_out)
+        bar.write(f"{name} epoch {epoch + 1}: loss {loss_sum / (step + 1):.4f}, validation {held_out}")
     bar.close()
     model.requires_grad_(False)
 
@@ -503,6 +516,22 @@ class _Stages:
     def __init__(self, folder: Path, settings: TrainSettings, model, log: logging.Logger) -> None:
         self.folder, self.settings, self.model, self.log = folder, settings, model, log
         folder.mkdir(parents=True, exist_ok=True)
+
+    def tensor(self, name: str, fields: tuple[str, ...], compute):
+        """``compute()``'s tensor, saved as stage ``name`` (reused while ``fields`` are unchanged)."""
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        stamp = json.dumps({k: v for k, v in asdict(self.settings).items() if k in self.COMMON or k.startswith(fields)}, sort_keys=True)
+        path, stamp_path = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
+        if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
+            self.log.info("%s: resumed from %s", name, path)
+            return load_file(path)["tensor"]
+        value = compute()
+        save_file({"tensor": value.contiguous()}, str(path))
+        stamp_path.write_text(stamp)
+        return value
 
     def run(self, name: str, prefixes: tuple[str, ...], fields: tuple[str, ...], train) -> None:
         """Load stage ``name``'s weights (parameters whose names start with ``prefixes``) if saved with the same settings, else ``train()`` and save them.
@@ -546,7 +575,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
         and ``train.log``.
     """
     import torch
-    from transformers import Blip2ForConditionalGeneration, GenerationConfig
+    from transformers import Blip2ForConditionalGeneration
 
     from catp.reference.language import pretrain_language_model
     from catp.reference.qformer import pretrain_qformer
@@ -583,7 +612,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     torch.manual_seed(settings.seed + 10)
     stages.run("vision", ("vision_model.",), ("vision_",), lambda: pretrain_vision(model, processor, settings, log, show_progress))
     model.vision_model.requires_grad_(False)
-    features = encode_images(model, processor, train.images)
+    features = stages.tensor("features", ("vision_",), lambda: encode_images(model, processor, train.images))
     monitor_sets = {"easy-vqa": _easy_vqa_images("validation", settings.train_limit), "scenes": _scene_images("validation", settings.train_limit)}
     monitors = {}
     for task, images in monitor_sets.items():
@@ -604,9 +633,26 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     log.info("stage 1 done; %.0fs so far", time.perf_counter() - started)
 
     torch.manual_seed(settings.seed + 40)
-    generative_stage(model, features, _rows(tokenizer, train, with_captions=True), settings, monitors, log, show_progress)
+    rows = _rows(tokenizer, train, with_captions=True)
+    stages.run("stage2", ("qformer.", "query_tokens", "language_projection."), ("vision_", "text_", "stage1_", "stage2_"), lambda: generative_stage(
+        model, features, rows, settings, monitors, log, show_progress, epochs=settings.stage2_epochs, lr=settings.stage2_lr))
     log.info("stage 2 done; %.0fs so far", time.perf_counter() - started)
+    if settings.lm_tune_epochs > 0:
+        _save(model, processor, out / "frozen-lm")
+        torch.manual_seed(settings.seed + 50)
+        generative_stage(model, features, rows, settings, monitors, log, show_progress, epochs=settings.lm_tune_epochs, lr=settings.lm_tune_lr,
+                         tune_language_model=True, name="stage 2, LM unfrozen")
+        log.info("stage 2 with the LM unfrozen done; %.0fs so far", time.perf_counter() - started)
+    _save(model, processor, out)
+    log.info("saved to %s after %.0fs", out, time.perf_counter() - started)
+    return out
 
+
+def _save(model, processor, out: Path) -> None:
+    """Save ``model`` (eval mode, greedy generation config) and ``processor`` as a checkpoint directory."""
+    from transformers import GenerationConfig
+
+    tokenizer = processor.tokenizer
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -614,8 +660,6 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    log.info("saved to %s after %.0fs", out, time.perf_counter() - started)
-    return out
 
 
 def train_reference_command(
