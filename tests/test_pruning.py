@@ -7,7 +7,7 @@ import torch
 from tiny_models import BOS, FAMILIES, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model
 
 import catp
-from catp.pruning import shorten_placeholders
+from catp.pruning import kept_positions
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
@@ -202,9 +202,14 @@ def test_forward_logits_and_labels(model, family):
     assert out.loss is not None and torch.isfinite(out.loss)
     if is_decoder_only(model):
         assert out.logits.shape[:2] == inputs["input_ids"].shape  # the caller's positions
-        positions = shorten_placeholders(inputs["input_ids"], IMAGE_TOKEN, NUM_QUERY, 3)
+        positions = kept_positions(inputs["input_ids"], IMAGE_TOKEN, session.keep_indices, "left")
+        assert positions.shape == (2, inputs["input_ids"].shape[1] - NUM_QUERY + 3) and torch.all(positions >= 0)
         dropped = torch.ones_like(inputs["input_ids"], dtype=torch.bool).scatter(1, positions, False)
         assert torch.all(out.logits[dropped] == 0)  # pruned placeholder positions hold zeros
+        # The kept positions are the placeholders of the kept queries (query i sits in placeholder i).
+        rank = (inputs["input_ids"] == IMAGE_TOKEN).cumsum(1) - 1
+        kept_ranks = [sorted(rank[b, p].item() for p in positions[b] if inputs["input_ids"][b, p] == IMAGE_TOKEN) for b in range(2)]
+        assert kept_ranks == session.keep_indices.tolist()
         # Logits at kept positions equal the LLM run on the shortened sequence.
         with torch.no_grad():
             features = model.get_image_features(inputs["pixel_values"], **qformer_inputs(inputs)).pooler_output

@@ -108,8 +108,8 @@ def test_image_token_weights_sum_received_attention_and_normalise():
     vision = torch.randn(B, H, N, N).softmax(-1)
     w = scoring.image_token_weights(vision)
     raw = vision.sum(dim=(1, 2))
-    assert torch.allclose(w, raw / raw.norm(dim=-1, keepdim=True))
-    assert torch.allclose(w.norm(dim=-1), torch.ones(B))
+    assert torch.allclose(w, raw / raw.sum(dim=-1, keepdim=True))
+    assert torch.allclose(w.sum(dim=-1), torch.ones(B))
 
 
 def test_selfattn_uses_only_the_query_block():

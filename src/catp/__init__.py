@@ -3,8 +3,11 @@
     import catp
     with catp.pruned(model, method="catp", keep=8):
         out = model.generate(**inputs, max_new_tokens=10)
+    with catp.pruned(model, method="catp", keep=catp.Budget(mass=0.8)):   # per-sample k
+        out = model.generate(**inputs, max_new_tokens=10)
 """
 
+from catp.budget import Budget
 from catp.evaluation.metric import vqa_accuracy
 from catp.explain import Explanation, draw_explanation, explain
 from catp.methods import METHODS, PruningMethod, get_method
@@ -14,6 +17,7 @@ from catp.reference import reference_model_path
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "METHODS",
     "Explanation",
     "draw_explanation",

@@ -72,9 +72,13 @@ class Needs:
 class Captures:
     """What one vision + Q-Former run exposed.
 
+    A video is captured frame by frame: its ``T`` frames are ``T`` consecutive rows
+    (frame-major per sample), each scored as an image is.
+
     Attributes:
         num_queries: ``Q``.
-        batch_size: ``B``.
+        batch_size: ``B``, the number of rows: images, or samples x frames.
+        num_frames: ``T``, frames per sample (1 for images).
         cross_attentions: captured cross-attention maps, each ``(B, H, Q, N)``, in layer order
             (only the last one when the method needs only the last).
         self_attentions: Q-Former self-attention maps, each ``(B, H, S, S)``.
@@ -88,6 +92,7 @@ class Captures:
     num_queries: int
     batch_size: int
     device: torch.device
+    num_frames: int = 1
     cross_attentions: list[torch.Tensor] = field(default_factory=list)
     self_attentions: list[torch.Tensor] = field(default_factory=list)
     vision_attention: torch.Tensor | None = None
@@ -99,11 +104,14 @@ class PruningMethod:
     """Base class: subclasses set ``name`` and ``needs`` and implement :meth:`score` or :meth:`select`.
 
     Implement exactly one of them; :func:`choose` calls :meth:`select` when a subclass
-    overrides it, :meth:`score` otherwise.
+    overrides it, :meth:`score` otherwise. ``carries_budget``: whether a scorer's scores say
+    something about the image, so that a :class:`~catp.budget.Budget` can read a per-sample
+    count off them.
     """
 
     name: ClassVar[str]
     needs: ClassVar[Needs] = Needs()
+    carries_budget: ClassVar[bool] = True
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         """Return ``(B, Q)`` scores; the highest ``k`` are kept."""
@@ -118,8 +126,10 @@ class PruningMethod:
         """Whether this method picks indices itself (it overrides :meth:`select`) rather than scoring."""
         return cls.select is not PruningMethod.select
 
-    def validate(self, num_cross_layers: int, keep: int) -> None:
-        """Check options against the model and the kept count before anything runs (default: nothing to check)."""
+    def validate(self, num_cross_layers: int, keep: int | None) -> None:
+        """Check options against the model and the kept count before anything runs (default: nothing to check).
+
+        ``keep`` is ``None`` where the count is only known per call (a video's ``T*Q``, a Budget)."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +226,7 @@ class CATPLayer(PruningMethod):
     needs: ClassVar[Needs] = Needs(cross_attention="all")
     layer_weights: Sequence[float] | None = None
 
-    def validate(self, num_cross_layers: int, keep: int) -> None:
+    def validate(self, num_cross_layers: int, keep: int | None) -> None:
         if self.layer_weights is not None:
             scoring.check_layer_weights(self.layer_weights, num_cross_layers)
 
@@ -280,6 +290,7 @@ class First(PruningMethod):
     """Reference: keep the first ``k`` query tokens."""
 
     name: ClassVar[str] = "first"
+    carries_budget: ClassVar[bool] = False
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         return scoring.first_scores(captures.batch_size, captures.num_queries, device=captures.device)
@@ -295,10 +306,15 @@ class Random(PruningMethod):
     """
 
     name: ClassVar[str] = "random"
+    carries_budget: ClassVar[bool] = False
     seed: int | Sequence[int] = 0
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
-        return scoring.random_scores(captures.batch_size, captures.num_queries, self.seed, device=captures.device)
+        # One draw per sample over all its frames, so that a seed (one per sample) picks
+        # different tokens in different frames.
+        frames = captures.num_frames
+        draws = scoring.random_scores(captures.batch_size // frames, frames * captures.num_queries, self.seed, device=captures.device)
+        return draws.reshape(captures.batch_size, captures.num_queries)
 
 
 #: Which tokens a selector compares: the ``language_projection`` outputs (what the LLM
@@ -368,7 +384,7 @@ class DART(_OnTokens):
         if self.pivots is not None:
             scoring.check_dart_pivots(self.pivots)
 
-    def validate(self, num_cross_layers: int, keep: int) -> None:
+    def validate(self, num_cross_layers: int, keep: int | None) -> None:
         if self.pivots is not None:
             scoring.check_dart_pivots(self.pivots, keep)
 

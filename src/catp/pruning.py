@@ -1,20 +1,26 @@
-"""Attach pruning methods to stock Hugging Face BLIP-2 / InstructBLIP models.
+"""Attach pruning methods to stock Hugging Face BLIP-2 / InstructBLIP / InstructBLIP-Video models.
 
 Nothing here forks model code. Inside :func:`pruned`:
 
 * forward hooks on the Q-Former's attention modules (and, for ``catp-image``, a
   pre-hook on the last vision block) capture what the method needs while the stock
-  code runs the vision tower and the Q-Former once;
-* a forward hook on ``language_projection`` lets the method choose (:func:`catp.methods.choose`:
-  top-``k`` scores, or a selector's picks) and returns only the ``k`` kept rows, in their
-  original order;
-* ``model.generate`` / ``model.forward`` see ``input_ids`` with only the first ``k`` of
-  the ``num_query_tokens`` image placeholders of each sample, so the stock
-  ``masked_scatter`` puts the kept rows into ``k`` placeholders. Every sample loses the
-  same number of tokens, so a padded batch stays rectangular whatever its layout.
+  code runs the vision tower and the Q-Former once (once per frame for video);
+* a forward hook on ``language_projection`` lets the method choose which queries to keep
+  (a scorer's top ``k`` or per-sample :class:`~catp.budget.Budget`; a selector's picks,
+  :func:`catp.methods.choose`). It leaves the output
+  alone, so the stock code writes every query row into its placeholder as usual (for
+  video, the stock reshape to ``(B, T*Q, D)`` stays valid);
+* just before the language model runs (a wrapper on ``language_model.generate``, a
+  forward pre-hook on ``language_model``), the sequence is shortened: every text token
+  and the placeholders of the kept queries stay, in their order. Samples that keep fewer
+  tokens than the batch's largest get masked fillers: at the left, where left padding
+  goes, for a decoder-only LLM (its generate derives positions from the mask); at the
+  right, after the text, for T5 (its relative positions between real tokens do not
+  change). A fixed ``k`` needs no fillers.
 * outputs are mapped back to the caller's layout: ``generate`` returns the caller's
   own ``input_ids`` followed by the new tokens (decoder-only LLMs), ``forward`` returns
-  logits at the caller's positions (pruned placeholder positions hold zeros).
+  logits at the caller's positions (pruned placeholder positions hold zeros) and the loss
+  of the shortened sequence.
 
 The language model keeps its attention implementation; only the Q-Former is switched
 to eager (for methods that read its probabilities) and switched back on exit.
@@ -24,96 +30,253 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from catp.budget import Budget, keep_mask, mask_indices
 from catp.methods import Captures, PruningMethod, choose, get_method
 
-__all__ = ["PruningSession", "cross_attention_layers", "eager_qformer", "pruned", "select_queries", "resolve_keep", "shorten_placeholders"]
+__all__ = [
+    "SCOPES",
+    "PruningSession",
+    "cross_attention_layers",
+    "eager_qformer",
+    "is_video_model",
+    "kept_positions",
+    "placeholder_token_id",
+    "pruned",
+    "select_queries",
+    "resolve_keep",
+]
 
-_SUPPORTED = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
+_IMAGE_MODELS = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
+_VIDEO_MODELS = ("InstructBlipVideoForConditionalGeneration",)
+_SUPPORTED = _IMAGE_MODELS + _VIDEO_MODELS
 _MODEL_INPUT_KWARGS = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
 
+#: What ``keep`` counts on a video model: each sample's ``T*Q`` tokens, or each frame's ``Q``.
+SCOPES: tuple[str, ...] = ("video", "frame")
 
-def resolve_keep(keep: int | float, num_query_tokens: int) -> int:
+Keep = int | float | Budget
+
+
+def resolve_keep(keep: int | float, num_tokens: int, of: str | None = None) -> int:
     """Turn ``keep`` into a token count.
 
-    An ``int`` is a count in ``1..num_query_tokens``; a ``float`` is a fraction in
-    ``(0, 1]`` meaning ``round(fraction * num_query_tokens)``, at least 1.
+    An ``int`` is a count in ``1..num_tokens``; a ``float`` is a fraction in ``(0, 1]``
+    meaning ``round(fraction * num_tokens)``, at least 1.
+
+    Args:
+        of: what the ``num_tokens`` are, for error messages (default: the model's query tokens).
     """
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__} {keep!r}")
+    _check_keep_type(keep, budget_ok=False)
     if isinstance(keep, int):
-        if not 1 <= keep <= num_query_tokens:
-            raise ValueError(f"keep={keep} is out of range: the model has {num_query_tokens} query tokens, keep 1..{num_query_tokens}")
+        if not 1 <= keep <= num_tokens:
+            where = of or f"the model has {num_tokens} query tokens"
+            raise ValueError(f"keep={keep} is out of range: {where}, keep 1..{num_tokens}")
         return keep
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep={keep} is out of range: a float keep is a fraction in (0, 1]")
-    return max(1, round(keep * num_query_tokens))
+    return max(1, round(keep * num_tokens))
 
 
-def shorten_placeholders(
-    input_ids: torch.Tensor, image_token_id: int, num_query_tokens: int, keep: int
-) -> torch.Tensor:
-    """Positions to keep when each sample's image placeholders go from ``num_query_tokens`` to ``keep``.
+def _check_keep_type(keep: object, budget_ok: bool = True) -> None:
+    if isinstance(keep, Budget) and budget_ok:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        also = ", or a catp.Budget" if budget_ok else ""
+        raise TypeError(f"keep must be an int count or a float fraction{also}, got {type(keep).__name__} {keep!r}")
 
-    Args:
-        input_ids: ``(B, L)``; each row must hold exactly ``num_query_tokens`` placeholders.
 
-    Returns:
-        ``(B, L - num_query_tokens + keep)`` long tensor of kept positions, ascending per
-        row: every non-placeholder token and the first ``keep`` placeholders.
+def is_video_model(model: nn.Module) -> bool:
+    """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
+    return any(c.__name__ in _VIDEO_MODELS for c in type(model).__mro__)
+
+
+def placeholder_token_id(model: nn.Module) -> int:
+    """The id of the placeholder token that stands for one query token in ``input_ids``.
+
+    ``config.image_token_index`` for images, ``config.video_token_index`` for video (which
+    is ``None`` in a video config built from an image model's: then a ``ValueError``).
     """
+    name = "video_token_index" if is_video_model(model) else "image_token_index"
+    token = getattr(model.config, name, None)
+    if token is None:
+        raise ValueError(
+            f"{type(model).__name__}.config.{name} is None: catp finds the query tokens' placeholders in input_ids "
+            f"by that id; set it to the placeholder token's id (the processor's {name.split('_')[0]} token)"
+        )
+    return int(token)
+
+
+def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, expected: int, frames: int | None = None) -> None:
+    """Raise unless every row of ``input_ids`` ``(B, L)`` holds exactly ``expected`` placeholders."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-    is_image = input_ids == image_token_id
-    counts = is_image.sum(dim=1)
-    bad = (counts != num_query_tokens).nonzero().flatten().tolist()
+    counts = (input_ids == placeholder_id).sum(dim=1)
+    bad = (counts != expected).nonzero().flatten().tolist()
     if bad:
+        kind = "image" if frames is None else "video"
+        per = "" if frames is None else f" ({frames} frames x {expected // frames} query tokens)"
         raise ValueError(
-            f"input_ids must hold exactly {num_query_tokens} image placeholder tokens (id {image_token_id}) per sample, "
+            f"input_ids must hold exactly {expected} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
             f"as the processor inserts them; sample {bad[0]} has {int(counts[bad[0]])}"
         )
-    keep_mask = ~is_image | (is_image.cumsum(dim=1) <= keep)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return positions[keep_mask].view(input_ids.shape[0], -1)
+
+
+def kept_positions(
+    input_ids: torch.Tensor, placeholder_id: int, keep_indices: torch.Tensor, fillers: Literal["left", "right"]
+) -> torch.Tensor:
+    """Where each token of the shortened sequence comes from in the caller's.
+
+    The ``i``-th placeholder of a row holds query token ``i`` (frame-major for video): the
+    stock ``masked_scatter`` fills them in order. The shortened row keeps every other
+    token and the placeholders of the kept queries, in their order, then pads to the
+    batch's longest row with fillers on the ``fillers`` side.
+
+    Args:
+        input_ids: ``(B, L)``, each row with the same number ``P`` of placeholders.
+        keep_indices: ``(B, K)`` kept query indices in ``0..P-1``, padded with ``-1``.
+        fillers: ``"left"`` (decoder-only LLMs) or ``"right"`` (T5).
+
+    Returns:
+        ``(B, L')`` long: the caller's position of each token, ``-1`` for a filler.
+    """
+    is_placeholder = input_ids == placeholder_id
+    num_placeholders = int(is_placeholder.sum(dim=1).max())
+    # kept[b, i]: query i of sample b is kept (the -1 padding lands in a spare column).
+    kept = torch.zeros(input_ids.shape[0], num_placeholders + 1, dtype=torch.bool, device=input_ids.device)
+    kept.scatter_(1, keep_indices.to(input_ids.device).masked_fill(keep_indices < 0, num_placeholders), True)
+    rank = (is_placeholder.cumsum(dim=1) - 1).clamp(min=0)
+    keep = ~is_placeholder | kept[:, :num_placeholders].gather(1, rank.clamp(max=num_placeholders - 1))
+    # Kept positions first, ascending (a stable sort of "dropped").
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
+    lengths = keep.sum(dim=1, keepdim=True)
+    slots = torch.arange(int(lengths.max()), device=input_ids.device).expand(input_ids.shape[0], -1)
+    if fillers == "left":
+        source = slots - (slots.shape[1] - lengths)
+    elif fillers == "right":
+        source = slots.masked_fill(slots >= lengths, -1)
+    else:
+        raise ValueError(f"fillers must be 'left' or 'right', got {fillers!r}")
+    return order.gather(1, source.clamp(min=0)).masked_fill(source < 0, -1)
+
+
+def take_positions(tensor: torch.Tensor, positions: torch.Tensor, fill: float | int) -> torch.Tensor:
+    """``tensor[b, positions[b, j], ...]``, and ``fill`` where the position is ``-1``.
+
+    Args:
+        tensor: ``(B, L, ...)``.
+        positions: ``(B, L')`` from :func:`kept_positions`.
+
+    Returns:
+        ``(B, L', ...)``.
+    """
+    positions = positions.to(tensor.device)
+    trailing = (1,) * (tensor.dim() - 2)
+    index = positions.clamp(min=0).view(*positions.shape, *trailing).expand(*positions.shape, *tensor.shape[2:])
+    return tensor.gather(1, index).masked_fill((positions < 0).view(*positions.shape, *trailing), fill)
+
+
+def put_positions(values: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of :func:`take_positions`: ``(B, L', ...)`` values at their caller positions in zeros ``(B, length, ...)``."""
+    positions = positions.to(values.device)
+    # Fillers go to a spare last position, cut off after the scatter.
+    target = positions.masked_fill(positions < 0, length)
+    index = target.view(*target.shape, *(1,) * (values.dim() - 2)).expand_as(values)
+    full = values.new_zeros(values.shape[0], length + 1, *values.shape[2:])
+    return full.scatter(1, index, values)[:, :length]
+
+
+def pick_order(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A scorer's kept indices by descending score (ties to the lower index), padded with ``-1``.
+
+    Args:
+        scores: ``(B, n)``.
+        kept: ``(B, n)`` bool.
+
+    Returns:
+        ``(B, K)``, ``K`` the largest row count.
+    """
+    order = torch.argsort(scores.float().masked_fill(~kept, float("-inf")), dim=1, descending=True, stable=True)
+    counts = kept.sum(dim=1, keepdim=True)
+    width = int(counts.max())
+    return order[:, :width].masked_fill(torch.arange(width, device=kept.device) >= counts, -1)
+
+
+@dataclass
+class _Call:
+    """One ``generate`` / ``forward`` / :func:`select_queries` call in flight.
+
+    Attributes:
+        input_ids: the caller's ``(B, L)`` (``None`` when only the features are computed).
+        frames: ``T`` (1 for images).
+        mode: which entry point made the call.
+        labels: a decoder-only forward's labels, taken out of the stock call: the loss
+            is computed on the shortened sequence.
+        scored: the query tokens of this call were scored (a failed call's state is never used).
+        positions: ``(B, L')`` from :func:`kept_positions`, once the sequence was shortened.
+    """
+
+    input_ids: torch.Tensor | None
+    frames: int
+    mode: Literal["generate", "forward", "features"]
+    labels: torch.Tensor | None = None
+    scored: bool = False
+    positions: torch.Tensor | None = None
 
 
 @dataclass
 class PruningSession:
     """The state of one :func:`pruned` context; yielded to the caller.
 
+    Query indices are flat over a video's ``T*Q`` tokens, frame-major: index ``i`` is query
+    ``i % Q`` of frame ``i // Q``. For an image ``T = 1``.
+
     Attributes:
         method: the pruning method.
-        keep: tokens kept per sample.
-        keep_indices: ``(B, keep)`` indices kept by the most recent call, ascending.
-        pick_order: ``(B, keep)`` the same indices in the order the method picked them
-            (a selector's greedy order; a scorer's by descending score).
-        scores: ``(B, Q)`` scores of the most recent call; ``None`` for a selector.
+        keep: what the caller asked for: a count (resolved from a fraction where the number
+            of tokens is known up front), a fraction (``scope="video"``: resolved per call,
+            once ``T`` is known) or a :class:`~catp.budget.Budget`.
+        scope: ``"video"`` or ``"frame"`` on a video model, ``None`` on an image model.
+        keep_indices: ``(B, K)`` indices kept by the most recent call, ascending, padded with
+            ``-1`` where a sample keeps fewer than the batch's largest ``K``.
+        keep_counts: ``(B,)`` tokens each sample kept in the most recent call (all frames).
+        pick_order: ``(B, K)`` the same indices in the order the method picked them (a
+            selector's greedy order, frame by frame on video; a scorer's by descending score),
+            padded with ``-1`` like ``keep_indices``.
+        scores: ``(B, T*Q)`` scores of the most recent call; ``None`` for a selector.
+        num_frames: ``T`` of the most recent call.
     """
 
     model: nn.Module = field(repr=False)
     method: PruningMethod
-    keep: int
+    keep: Keep
+    scope: str | None = None
     keep_indices: torch.Tensor | None = None
+    keep_counts: torch.Tensor | None = None
     pick_order: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    num_frames: int = 1
     _captures: dict[str, Any] = field(default_factory=dict, repr=False)
     _handles: list[Any] = field(default_factory=list, repr=False)
-    _positions: torch.Tensor | None = field(default=None, repr=False)
-    _caller_length: int = field(default=0, repr=False)
+    _call: _Call | None = field(default=None, repr=False)
 
     @property
     def num_query_tokens(self) -> int:
         return int(self.model.config.num_query_tokens)
 
     @property
-    def keep_fraction(self) -> float:
-        return self.keep / self.num_query_tokens
+    def is_video(self) -> bool:
+        return self.scope is not None
+
+    @property
+    def decoder_only(self) -> bool:
+        return bool(self.model.config.use_decoder_only_language_model)
 
     # -- capture hooks -------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -130,6 +293,9 @@ class PruningSession:
             self._handles.append(block.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
         self._handles.append(self.model.vision_model.register_forward_pre_hook(self._reset))
         self._handles.append(self.model.language_projection.register_forward_hook(self._select))
+        self._handles.append(self.model.language_model.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._forward_hook, with_kwargs=True))
 
     def _reset(self, module: nn.Module, args: tuple) -> None:
         self._captures = {"cross": [], "self": [], "vision": None}
@@ -150,17 +316,38 @@ class PruningSession:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self._captures["vision"] = vision_block_probabilities(module, hidden)
 
-    def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # -- choosing the kept queries ---------------------------------------------------
+    def _group_size(self, frames: int) -> int:
+        """How many tokens one ``keep`` counts over: a sample's ``T*Q`` (``scope="video"``) or ``Q``."""
+        return frames * self.num_query_tokens if self.scope == "video" else self.num_query_tokens
+
+    def _group_keep(self, frames: int) -> int | Budget:
+        """``keep`` for one group of :meth:`_group_size` tokens: a count, or the Budget."""
+        if isinstance(self.keep, Budget):
+            return self.keep
+        n = self._group_size(frames)
+        of = f"the video has {frames} frames x {self.num_query_tokens} query tokens" if self.scope == "video" else None
+        return resolve_keep(self.keep, n, of=of)
+
+    def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         query_output = args[0]
-        batch, num_queries = query_output.shape[:2]
+        rows, num_queries = query_output.shape[:2]
         if num_queries != self.num_query_tokens:
-            raise ValueError(
-                f"language_projection got {num_queries} tokens per sample, expected num_query_tokens="
-                f"{self.num_query_tokens}; video models are not supported yet"
+            raise ValueError(f"language_projection got {num_queries} tokens per image, expected num_query_tokens={self.num_query_tokens}")
+        if self._call is None and self.is_video:
+            raise RuntimeError(
+                "inside pruned(), run a video model through model.generate(...), model(...) or catp.select_queries(...): "
+                "they tell the pruning layer the number of frames"
             )
+        frames = self._call.frames if self._call is not None else 1
+        if rows % frames:
+            raise ValueError(f"language_projection got {rows} rows, not a multiple of the {frames} frames of the call")
+        batch, n = rows // frames, self._group_size(frames)
+        keep = self._group_keep(frames)
         captures = Captures(
             num_queries=num_queries,
-            batch_size=batch,
+            batch_size=rows,
+            num_frames=frames,
             device=query_output.device,
             cross_attentions=self._captures.get("cross", []),
             self_attentions=self._captures.get("self", []),
@@ -168,65 +355,119 @@ class PruningSession:
             query_output=query_output.detach(),
             projected=output.detach(),
         )
-        choice = choose(self.method, captures, self.keep)
-        self._reset(module, ())
-        self.keep_indices, self.pick_order, self.scores = choice.keep_indices, choice.pick_order, choice.scores
-        index = self.keep_indices.unsqueeze(-1).expand(-1, -1, output.shape[-1]).to(output.device)
-        return output.gather(1, index)
+        if self.method.selects():
+            # A fixed k per image or frame: pruned() gives selectors no Budget and no scope="video".
+            choice = choose(self.method, captures, keep)
+            self._reset(module, ())
+            kept = torch.zeros(rows, num_queries, dtype=torch.bool, device=choice.keep_indices.device)
+            kept = kept.scatter(1, choice.keep_indices, True).reshape(batch, frames * num_queries)
+            frame_offsets = (torch.arange(rows, device=kept.device) % frames * num_queries)[:, None]
+            self.pick_order = (choice.pick_order + frame_offsets).reshape(batch, -1)
+            self.scores = None
+        else:
+            fraction = keep / n if isinstance(keep, int) else min(keep.max or n, n) / n
+            scores = self.method.score(captures, fraction).to(query_output.device).float()
+            self._reset(module, ())
+            grouped = scores.reshape(-1, n)  # (B, T*Q) per sample, or (B*T, Q) per frame
+            counts = keep.counts(grouped) if isinstance(keep, Budget) else keep
+            kept = keep_mask(grouped, counts).reshape(batch, frames * num_queries)
+            self.scores = scores.reshape(batch, frames * num_queries)
+            self.pick_order = pick_order(self.scores, kept)
+        self.keep_indices = mask_indices(kept)
+        self.keep_counts = kept.sum(dim=1)
+        self.num_frames = frames
+        if self._call is not None:
+            self._call.scored = True
 
-    # -- input / output rewriting ----------------------------------------------------
-    def _short_inputs(self, input_ids: torch.Tensor, **aligned: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Shorten ``input_ids`` and every tensor aligned with it (attention mask, labels)."""
-        positions = shorten_placeholders(input_ids, self.model.config.image_token_id, self.num_query_tokens, self.keep)
-        out: dict[str, Any] = {}
-        for name, tensor in aligned.items():
-            if tensor is not None and tensor.dim() >= 2 and tensor.shape[:2] == input_ids.shape:
-                tensor = tensor.gather(1, positions.to(tensor.device))
-            out[name] = tensor
-        return positions, {"input_ids": input_ids.gather(1, positions), **out}
+    # -- calls: input checks, shortening before the LLM, outputs back ----------------
+    def _frames(self, pixel_values: torch.Tensor) -> int:
+        """``T`` of a call, after checking the rank of ``pixel_values``."""
+        if self.is_video:
+            if pixel_values.dim() != 5:
+                raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "
+                                 f"got {tuple(pixel_values.shape)}")
+            return int(pixel_values.shape[1])
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        return 1
 
-    def _generate(self, original_generate, pixel_values: torch.Tensor | None = None, **kwargs: Any):
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("pruned generate() locates the image placeholders in input_ids; pass input_ids, not inputs_embeds")
+    def _start(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, mode: str, **extra: Any) -> None:
+        """Check a call's inputs and remember it until the language model runs."""
         if pixel_values is None:
-            raise ValueError("generate() needs pixel_values")
+            raise ValueError(f"{mode}() needs pixel_values")
+        frames = self._frames(pixel_values)
+        if input_ids is not None:
+            frames_named = frames if self.is_video else None
+            check_placeholders(input_ids, placeholder_token_id(self.model), frames * self.num_query_tokens, frames_named)
+        self._call = _Call(input_ids=input_ids, frames=frames, mode=mode, **extra)  # type: ignore[arg-type]
+
+    def _shorten(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Shorten the language model's inputs of the call in flight (once per call)."""
+        call = self._call
+        if call is None or call.input_ids is None or not call.scored or call.positions is not None:
+            return inputs  # not a call of ours, or already shortened
+        assert self.keep_indices is not None
+        fillers = "left" if self.decoder_only else "right"
+        call.positions = kept_positions(call.input_ids, placeholder_token_id(self.model), self.keep_indices, fillers)
+        pad = self.model.config.text_config.pad_token_id
+        fills = {"inputs_embeds": 0.0, "attention_mask": 0, "input_ids": placeholder_token_id(self.model) if pad is None else pad}
+        return {name: take_positions(value, call.positions, fills[name]) if name in fills and value is not None else value
+                for name, value in inputs.items()}
+
+    def _language_model_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return original(*args, **self._shorten(kwargs))
+
+    def _language_model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._call is None or self._call.mode != "forward":
+            return None  # generate() shortens in _language_model_generate
+        return (), self._shorten(_bind_call(inspect.signature(module.forward), args, kwargs))
+
+    def _generate(self, original_generate: Callable[..., Any], pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("pruned generate() locates the placeholders in input_ids; pass input_ids, not inputs_embeds")
         input_ids = kwargs.pop("input_ids", None)
-        if input_ids is None:
-            # Same default prompt as the stock generate(): the placeholders and BOS.
+        if input_ids is None and pixel_values is not None:
+            # The stock default prompt (placeholders and BOS), with the call's own frame count
+            # (the stock video generate() assumes 4 frames).
             config = self.model.config
-            start = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id]
-            input_ids = torch.tensor([start], dtype=torch.long, device=pixel_values.device).repeat(pixel_values.shape[0], 1)
-        positions, short = self._short_inputs(input_ids, attention_mask=kwargs.pop("attention_mask", None))
-        outputs = original_generate(pixel_values=pixel_values, **short, **kwargs)
-        if self.model.config.use_decoder_only_language_model:
-            outputs = _restore_prompt(outputs, input_ids, short["input_ids"].shape[1])
+            start = [placeholder_token_id(self.model)] * (self._frames(pixel_values) * config.num_query_tokens)
+            input_ids = torch.tensor([start + [config.text_config.bos_token_id]], device=pixel_values.device)
+            input_ids = input_ids.repeat(pixel_values.shape[0], 1)
+        self._start(input_ids, pixel_values, "generate")
+        try:
+            outputs = original_generate(pixel_values=pixel_values, input_ids=input_ids, **kwargs)
+            call = self._call
+        finally:
+            self._call = None
+        if self.decoder_only and call is not None and call.positions is not None:
+            outputs = _restore_prompt(outputs, input_ids, call.positions.shape[1])
         return outputs
 
     def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         call = _bind_call(inspect.signature(module.forward), args, kwargs)
         if call.get("inputs_embeds") is not None:
-            raise ValueError("pruned forward() locates the image placeholders in input_ids; pass input_ids, not inputs_embeds")
+            raise ValueError("pruned forward() locates the placeholders in input_ids; pass input_ids, not inputs_embeds")
         if call.get("input_ids") is None:
-            raise ValueError("forward() needs input_ids with the image placeholder tokens")
-        decoder_only = self.model.config.use_decoder_only_language_model
-        aligned = {"attention_mask": call.pop("attention_mask", None)}
-        if decoder_only:
-            aligned["labels"] = call.pop("labels", None)
-        caller_ids = call.pop("input_ids")
-        positions, short = self._short_inputs(caller_ids, **aligned)
-        # Remember where the kept positions sit in the caller's sequence, to map logits back.
-        self._positions = positions if decoder_only else None
-        self._caller_length = caller_ids.shape[1]
-        return (), {**call, **short}
+            raise ValueError("forward() needs input_ids with the placeholder tokens")
+        # A decoder-only loss must be taken on the shortened sequence: computed in _forward_hook.
+        labels = call.pop("labels", None) if self.decoder_only else None
+        self._start(call["input_ids"], call.get("pixel_values"), "forward", labels=labels)
+        return (), call
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        positions, self._positions = self._positions, None
+        call, self._call = self._call, None
         logits = getattr(output, "logits", None)
-        if positions is None or logits is None or logits.shape[1] != positions.shape[1]:
+        if call is None or call.positions is None or logits is None or not self.decoder_only:
             return output
-        full = logits.new_zeros(logits.shape[0], self._caller_length, logits.shape[-1])
-        full.scatter_(1, positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]), logits)
-        output.logits = full
+        if call.labels is not None:
+            labels = call.labels
+            if labels.shape[1] == call.input_ids.shape[1]:
+                labels = take_positions(labels, call.positions, -100)
+            labels = labels.to(logits.device)
+            # As the stock forward: the labels align with the last positions.
+            output.loss = self.model.loss_function(logits=logits[:, -labels.shape[1]:], labels=labels,
+                                                   vocab_size=self.model.config.text_config.vocab_size)
+        output.logits = put_positions(logits, call.positions, call.input_ids.shape[1])
         return output
 
 
@@ -298,12 +539,50 @@ def check_model(model: nn.Module) -> None:
             f"{type(model).__name__} has no Q-Former: catp prunes the query tokens of BLIP-2-family models "
             f"({', '.join(_SUPPORTED)})"
         )
-    if type(model).__name__ not in _SUPPORTED and not any(c.__name__ in _SUPPORTED for c in type(model).__mro__):
+    if not any(c.__name__ in _SUPPORTED for c in type(model).__mro__):
         raise ValueError(f"{type(model).__name__} is not supported yet; supported: {', '.join(_SUPPORTED)}")
 
 
+def _check_scope(model: nn.Module, scope: str | None) -> str | None:
+    """The scope of a call: ``"video"`` by default on a video model; ``None`` (and none allowed) on an image model."""
+    if not is_video_model(model):
+        if scope is not None:
+            raise TypeError(f"scope= applies to video models ({', '.join(_VIDEO_MODELS)}); {type(model).__name__} takes images")
+        return None
+    scope = "video" if scope is None else scope
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
+    return scope
+
+
 @contextlib.contextmanager
-def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | float = 8, **options: Any) -> Iterator[PruningSession]:
+def _patched(obj: object, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """Set ``obj.name`` (an instance attribute hiding the class's method) and restore what was there on exit."""
+    had, saved = name in obj.__dict__, obj.__dict__.get(name)
+    setattr(obj, name, replacement)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, saved)
+        else:
+            obj.__dict__.pop(name, None)
+
+
+def _wrap(session_method: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``'s arguments, bound by name, handed to ``session_method(original, **arguments)``."""
+    signature = inspect.signature(original)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return session_method(original, **_bind_call(signature, args, kwargs))
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def pruned(
+    model: nn.Module, method: str | PruningMethod = "catp", keep: Keep = 8, scope: str | None = None, **options: Any
+) -> Iterator[PruningSession]:
     """Run an unchanged ``model.generate(...)`` / ``model(...)`` with only ``keep`` query tokens.
 
     Example::
@@ -313,77 +592,98 @@ def pruned(model: nn.Module, method: str | PruningMethod = "catp", keep: int | f
         session.keep_indices  # (batch, 8): which query tokens the last call kept
 
     Args:
-        model: a ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``.
+        model: a ``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration`` or
+            ``InstructBlipVideoForConditionalGeneration``.
         method: a name from :data:`catp.METHODS` or a :class:`~catp.methods.PruningMethod`.
-        keep: an int count in ``1..num_query_tokens`` or a float fraction in ``(0, 1]``.
+        keep: an int count, a float fraction in ``(0, 1]`` of the tokens it counts over, or a
+            :class:`~catp.budget.Budget` (a per-sample count from the sample's scores).
+        scope: video models only (a ``TypeError`` otherwise). ``"video"`` (default): ``keep``
+            counts over each sample's ``T*Q`` tokens, chosen by one top-k over all frames;
+            an int above ``T*Q`` is an error at call time. ``"frame"``: ``keep`` counts over
+            each frame's ``Q`` tokens.
         **options: method options, e.g. ``layer_weights=[...]`` for ``catp-layer`` or
             ``seed=0`` for ``random``. Unknown options are a ``TypeError``.
 
     Yields:
-        A :class:`PruningSession` whose ``keep_indices`` / ``pick_order`` / ``scores`` describe the last call.
+        A :class:`PruningSession` whose ``keep_indices`` / ``keep_counts`` / ``pick_order`` / ``scores`` describe the last call.
 
     On exit (also when the body raises) every hook is removed and the Q-Former's
     attention implementation is restored.
     """
     check_model(model)
+    scope = _check_scope(model, scope)
     method = get_method(method, **options)
-    num_query_tokens = int(model.config.num_query_tokens)
-    k = resolve_keep(keep, num_query_tokens)
-    method.validate(len(cross_attention_layers(model)), k)
+    _check_keep_type(keep)
+    if method.selects() and scope == "video":
+        raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
+    if isinstance(keep, Budget):
+        if method.selects():
+            raise ValueError(f"method {method.name!r} is a selector: it picks a fixed number of tokens itself and has no "
+                             "scores for a Budget to read; give it a fixed keep")
+        if not method.carries_budget:
+            raise ValueError(f"method {method.name!r} cannot carry a Budget: its scores say nothing about the image; "
+                             "give it a fixed keep, or use a scoring method (catp, l2norm, ...)")
+        if scope != "video":
+            keep.counts(torch.zeros(1, int(model.config.num_query_tokens)))  # min above Q fails here, not mid-call
+    elif scope == "video":
+        resolve_keep(keep, 10**9)  # type and lower bound now; the upper bound T*Q once T is known
+    else:
+        keep = resolve_keep(keep, int(model.config.num_query_tokens))
+    method.validate(len(cross_attention_layers(model)), keep if isinstance(keep, int) else None)
+    placeholder_token_id(model)
     if getattr(model, "_catp_session", None) is not None:
         raise ValueError("pruned() is already active on this model; nesting it on the same model is not supported")
 
-    session = PruningSession(model=model, method=method, keep=k)
-    had_generate = "generate" in model.__dict__
-    saved_generate = model.__dict__.get("generate")
-    original_generate = model.generate
+    session = PruningSession(model=model, method=method, keep=keep, scope=scope)
     model._catp_session = session
     try:
-        with eager_qformer(model, enabled=method.needs.eager_qformer):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eager_qformer(model, enabled=method.needs.eager_qformer))
             session._reset(model, ())
             session._install_hooks()
-            session._handles.append(model.register_forward_pre_hook(session._forward_pre_hook, with_kwargs=True))
-            session._handles.append(model.register_forward_hook(session._forward_hook, with_kwargs=True))
-
-            signature = inspect.signature(original_generate)
-
-            def generate(*args: Any, **kwargs: Any) -> Any:
-                return session._generate(original_generate, **_bind_call(signature, args, kwargs))
-
-            model.generate = generate
+            stack.enter_context(_patched(model, "generate", _wrap(session._generate, model.generate)))
+            llm = model.language_model
+            stack.enter_context(_patched(llm, "generate", _wrap(session._language_model_generate, llm.generate)))
             yield session
     finally:
         for handle in session._handles:
             handle.remove()
         session._handles.clear()
-        if had_generate:
-            model.generate = saved_generate
-        else:
-            model.__dict__.pop("generate", None)
         model._catp_session = None
         del model._catp_session
 
 
 def select_queries(
-    model: nn.Module, pixel_values: torch.Tensor, method: str | PruningMethod = "catp", keep: int | float = 8, **kwargs: Any
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    method: str | PruningMethod = "catp",
+    keep: Keep = 8,
+    scope: str | None = None,
+    **kwargs: Any,
 ) -> torch.LongTensor:
     """Indices of the query tokens a method keeps, without running the language model.
 
     Args:
-        model: a BLIP-2 / InstructBLIP model.
-        pixel_values: ``(B, C, H, W)``.
-        method, keep: as in :func:`pruned`.
+        model: a BLIP-2 / InstructBLIP / InstructBLIP-Video model.
+        pixel_values: ``(B, C, H, W)``, or ``(B, T, C, H, W)`` for video.
+        method, keep, scope: as in :func:`pruned`.
         **kwargs: ``qformer_input_ids`` / ``qformer_attention_mask`` (InstructBLIP) and
             method options (``layer_weights=...``, ``seed=...``).
 
     Returns:
-        ``(B, k)`` long tensor, each row ascending.
+        ``(B, K)`` long tensor, each row ascending, padded with ``-1`` where a sample keeps
+        fewer (a Budget). Video indices are flat over ``T*Q``, frame-major.
     """
     model_inputs = {name: kwargs.pop(name) for name in _MODEL_INPUT_KWARGS if name in kwargs}
-    with pruned(model, method=method, keep=keep, **kwargs) as session, torch.no_grad():
-        if "qformer_input_ids" in inspect.signature(model.get_image_features).parameters:
+    with pruned(model, method=method, keep=keep, scope=scope, **kwargs) as session, torch.no_grad():
+        features = model.get_video_features if session.is_video else model.get_image_features
+        if "qformer_input_ids" in inspect.signature(features).parameters:
             if model_inputs.get("qformer_input_ids") is None:
                 raise ValueError(f"{type(model).__name__} needs qformer_input_ids (the instruction for its Q-Former)")
-        model.get_image_features(pixel_values, **model_inputs)
+        session._start(None, pixel_values, "features")
+        try:
+            features(pixel_values, **model_inputs)
+        finally:
+            session._call = None
         assert session.keep_indices is not None
         return session.keep_indices

@@ -152,12 +152,14 @@ def image_token_weights(vision_attn: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(B, N)``: the attention each token receives, summed over heads and rows,
-        L2-normalised per sample (a per-sample constant: it does not change the kept set).
+        normalised to sum 1 per image. The authors L2-normalise; either is a constant
+        factor per image, so one image keeps the same tokens. Summing to 1 gives every
+        frame of a video the same total vote, so that frames compare fairly.
     """
     if vision_attn.dim() != 4 or vision_attn.shape[-1] != vision_attn.shape[-2]:
         raise ValueError(f"expected vision self-attention of shape (batch, heads, tokens, tokens), got {tuple(vision_attn.shape)}")
     received = vision_attn.float().sum(dim=(1, 2))
-    return torch.nn.functional.normalize(received, p=2.0, dim=-1)
+    return received / received.sum(dim=-1, keepdim=True)
 
 
 def catp_image_scores(cross_attentions: Sequence[torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
