@@ -10,22 +10,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 from typer.testing import CliRunner
 
+import catp
 from catp.bench import flops
-from catp.bench.archs import ARCHS, arch_config, build_arch, bytes_per_element, check_fits
+from catp.bench.archs import ARCHS, arch_config, build_arch, bytes_per_element, check_fits, model_class
 from catp.bench.runner import Benchmark, BenchSettings, cases_for, evaluate_checks
 from catp.cli import app
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, FRAMES, NUM_QUERY, tiny_model
 
 GIB = 1024**3
 
 
 def _meta_model(config):
-    cls = InstructBlipForConditionalGeneration if config.model_type == "instructblip" else Blip2ForConditionalGeneration
     with torch.device("meta"):
-        return cls(config)
+        return model_class(config.model_type)(config)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -44,6 +43,7 @@ def test_published_parameter_counts():
     assert totals["blip2-opt-6.7b"] == pytest.approx(7.75e9, rel=0.005)
     assert totals["blip2-flan-t5-xl"] == pytest.approx(3.94e9, rel=0.02)
     assert totals["instructblip-vicuna-7b"] == pytest.approx(7.91e9, rel=0.01)
+    assert totals["instructblip-video-vicuna-7b"] == totals["instructblip-vicuna-7b"]  # the same weights, run per frame
 
 
 def test_arch_shapes_are_published():
@@ -200,3 +200,33 @@ def test_cli_writes_json_with_every_field(tmp_path):
         assert set(r["flops"]) == {"vision", "qformer", "prefill", "decode", "total"}
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "(a)" in result.output and "(b)" in result.output and "(c)" in result.output
+
+
+def test_video_flops_run_vision_and_qformer_per_frame():
+    config = arch_config("instructblip-video-vicuna-7b")
+    assert config.model_type == "instructblipvideo" and config.video_token_index == 32001
+    image = flops.stage_flops(config, flops.Workload(1, 128, 16, 10, 5, instruction_tokens=12, frames=1))
+    video = flops.stage_flops(config, flops.Workload(1, 128, 16, 10, 5, instruction_tokens=12, frames=4))
+    assert video.vision == 4 * image.vision and video.qformer == 4 * image.qformer and video.prefill == image.prefill
+    pruned = flops.stage_flops(config, flops.Workload(1, 16, 16, 10, 5, instruction_tokens=12, frames=4))
+    assert video.total > 4e12 and pruned.prefill < video.prefill / 3  # several TFLOPs a call; 16 of 128 tokens
+
+
+def test_benchmark_runs_a_video_model_and_budgets():
+    model = tiny_model("instructblipvideo-llama")
+    settings = BenchSettings(prompt_tokens=4, new_tokens=2, beams=1, instruction_tokens=3, warmup=0, repeats=1, frames=FRAMES)
+    bench = Benchmark(model, "cpu", 4, settings)
+    assert bench.num_query_tokens == FRAMES * NUM_QUERY
+    budget = catp.Budget(mass=0.5)
+    cases = cases_for(["catp", "first"], [6, budget], [2], bench.num_query_tokens)
+    assert ("first", budget) not in {(c.method, c.keep) for c in cases}  # first cannot carry a budget
+    results = {(r["method"], r["keep"]): r for r in bench.run(cases)}
+    assert results[("none", FRAMES * NUM_QUERY)]["tokens_into_llm"] == 2 * (FRAMES * NUM_QUERY + 4)
+    assert results[("catp", 6)]["kept"] == {"mean": 6, "min": 6, "max": 6, "per_sample": [6, 6]}
+    row = results[("catp", "mass:0.5")]
+    kept = row["kept"]["per_sample"]
+    assert row["tokens_into_llm"] == sum(kept) + 2 * 4 and row["frames"] == FRAMES
+    # FLOPs: the LLM runs both samples at the larger count (fillers are computed).
+    work = flops.Workload(2, max(kept), 4, 2, 1, instruction_tokens=3, frames=FRAMES)
+    assert row["flops"] == flops.stage_flops(model.config, work).as_dict()
+    assert results[("none", FRAMES * NUM_QUERY)]["flops"]["vision"] == flops.vision_flops(model.config.vision_config, 2 * FRAMES)

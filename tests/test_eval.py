@@ -244,3 +244,50 @@ def test_bad_options(model_dir, jsonl_dataset, tmp_path):
         assert result.exit_code == 2 and said(result.output, named), result.output
     bad_compare = runner.invoke(app, [*base, "--compare", "catp,randomm"])
     assert bad_compare.exit_code == 2 and said(bad_compare.output, "randomm"), bad_compare.output
+
+
+def test_eval_with_budgets(model_dir, jsonl_dataset, tmp_path):
+    """Budgets next to fixed counts: real tokens fed, kept-token distribution, budget vs fixed k at the same mean."""
+    out = tmp_path / "budgets"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(out),
+                                      "--methods", "catp-all,first", "--keep", "mass:0.9,fence:0:max=3,6", "--match-budgets",
+                                      "--num-beams", "1", "--max-new-tokens", "2", "--no-progress", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "first cannot carry a budget" in result.output
+    records = harness.read_predictions(out)
+    configs = {name for name, _ in records}
+    assert {"catp-all@mass:0.9", "catp-all@fence:0:max=3", "first@6"} <= configs and "first@mass:0.9" not in configs
+    unpruned = {i: r for (name, i), r in records.items() if name == "unpruned"}
+    budget = {i: r for (name, i), r in records.items() if name == "catp-all@mass:0.9"}
+    assert all(r["kept"] == NUM_QUERY for r in unpruned.values())
+    # Real tokens only: the kept query tokens + the same text tokens as unpruned.
+    assert all(r["llm_tokens"] - r["kept"] == unpruned[i]["llm_tokens"] - NUM_QUERY for i, r in budget.items())
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["config"]: r for r in summary["rows"]}
+    kept = [r["kept"] for r in budget.values()]
+    assert rows["catp-all@mass:0.9"]["kept_mean"] == pytest.approx(sum(kept) / len(kept))
+    assert sum(rows["catp-all@mass:0.9"]["kept_histogram"].values()) == 10 and rows["catp-all@mass:0.9"]["budget"]
+    assert rows["catp-all@fence:0:max=3"]["kept_max"] <= 3
+    # --match-budgets ran the fixed counts on both sides of each budget's mean.
+    mean = rows["catp-all@mass:0.9"]["kept_mean"]
+    assert {f"catp-all@{int(mean)}", f"catp-all@{-int(-mean // 1)}"} <= set(rows)
+    (versus,) = [c for c in summary["budget_comparisons"] if c["budget"] == "mass:0.9"]
+    assert versus["fixed_low"] <= mean <= versus["fixed_high"] and versus["n"] == 10
+    assert "Per-sample budgets" in (out / "summary.md").read_text()
+
+
+def test_budget_comparison_is_a_paired_mix_of_the_bracketing_counts():
+    budget = harness.Config("catp", catp.Budget(mass=0.8))
+    low, high = harness.Config("catp", 2), harness.Config("catp", 4)
+    # The budget keeps 3 tokens on average: half-way between 2 and 4.
+    records = {
+        budget: [{"id": str(i), "accuracy": 1.0, "kept": 2 + 2 * (i % 2), "llm_tokens": 9} for i in range(10)],
+        low: [{"id": str(i), "accuracy": 0.0, "kept": 2, "llm_tokens": 8} for i in range(10)],
+        high: [{"id": str(i), "accuracy": 1.0, "kept": 4, "llm_tokens": 10} for i in range(10)],
+    }
+    summary = report.summarize(list(records.items()), 10)
+    (versus,) = summary["budget_comparisons"]
+    assert (versus["fixed_low"], versus["fixed_high"], versus["weight_high"]) == (2, 4, 0.5)
+    assert versus["fixed_accuracy"] == pytest.approx(50.0) and versus["difference"] == pytest.approx(50.0)
+    row = next(r for r in summary["rows"] if r["budget"])
+    assert (row["kept_mean"], row["kept_min"], row["kept_median"], row["kept_max"]) == (3.0, 2, 3.0, 4)

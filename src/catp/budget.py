@@ -111,6 +111,11 @@ class Budget:
             raise ValueError(f"cannot read budget {text!r} ({error}): expected e.g. mass:0.8 or fence:1.5:min=2:max=16") from None
         return cls(**{rule: value}, **bounds)
 
+    def check_tokens(self, n: int) -> None:
+        """Raise unless the budget can choose among ``n`` tokens (``min <= n``)."""
+        if self.min > n:
+            raise ValueError(f"Budget min={self.min} is more than the {n} tokens it chooses from")
+
     def counts(self, scores: torch.Tensor) -> torch.Tensor:
         """Tokens to keep in each row of ``scores``.
 
@@ -121,8 +126,7 @@ class Budget:
             ``(G,)`` long counts in ``[min, min(max, n)]``.
         """
         n = scores.shape[-1]
-        if self.min > n:
-            raise ValueError(f"Budget min={self.min} is more than the {n} tokens it chooses from")
+        self.check_tokens(n)
         rule = mass_counts(scores, self.mass) if self.mass is not None else fence_counts(scores, float(self.fence))
         return rule.clamp(self.min, n if self.max is None else min(self.max, n))
 

@@ -624,7 +624,7 @@ def pruned(
             raise ValueError(f"method {method.name!r} cannot carry a Budget: its scores say nothing about the image; "
                              "give it a fixed keep, or use a scoring method (catp, l2norm, ...)")
         if scope != "video":
-            keep.counts(torch.zeros(1, int(model.config.num_query_tokens)))  # min above Q fails here, not mid-call
+            keep.check_tokens(int(model.config.num_query_tokens))  # a min above Q fails here, not mid-call
     elif scope == "video":
         resolve_keep(keep, 10**9)  # type and lower bound now; the upper bound T*Q once T is known
     else:

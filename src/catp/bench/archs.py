@@ -9,10 +9,13 @@ blip2-opt-2.7b             39 x 1408, F 6144      12 x 768, F 3072  OPT-2.7b: 32
 blip2-opt-6.7b             same                   same              OPT-6.7b: 32 x 4096, F 16384
 blip2-flan-t5-xl           same                   same              Flan-T5-XL: 24+24 x 2048, F 5120
 instructblip-vicuna-7b     same                   same (+ text)     Vicuna-7b: 32 x 4096, F 11008
+instructblip-video-vicuna-7b  same, per frame     same, per frame  Vicuna-7b (frames x 32 query tokens)
 =========================  =====================  ===============  =============================
 
 All at 224 px, patch 14 (257 image tokens), 32 query tokens, cross-attention every
-second Q-Former layer. Latency does not depend on the weights, so the models are built
+second Q-Former layer. The video arch is InstructBLIP-Video
+(``InstructBlipVideoForConditionalGeneration``) with the Vicuna-7b shapes: one
+``generate`` on 4 frames costs several TFLOPs, so time it with few repeats. Latency does not depend on the weights, so the models are built
 on the meta device (no init), materialised empty in the target dtype and filled with a
 cheap repeated random pattern (no NaN or denormal slow paths).
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 from catp.bench.flops import parameter_count
 
-__all__ = ["ARCHS", "DTYPES", "arch_config", "build_arch", "check_fits", "available_memory_bytes", "bytes_per_element"]
+__all__ = ["ARCHS", "DTYPES", "arch_config", "build_arch", "check_fits", "available_memory_bytes", "bytes_per_element", "model_class"]
 
 _VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224,
                patch_size=14, qkv_bias=True, layer_norm_eps=1e-6)
@@ -33,6 +36,11 @@ _QFORMER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, n
                 cross_attention_frequency=2, encoder_hidden_size=1408, max_position_embeddings=512)
 _OPT = dict(model_type="opt", ffn_dim=None, num_hidden_layers=32, num_attention_heads=32, vocab_size=50304,
             max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=50118, do_layer_norm_before=True)
+
+
+_VICUNA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32002, max_position_embeddings=2048, rms_norm_eps=1e-6, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
 def _opt(width: int) -> dict[str, Any]:
@@ -47,11 +55,8 @@ _SPECS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                        num_heads=32, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1),
                          {"image_token_index": 32100}),
-    "instructblip-vicuna-7b": ("instructblip", dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                                   vocab_size=32002, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
-                               {"image_token_index": 32001}),
+    "instructblip-vicuna-7b": ("instructblip", _VICUNA_7B, {"image_token_index": 32001}),
+    "instructblip-video-vicuna-7b": ("instructblipvideo", _VICUNA_7B, {"video_token_index": 32001}),
 }
 ARCHS: tuple[str, ...] = tuple(_SPECS)
 
@@ -67,14 +72,29 @@ def bytes_per_element(dtype: str) -> int:
 
 def arch_config(name: str) -> Any:
     """The transformers config of a paper-shaped arch (see the module table)."""
-    from transformers import Blip2Config, InstructBlipConfig
+    from transformers import Blip2Config, InstructBlipConfig, InstructBlipVideoConfig
 
     if name not in _SPECS:
         raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(ARCHS)}")
     family, text, extra = _SPECS[name]
-    qformer = dict(_QFORMER, vocab_size=30523) if family == "instructblip" else dict(_QFORMER, vocab_size=30522)
-    cls: Callable[..., Any] = InstructBlipConfig if family == "instructblip" else Blip2Config
+    qformer = dict(_QFORMER, vocab_size=30522 if family == "blip2" else 30523)
+    cls: Callable[..., Any] = {"blip2": Blip2Config, "instructblip": InstructBlipConfig, "instructblipvideo": InstructBlipVideoConfig}[family]
     return cls(vision_config=dict(_VISION), qformer_config=qformer, text_config=dict(text), num_query_tokens=32, **extra)
+
+
+def model_class(model_type: str) -> Any:
+    """The ``*ForConditionalGeneration`` class of a BLIP-2-family ``config.model_type``."""
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        InstructBlipForConditionalGeneration,
+        InstructBlipVideoForConditionalGeneration,
+    )
+
+    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration,
+               "instructblipvideo": InstructBlipVideoForConditionalGeneration}
+    if model_type not in classes:
+        raise ValueError(f"catp bench supports {', '.join(classes)} models, got model_type {model_type!r}")
+    return classes[model_type]
 
 
 def available_memory_bytes(device: str) -> int:
@@ -151,12 +171,11 @@ def build_arch(name: str, dtype: str = "bf16", device: str = "cpu", seed: int = 
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
     config = arch_config(name)
     check_fits(config, dtype, device)
     torch_dtype = getattr(torch, DTYPES[dtype])
-    cls = InstructBlipForConditionalGeneration if config.model_type == "instructblip" else Blip2ForConditionalGeneration
+    cls = model_class(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=torch_dtype)
     keep_fp32 = set(cls._keep_in_fp32_modules or []) if dtype == "fp16" else set()

@@ -25,33 +25,36 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-def parse_keeps(text: str, num_query_tokens: int) -> list[int]:
-    """``"16,8,4"`` (counts) or ``"0.5,0.25"`` (fractions of ``Q``) -> token counts, as :func:`catp.resolve_keep`."""
+def parse_keeps(text: str, num_query_tokens: int) -> list[Any]:
+    """``"16,8,4"`` (counts) or ``"0.5,0.25"`` (fractions of ``Q``) -> token counts, as :func:`catp.resolve_keep`;
+    ``mass:0.8`` / ``fence:1.5`` (optionally ``:min=N:max=N``) -> a per-sample :class:`~catp.budget.Budget`.
+    Counts come largest first, then budgets in the given order."""
+    from catp.budget import Budget
     from catp.pruning import resolve_keep
 
     keeps: list[int] = []
+    budgets: list[Budget] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        if ":" in part:
+            try:
+                budget = Budget.parse(part)
+                budget.check_tokens(num_query_tokens)
+            except (TypeError, ValueError) as error:
+                raise typer.BadParameter(str(error)) from None
+            budgets.append(budget)
+            continue
         try:
             value: int | float = int(part)
         except ValueError:
             try:
                 value = float(part)
             except ValueError:
-                raise typer.BadParameter(f"--keep takes counts or fractions, got {part!r}") from None
+                raise typer.BadParameter(f"--keep takes counts, fractions or budgets (mass:0.8, fence:1.5), got {part!r}") from None
         try:
             keeps.append(resolve_keep(value, num_query_tokens))
         except (TypeError, ValueError) as error:
             raise typer.BadParameter(str(error)) from None
-    return sorted(set(keeps), reverse=True)
-
-
-def _model_class(model_type: str) -> Any:
-    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
-
-    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration}
-    if model_type not in classes:
-        raise ValueError(f"catp bench supports BLIP-2 and InstructBLIP models, got model_type {model_type!r}")
-    return classes[model_type]
+    return [*sorted(set(keeps), reverse=True), *dict.fromkeys(budgets)]
 
 
 def load_model(model: str | None, arch: str | None, device: str, dtype: str) -> tuple[Any, str]:
@@ -61,7 +64,7 @@ def load_model(model: str | None, arch: str | None, device: str, dtype: str) -> 
     import torch
     from transformers import AutoConfig
 
-    from catp.bench.archs import DTYPES, build_arch, check_fits
+    from catp.bench.archs import DTYPES, build_arch, check_fits, model_class
 
     if model and arch:
         raise typer.BadParameter("give --model or --arch, not both")
@@ -77,22 +80,23 @@ def load_model(model: str | None, arch: str | None, device: str, dtype: str) -> 
             raise typer.BadParameter(f"{error}; or pass --model / --arch") from None
     config = AutoConfig.from_pretrained(model)
     check_fits(config, dtype, device)
-    loaded = _model_class(config.model_type).from_pretrained(model, dtype=torch_dtype)
+    loaded = model_class(config.model_type).from_pretrained(model, dtype=torch_dtype)
     return loaded.to(device).eval(), model
 
 
 def bench(
     model: Annotated[str | None, typer.Option(help="Hub id or local directory (default: the embedded reference model).")] = None,
-    arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b, instructblip-video-vicuna-7b.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 for --arch, fp32 otherwise).")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated pruning methods (see `catp methods`).")] = "catp,first",
-    keep: Annotated[str, typer.Option(help="Kept query tokens: counts (16,8,4) or fractions of Q (0.5,0.25,0.125).")] = "0.5,0.25,0.125",
+    keep: Annotated[str, typer.Option(help="Kept query tokens: counts (16,8,4), fractions of Q (0.5,0.25,0.125), or per-sample budgets (mass:0.8, fence:1.5). Video: of all frames' tokens.")] = "0.5,0.25,0.125",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     prompt_tokens: Annotated[int, typer.Option(help="Text tokens per sample after the image placeholders (BOS included).")] = 16,
     new_tokens: Annotated[int, typer.Option(help="New tokens per call (forced: min = max).")] = 10,
     beams: Annotated[int, typer.Option(help="Beam width.")] = 5,
     instruction_tokens: Annotated[int, typer.Option(help="InstructBLIP Q-Former instruction tokens.")] = 12,
+    frames: Annotated[int, typer.Option(help="Frames per sample for a video model (InstructBLIP-Video; the stock processor's 4).")] = 4,
     warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail.")] = False,
@@ -123,7 +127,7 @@ def bench(
         torch.set_num_threads(threads)
     with user_input():
         settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
-                                 instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats)
+                                 instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats, frames=frames)
     if check_stat not in CHECK_STATISTICS:
         raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -137,14 +141,15 @@ def bench(
     except MemoryError as error:
         console.print(f"[red]catp bench: {error}[/]")
         raise typer.Exit(2) from None
-    q = int(net.config.num_query_tokens)
+    runner = Benchmark(net, device, bytes_per_element(dtype), settings, progress=lambda msg: console.log(msg))
+    q = runner.num_query_tokens  # all frames' query tokens for video
     keeps = parse_keeps(keep, q)
     if check and 8 not in keeps and q >= 8 and arch == "blip2-opt-2.7b":
         keeps.append(8)  # target (d) is defined at keep 8
     with user_input():
         cases = cases_for(method_list, keeps, batches, q, check=check)
-    console.print(f"[bold]catp bench[/]: {name}, {dtype} on {device}, {len(cases)} cases x ({warmup} warm-up + {repeats} timed)")
-    runner = Benchmark(net, device, bytes_per_element(dtype), settings, progress=lambda msg: console.log(msg))
+    shape = f", {runner.frames} frames x {q // runner.frames} query tokens" if runner.is_video else ""
+    console.print(f"[bold]catp bench[/]: {name}{shape}, {dtype} on {device}, {len(cases)} cases x ({warmup} warm-up + {repeats} timed)")
     results = runner.run(cases)
     title = (f"{name} | {dtype} {device} | T={prompt_tokens} new={new_tokens} beams={beams} | "
              f"median of {repeats}; ms unless stated")

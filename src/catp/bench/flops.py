@@ -15,9 +15,12 @@ Conventions (the same in docs/performance.md):
   computes logits at the last position only; each of the ``n - 1`` decode steps
   feeds one token per row.
 
-Symbols: ``B`` batch, ``b`` beams, ``k`` kept query tokens (of ``Q``), ``T`` text
-prompt tokens, ``S = k + T`` tokens into the LLM per sample, ``n`` new tokens,
-``N`` image tokens, ``D`` widths, ``F`` MLP widths, ``L`` layers, ``V`` vocabulary.
+* A video of ``f`` frames runs the vision tower and the Q-Former on ``B f`` images; the
+  LLM then sees ``k`` of the sample's ``f Q`` query tokens.
+
+Symbols: ``B`` batch, ``b`` beams, ``f`` frames (1 for images), ``k`` kept query tokens
+(of ``f Q``), ``T`` text prompt tokens, ``S = k + T`` tokens into the LLM per sample, ``n``
+new tokens, ``N`` image tokens, ``D`` widths, ``F`` MLP widths, ``L`` layers, ``V`` vocabulary.
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ class Workload:
 
     Attributes:
         batch: samples per call ``B``.
-        keep: query tokens kept per sample ``k`` (``Q`` = unpruned).
+        keep: query tokens per sample in the LLM ``k`` (``f Q`` = unpruned). With per-sample
+            budgets, the batch's largest count: shorter samples are padded to it with masked
+            fillers, which the LLM computes like any token.
         prompt_tokens: text tokens per sample ``T`` (BOS included), after the placeholders.
         new_tokens: tokens generated per row ``n`` (forced: min = max).
         beams: beam width ``b``.
         instruction_tokens: InstructBLIP Q-Former text tokens per sample (0 for BLIP-2).
+        frames: video frames per sample ``f`` (1 for images).
     """
 
     batch: int
@@ -60,9 +66,10 @@ class Workload:
     new_tokens: int
     beams: int = 1
     instruction_tokens: int = 0
+    frames: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch", "keep", "prompt_tokens", "new_tokens", "beams"):
+        for name in ("batch", "keep", "prompt_tokens", "new_tokens", "beams", "frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -238,9 +245,10 @@ class StageFlops:
 
 def stage_flops(config: Any, work: Workload) -> StageFlops:
     """All stages of one ``generate`` call of ``work`` on a model of ``config``."""
+    images = work.batch * work.frames
     return StageFlops(
-        vision=vision_flops(config.vision_config, work.batch),
-        qformer=qformer_flops(config, work.batch, work.instruction_tokens),
+        vision=vision_flops(config.vision_config, images),
+        qformer=qformer_flops(config, images, work.instruction_tokens),
         prefill=llm_prefill_flops(config, work),
         decode=llm_decode_flops(config, work),
     )
@@ -274,7 +282,7 @@ def _qformer_params(config: Any) -> int:
     qc = config.qformer_config
     d, f, dv = qc.hidden_size, qc.intermediate_size, qc.encoder_hidden_size
     text_input = getattr(qc, "use_qformer_text_input", None)
-    instruct = config.model_type == "instructblip"
+    instruct = config.model_type in ("instructblip", "instructblipvideo")
     has_text_ffn = instruct or bool(text_input)
     total = 2 * d  # input LayerNorm
     if instruct:

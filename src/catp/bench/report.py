@@ -11,6 +11,13 @@ __all__ = ["results_table", "checks_table", "plot"]
 _MIB = 1024**2
 
 
+def _kept_text(result: dict[str, Any]) -> str:
+    kept = result.get("kept")
+    if kept is None or kept["min"] == kept["max"]:
+        return str(kept["min"] if kept else result["keep"])
+    return f"{kept['mean']:.1f} ({kept['min']}-{kept['max']})"
+
+
 def _ms(result: dict[str, Any], stage: str) -> str:
     return f"{result['seconds'][stage]['median'] * 1e3:.1f}"
 
@@ -21,13 +28,13 @@ def results_table(results: Sequence[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("method", "keep", "batch", "LLM tok", "vision", "Q-F+score", "prefill", "decode", "/token",
+    for column in ("method", "keep", "kept (min-max)", "batch", "LLM tok", "vision", "Q-F+score", "prefill", "decode", "/token",
                    "end-to-end ms", "samples/s", "GFLOP prefill", "GFLOP total", "KV MiB", "peak MiB"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
         e2e = r["seconds"]["end_to_end"]
         table.add_row(
-            r["method"], str(r["keep"]), str(r["batch"]), str(r["tokens_into_llm"]),
+            r["method"], str(r["keep"]), _kept_text(r), str(r["batch"]), str(r["tokens_into_llm"]),
             _ms(r, "vision"), _ms(r, "qformer"), _ms(r, "prefill"), _ms(r, "decode"), _ms(r, "decode_per_token"),
             f"{e2e['median'] * 1e3:.1f} ±{e2e['spread'] / 2:.0%}", f"{r['throughput_samples_per_s']:.2f}",
             f"{r['flops']['prefill'] / 1e9:.3g}", f"{r['flops']['total'] / 1e9:.3g}",
@@ -46,6 +53,11 @@ def checks_table(checks: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _kept_mean(result: dict[str, Any]) -> float:
+    """Query tokens fed per sample: the count, or a budget's mean (older reports have no ``kept``)."""
+    return float(result["kept"]["mean"]) if "kept" in result else float(result["keep"])
+
+
 def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Left: median end-to-end and prefill latency (min-max bars) vs kept tokens; right:
     analytic prefill and total GFLOPs vs kept tokens. One line per method and batch;
@@ -61,8 +73,8 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str) -> Pat
         if r["method"] != "llm-only":
             groups.setdefault((r["method"], r["batch"]), []).append(r)
     for (method, batch), rows in groups.items():
-        rows = sorted(rows, key=lambda r: r["keep"])
-        x = [r["keep"] for r in rows]
+        rows = sorted(rows, key=_kept_mean)
+        x = [_kept_mean(r) for r in rows]
         for stage, style in (("end_to_end", "-o"), ("prefill", "--s")):
             med = [r["seconds"][stage]["median"] * 1e3 for r in rows]
             err = [[m - r["seconds"][stage]["min"] * 1e3 for m, r in zip(med, rows)],
@@ -71,15 +83,15 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str) -> Pat
     seen: set[int] = set()
     for batch in sorted({r["batch"] for r in results}):
         rows = sorted({r["keep"]: r for r in results if r["batch"] == batch and r["method"] != "llm-only"}.values(),
-                      key=lambda r: r["keep"])
+                      key=_kept_mean)
         if batch in seen or not rows:
             continue
         seen.add(batch)
-        x = [r["keep"] for r in rows]
+        x = [_kept_mean(r) for r in rows]
         right.plot(x, [r["flops"]["total"] / 1e9 for r in rows], "-o", label=f"total b{batch}")
         right.plot(x, [r["flops"]["prefill"] / 1e9 for r in rows], "--s", label=f"LLM prefill b{batch}")
-    left.set(xlabel="kept query tokens", ylabel="latency (ms, median; bars min-max)", title="measured latency")
-    right.set(xlabel="kept query tokens", ylabel="GFLOPs (analytic)", title="analytic FLOPs")
+    left.set(xlabel="kept query tokens (mean per sample)", ylabel="latency (ms, median; bars min-max)", title="measured latency")
+    right.set(xlabel="kept query tokens (mean per sample)", ylabel="GFLOPs (analytic)", title="analytic FLOPs")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

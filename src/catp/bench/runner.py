@@ -23,6 +23,7 @@ from typing import Any
 
 from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
+from catp.budget import Budget
 
 __all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
 
@@ -32,11 +33,17 @@ _STAGES = ("vision", "qformer", "prefill", "decode", "decode_per_token", "outsid
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One configuration: ``method`` (a :data:`catp.METHODS` name or a reference), ``keep``, ``batch``."""
+    """One configuration: ``method`` (a :data:`catp.METHODS` name or a reference), ``keep``
+    (a count, or a per-sample :class:`~catp.budget.Budget`), ``batch``."""
 
     method: str
-    keep: int
+    keep: int | Budget
     batch: int
+
+    @property
+    def keep_label(self) -> int | str:
+        """``keep`` as the results hold it: a count, or the budget's text (``mass:0.8``)."""
+        return self.keep if isinstance(self.keep, int) else str(self.keep)
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,10 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 5
     seed: int = 0
+    frames: int = 4  # video models only: the stock processor's frame count
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "new_tokens", "beams", "repeats"):
+        for name in ("prompt_tokens", "new_tokens", "beams", "repeats", "frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -62,15 +70,16 @@ class BenchSettings:
             raise ValueError("warmup and instruction_tokens must be >= 0")
 
 
-def cases_for(methods: Sequence[str], keeps: Sequence[int], batches: Sequence[int], num_query_tokens: int,
+def cases_for(methods: Sequence[str], keeps: Sequence[int | Budget], batches: Sequence[int], num_query_tokens: int,
               check: bool = False) -> list[BenchCase]:
     """The grid. Always the unpruned reference (``none`` at keep ``Q``) per batch.
 
     With ``check``: also ``catp`` at keep ``Q`` (target b), ``first`` and ``llm-only``
-    at every keep (targets a, c), and every selector (:data:`catp.methods.SELECTORS`) at
-    every keep, so that target (a) covers the cost of a greedy selection as well as of scoring.
+    at every count (targets a, c), and every selector (:data:`catp.methods.SELECTORS`) at
+    every count, so that target (a) covers the cost of a greedy selection as well as of scoring.
+    A budget runs only with methods that can carry one.
     """
-    from catp.methods import METHODS, SELECTORS
+    from catp.methods import METHODS, SELECTORS, get_method
 
     for method in methods:
         if method not in METHODS:
@@ -81,6 +90,9 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int], batches: Sequence[in
         if check:
             wanted.append(BenchCase("catp", num_query_tokens, batch))
         for keep in keeps:
+            if isinstance(keep, Budget):
+                wanted += [BenchCase(method, keep, batch) for method in methods if get_method(method).carries_budget]
+                continue
             extra = ["first", *methods, *SELECTORS, "llm-only"] if check else list(methods)
             wanted += [BenchCase(method, keep, batch) for method in extra]
         cases += [case for i, case in enumerate(wanted) if case not in wanted[:i] and case not in cases]
@@ -131,30 +143,52 @@ class Benchmark:
     def config(self) -> Any:
         return self.model.config
 
+    _kept: dict[BenchCase, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_video(self) -> bool:
+        return self.config.model_type == "instructblipvideo"
+
+    @property
+    def frames(self) -> int:
+        """Frames per sample: ``settings.frames`` for a video model, 1 for images."""
+        return self.settings.frames if self.is_video else 1
+
     @property
     def num_query_tokens(self) -> int:
-        return int(self.config.num_query_tokens)
+        """Query tokens per sample, all frames: what the grid's counts count (``f Q``)."""
+        return self.frames * int(self.config.num_query_tokens)
 
     @property
     def is_instruct(self) -> bool:
-        return self.config.model_type == "instructblip"
+        return self.config.model_type in ("instructblip", "instructblipvideo")
+
+    def kept(self, case: BenchCase) -> list[int]:
+        """Query tokens each sample fed the LLM: the count, or what the budget kept in the timed calls."""
+        if isinstance(case.keep, int):
+            return [case.keep] * case.batch
+        return self._kept[case]
 
     def workload(self, case: BenchCase) -> Workload:
         s = self.settings
-        return Workload(batch=case.batch, keep=case.keep, prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens,
-                        beams=s.beams, instruction_tokens=s.instruction_tokens if self.is_instruct else 0)
+        # The LLM runs every sample at the batch's largest count (fillers pad the others).
+        return Workload(batch=case.batch, keep=max(self.kept(case)), prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens,
+                        beams=s.beams, instruction_tokens=s.instruction_tokens if self.is_instruct else 0, frames=self.frames)
 
     def inputs(self, batch: int) -> dict[str, Any]:
-        """Synthetic processor-shaped inputs: ``[IMG x Q][text x T]`` per sample, random pixels.
+        """Synthetic processor-shaped inputs: ``[IMG x fQ][text x T]`` per sample, random pixels
+        (``(B, f, 3, H, W)`` for video).
 
         Text ids are drawn from ``[10, min(V, 1000))`` (no special or image token); a
         decoder-only LLM's prompt starts with BOS, as the processor's does.
         """
         import torch
 
+        from catp.pruning import placeholder_token_id
+
         config, s = self.config, self.settings
         g = torch.Generator().manual_seed(s.seed)
-        image_id = config.image_token_index
+        image_id = placeholder_token_id(self.model)
         vocab = min(config.text_config.vocab_size, 1000)
         text = torch.randint(10, vocab, (batch, s.prompt_tokens), generator=g)
         text[text == image_id] = 10
@@ -164,8 +198,10 @@ class Benchmark:
         ids = torch.cat([torch.full((batch, self.num_query_tokens), image_id), text], dim=1)
         vision = config.vision_config
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        image = (3, vision.image_size, vision.image_size)
+        shape = (batch, self.frames, *image) if self.is_video else (batch, *image)
         out = {
-            "pixel_values": torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g).to(self.device, dtype),
+            "pixel_values": torch.randn(shape, generator=g).to(self.device, dtype),
             "input_ids": ids.to(self.device),
             "attention_mask": torch.ones_like(ids).to(self.device),
         }
@@ -203,16 +239,20 @@ class Benchmark:
                     return timer.call(lambda: llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen))[0]
         else:
             inputs = self.inputs(case.batch)
+            session = None
             if case.method != "none":
                 context = catp.pruned(self.model, method=case.method, keep=case.keep)
-                context.__enter__()
+                session = context.__enter__()
                 stack.append(context)
             timer = StageTimer(self.model, sync=sync).__enter__()
             stack.append(timer)
 
             def call() -> StageTimes:
                 with torch.inference_mode():
-                    return timer.call(lambda: self.model.generate(**inputs, **gen))[0]
+                    times = timer.call(lambda: self.model.generate(**inputs, **gen))[0]
+                if session is not None and isinstance(case.keep, Budget):
+                    self._kept[case] = session.keep_counts.tolist()
+                return times
 
         def close() -> None:
             for item in reversed(stack):
@@ -238,7 +278,7 @@ class Benchmark:
         for r in range(self.settings.repeats):
             for i, case in enumerate(cases):
                 if self.progress:
-                    self.progress(f"repeat {r + 1}/{self.settings.repeats}, case {i + 1}/{len(cases)}: {case.method} keep {case.keep} batch {case.batch}")
+                    self.progress(f"repeat {r + 1}/{self.settings.repeats}, case {i + 1}/{len(cases)}: {case.method} keep {case.keep_label} batch {case.batch}")
                 times[case].append(self._once(case, memory[case]))
         return [self._summarise(case, times[case], memory[case].peak) for case in cases]
 
@@ -248,9 +288,14 @@ class Benchmark:
         if case.method == "llm-only":
             flops.update(vision=0, qformer=0, total=flops["prefill"] + flops["decode"])
         stages = {stage: _summary([run.as_dict()[stage] for run in runs]) for stage in _STAGES}
+        kept = self.kept(case)
         return {
             **asdict(case),
-            "tokens_into_llm": case.batch * work.llm_tokens,
+            "keep": case.keep_label,
+            # Real tokens: each sample's kept query tokens and its text (fillers are not fed, only computed).
+            "tokens_into_llm": sum(kept) + case.batch * work.prompt_tokens,
+            "kept": {"mean": sum(kept) / len(kept), "min": min(kept), "max": max(kept), "per_sample": kept},
+            "frames": work.frames,
             "decode_steps": runs[0].decode_steps,
             "seconds": stages,
             "throughput_samples_per_s": case.batch / stages["end_to_end"]["median"],
@@ -305,8 +350,8 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
     for r in results:
         method, keep, batch = r["method"], r["keep"], r["batch"]
         where = f"{method} keep {keep} batch {batch}"
-        if method in REFERENCES or method == "first":
-            continue
+        if method in REFERENCES or method == "first" or not isinstance(keep, int):
+            continue  # budgets have no reference at the same count
         first = _find(results, "first", keep, batch)
         if first is not None and keep < num_query_tokens:
             overhead = (_t(r, "qformer") - _t(first, "qformer")) / _t(first, "end_to_end")

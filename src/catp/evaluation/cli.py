@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from catp.budget import Budget
 from catp.evaluation.datasets import DEFAULT_SPLIT
 from catp.evaluation.hf import describe_default_columns
 from catp.protocol import PAPER_KEEPS, PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
@@ -24,14 +25,17 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _parse_keep(text: str) -> list[int | float]:
-    """``"16,8,4"`` -> counts; an item with a ``.`` is a fraction (``"0.5"``)."""
-    out: list[int | float] = []
+def _parse_keep(text: str) -> list[int | float | Budget]:
+    """``"16,8,4"`` -> counts; an item with a ``.`` is a fraction (``"0.5"``); ``mass:0.8`` or
+    ``fence:1.5`` (optionally ``:min=N:max=N``) is a per-sample :class:`~catp.budget.Budget`."""
+    out: list[int | float | Budget] = []
     for item in _split_list(text):
         try:
-            out.append(float(item) if "." in item else int(item))
-        except ValueError:
-            raise typer.BadParameter(f"--keep takes counts or fractions separated by commas, got {item!r}") from None
+            out.append(Budget.parse(item) if ":" in item else float(item) if "." in item else int(item))
+        except ValueError as error:
+            detail = f" ({error})" if ":" in item else ""
+            raise typer.BadParameter(f"--keep takes counts, fractions or budgets (mass:0.8, fence:1.5) separated by commas, "
+                                     f"got {item!r}{detail}") from None
     if not out:
         raise typer.BadParameter("--keep is empty")
     return out
@@ -115,7 +119,11 @@ def eval_command(
     methods: str = typer.Option("all", help="Comma-separated methods, or 'all' (catp.METHODS)."),
     compare: str = typer.Option("", help="Also give every method's paired differences against these methods (e.g. catp,random). "
                                 "Built in: CATP variants vs l2norm, selfattn, first, random; divprune, dart, catp-diverse vs catp, random."),
-    keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts (or fractions like 0.5); unpruned always runs."),
+    keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help="Comma-separated keep counts, fractions like 0.5, or per-sample "
+                             "budgets like mass:0.8 / fence:1.5 (optionally :min=N:max=N); unpruned always runs."),
+    match_budgets: bool = typer.Option(False, help="After the sweep, also run each method at the fixed counts on both sides of "
+                                       "each budget's mean kept tokens (floor and ceil), so that the report compares the budget "
+                                       "with a fixed k at the same mean."),
     batch_size: int = typer.Option(8, min=1, help="Questions per generate() call."),
     dtype: str = typer.Option("auto", help=f"One of {', '.join(_DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
     device: Optional[str] = typer.Option(None, help="Default: this process's accelerate device (cpu or its GPU)."),
@@ -136,7 +144,7 @@ def eval_command(
     from catp.evaluation import harness, report
     from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
     from catp.evaluation.hf import parse_columns
-    from catp.methods import METHODS
+    from catp.methods import METHODS, get_method
 
     # Everything the options name is checked before the model's weights load or a question runs.
     with user_input(param="--dtype"):
@@ -164,6 +172,10 @@ def eval_command(
     state = PartialState(cpu=device == "cpu")
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         net, processor, dtype = load_model(model_name, dtype, device or str(state.device))
+    no_budget = [m for m in chosen if any(isinstance(k, Budget) for k in keeps) and not get_method(m).carries_budget]
+    if no_budget and state.is_main_process:
+        typer.echo(f"note: {', '.join(no_budget)} cannot carry a budget (their scores say nothing about the image): "
+                   "run at the fixed counts only")
     manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), resolve_split(dataset, split),
                                     fraction, seed, limit, dtype, protocol, len(selected), config=config, columns=column_map)
     with user_input():  # an --out that holds another run
@@ -173,11 +185,17 @@ def eval_command(
         harness.check_manifest(out, manifest, is_main=False)
     # Only bad data (an unreadable image) is the user's to fix here; anything else is a bug.
     # (no_grad, not set_grad_enabled: the command may run inside another program, e.g. a test.)
+    sweep = dict(protocol=protocol, batch_size=batch_size, seed=seed, rank=state.process_index, world_size=state.num_processes,
+                 barrier=state.wait_for_everyone, progress=progress)
     with user_input(DatasetError), torch.no_grad():
         try:
-            harness.run_sweep(net, processor, selected, configs, out, protocol=protocol, batch_size=batch_size, seed=seed,
-                              rank=state.process_index, world_size=state.num_processes, barrier=state.wait_for_everyone,
-                              progress=progress)
+            harness.run_sweep(net, processor, selected, configs, out, **sweep)
+            if match_budgets:  # then the fixed counts around each budget's mean
+                state.wait_for_everyone()
+                extra = [c for c in harness.matching_keeps(list(harness.iter_records(out, selected, configs)), num_query_tokens)
+                         if c not in configs]
+                harness.run_sweep(net, processor, selected, extra, out, **sweep)
+                configs = configs + extra
         except DatasetError as error:
             raise DatasetError(f"{error}\nThe predictions made so far are kept in {out}: fix the data and rerun the same "
                                "command to resume.") from None

@@ -14,17 +14,19 @@ Any finished prefix of a killed run is a uniform random subset of the questions.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
 
-__all__ = ["Config", "Protocol", "RunState", "build_configs", "read_predictions", "run_sweep"]
+__all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "read_predictions", "run_sweep"]
 
 UNPRUNED = "unpruned"
 
@@ -47,26 +49,56 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Config:
-    """One point of the sweep: a method at a keep count, or the unpruned model (``method is None``)."""
+    """One point of the sweep: a method at a keep count or a per-sample :class:`~catp.budget.Budget`,
+    or the unpruned model (``method is None``)."""
 
     method: str | None
-    keep: int
+    keep: int | Budget
 
     @property
     def name(self) -> str:
         return UNPRUNED if self.method is None else f"{self.method}@{self.keep}"
 
+    @property
+    def keep_label(self) -> int | str:
+        """``keep`` as records and reports hold it: a count, or the budget's text (``mass:0.8``)."""
+        return self.keep if isinstance(self.keep, int) else str(self.keep)
 
-def build_configs(methods: Sequence[str], keeps: Sequence[int | float], num_query_tokens: int) -> list[Config]:
-    """The unpruned model plus every ``method x keep`` (keeps resolved to counts, as ``catp.pruned`` does)."""
-    from catp.methods import METHODS
+
+def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget], num_query_tokens: int) -> list[Config]:
+    """The unpruned model plus every ``method x keep`` (keeps resolved to counts, as ``catp.pruned`` does).
+
+    Counts come first, largest first, then budgets in the given order. A budget is skipped
+    for methods that cannot carry one (``first``, ``random``).
+    """
+    from catp.methods import METHODS, get_method
     from catp.pruning import resolve_keep
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    counts = sorted({resolve_keep(k, num_query_tokens) for k in keeps}, reverse=True)
-    return [Config(None, num_query_tokens)] + [Config(m, k) for m in methods for k in counts]
+    counts = sorted({resolve_keep(k, num_query_tokens) for k in keeps if not isinstance(k, Budget)}, reverse=True)
+    budgets = list(dict.fromkeys(k for k in keeps if isinstance(k, Budget)))
+    for budget in budgets:
+        budget.check_tokens(num_query_tokens)  # a min above the query tokens fails before anything runs
+    configs = [Config(None, num_query_tokens)] + [Config(m, k) for m in methods for k in counts]
+    return configs + [Config(m, b) for m in methods for b in budgets if get_method(m).carries_budget]
+
+
+def matching_keeps(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_query_tokens: int) -> list[Config]:
+    """Fixed-count configs that bracket each budget's mean kept tokens: ``floor`` and ``ceil`` of the mean.
+
+    A budget is then compared with a fixed ``k`` at the same mean (a mix of the two counts,
+    see :func:`catp.evaluation.report.budget_comparisons`).
+    """
+    extra: dict[Config, None] = {}
+    for config, records in per_config:
+        if config.method is None or not isinstance(config.keep, Budget) or not records:
+            continue
+        mean = sum(r["kept"] for r in records) / len(records)
+        for k in sorted({math.floor(mean), math.ceil(mean)}):
+            extra[Config(config.method, min(max(k, 1), num_query_tokens))] = None
+    return list(extra)
 
 
 def question_seed(run_seed: int, question_id: str) -> int:
@@ -201,11 +233,12 @@ def run_sweep(
                 if not missing:
                     continue
                 with torch.inference_mode():
-                    answers = _generate(model, processor, inputs, config, protocol, [question_seed(seed, q.id) for q in batch])
+                    answers, kept = _generate(model, processor, inputs, config, protocol, [question_seed(seed, q.id) for q in batch])
+                # Tokens fed to the LLM: the real ones, kept query tokens + text (no padding, no fillers).
                 records = [{
-                    "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep, "id": batch[i].id,
+                    "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep_label, "id": batch[i].id,
                     "prediction": answers[i], "accuracy": vqa_accuracy(answers[i], batch[i].answers),
-                    "llm_tokens": config.keep + int(text_tokens[i]),
+                    "kept": kept[i], "llm_tokens": kept[i] + int(text_tokens[i]),
                 } for i in missing]
                 writer.write(records)
                 state.computed += len(records)
@@ -224,21 +257,29 @@ def _prepare(processor: Any, batch: Sequence[Question], protocol: Protocol, mode
     return {k: (v.to(model.device, dtype=dtype) if k == "pixel_values" else v.to(model.device)) for k, v in inputs.items()}
 
 
-def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config, protocol: Protocol, seeds: list[int]) -> list[str]:
-    """Generate answers for one batch under one config; returns the decoded new text per sample."""
+def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config, protocol: Protocol,
+              seeds: list[int]) -> tuple[list[str], list[int]]:
+    """Generate answers for one batch under one config.
+
+    Returns:
+        The decoded new text per sample, and the query tokens each sample fed to the LLM.
+    """
     import catp
 
     settings = dict(num_beams=protocol.num_beams, max_new_tokens=protocol.max_new_tokens, min_new_tokens=protocol.min_new_tokens,
                     do_sample=False)
+    batch = inputs["input_ids"].shape[0]
     if config.method is None:
         output = model.generate(**inputs, **settings)
+        kept = [int(model.config.num_query_tokens)] * batch
     else:
         options = {"seed": seeds} if config.method == "random" else {}
-        with catp.pruned(model, method=config.method, keep=config.keep, **options):
+        with catp.pruned(model, method=config.method, keep=config.keep, **options) as session:
             output = model.generate(**inputs, **settings)
+        kept = session.keep_counts.tolist()
     if model.config.use_decoder_only_language_model:
         output = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+    return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)], kept
 
 
 def iter_records(out: Path, questions: Sequence[Question], configs: Sequence[Config]) -> Iterator[tuple[Config, list[dict[str, Any]]]]:

@@ -1,5 +1,7 @@
 """Summaries of a sweep: accuracy with 95% CI, retention, ratios against baselines,
-paired differences, tokens into the LLM; written as JSON, CSV, Markdown and a plot."""
+paired differences, tokens into the LLM, the distribution of kept query tokens, and each
+per-sample budget against a fixed ``k`` at the same mean; written as JSON, CSV, Markdown
+and a plot of accuracy against the mean query tokens fed."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from catp.budget import Budget
 from catp.evaluation.harness import UNPRUNED, Config
 
-__all__ = ["BASELINES", "CATP_VARIANTS", "SELECTOR_BASELINES", "baselines_for", "summarize", "write_reports"]
+__all__ = ["BASELINES", "CATP_VARIANTS", "SELECTOR_BASELINES", "baselines_for", "budget_comparisons", "kept_distribution",
+           "summarize", "write_reports"]
 
 #: Methods a CATP variant is compared against (the paper's baselines and the simple references).
 BASELINES = ("l2norm", "selfattn", "first", "random")
@@ -33,6 +37,30 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, _Z95 * math.sqrt(variance / n)
 
 
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in ``[0, 1]`` of sorted values."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def kept_distribution(kept: Sequence[int]) -> dict[str, Any]:
+    """Mean, quartiles, range and histogram of the query tokens each question fed to the LLM."""
+    ordered = sorted(kept)
+    histogram: dict[str, int] = {}
+    for k in ordered:
+        histogram[str(k)] = histogram.get(str(k), 0) + 1
+    return {"kept_mean": sum(ordered) / len(ordered), "kept_min": ordered[0], "kept_p25": _percentile(ordered, 0.25),
+            "kept_median": _percentile(ordered, 0.5), "kept_p75": _percentile(ordered, 0.75), "kept_max": ordered[-1],
+            "kept_histogram": histogram}
+
+
+def _kept(config: Config, record: dict[str, Any]) -> int:
+    # Records written before budgets existed have no "kept": their count is the config's.
+    return int(record.get("kept", config.keep))
+
+
 def baselines_for(method: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The methods ``method`` gets paired differences against.
 
@@ -48,8 +76,9 @@ def baselines_for(method: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
 
 def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_questions: int,
               compare: Sequence[str] = ()) -> dict[str, Any]:
-    """Summary rows (one per config) and paired comparisons (each method against its
-    :func:`baselines_for`, per keep).
+    """Summary rows (one per config), paired comparisons (each method against its
+    :func:`baselines_for`, per keep) and budget comparisons (each budget vs a fixed ``k``
+    at the same mean, :func:`budget_comparisons`).
 
     Accuracies are in percent. Paired differences use only questions both configs answered.
     Each row has the accuracy ratio ``x_<baseline>`` against :data:`BASELINES` and against
@@ -68,17 +97,19 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
             continue
         accuracy, half = _mean_ci([100 * r["accuracy"] for r in records.values()])
         row: dict[str, Any] = {
-            "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep, "n": len(records),
+            "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep_label,
+            "budget": isinstance(config.keep, Budget), "n": len(records),
             "complete": len(records) == num_questions, "accuracy": accuracy, "ci95": half,
             "ci_low": accuracy - half, "ci_high": accuracy + half,
             "llm_tokens": sum(r["llm_tokens"] for r in records.values()) / len(records),
+            **kept_distribution([_kept(config, r) for r in records.values()]),
         }
         if unpruned is not None and unpruned[1]:
             base = sum(100 * r["accuracy"] for r in unpruned[1].values()) / len(unpruned[1])
             row["retention_pct"] = 100 * accuracy / base if base else float("nan")
         ratio_to = [] if config.method is None else list(dict.fromkeys([*BASELINES, *baselines_for(config.method, compare)]))
         for baseline in ratio_to:
-            other = by_name.get(f"{baseline}@{config.keep}")
+            other = by_name.get(f"{baseline}@{config.keep_label}")
             if other is not None and other[1]:
                 base = sum(100 * r["accuracy"] for r in other[1].values()) / len(other[1])
                 row[f"x_{baseline}"] = accuracy / base if base else None  # undefined against 0 accuracy
@@ -88,23 +119,88 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
         if config.method is None:
             continue
         for baseline in baselines_for(config.method, compare):
-            other = by_name.get(f"{baseline}@{config.keep}")
+            other = by_name.get(f"{baseline}@{config.keep_label}")
             if other is None:
                 continue
             shared = sorted(set(records) & set(other[1]))
             if not shared:
                 continue
             diff, half = _mean_ci([100 * (records[i]["accuracy"] - other[1][i]["accuracy"]) for i in shared])
-            verdict = "win" if diff - half > 0 else "loss" if diff + half < 0 else "tie"
-            comparisons.append({"method": config.method, "baseline": baseline, "keep": config.keep, "n": len(shared),
-                                "difference": diff, "ci95": half, "verdict": verdict})
-    return {"num_questions": num_questions, "rows": rows, "comparisons": comparisons, "compare": list(compare)}
+            comparisons.append({"method": config.method, "baseline": baseline, "keep": config.keep_label, "n": len(shared),
+                                "difference": diff, "ci95": half, "verdict": _verdict(diff, half)})
+    return {"num_questions": num_questions, "rows": rows, "comparisons": comparisons, "compare": list(compare),
+            "budget_comparisons": budget_comparisons(list(by_name.values()))}
+
+
+def _verdict(difference: float, half: float) -> str:
+    return "win" if difference - half > 0 else "loss" if difference + half < 0 else "tie"
+
+
+def budget_comparisons(per_config: Sequence[tuple[Config, dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Each budget against a fixed ``k`` of the same method at the same mean query tokens.
+
+    A budget whose questions keep ``m`` tokens on average is compared with the fixed
+    counts ``lo <= m <= hi`` nearest to it (the unpruned model counts as ``k = Q``), mixed
+    with weight ``w = (m - lo) / (hi - lo)``: spending ``lo`` tokens on a ``1 - w`` share of
+    the questions and ``hi`` on the rest has mean ``m`` too. The difference is paired per
+    question: ``acc_budget - ((1 - w) acc_lo + w acc_hi)``, in points with a 95% CI. Run the
+    fixed counts ``floor(m)`` and ``ceil(m)`` (``catp eval --match-budgets``) for the
+    tightest comparison.
+
+    Args:
+        per_config: ``(config, {question id: record})`` of every config of the sweep.
+
+    Returns:
+        One dict per budget config with a bracketing pair of fixed counts measured.
+    """
+    by_method: dict[str, list[tuple[int, dict[str, dict[str, Any]]]]] = {}
+    unpruned = next(((config.keep, records) for config, records in per_config if config.method is None and records), None)
+    for config, records in per_config:
+        if config.method is not None and isinstance(config.keep, int) and records:
+            by_method.setdefault(config.method, []).append((config.keep, records))
+    out = []
+    for config, records in per_config:
+        if config.method is None or not isinstance(config.keep, Budget) or not records:
+            continue
+        fixed = sorted(by_method.get(config.method, []) + ([unpruned] if unpruned else []), key=lambda item: item[0])
+        mean = sum(_kept(config, r) for r in records.values()) / len(records)
+        below = [item for item in fixed if item[0] <= mean]
+        above = [item for item in fixed if item[0] >= mean]
+        if not below or not above:
+            continue
+        (lo, lo_records), (hi, hi_records) = below[-1], above[0]
+        weight = 0.0 if hi == lo else (mean - lo) / (hi - lo)
+        shared = sorted(set(records) & set(lo_records) & set(hi_records))
+        if not shared:
+            continue
+        diffs = [100 * (records[i]["accuracy"] - (1 - weight) * lo_records[i]["accuracy"] - weight * hi_records[i]["accuracy"])
+                 for i in shared]
+        difference, half = _mean_ci(diffs)
+        fixed_accuracy = sum(100 * ((1 - weight) * lo_records[i]["accuracy"] + weight * hi_records[i]["accuracy"])
+                             for i in shared) / len(shared)
+        out.append({"method": config.method, "budget": config.keep_label, "n": len(shared), "kept_mean": mean,
+                    "fixed_low": lo, "fixed_high": hi, "weight_high": weight, "accuracy": fixed_accuracy + difference,
+                    "fixed_accuracy": fixed_accuracy, "difference": difference, "ci95": half, "verdict": _verdict(difference, half)})
+    return out
+
+
+def _keep_columns(rows: Sequence[dict[str, Any]]) -> list[int | str]:
+    """Fixed counts, largest first, then budgets in the order they ran."""
+    pruned = [r for r in rows if r["method"] != UNPRUNED]
+    counts = sorted({r["keep"] for r in pruned if not r["budget"]}, reverse=True)
+    return counts + list(dict.fromkeys(r["keep"] for r in pruned if r["budget"]))
+
+
+def _kept_text(row: dict[str, Any]) -> str:
+    return (f"{row['kept_mean']:.2f} ({row['kept_min']} / {row['kept_p25']:g} / {row['kept_median']:g} / "
+            f"{row['kept_p75']:g} / {row['kept_max']})")
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    """Accuracy (± 95% CI half-width) per method and keep, with retention of the unpruned accuracy."""
+    """Accuracy (± 95% CI half-width) per method and keep, with retention of the unpruned accuracy;
+    for budgets, the kept tokens and the comparison with a fixed ``k`` at the same mean."""
     rows = summary["rows"]
-    keeps = sorted({r["keep"] for r in rows if r["method"] != UNPRUNED}, reverse=True)
+    keeps = _keep_columns(rows)
     lines = ["| method | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
     for r in rows:
         if r["method"] == UNPRUNED:
@@ -116,7 +212,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         for k in keeps:
             r = cell.get((method, k))
             retention = f" ({r['retention_pct']:.1f}%)" if r is not None and "retention_pct" in r else ""
-            cells.append("" if r is None else f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{retention}")
+            mean = f", {r['kept_mean']:.1f} tokens" if r is not None and r["budget"] else ""
+            cells.append("" if r is None else f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{retention}{mean}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
         lines += ["", "Paired differences, method minus baseline (percentage points, ± 95% CI), with the ratio (×):", "",
@@ -131,6 +228,22 @@ def markdown_table(summary: dict[str, Any]) -> str:
                     cells.append("" if c is None else f"{c['difference']:+.2f} ± {c['ci95']:.2f} **{c['verdict']}**{ratio}")
                 if any(cells):
                     lines.append(f"| {method} | {baseline} | " + " | ".join(cells) + " |")
+    budgets = [r for r in rows if r["budget"]]
+    if budgets:
+        versus = {(c["method"], c["budget"]): c for c in summary.get("budget_comparisons", [])}
+        lines += ["", "Per-sample budgets: query tokens fed to the LLM per question, mean (min / p25 / median / p75 / max), "
+                  "and the budget minus a fixed k of the same method at the same mean tokens (a mix of the two nearest "
+                  "measured counts; paired, percentage points ± 95% CI):", "",
+                  "| method | budget | kept tokens | accuracy | fixed k at the same mean | budget − fixed |", "|---|---|---|---|---|---|"]
+        for r in budgets:
+            c = versus.get((r["method"], r["keep"]))
+            if c is None:
+                fixed = difference = "no measured fixed k on both sides of the mean"
+            else:
+                mix = str(c["fixed_low"]) if c["fixed_low"] == c["fixed_high"] else f"{c['fixed_low']}–{c['fixed_high']} (w {c['weight_high']:.2f})"
+                fixed = f"{c['fixed_accuracy']:.2f} (k {mix})"
+                difference = f"{c['difference']:+.2f} ± {c['ci95']:.2f} **{c['verdict']}**"
+            lines.append(f"| {r['method']} | {r['keep']} | {_kept_text(r)} | {r['accuracy']:.2f} ± {r['ci95']:.2f} | {fixed} | {difference} |")
     incomplete = [r["config"] for r in rows if not r["complete"]]
     if incomplete:
         lines += ["", f"Incomplete (fewer than {summary['num_questions']} questions): {', '.join(incomplete)}."]
@@ -138,7 +251,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path, title: str = "") -> None:
-    """Accuracy against kept query tokens, one line per method (error bars: 95% CI)."""
+    """Accuracy against the mean query tokens fed to the LLM, one line per method over its fixed
+    counts and one marker per budget (error bars: 95% CI), so a budget reads against the fixed
+    ``k`` line at the same mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,16 +262,22 @@ def plot(summary: dict[str, Any], path: Path, title: str = "") -> None:
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != UNPRUNED):
-        points = sorted((r["keep"], r["accuracy"], r["ci95"]) for r in rows if r["method"] == method)
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
-                    label=method, linestyle="-" if method.startswith("catp") else "--")
+        points = sorted((r["kept_mean"], r["accuracy"], r["ci95"]) for r in rows if r["method"] == method and not r["budget"])
+        color = None
+        if points:
+            line = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
+                               label=method, linestyle="-" if method.startswith("catp") else "--")
+            color = line[0].get_color()
+        for r in (r for r in rows if r["method"] == method and r["budget"]):
+            ax.errorbar([r["kept_mean"]], [r["accuracy"]], yerr=[r["ci95"]], marker="*", markersize=11, capsize=3, linestyle="none",
+                        color=color, label=f"{method} {r['keep']}")
     for r in rows:
         if r["method"] == UNPRUNED:
             ax.axhline(r["accuracy"], color="black", linewidth=1, linestyle=":", label=f"unpruned ({r['keep']} tokens)")
     ax.set_xscale("log", base=2)
-    keeps = sorted({r["keep"] for r in rows})
+    keeps = sorted({r["keep"] for r in rows if not r["budget"]})
     ax.set_xticks(keeps, [str(k) for k in keeps])
-    ax.set_xlabel("query tokens kept")
+    ax.set_xlabel("query tokens fed to the LLM (mean per question)")
     ax.set_ylabel("VQA accuracy (%)")
     if title:
         ax.set_title(title)
