@@ -238,3 +238,34 @@ def test_instructblip_kept_sets_equal_select_queries():
     qformer = {k: v for k, v in inputs.items() if k.startswith("qformer_")}
     for name, result in ex.methods.items():
         assert torch.equal(result.kept, catp.select_queries(model, inputs["pixel_values"], method=name, keep=KEEP, **qformer)[0])
+
+
+def test_video_explanation_shows_frames_by_queries(tmp_path):
+    from tiny_models import FRAMES
+    from transformers import InstructBlipProcessor
+
+    blip2 = tiny_processor()
+    processor = InstructBlipProcessor(blip2.image_processor, blip2.tokenizer, blip2.tokenizer, num_query_tokens=NUM_QUERY)
+    model = tiny_model("instructblipvideo-llama")
+    frames = [sample_image(), sample_image().rotate(90), draw_sample_image(48)]
+    assert len(frames) == FRAMES
+    ex = catp.explain(model, processor, frames, QUESTION, methods=("catp", "l2norm"), keep=5)
+    assert ex.num_frames == FRAMES and ex.queries_per_frame == NUM_QUERY and ex.keep == 5
+    assert ex.cross_attention.shape[:2] == (len(catp.pruning.cross_attention_layers(model)), FRAMES * NUM_QUERY)
+    from catp.explain import _video_inputs
+
+    inputs = _video_inputs(model, processor, frames, DEFAULT_PROMPT.format(QUESTION))
+    assert inputs["pixel_values"].shape[:2] == (1, FRAMES) and (inputs["input_ids"] == IMAGE_TOKEN).sum() == FRAMES * NUM_QUERY
+    qformer = {k: v for k, v in inputs.items() if k.startswith("qformer_")}
+    for name, result in ex.methods.items():
+        assert result.scores.shape == (FRAMES * NUM_QUERY,)
+        assert torch.equal(result.kept, catp.select_queries(model, inputs["pixel_values"], method=name, keep=5, **qformer)[0])
+    figure = draw_explanation(ex, tmp_path / "video.png")
+    # Header (2), one map per token of every frame, one bar chart per method.
+    assert len(figure.axes) == 2 + FRAMES * NUM_QUERY + 2
+    titles = [ax.get_title() for ax in figure.axes]
+    assert any(t.startswith(f"f{FRAMES - 1} q{NUM_QUERY - 1}") for t in titles)
+    per_frame = catp.explain(model, processor, frames, QUESTION, methods=("catp",), keep=2, scope="frame")
+    assert per_frame.keep == 2 * FRAMES
+    with pytest.raises(TypeError, match="sequence of frames"):
+        catp.explain(model, processor, sample_image(), QUESTION)

@@ -11,6 +11,10 @@ Two steps, so that notebooks can draw their own figures:
   frame per method that kept it (and, for a selector, the number of its pick), and one bar
   chart per method: a scorer's scores, or a selector's picks in the order it made them.
 
+For an InstructBLIP-Video model ``image`` is a sequence of frames: the maps form a grid of
+frames x queries (one block of rows per frame, over that frame), and indices are flat over
+the ``T*Q`` tokens, frame-major, as :attr:`catp.PruningSession.keep_indices`.
+
 ``catp explain`` (:func:`explain_command`) does both on the embedded reference model and a
 built-in sample image by default. Notation: ``Q`` query tokens, ``L`` cross-attention
 layers, ``H`` heads, ``N = 1 + gh * gw`` image tokens (CLS first), ``k`` kept tokens.
@@ -36,7 +40,15 @@ from torch import nn
 
 from catp.protocol import PAPER_PROMPT
 from catp.methods import PruningMethod, get_method
-from catp.pruning import check_model, cross_attention_layers, eager_qformer, pruned, resolve_keep
+from catp.pruning import (
+    check_model,
+    cross_attention_layers,
+    eager_qformer,
+    is_video_model,
+    placeholder_token_id,
+    pruned,
+    resolve_keep,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,15 +120,18 @@ class Explanation:
     """The data behind a ``catp explain`` figure, for one image and one question.
 
     Attributes:
-        image: the RGB input image (the model sees it resized to a square).
+        image: the RGB input image (the model sees it resized to a square); for a video, its
+            frames side by side.
         question: the question asked.
         prompt: the text given to the model.
-        keep: tokens kept per method.
-        cross_attention: ``(L, Q, gh, gw)`` float32: each cross-attention layer's
+        keep: tokens kept per method (all frames', for a video).
+        cross_attention: ``(L, T*Q, gh, gw)`` float32: each cross-attention layer's
             probabilities from each query token to each image patch, averaged over heads,
-            CLS dropped, on the patch grid (row-major, as the ViT orders patches).
-        answer: the model's answer with all ``Q`` tokens.
+            CLS dropped, on the patch grid (row-major, as the ViT orders patches). Tokens are
+            frame-major; ``T = 1`` for an image.
+        answer: the model's answer with all ``T*Q`` tokens.
         methods: per method name, in the order asked.
+        frames: a video's frames (empty for an image).
     """
 
     image: Image.Image
@@ -126,11 +141,22 @@ class Explanation:
     cross_attention: torch.Tensor
     answer: str
     methods: dict[str, MethodExplanation] = field(default_factory=dict)
+    frames: tuple[Image.Image, ...] = ()
 
     @property
     def num_queries(self) -> int:
-        """``Q``."""
+        """``T*Q``: every query token of every frame."""
         return int(self.cross_attention.shape[1])
+
+    @property
+    def num_frames(self) -> int:
+        """``T`` (1 for an image)."""
+        return max(1, len(self.frames))
+
+    @property
+    def queries_per_frame(self) -> int:
+        """``Q``."""
+        return self.num_queries // self.num_frames
 
     @property
     def num_cross_layers(self) -> int:
@@ -183,8 +209,9 @@ def _capture_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:
-    """``L`` tensors ``(1, H, Q, N)`` -> ``(L, Q, gh, gw)``: head mean, CLS dropped, on the grid."""
-    stacked = torch.stack([a[0].mean(dim=0) for a in cross_attentions])  # (L, Q, N)
+    """``L`` tensors ``(T, H, Q, N)`` (one sample's frames; ``T = 1`` for an image) ->
+    ``(L, T*Q, gh, gw)``: head mean, CLS dropped, on the grid, frame-major."""
+    stacked = torch.stack([a.mean(dim=1).flatten(0, 1) for a in cross_attentions])  # (L, T*Q, N)
     patches = stacked[..., 1:]
     side = math.isqrt(patches.shape[-1])
     if side * side != patches.shape[-1]:
@@ -208,11 +235,11 @@ def _load_image(image: Image.Image | str | Path) -> Image.Image:
 
 
 def _check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
-                 keep: int | float, prompt: str = DEFAULT_PROMPT) -> tuple[list[PruningMethod], int]:
+                 keep: int | float, prompt: str = DEFAULT_PROMPT) -> list[PruningMethod]:
     """Check the arguments of :func:`explain` (all but the image) before anything runs.
 
     Returns:
-        The methods, resolved, and ``keep`` as a token count.
+        The methods, resolved. (A video model's ``keep`` is checked once its frames are known.)
 
     Raises:
         ValueError, TypeError: the argument at fault, named in the message.
@@ -230,18 +257,53 @@ def _check_inputs(model: nn.Module, question: str, methods: Sequence[str | Pruni
         raise ValueError(f"each method may appear once, got {names}")
     if not isinstance(prompt, str) or prompt.count("{}") != 1:
         raise ValueError(f"prompt must hold one '{{}}' for the question, got {prompt!r}")
-    return resolved, resolve_keep(keep, int(model.config.num_query_tokens))
+    if not is_video_model(model):
+        resolve_keep(keep, int(model.config.num_query_tokens))
+    return resolved
+
+
+def _video_inputs(model: nn.Module, processor: Any, frames: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
+    """One video's model inputs, built by hand: the stock video processor needs torchvision.
+
+    ``pixel_values`` ``(1, T, C, H, W)`` from ``processor.image_processor``; ``input_ids`` the
+    ``T*Q`` placeholders followed by the tokenised ``text``; the Q-Former instruction from
+    ``processor.qformer_tokenizer``.
+    """
+    missing = [name for name in ("image_processor", "tokenizer", "qformer_tokenizer") if getattr(processor, name, None) is None]
+    if missing:
+        raise TypeError(f"a video explanation needs a processor with an image_processor, a tokenizer and a qformer_tokenizer "
+                        f"(an InstructBlipProcessor), got {type(processor).__name__} without {', '.join(missing)}")
+    pixel_values = processor.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    text_ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    placeholders = torch.full((1, len(frames) * int(model.config.num_query_tokens)), placeholder_token_id(model))
+    input_ids = torch.cat([placeholders, text_ids], dim=1)
+    instruction = processor.qformer_tokenizer(text, return_tensors="pt")
+    return {"pixel_values": pixel_values[None], "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "qformer_input_ids": instruction["input_ids"], "qformer_attention_mask": instruction["attention_mask"]}
+
+
+def _side_by_side(frames: Sequence[Image.Image]) -> Image.Image:
+    """Frames in a row, each resized to the first one's height."""
+    height = frames[0].height
+    resized = [f.resize((max(1, round(f.width * height / f.height)), height)) for f in frames]
+    strip = Image.new("RGB", (sum(f.width for f in resized), height), "white")
+    x = 0
+    for f in resized:
+        strip.paste(f, (x, 0))
+        x += f.width
+    return strip
 
 
 def explain(
     model: nn.Module,
     processor: Any,
-    image: Image.Image | str | Path,
+    image: Image.Image | str | Path | Sequence[Image.Image | str | Path],
     question: str,
     methods: Sequence[str | PruningMethod] = DEFAULT_METHODS,
     keep: int | float = 8,
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 10,
+    scope: str | None = None,
 ) -> Explanation:
     """Run ``model`` on one image and question, unpruned and under each method.
 
@@ -250,22 +312,32 @@ def explain(
     they are the library's own, and equal :func:`catp.select_queries`.
 
     Args:
-        model: a BLIP-2 / InstructBLIP model.
-        processor: its processor (``Blip2Processor`` / ``InstructBlipProcessor``).
-        image: a PIL image or an image file path.
+        model: a BLIP-2 / InstructBLIP / InstructBLIP-Video model.
+        processor: its processor (``Blip2Processor`` / ``InstructBlipProcessor``; for video, an
+            ``InstructBlipProcessor`` whose image processor prepares each frame).
+        image: a PIL image or an image file path; for video, a sequence of them (the frames).
         question: the question; put into ``prompt`` (which has one ``{}``).
         methods: method names from :data:`catp.METHODS` or method instances, each once.
         keep: as in :func:`catp.pruned`: an int count or a float fraction.
         max_new_tokens: answer length limit.
+        scope: as in :func:`catp.pruned` (video models only).
 
     Returns:
         An :class:`Explanation`.
     """
-    resolved, k = _check_inputs(model, question, methods, keep, prompt)
-    rgb = _load_image(image)
+    resolved = _check_inputs(model, question, methods, keep, prompt)
     text = prompt.format(question.strip())
-
-    inputs = processor(images=rgb, text=text, return_tensors="pt").to(model.device)
+    if is_video_model(model):
+        if isinstance(image, (Image.Image, str, Path)) or not isinstance(image, Sequence) or not image:
+            raise TypeError(f"a video model takes a non-empty sequence of frames (PIL images or paths), got {type(image).__name__}")
+        frames = [_load_image(frame) for frame in image]
+        rgb = _side_by_side(frames)
+        inputs = _video_inputs(model, processor, frames, text)
+    else:
+        frames = []
+        rgb = _load_image(image)
+        inputs = processor(images=rgb, text=text, return_tensors="pt")
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
 
@@ -283,9 +355,9 @@ def explain(
             raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one Q-Former run)")
         results: dict[str, MethodExplanation] = {}
         for method in resolved:
-            with pruned(model, method=method, keep=k) as session:
+            with pruned(model, method=method, keep=keep, scope=scope) as session:
                 method_answer = answer(model.generate(**inputs, **generate_kwargs))
-            assert session.keep_indices is not None and session.pick_order is not None
+            assert session.keep_indices is not None and session.pick_order is not None and session.keep_counts is not None
             results[method.name] = MethodExplanation(
                 name=method.name,
                 scores=None if session.scores is None else session.scores[0].float().cpu(),
@@ -295,8 +367,8 @@ def explain(
                 map_layers=_map_layers(method, num_layers),
             )
     return Explanation(
-        image=rgb, question=question.strip(), prompt=text, keep=k,
-        cross_attention=_patch_grid(captured), answer=unpruned, methods=results,
+        image=rgb, question=question.strip(), prompt=text, keep=int(session.keep_counts[0]),
+        cross_attention=_patch_grid(captured), answer=unpruned, methods=results, frames=tuple(frames),
     )
 
 
@@ -317,6 +389,12 @@ def _heat_colours(values: Any) -> Any:
     return rgba
 
 
+def _token_label(index: int, per_frame: int, num_frames: int) -> str:
+    """``q5`` for an image; ``f1 q5`` (frame 1, query 5) for the flat index of a video token."""
+    frame, query = divmod(index, per_frame)
+    return f"q{query}" if num_frames == 1 else f"f{frame} q{query}"
+
+
 def method_colours(names: Sequence[str]) -> dict[str, str]:
     """The colour of each method in a figure, by its position in ``names``."""
     return {name: _METHOD_COLOURS[i % len(_METHOD_COLOURS)] for i, name in enumerate(names)}
@@ -326,9 +404,11 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
     """Draw an :class:`Explanation`; save it to ``path`` (PNG, ...) when given.
 
     Panels (``fig.axes``, in this order): the image; the answers; for each distinct set of
-    layers the methods read, ``Q`` maps; one score bar chart per method. So the figure has
-    ``2 + Q * groups + len(methods)`` axes (``groups`` is 1 unless a method reads all
-    cross-attention layers and another only the last).
+    layers the methods read, a grid of maps (``Q`` of them in rows of 8, or for a video one
+    such block per frame: frames x queries); one score bar chart per method. So the figure has
+    ``2 + cells * groups + len(methods)`` axes, ``cells`` the grid's size (``Q`` when ``Q`` is a
+    multiple of 8, ``T*Q`` for a video), ``groups`` 1 unless a method reads all
+    cross-attention layers and another only the last.
 
     Each map is one query token's head-averaged cross-attention, min-max scaled on its own
     (so each shows where that token looks), overlaid on the image and upsampled to it patch
@@ -346,8 +426,10 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
     for m in methods:
         groups.setdefault(m.map_layers, []).append(m)
     num_queries, num_layers = explanation.num_queries, explanation.num_cross_layers
-    rows, cols = _grid_shape(num_queries)
-    grey = explanation.image.convert("L")
+    num_frames, per_frame = explanation.num_frames, explanation.queries_per_frame
+    frame_rows, cols = _grid_shape(per_frame)
+    rows = frame_rows * num_frames  # one block of rows per frame: frames x queries
+    greys = [frame.convert("L") for frame in explanation.frames or (explanation.image,)]
 
     # Heights in inches: header, each map grid (title + rows), each bar chart.
     tile = 1.45
@@ -378,15 +460,17 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
         maps = (maps - low) / (maps.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
         kept_by = {q: [m for m in members if q in m.kept.tolist()] for q in range(num_queries)}
         axes = grid_fig.subplots(rows, cols, squeeze=False).flatten()
-        for q, ax in enumerate(axes):
+        for cell, ax in enumerate(axes):
             ax.set_xticks([])
             ax.set_yticks([])
-            if q >= num_queries:
+            frame, slot = divmod(cell, frame_rows * cols)
+            if slot >= per_frame:
                 ax.set_visible(False)
                 continue
+            q = frame * per_frame + slot
             # Grey image under the heat map, so that the map's colours are not mixed with the image's; the map's
             # opacity follows its value, so the image stays visible where the token does not look.
-            ax.imshow(grey, extent=(0, 1, 0, 1), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(greys[frame], extent=(0, 1, 0, 1), cmap="gray", vmin=0, vmax=255)
             ax.imshow(_heat_colours(maps[q].numpy()), extent=(0, 1, 0, 1), interpolation="nearest")
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -400,11 +484,13 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
                         fontsize=8, fontweight="bold", color="white",
                         bbox=dict(boxstyle="round,pad=0.15", facecolor=colours[selector.name], edgecolor="none"))
             tags = "+".join(m.name for m in kept_by[q])
-            ax.set_title(f"q{q}" + (f"  {tags}" if tags else ""), fontsize=8, fontweight="bold" if tags else "normal",
+            ax.set_title(_token_label(q, per_frame, num_frames) + (f"  {tags}" if tags else ""), fontsize=8,
+                         fontweight="bold" if tags else "normal",
                          color=colours[kept_by[q][0].name] if len(kept_by[q]) == 1 else "black")
+        by_frame = f"\none block of rows per video frame: {num_frames} frames x {per_frame} queries" if num_frames > 1 else ""
         grid_fig.suptitle(
             f"Where each query token looks (a frame = kept by that method)\n{_layers_label(layers, num_layers)}, mean over "
-            "heads; each map scaled to its own range, bright = more attention", fontsize=11,
+            f"heads; each map scaled to its own range, bright = more attention{by_frame}", fontsize=11,
         )
         grid_fig.legend(handles=[Patch(facecolor="none", edgecolor=colours[m.name], linewidth=3, label=f"kept by {m.name}")
                                  for m in members], loc="outside lower center", ncols=len(members), fontsize=10, frameon=False)
@@ -413,8 +499,11 @@ def draw_explanation(explanation: Explanation, path: str | Path | None = None) -
     for bar_fig, m in zip(bar_figs, methods):
         ax = bar_fig.subplots()
         (_pick_bars if m.is_selector else _score_bars)(ax, m, colours[m.name], num_queries)
-        ax.set_xticks(range(num_queries), [f"q{q}" for q in range(num_queries)], fontsize=7, rotation=90)
+        ax.set_xticks(range(num_queries), [_token_label(q, per_frame, num_frames) for q in range(num_queries)], fontsize=7,
+                      rotation=90)
         ax.set_xlim(-0.6, num_queries - 0.4)
+        for boundary in range(per_frame, num_queries, per_frame):
+            ax.axvline(boundary - 0.5, color="black", linewidth=0.8, linestyle=":")
         ax.tick_params(axis="y", labelsize=8)
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -525,6 +614,8 @@ def _load_model(name: str | None) -> tuple[nn.Module, Any]:
 def explain_command(
     out: Path = typer.Option(..., "--out", help="Where to write the figure (.png, .pdf, .svg)."),
     image: Path | None = typer.Option(None, "--image", help="Image file. Default: the built-in sample image."),
+    frames: str | None = typer.Option(None, "--frames", help="Video models (InstructBLIP-Video): comma-separated frame image files."),
+    scope: str | None = typer.Option(None, "--scope", help="Video models: keep counts over all frames' tokens (video, default) or per frame."),
     question: str | None = typer.Option(None, "--question", help=f"Question. Default with the sample image: {SAMPLE_QUESTION!r}."),
     model: str | None = typer.Option(None, "--model", help="Model directory or hub id. Default: the embedded reference model."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods", help="Comma-separated methods (see `catp methods`)."),
@@ -535,22 +626,29 @@ def explain_command(
     """Show which query tokens each method keeps, and what each token looks at in the image."""
     from catp.cli import INPUT_ERRORS, user_input
 
-    if image is not None and question is None:
-        raise typer.BadParameter("give the --question to ask about --image", param_hint="--question")
+    if (image is not None or frames is not None) and question is None:
+        raise typer.BadParameter("give the --question to ask about --image / --frames", param_hint="--question")
+    if image is not None and frames is not None:
+        raise typer.BadParameter("give --image (an image model) or --frames (a video model), not both")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     with user_input(param="--methods"):  # before the model loads; _check_inputs checks the rest
         for name in names:
             get_method(name)
     with user_input(param="--keep"):
         keep_value = _parse_keep(keep)
-    with user_input(param="--image"):
-        picture = sample_image() if image is None else _load_image(image)
+    with user_input(param="--image" if frames is None else "--frames"):
+        if frames is not None:
+            picture: Any = [_load_image(Path(f.strip())) for f in frames.split(",") if f.strip()]
+        else:
+            picture = sample_image() if image is None else _load_image(image)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         loaded, processor = _load_model(model)
+    if is_video_model(loaded) != (frames is not None):
+        raise typer.BadParameter("a video model takes --frames; an image model takes --image")
     with user_input():
         _check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
     explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, scope=scope)
     figure = draw_explanation(explanation, out)
     typer.echo(f"unpruned: {explanation.answer!r}")
     for m in explanation.methods.values():

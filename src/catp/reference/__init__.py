@@ -34,16 +34,20 @@ def load(model: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
 
     Returns:
         ``(model in eval mode, processor)``. The model class follows the config
-        (``Blip2ForConditionalGeneration`` / ``InstructBlipForConditionalGeneration``).
+        (``Blip2ForConditionalGeneration`` / ``InstructBlipForConditionalGeneration`` /
+        ``InstructBlipVideoForConditionalGeneration``; the stock video processor needs torchvision).
     """
     if model is not None and not isinstance(model, (str, Path)):
         raise TypeError(f"model must be a path or hub id, got {type(model).__name__}")
-    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from catp.bench.archs import model_class
 
     source = str(reference_model_path() if model is None else model)
     config = AutoConfig.from_pretrained(source)
-    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration}
-    if config.model_type not in classes:
-        raise ValueError(f"{source} is a {config.model_type!r} model; catp supports {sorted(classes)}")
-    loaded = classes[config.model_type].from_pretrained(source, **kwargs).eval()
+    try:
+        cls = model_class(config.model_type)
+    except ValueError:
+        raise ValueError(f"{source} is a {config.model_type!r} model; catp supports BLIP-2, InstructBLIP and InstructBLIP-Video") from None
+    loaded = cls.from_pretrained(source, **kwargs).eval()
     return loaded, AutoProcessor.from_pretrained(source)
