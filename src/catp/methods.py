@@ -287,7 +287,11 @@ class SelfAttn(PruningMethod):
 
 @dataclass
 class First(PruningMethod):
-    """Reference: keep the first ``k`` query tokens."""
+    """Reference: keep the first ``k`` query tokens.
+
+    Each frame of a video is scored as an image, so over a whole video (ties to the lower
+    flat index) it keeps query 0 of every frame, then query 1, and so on.
+    """
 
     name: ClassVar[str] = "first"
     carries_budget: ClassVar[bool] = False
