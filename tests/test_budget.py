@@ -241,3 +241,15 @@ def test_budget_min_above_the_tokens():
     with catp.pruned(video, keep=Budget(mass=0.8, min=NUM_QUERY + 1)) as session:  # over T*Q: fine
         session.model.generate(**tiny_inputs("instructblipvideo-llama"), max_new_tokens=1)
     assert torch.all(session.keep_counts >= NUM_QUERY + 1)
+
+
+def test_budget_counts_table():
+    from catp.evaluation.budgets import budget_counts_table
+
+    model = tiny_model("blip2-opt")
+    pixel_values = tiny_inputs("blip2-opt", prompt_lengths=(1,) * 5)["pixel_values"]
+    rows = budget_counts_table(model, pixel_values, ["catp"], [Budget(fence=1.5), Budget(mass=1.0, min=2)], batch_size=2)
+    assert [(r["method"], r["budget"], r["images"]) for r in rows] == [("catp", "fence:1.5", 5), ("catp", "mass:1:min=2", 5)]
+    counts = catp.select_queries(model, pixel_values, keep=Budget(fence=1.5))
+    assert rows[0]["at_min"] == ((counts >= 0).sum(dim=1) == 1).float().mean().item()
+    assert all(r["kept_min"] >= 1 for r in rows) and rows[1]["kept_min"] >= 2
