@@ -230,3 +230,24 @@ def test_benchmark_runs_a_video_model_and_budgets():
     work = flops.Workload(2, max(kept), 4, 2, 1, instruction_tokens=3, frames=FRAMES)
     assert row["flops"] == flops.stage_flops(model.config, work).as_dict()
     assert results[("none", FRAMES * NUM_QUERY)]["flops"]["vision"] == flops.vision_flops(model.config.vision_config, 2 * FRAMES)
+
+
+def test_video_arch_builds_and_benchmarks_when_shrunk(monkeypatch):
+    """The instructblip-video-vicuna-7b path end to end (meta build, random fill, video inputs, a budget) at toy size."""
+    import catp.bench.archs as archs
+
+    monkeypatch.setattr(archs, "_VISION", dict(archs._VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=28))
+    monkeypatch.setattr(archs, "_QFORMER", dict(archs._QFORMER, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, encoder_hidden_size=32))
+    small_llama = dict(archs._VICUNA_7B, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4)
+    monkeypatch.setitem(archs._SPECS, "instructblip-video-vicuna-7b", ("instructblipvideo", small_llama, {"video_token_index": 32001}))
+    model = build_arch("instructblip-video-vicuna-7b", dtype="bf16")
+    assert type(model).__name__ == "InstructBlipVideoForConditionalGeneration"
+    assert flops.parameter_count(model.config)["total"] == sum(p.numel() for p in model.parameters())
+    settings = BenchSettings(prompt_tokens=3, new_tokens=2, beams=1, instruction_tokens=3, warmup=0, repeats=1, frames=2)
+    bench = Benchmark(model, "cpu", 2, settings)
+    results = bench.run(cases_for(["catp"], [16, catp.Budget(mass=0.8)], [1], bench.num_query_tokens))
+    assert [(r["method"], r["keep"]) for r in results] == [("none", 64), ("catp", 16), ("catp", "mass:0.8")]
+    assert all(r["frames"] == 2 and r["decode_steps"] == 1 for r in results)
