@@ -23,6 +23,9 @@ a positive one, so they read the same on every scorer. What they mean per method
 * ``first``, ``random``: their scores carry no information about the image, so a budget
   is refused (``ValueError``).
 
+``catp-layer``'s default layer weights depend on the keep fraction; under a budget they are
+those of ``max`` over the number of tokens (the keep-1/2 row without ``max``).
+
 The count is then clamped to ``[min, max]`` (``max=None``: every token).
 """
 

@@ -73,15 +73,22 @@ def resolve_keep(keep: int | float, num_tokens: int, of: str | None = None) -> i
     Args:
         of: what the ``num_tokens`` are, for error messages (default: the model's query tokens).
     """
-    _check_keep_type(keep, budget_ok=False)
+    _check_keep_value(keep)
     if isinstance(keep, int):
-        if not 1 <= keep <= num_tokens:
+        if keep > num_tokens:
             where = of or f"the model has {num_tokens} query tokens"
             raise ValueError(f"keep={keep} is out of range: {where}, keep 1..{num_tokens}")
         return keep
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} is out of range: a float keep is a fraction in (0, 1]")
     return max(1, round(keep * num_tokens))
+
+
+def _check_keep_value(keep: object) -> None:
+    """An int count ``>= 1`` or a float fraction in ``(0, 1]``; the upper bound of a count is the caller's."""
+    _check_keep_type(keep, budget_ok=False)
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep={keep} is out of range: keep at least 1 token")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep} is out of range: a float keep is a fraction in (0, 1]")
 
 
 def _check_keep_type(keep: object, budget_ok: bool = True) -> None:
@@ -626,7 +633,7 @@ def pruned(
         if scope != "video":
             keep.check_tokens(int(model.config.num_query_tokens))  # a min above Q fails here, not mid-call
     elif scope == "video":
-        resolve_keep(keep, 10**9)  # type and lower bound now; the upper bound T*Q once T is known
+        _check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
     else:
         keep = resolve_keep(keep, int(model.config.num_query_tokens))
     method.validate(len(cross_attention_layers(model)), keep if isinstance(keep, int) else None)
