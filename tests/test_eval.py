@@ -253,7 +253,7 @@ def test_eval_with_budgets(model_dir, jsonl_dataset, tmp_path):
                                       "--methods", "catp-all,first", "--keep", "mass:0.9,fence:0:max=3,6", "--match-budgets",
                                       "--num-beams", "1", "--max-new-tokens", "2", "--no-progress", "--batch-size", "4"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "first cannot carry a budget" in result.output
+    assert "method 'first' cannot carry a Budget" in result.output
     records = harness.read_predictions(out)
     configs = {name for name, _ in records}
     assert {"catp-all@mass:0.9", "catp-all@fence:0:max=3", "first@6"} <= configs and "first@mass:0.9" not in configs

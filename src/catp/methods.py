@@ -48,6 +48,7 @@ __all__ = [
     "DivPrune",
     "DART",
     "CATPDiverse",
+    "budget_refusal",
     "choose",
     "get_method",
 ]
@@ -106,7 +107,7 @@ class PruningMethod:
     Implement exactly one of them; :func:`choose` calls :meth:`select` when a subclass
     overrides it, :meth:`score` otherwise. ``carries_budget``: whether a scorer's scores say
     something about the image, so that a :class:`~catp.budget.Budget` can read a per-sample
-    count off them.
+    count off them (see :func:`budget_refusal`).
     """
 
     name: ClassVar[str]
@@ -421,6 +422,18 @@ class CATPDiverse(_OnTokens):
     def select(self, captures: Captures, k: int) -> torch.Tensor:
         votes = scoring.catp_scores(captures.cross_attentions)
         return scoring.catp_diverse_select(votes, self.tokens(captures), k, self.lam)
+
+
+def budget_refusal(method: PruningMethod) -> str | None:
+    """Why ``method`` cannot take a :class:`~catp.budget.Budget` (a per-sample count read off its
+    scores), or ``None`` when it can."""
+    if method.selects():
+        return (f"method {method.name!r} is a selector: it picks a fixed number of tokens itself and has no scores "
+                "for a Budget to read; give it a fixed keep")
+    if not method.carries_budget:
+        return (f"method {method.name!r} cannot carry a Budget: its scores say nothing about the image; "
+                "give it a fixed keep, or use a scoring method (catp, l2norm, ...)")
+    return None
 
 
 _REGISTRY: dict[str, type[PruningMethod]] = {

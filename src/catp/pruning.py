@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from catp.budget import Budget, keep_mask, mask_indices
-from catp.methods import Captures, PruningMethod, choose, get_method
+from catp.methods import Captures, PruningMethod, budget_refusal, choose, get_method
 
 __all__ = [
     "SCOPES",
@@ -624,12 +624,9 @@ def pruned(
     if method.selects() and scope == "video":
         raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
     if isinstance(keep, Budget):
-        if method.selects():
-            raise ValueError(f"method {method.name!r} is a selector: it picks a fixed number of tokens itself and has no "
-                             "scores for a Budget to read; give it a fixed keep")
-        if not method.carries_budget:
-            raise ValueError(f"method {method.name!r} cannot carry a Budget: its scores say nothing about the image; "
-                             "give it a fixed keep, or use a scoring method (catp, l2norm, ...)")
+        refusal = budget_refusal(method)
+        if refusal is not None:
+            raise ValueError(refusal)
         if scope != "video":
             keep.check_tokens(int(model.config.num_query_tokens))  # a min above Q fails here, not mid-call
     elif scope == "video":

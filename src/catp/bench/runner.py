@@ -79,7 +79,7 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int | Budget], batches: Se
     every count, so that target (a) covers the cost of a greedy selection as well as of scoring.
     A budget runs only with methods that can carry one.
     """
-    from catp.methods import METHODS, SELECTORS, get_method
+    from catp.methods import METHODS, SELECTORS, budget_refusal, get_method
 
     for method in methods:
         if method not in METHODS:
@@ -91,7 +91,7 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int | Budget], batches: Se
             wanted.append(BenchCase("catp", num_query_tokens, batch))
         for keep in keeps:
             if isinstance(keep, Budget):
-                wanted += [BenchCase(method, keep, batch) for method in methods if get_method(method).carries_budget]
+                wanted += [BenchCase(method, keep, batch) for method in methods if budget_refusal(get_method(method)) is None]
                 continue
             extra = ["first", *methods, *SELECTORS, "llm-only"] if check else list(methods)
             wanted += [BenchCase(method, keep, batch) for method in extra]

@@ -144,7 +144,7 @@ def eval_command(
     from catp.evaluation import harness, report
     from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
     from catp.evaluation.hf import parse_columns
-    from catp.methods import METHODS, get_method
+    from catp.methods import METHODS, budget_refusal, get_method
 
     # Everything the options name is checked before the model's weights load or a question runs.
     with user_input(param="--dtype"):
@@ -172,10 +172,10 @@ def eval_command(
     state = PartialState(cpu=device == "cpu")
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         net, processor, dtype = load_model(model_name, dtype, device or str(state.device))
-    no_budget = [m for m in chosen if any(isinstance(k, Budget) for k in keeps) and not get_method(m).carries_budget]
-    if no_budget and state.is_main_process:
-        typer.echo(f"note: {', '.join(no_budget)} cannot carry a budget (their scores say nothing about the image): "
-                   "run at the fixed counts only")
+    refusals = [budget_refusal(get_method(m)) for m in chosen] if any(isinstance(k, Budget) for k in keeps) else []
+    if state.is_main_process:
+        for refusal in filter(None, refusals):
+            typer.echo(f"note: {refusal}; it runs at the fixed counts only")
     manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), resolve_split(dataset, split),
                                     fraction, seed, limit, dtype, protocol, len(selected), config=config, columns=column_map)
     with user_input():  # an --out that holds another run

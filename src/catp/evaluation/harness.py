@@ -71,7 +71,7 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     Counts come first, largest first, then budgets in the given order. A budget is skipped
     for methods that cannot carry one (``first``, ``random``).
     """
-    from catp.methods import METHODS, get_method
+    from catp.methods import METHODS, budget_refusal, get_method
     from catp.pruning import resolve_keep
 
     unknown = [m for m in methods if m not in METHODS]
@@ -82,7 +82,7 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     for budget in budgets:
         budget.check_tokens(num_query_tokens)  # a min above the query tokens fails before anything runs
     configs = [Config(None, num_query_tokens)] + [Config(m, k) for m in methods for k in counts]
-    return configs + [Config(m, b) for m in methods for b in budgets if get_method(m).carries_budget]
+    return configs + [Config(m, b) for m in methods for b in budgets if budget_refusal(get_method(m)) is None]
 
 
 def matching_keeps(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_query_tokens: int) -> list[Config]:
