@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, IMAGE_TOKEN, NUM_QUERY, hand_built_generate, hand_built_inputs, tiny_inputs, tiny_model
+from tiny_models import FAMILIES, IMAGE_TOKEN, NUM_QUERY, hand_built_generate, hand_built_inputs, tiny_inputs, tiny_model, decoder_only
 
 import catp
 from catp.budget import Budget, fence_counts, keep_mask, mask_indices, mass_counts
@@ -110,9 +110,6 @@ def family(request):
 def model(family):
     return tiny_model(family)
 
-
-def decoder_only(model) -> bool:
-    return bool(model.config.use_decoder_only_language_model)
 
 
 def single(inputs: dict, i: int) -> dict:

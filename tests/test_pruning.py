@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BOS, FAMILIES, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model
+from tiny_models import BOS, FAMILIES, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model, decoder_only, qformer_inputs
 
 import catp
 from catp.pruning import kept_positions
@@ -22,17 +22,11 @@ def model(family):
     return tiny_model(family)
 
 
-def is_decoder_only(model) -> bool:
-    return bool(model.config.use_decoder_only_language_model)
-
-
-def qformer_inputs(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k.startswith("qformer_")}
 
 
 def new_tokens(model, inputs, output):
     """What generate added: decoder-only outputs start with the caller's input_ids."""
-    return output[:, inputs["input_ids"].shape[1]:] if is_decoder_only(model) else output
+    return output[:, inputs["input_ids"].shape[1]:] if decoder_only(model) else output
 
 
 def reference_generate(model, inputs: dict, keep_idx: torch.Tensor, **generate_kwargs) -> torch.Tensor:
@@ -75,7 +69,7 @@ def test_generate_returns_the_callers_prompt(model, family):
     inputs = tiny_inputs(family)
     with catp.pruned(model, keep=2):
         out = model.generate(**inputs, **GREEDY)
-    if is_decoder_only(model):
+    if decoder_only(model):
         assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
         assert out.shape[1] > inputs["input_ids"].shape[1]
 
@@ -132,7 +126,7 @@ def test_beam_search_with_several_returned_sequences(model, family):
     reference = reference_generate(model, inputs, session.keep_indices, **beams)
     assert out.shape[0] == 4
     assert torch.equal(new_tokens(model, inputs, out), reference)
-    if is_decoder_only(model):
+    if decoder_only(model):
         assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(2, dim=0))
 
 
@@ -187,7 +181,7 @@ def test_attention_implementations_and_clean_exit(model, family):
 
 def test_forward_logits_and_labels(model, family):
     inputs = tiny_inputs(family)
-    if is_decoder_only(model):
+    if decoder_only(model):
         labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, -100)
         labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
     else:
@@ -200,7 +194,7 @@ def test_forward_logits_and_labels(model, family):
     with catp.pruned(model, method="catp", keep=3) as session:
         out = model(**inputs, labels=labels)
     assert out.loss is not None and torch.isfinite(out.loss)
-    if is_decoder_only(model):
+    if decoder_only(model):
         assert out.logits.shape[:2] == inputs["input_ids"].shape  # the caller's positions
         positions = kept_positions(inputs["input_ids"], IMAGE_TOKEN, session.keep_indices, "left")
         assert positions.shape == (2, inputs["input_ids"].shape[1] - NUM_QUERY + 3) and torch.all(positions >= 0)

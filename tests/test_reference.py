@@ -114,14 +114,20 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_shipped_reference_has_blip2_shape(reference):
-    model, _ = reference
-    config = model.config
+def test_recipe_builds_blip2_shape():
+    from transformers import Blip2ForConditionalGeneration
+
+    from catp.reference.model import SIZES, build_config, build_tokenizer
+
+    config = build_config(SIZES["reference"], build_tokenizer(["Question: what color is the circle? Short answer: red"]))
     assert config.num_query_tokens == 32
     assert config.qformer_config.num_hidden_layers == 12 and config.qformer_config.cross_attention_frequency == 2
+    model = Blip2ForConditionalGeneration(config)
     assert len(catp.pruning.cross_attention_layers(model)) == 6
     grid = config.vision_config.image_size // config.vision_config.patch_size
     assert grid * grid + 1 == 257
+    assert model.vision_model.embeddings.position_embedding.shape[1] == 257
+    assert sum(p.numel() for p in model.parameters()) * 4 <= 25 * 2**20  # a checkpoint of at most 25 MB
 
 
 def test_itg_mask_lets_text_see_queries_and_earlier_text_only():

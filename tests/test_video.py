@@ -9,9 +9,11 @@ from tiny_models import (
     IMAGE_TOKEN,
     NUM_QUERY,
     VIDEO_FAMILIES,
+    decoder_only,
     hand_built_generate,
     tiny_inputs,
     tiny_model,
+    qformer_inputs,
 )
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
@@ -34,12 +36,6 @@ def model(family):
     return tiny_model(family)
 
 
-def decoder_only(model) -> bool:
-    return bool(model.config.use_decoder_only_language_model)
-
-
-def qformer_inputs(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k.startswith("qformer_")}
 
 
 def assert_matches_hand_built(model, inputs: dict, out, keep_indices: torch.Tensor) -> None:

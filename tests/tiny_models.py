@@ -128,3 +128,13 @@ def hand_built_generate(model, inputs: dict, sample: int, kept: list[int], **gen
     with torch.no_grad():
         return model.language_model.generate(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
                                              **generate_kwargs)
+
+
+def decoder_only(model) -> bool:
+    """Whether ``model``'s language model is decoder-only (OPT, LLaMA) rather than T5."""
+    return bool(model.config.use_decoder_only_language_model)
+
+
+def qformer_inputs(inputs: dict) -> dict:
+    """The InstructBLIP Q-Former inputs of a batch (empty for BLIP-2)."""
+    return {k: v for k, v in inputs.items() if k.startswith("qformer_")}

@@ -125,7 +125,7 @@ FLOORS: dict[str, tuple[str, float]] = {
 
 
 @app.command("floors")
-def floors_command(model: str | None = None, threads: int = 2, out: Path | None = None) -> None:
+def floors_command(model: str | None = None, threads: int = 2, out: Path | None = None, limit: int | None = None) -> None:
     """Check the reference model's floors: accuracy on both full test splits, query diversity, pruning matters.
 
     Greedy exact match with up to 5 new tokens; the diversity figures from
@@ -142,7 +142,7 @@ def floors_command(model: str | None = None, threads: int = 2, out: Path | None 
     torch.set_num_threads(threads)
     net, processor = load(model)
     started = time.perf_counter()
-    easy, scenes = task_examples("easy-vqa", "test"), task_examples("scenes", "test")
+    easy, scenes = task_examples("easy-vqa", "test", limit), task_examples("scenes", "test", limit)  # limit: quick checks only
     unpruned = {"easy-vqa": exact_match(answer(net, processor, easy), easy), "scenes": exact_match(answer(net, processor, scenes), scenes)}
     first4 = exact_match(answer(net, processor, scenes, "first", 4), scenes)
     images = list({e.image_id: e.image for e in easy}.values())[:500]
