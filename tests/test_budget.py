@@ -96,8 +96,13 @@ BUDGET = Budget(mass=0.9)
 
 
 def method_for(family: str) -> str:
-    """A method whose counts differ between the samples of ``tiny_inputs`` on ``family``."""
-    return "l2norm" if family == "blip2-t5" else "catp-all"
+    """A method whose counts differ between the samples of ``tiny_inputs`` on ``family``.
+
+    Not ``l2norm``: the tiny models' Q-Former outputs leave a LayerNorm with unit weights, so
+    every query has the same norm and its kept set is decided by float noise (which moves
+    with the thread count). ``catp``'s votes are integer rank sums.
+    """
+    return "catp" if family == "blip2-t5" else "catp-all"
 
 
 
@@ -134,8 +139,8 @@ def test_batched_budget_equals_one_by_one(model, family, layout):
             alone = model.generate(**one, **GREEDY)
             assert session.keep_counts.item() == counts[i] and torch.equal(session.keep_indices[0], kept[i, : counts[i]])
             new = alone.sequences[0, one["input_ids"].shape[1] if decoder_only(model) else 1 :]
-            assert torch.equal(out.sequences[i, prompt : prompt + new.shape[0]], new), f"sample {i}"
             if decoder_only(model) or layout == "pad-first":  # T5 moves with padding between image and text, even unpruned
+                assert torch.equal(out.sequences[i, prompt : prompt + new.shape[0]], new), f"sample {i}"
                 for batched, step in zip(out.logits, alone.logits):
                     assert torch.allclose(batched[i], step[0], atol=1e-4), f"sample {i}"
             reference = hand_built_generate(model, inputs, i, kept[i, : counts[i]].tolist(), **GREEDY)
