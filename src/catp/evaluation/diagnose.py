@@ -260,7 +260,7 @@ def diagnose(
         raise ValueError("diagnose needs at least one image")
     if object_masks is not None and len(object_masks) != len(images):
         raise ValueError(f"{len(object_masks)} object masks for {len(images)} images")
-    names = [catp.get_method(m).name if not isinstance(m, str) else m for m in methods]
+    names = list(methods)
     for name in names:
         catp.get_method(name)  # an unknown method fails before any work
     q = int(model.config.num_query_tokens)

@@ -52,7 +52,7 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
     """
     import torch
 
-    from catp.reference.train import optimizer_and_schedule, progress
+    from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
     sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6)
     length = max(len(s) for s in sequences)
@@ -82,11 +82,7 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
             logits = lm(input_ids=batch, attention_mask=mask, position_ids=offsets + torch.arange(width)).logits
             labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimization_step(loss, params, optimizer, scheduler)
             total += loss.item()
             steps += 1
             bar.update(1)

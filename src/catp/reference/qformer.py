@@ -66,7 +66,7 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
     from torch import nn
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
-    from catp.reference.train import optimizer_and_schedule, progress
+    from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
     q_config = copy.deepcopy(config.qformer_config)
     q_config.use_qformer_text_input = True
@@ -80,8 +80,9 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
     parts = [qformer, embeddings, vision_projection, text_projection, lm_head]
     params = [model.query_tokens, log_temperature, *(p for part in parts for p in part.parameters())]
 
-    tokens = tokenizer(captions, add_special_tokens=True, padding=True, return_tensors="pt")  # [BOS] caption, right padding below
-    ids, mask = _right_pad(tokens["input_ids"], tokens["attention_mask"], tokenizer)
+    # [BOS] caption, padded on the right (the tokenizer pads on the left for generation).
+    tokens = tokenizer(captions, add_special_tokens=True, padding=True, padding_side="right", return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     caption_ids = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(captions))}[c] for c in captions])  # equal captions match
     n = len(captions)
     steps_per_epoch = math.ceil(n / settings.stage1_batch_size)
@@ -116,11 +117,7 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
             match = match / match.sum(1, keepdim=True)
             itc = (nn.functional.cross_entropy(similarity, match) + nn.functional.cross_entropy(similarity.t(), match)) / 2
             loss = itc + itg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimization_step(loss, params, optimizer, scheduler)
             sums += torch.tensor([itc.item(), itg.item()])
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, itc=f"{sums[0] / (step + 1):.3f}", itg=f"{sums[1] / (step + 1):.3f}")
@@ -133,15 +130,3 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
         raise RuntimeError(f"stage-1 Q-Former does not match the model's: missing {missing}, unexpected {text_only}")
     return mean
 
-
-def _right_pad(ids, mask, tokenizer):
-    """The tokenizer pads on the left (for generation); stage 1 wants text at position 0."""
-    import torch
-
-    out_ids = torch.full_like(ids, tokenizer.pad_token_id)
-    out_mask = torch.zeros_like(mask)
-    for i in range(len(ids)):
-        row = ids[i][mask[i].bool()]
-        out_ids[i, : len(row)] = row
-        out_mask[i, : len(row)] = 1
-    return out_ids, out_mask

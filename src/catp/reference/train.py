@@ -195,6 +195,17 @@ def optimizer_and_schedule(params: list, lr: float, total_steps: int, weight_dec
     return optimizer, scheduler
 
 
+def optimization_step(loss, params: list, optimizer, scheduler, max_norm: float = 1.0) -> None:
+    """Backpropagate ``loss``, clip the gradients of ``params`` to ``max_norm``, step the optimizer and the schedule."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+
+
 def _logger(out: Path) -> logging.Logger:
     log = logging.getLogger(f"catp.reference.train.{out}")
     log.setLevel(logging.INFO)
@@ -309,11 +320,7 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
                 loss = ce(shape_logits[labelled], target[labelled, 0]) + ce(logits[labelled, len(SHAPES) :], target[labelled, 1]) if labelled.any() else 0
                 patch = dense_heads(out.last_hidden_state[:, 1:])  # (B, P, 4 + 9)
                 loss = loss + ce(patch[..., : 1 + len(SHAPES)].flatten(0, 1), maps[idx, 0].flatten()) + ce(patch[..., 1 + len(SHAPES) :].flatten(0, 1), maps[idx, 1].flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
+                optimization_step(loss, params, optimizer, scheduler)
                 correct += int((shape_logits.argmax(-1) == target[:, 0])[labelled].sum())
                 seen += int(labelled.sum())
                 done += 1
@@ -483,11 +490,7 @@ def generative_stage(
             q = queries.shape[1]
             # Position q + t - 1 predicts text token t.
             loss = torch.nn.functional.cross_entropy(logits[:, q - 1 : -1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimization_step(loss, params, optimizer, scheduler)
             loss_sum += loss.item()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / (step + 1):.3f}")
@@ -517,8 +520,12 @@ class _Stages:
         self.folder, self.settings, self.model, self.log = folder, settings, model, log
         folder.mkdir(parents=True, exist_ok=True)
 
-    def tensor(self, name: str, fields: tuple[str, ...], compute):
-        """``compute()``'s tensor, saved as stage ``name`` (reused while ``fields`` are unchanged)."""
+    def _cached(self, name: str, fields: tuple[str, ...], compute) -> dict:
+        """The tensors saved as stage ``name`` if its settings are unchanged, else ``compute()``'s, saved.
+
+        ``fields``: prefixes of the settings this stage depends on, its own and those of the
+        stages whose results it reads (e.g. ``("vision_", "stage1_")``).
+        """
         import json
 
         from safetensors.torch import load_file, save_file
@@ -527,35 +534,27 @@ class _Stages:
         path, stamp_path = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
         if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
             self.log.info("%s: resumed from %s", name, path)
-            return load_file(path)["tensor"]
-        value = compute()
-        save_file({"tensor": value.contiguous()}, str(path))
+            return load_file(path)
+        tensors = compute()
+        save_file(tensors, str(path))
         stamp_path.write_text(stamp)
-        return value
+        return tensors
+
+    def tensor(self, name: str, fields: tuple[str, ...], compute):
+        """``compute()``'s tensor, saved as stage ``name``."""
+        return self._cached(name, fields, lambda: {"tensor": compute().contiguous()})["tensor"]
 
     def run(self, name: str, prefixes: tuple[str, ...], fields: tuple[str, ...], train) -> None:
-        """Load stage ``name``'s weights (parameters whose names start with ``prefixes``) if saved with the same settings, else ``train()`` and save them.
+        """Stage ``name``'s weights (parameters whose names start with ``prefixes``): loaded if saved, else ``train()``-ed and saved."""
 
-        ``fields``: prefixes of the settings this stage depends on, its own and those of
-        the stages whose results it reads (e.g. ``("vision_", "stage1_")``).
-        """
-        import json
+        def trained() -> dict:
+            train()
+            # clone: tied weights share memory, which safetensors refuses
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k.startswith(prefixes)}
 
-        from safetensors.torch import load_file, save_file
-
-        depends = {k: v for k, v in asdict(self.settings).items() if k in self.COMMON or k.startswith(fields)}
-        stamp = json.dumps(depends, sort_keys=True)
-        path, stamp_path = self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
-        if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
-            unknown = self.model.load_state_dict(load_file(path), strict=False).unexpected_keys
-            if unknown:
-                raise RuntimeError(f"{path} holds unknown weights {unknown[:3]}")
-            self.log.info("%s: resumed from %s", name, path)
-            return
-        train()
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k.startswith(prefixes)}  # clone: tied weights share memory
-        save_file(state, str(path))
-        stamp_path.write_text(stamp)
+        unknown = self.model.load_state_dict(self._cached(name, fields, trained), strict=False).unexpected_keys
+        if unknown:
+            raise RuntimeError(f"stage {name!r} holds unknown weights {unknown[:3]}")
 
 
 def _vocabulary_texts(train: ImageSet) -> list[str]:
