@@ -202,3 +202,21 @@ def test_validation_splits_are_disjoint_from_train():
     assert min(e.image_id for e in validation) == EASY_VQA_VALIDATION_FROM
     assert len(train) + len(validation) == 38_575
     assert scenes_split("validation", 5)[0].image.tobytes() != scenes_split("train", 5)[0].image.tobytes()
+
+
+def test_stage1_probe_reports_diversity_per_step_and_rejects_bad_variants():
+    from catp.reference.probe import ProbeSettings, probe_stage1
+
+    settings = ProbeSettings(steps=3, batch_size=4, every=2, train_images=8, eval_images=4, layers=2, objectives=("itc", "itg"), itg_from=1)
+    rows = probe_stage1(str(reference_model_path()), settings, report=lambda row: None)
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert rows[0]["itc"] is None and rows[1]["itc"] > 0 and rows[1]["itg"] > 0
+    for row in rows:
+        assert -1.0 <= row["pairwise"] <= row["nearest"] <= 1.0 + 1e-6
+        assert 1.0 <= row["rank"] <= 31.0
+        assert len(row["map_correlation"]) == 1  # 2 layers, cross-attention every 2nd
+    random_rows = probe_stage1(str(reference_model_path()), dataclasses.replace(settings, features="random", steps=1, objectives=("itc",)), report=lambda row: None)
+    assert random_rows[-1]["itg"] == 0.0
+    for bad in ({"features": "pixels"}, {"objectives": ("mlm",)}, {"objectives": ()}, {"steps": 0}):
+        with pytest.raises(ValueError, match="features|objectives|steps"):
+            dataclasses.replace(settings, **bad).check()

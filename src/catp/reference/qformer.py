@@ -26,7 +26,7 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["itg_mask", "pretrain_qformer"]
+__all__ = ["Stage1QFormer", "caption_batches", "itg_mask", "pretrain_qformer"]
 
 
 def itg_mask(num_queries: int, text_mask: Any):
@@ -46,6 +46,91 @@ def itg_mask(num_queries: int, text_mask: Any):
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
+class Stage1QFormer:
+    """The stage-1 training graph: a text-capable Q-Former and BLIP-2's ITC and ITG heads.
+
+    Built from the model's ``Blip2Config`` (``layers`` overrides the Q-Former depth, for
+    probes). ``parameters()`` are everything stage 1 trains except the query tokens.
+    """
+
+    def __init__(self, config, vocabulary_size: int, layers: int | None = None, dropout: float | None = None, initializer_range: float | None = None) -> None:
+        import copy
+
+        import torch
+        from torch import nn
+        from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+
+        q_config = copy.deepcopy(config.qformer_config)
+        q_config.use_qformer_text_input = True
+        q_config._attn_implementation = "sdpa"
+        if layers is not None:
+            q_config.num_hidden_layers = layers
+        if dropout is not None:
+            q_config.hidden_dropout_prob = q_config.attention_probs_dropout_prob = dropout
+        if initializer_range is not None:
+            q_config.initializer_range = initializer_range
+        width = q_config.hidden_size
+        self.num_queries = config.num_query_tokens
+        self.qformer = Blip2QFormerModel(q_config)
+        self.embeddings = Blip2TextEmbeddings(q_config)
+        self.vision_projection, self.text_projection = nn.Linear(width, width), nn.Linear(width, width)
+        self.lm_head = nn.Linear(width, vocabulary_size)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
+        self.parts = [self.qformer, self.embeddings, self.vision_projection, self.text_projection, self.lm_head]
+
+    def parameters(self) -> list:
+        return [self.log_temperature, *(p for part in self.parts for p in part.parameters())]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def losses(self, query_tokens, text, text_mask, image, caption_ids, itc: bool = True, itg: bool = True) -> tuple[Any, Any]:
+        """``(ITC, ITG)`` for one batch; a loss that is not asked for is ``None``.
+
+        Args:
+            query_tokens: ``(1, Q, D)``.
+            text: right-padded ``[BOS] caption`` ids ``(B, T)``; ``text_mask`` ``(B, T)``.
+            image: cached vision outputs ``(B, N, D)``.
+            caption_ids: ``(B,)``; rows with equal ids are matches for ITC.
+        """
+        import torch
+        from torch import nn
+
+        q = self.num_queries
+        queries = query_tokens.expand(len(text), -1, -1)
+        # ITG: queries see queries; text sees queries and earlier text.
+        joint = self.qformer(
+            query_embeds=self.embeddings(input_ids=text, query_embeds=queries), query_length=q,
+            attention_mask=itg_mask(q, text_mask), encoder_hidden_states=image,
+        ).last_hidden_state
+        itg_loss = itc_loss = None
+        if itg:
+            logits = self.lm_head(joint[:, q:-1])
+            labels = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
+            itg_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if itc:
+            # The query outputs of the ITG pass saw no text (the same as a queries-only pass).
+            image_embeds = nn.functional.normalize(self.vision_projection(joint[:, :q]), dim=-1)  # (B, Q, E)
+            text_out = self.qformer(query_embeds=self.embeddings(input_ids=text), query_length=0, attention_mask=text_mask).last_hidden_state
+            text_embeds = nn.functional.normalize(self.text_projection(text_out[:, 0]), dim=-1)  # (B, E)
+            similarity = torch.einsum("iqe,je->ijq", image_embeds, text_embeds).amax(dim=-1) / self.log_temperature.exp().clamp(min=1e-2)
+            match = (caption_ids[:, None] == caption_ids[None, :]).float()
+            match = match / match.sum(1, keepdim=True)
+            itc_loss = (nn.functional.cross_entropy(similarity, match) + nn.functional.cross_entropy(similarity.t(), match)) / 2
+        return itc_loss, itg_loss
+
+
+def caption_batches(tokenizer, captions: list[str]) -> tuple[Any, Any, Any]:
+    """``(ids, mask, caption_ids)``: ``[BOS] caption`` padded on the right, and one id per distinct caption."""
+    import torch
+
+    # The tokenizer pads on the left for generation; ITG reads captions left-aligned.
+    tokens = tokenizer(captions, add_special_tokens=True, padding=True, padding_side="right", return_tensors="pt")
+    caption_ids = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(captions))}[c] for c in captions])
+    return tokens["input_ids"], tokens["attention_mask"], caption_ids
+
+
 def pretrain_qformer(model, config, tokenizer, features, captions: list[str], settings: Any, log: logging.Logger, show: bool) -> float:
     """Train ``model.query_tokens`` and a text-capable copy of ``model.qformer`` with ITC + ITG.
 
@@ -60,36 +145,18 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
     Returns:
         The last epoch's mean loss (ITC + ITG).
     """
-    import copy
-
     import torch
-    from torch import nn
-    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
     from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
-    q_config = copy.deepcopy(config.qformer_config)
-    q_config.use_qformer_text_input = True
-    q_config._attn_implementation = "sdpa"
-    qformer = Blip2QFormerModel(q_config)
-    embeddings = Blip2TextEmbeddings(q_config)
-    width, q = q_config.hidden_size, config.num_query_tokens
-    vision_projection, text_projection = nn.Linear(width, width), nn.Linear(width, width)
-    lm_head = nn.Linear(width, len(tokenizer))
-    log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
-    parts = [qformer, embeddings, vision_projection, text_projection, lm_head]
-    params = [model.query_tokens, log_temperature, *(p for part in parts for p in part.parameters())]
-
-    # [BOS] caption, padded on the right (the tokenizer pads on the left for generation).
-    tokens = tokenizer(captions, add_special_tokens=True, padding=True, padding_side="right", return_tensors="pt")
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
-    caption_ids = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(captions))}[c] for c in captions])  # equal captions match
+    graph = Stage1QFormer(config, len(tokenizer))
+    params = [model.query_tokens, *graph.parameters()]
+    ids, mask, caption_ids = caption_batches(tokenizer, captions)
     n = len(captions)
     steps_per_epoch = math.ceil(n / settings.stage1_batch_size)
     optimizer, scheduler = optimizer_and_schedule(params, settings.stage1_lr, steps_per_epoch * settings.stage1_epochs)
     generator = torch.Generator().manual_seed(settings.seed + 8)
-    for part in parts:
-        part.train()
+    graph.train()
     bar = progress(steps_per_epoch * settings.stage1_epochs, "stage 1", show)
     mean = 0.0
     for epoch in range(settings.stage1_epochs):
@@ -98,35 +165,16 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
         for step, i in enumerate(range(0, n, settings.stage1_batch_size)):
             idx = order[i : i + settings.stage1_batch_size]
             width_t = int(mask[idx].sum(1).max())
-            text, text_mask, image = ids[idx, :width_t], mask[idx, :width_t], features[idx]
-            queries = model.query_tokens.expand(len(idx), -1, -1)
-            # ITG: queries see queries; text sees queries and earlier text.
-            joint = qformer(
-                query_embeds=embeddings(input_ids=text, query_embeds=queries), query_length=q,
-                attention_mask=itg_mask(q, text_mask), encoder_hidden_states=image,
-            ).last_hidden_state
-            logits = lm_head(joint[:, q:-1])
-            labels = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
-            itg = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            # ITC: the query outputs of the ITG pass saw no text (the same as a queries-only pass).
-            image_embeds = nn.functional.normalize(vision_projection(joint[:, :q]), dim=-1)  # (B, Q, E)
-            text_out = qformer(query_embeds=embeddings(input_ids=text), query_length=0, attention_mask=text_mask).last_hidden_state
-            text_embeds = nn.functional.normalize(text_projection(text_out[:, 0]), dim=-1)  # (B, E)
-            similarity = torch.einsum("iqe,je->ijq", image_embeds, text_embeds).amax(dim=-1) / log_temperature.exp().clamp(min=1e-2)
-            match = (caption_ids[idx, None] == caption_ids[None, idx]).float()
-            match = match / match.sum(1, keepdim=True)
-            itc = (nn.functional.cross_entropy(similarity, match) + nn.functional.cross_entropy(similarity.t(), match)) / 2
-            loss = itc + itg
-            optimization_step(loss, params, optimizer, scheduler)
+            itc, itg = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx])
+            optimization_step(itc + itg, params, optimizer, scheduler)
             sums += torch.tensor([itc.item(), itg.item()])
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, itc=f"{sums[0] / (step + 1):.3f}", itg=f"{sums[1] / (step + 1):.3f}")
         mean = float(sums.sum()) / (step + 1)
         log.info("stage 1 epoch %d/%d: ITC %.4f, ITG %.4f", epoch + 1, settings.stage1_epochs, sums[0] / (step + 1), sums[1] / (step + 1))
     bar.close()
-    missing, unexpected = model.qformer.load_state_dict(qformer.state_dict(), strict=False)
+    missing, unexpected = model.qformer.load_state_dict(graph.qformer.state_dict(), strict=False)
     text_only = [k for k in unexpected if ".intermediate." not in k and ".output." not in k]
     if missing or text_only:
         raise RuntimeError(f"stage-1 Q-Former does not match the model's: missing {missing}, unexpected {text_only}")
     return mean
-

@@ -1,0 +1,183 @@
+"""Stage-1 probe: what keeps the 32 queries apart, and what makes them collapse.
+
+A short stage 1 (``catp.reference.qformer``) on a variant of the recipe, with the query
+diversity of ``catp diagnose`` measured every ``--every`` steps on held-out scenes:
+pairwise and nearest-other-query cosine, effective rank, and the cross-attention map
+correlation of each cross-attention layer. It reads a finished run's vision tower (the
+``--model`` directory of ``catp train-reference``) and trains a fresh Q-Former; nothing is
+saved. docs/reference-model.md ("Why the queries collapse") has its results.
+
+    python -m catp.reference.probe --model runs/ref-v2 --steps 150 --objectives itc
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["ProbeSettings", "probe_stage1"]
+
+FEATURES = ("vit", "embeddings", "random")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """One variant of stage 1. The defaults are the recipe's (``TrainSettings``)."""
+
+    steps: int = 150
+    batch_size: int = 64
+    lr: float = 5e-4
+    #: Which of BLIP-2's stage-1 objectives to train ("itc", "itg" or both).
+    objectives: tuple[str, ...] = ("itc", "itg")
+    #: ITG joins at this step (a warm-up on ITC alone before it), with this weight.
+    itg_from: int = 0
+    itg_weight: float = 1.0
+    #: Q-Former depth, dropout, init range; std of the query tokens' init.
+    layers: int | None = None
+    dropout: float | None = None
+    initializer_range: float | None = None
+    query_std: float = 0.02
+    #: Image features the Q-Former reads: the frozen ViT's outputs (the recipe), its patch
+    #: embeddings only (no mixing across patches), or a frozen random patch projection (SPEC §8).
+    features: str = "vit"
+    train_images: int = 8000
+    eval_images: int = 200
+    every: int = 50
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f"unknown features {self.features!r}; choose from {list(FEATURES)}")
+        unknown = set(self.objectives) - {"itc", "itg"}
+        if unknown or not self.objectives:
+            raise ValueError(f"objectives must be itc and/or itg, got {list(self.objectives)}")
+        if min(self.steps, self.batch_size, self.train_images, self.eval_images, self.every) < 1:
+            raise ValueError("steps, batch size, image counts and --every must be >= 1")
+
+
+def _features(model, processor, images: list, kind: str, seed: int):
+    """``(N, 257, D)`` image features of ``kind`` (see :class:`ProbeSettings`)."""
+    import torch
+
+    from catp.reference.train import _pixels, encode_images, sincos_position_embeddings
+
+    if kind == "vit":
+        return encode_images(model, processor, images)
+    vision = model.vision_model
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            pixels = _pixels(processor, images[i : i + 256])
+            if kind == "embeddings":
+                out.append(vision.post_layernorm(vision.embeddings(pixels)))
+                continue
+            patch = vision.config.patch_size
+            grid = pixels.shape[-1] // patch
+            width = vision.config.hidden_size
+            projection = torch.randn(3 * patch * patch, width, generator=torch.Generator().manual_seed(seed)) / math.sqrt(3 * patch * patch)
+            patches = pixels.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(len(pixels), grid * grid, -1)
+            tokens = patches @ projection
+            tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + sincos_position_embeddings(grid, width)
+            out.append(torch.nn.functional.layer_norm(tokens, (width,)))
+    return torch.cat(out)
+
+
+def _diversity(graph, query_tokens, features) -> dict[str, Any]:
+    """Diagnose figures of the probe's Q-Former on held-out ``features``."""
+    import torch
+
+    from catp.evaluation.diagnose import effective_rank, map_correlation, query_cosine
+
+    qformer = graph.qformer
+    qformer.eval()
+    implementation = qformer.config._attn_implementation
+    qformer.config._attn_implementation = "eager"  # attention probabilities are returned by eager only
+    with torch.no_grad():
+        out = qformer(query_embeds=query_tokens.expand(len(features), -1, -1), encoder_hidden_states=features, output_attentions=True)
+    qformer.config._attn_implementation = implementation
+    graph.train()
+    pairwise, nearest = query_cosine(out.last_hidden_state)
+    return {
+        "pairwise": round(float(pairwise.mean()), 3),
+        "nearest": round(float(nearest.mean()), 3),
+        "rank": round(float(effective_rank(out.last_hidden_state).mean()), 2),
+        "map_correlation": [round(float(map_correlation(a).mean()), 2) for a in out.cross_attentions if a is not None],
+    }
+
+
+def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), report=print) -> list[dict[str, Any]]:
+    """Train a fresh stage-1 Q-Former on ``settings`` against ``model_dir``'s vision tower.
+
+    Returns one row per measurement (step 0, then every ``settings.every`` steps): the
+    mean ITC and ITG since the last row and the :func:`_diversity` figures. ``report``
+    gets each row as it is made.
+    """
+    import torch
+
+    from catp.reference import load
+    from catp.reference.qformer import Stage1QFormer, caption_batches
+    from catp.reference.train import _scene_images, optimization_step, optimizer_and_schedule
+
+    settings.check()
+    torch.manual_seed(settings.seed)
+    model, processor = load(model_dir)
+    train, held_out = _scene_images("train", settings.train_images), _scene_images("validation", settings.eval_images)
+    features = _features(model, processor, train.images, settings.features, settings.seed)
+    held_out_features = _features(model, processor, held_out.images, settings.features, settings.seed)
+    graph = Stage1QFormer(model.config, len(processor.tokenizer), settings.layers, settings.dropout, settings.initializer_range)
+    query_tokens = torch.nn.Parameter(torch.randn(1, model.config.num_query_tokens, graph.qformer.config.hidden_size) * settings.query_std)
+    params = [query_tokens, *graph.parameters()]
+    ids, mask, caption_ids = caption_batches(processor.tokenizer, train.captions)
+    optimizer, scheduler = optimizer_and_schedule(params, settings.lr, settings.steps)
+    rows = [{"step": 0, "itc": None, "itg": None, **_diversity(graph, query_tokens, held_out_features)}]
+    report(rows[-1])
+    sums, n = torch.zeros(2), len(train.captions)
+    graph.train()
+    for step in range(settings.steps):
+        idx = torch.arange(step * settings.batch_size, (step + 1) * settings.batch_size) % n
+        width = int(mask[idx].sum(1).max())
+        use_itg = "itg" in settings.objectives and step >= settings.itg_from
+        itc, itg = graph.losses(query_tokens, ids[idx, :width], mask[idx, :width], features[idx], caption_ids[idx],
+                                itc="itc" in settings.objectives, itg=use_itg)
+        loss = (itc if itc is not None else 0.0) + (settings.itg_weight * itg if itg is not None else 0.0)
+        optimization_step(loss, params, optimizer, scheduler)
+        sums += torch.tensor([itc.item() if itc is not None else 0.0, itg.item() if itg is not None else 0.0])
+        if (step + 1) % settings.every == 0 or step + 1 == settings.steps:
+            count = (step + 1) - rows[-1]["step"]
+            rows.append({"step": step + 1, "itc": round(float(sums[0]) / count, 3), "itg": round(float(sums[1]) / count, 3),
+                         **_diversity(graph, query_tokens, held_out_features)})
+            report(rows[-1])
+            sums.zero_()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a catp train-reference output directory (its vision tower is used)")
+    defaults = ProbeSettings()
+    for field, value in asdict(defaults).items():
+        if field == "objectives":
+            parser.add_argument("--objectives", default="itc,itg", help="itc, itg or itc,itg")
+        else:
+            kind = type(value) if value is not None else (int if field == "layers" else float)
+            parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    values = {f: getattr(args, f) for f in asdict(defaults)}
+    values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    settings = ProbeSettings(**values)
+    try:
+        settings.check()
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"probe {settings}", flush=True)
+    probe_stage1(args.model, settings, report=lambda row: print(row, flush=True))
+
+
+if __name__ == "__main__":
+    main()
