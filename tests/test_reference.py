@@ -220,3 +220,18 @@ def test_stage1_probe_reports_diversity_per_step_and_rejects_bad_variants():
     for bad in ({"features": "pixels"}, {"objectives": ("mlm",)}, {"objectives": ()}, {"steps": 0}):
         with pytest.raises(ValueError, match="features|objectives|steps"):
             dataclasses.replace(settings, **bad).check()
+
+
+def test_reading_accuracy_is_per_question_kind_and_language_probe_trains_a_fresh_lm():
+    from catp.reference.language import question_kind, reading_accuracy
+    from catp.reference.probe import probe_language
+
+    assert question_kind("large red circle", "what shape is in the image?") == "one object: what shape"
+    assert question_kind("large red circle , small blue triangle", "how many circles are there?") == "scene: how many"
+    model, processor = load()
+    reading = reading_accuracy(model.language_model, processor.tokenizer, seed=3, count=40)
+    assert set(reading) > {"all"} and all(0.0 <= v <= 1.0 for v in reading.values())
+    lines = []
+    fresh = probe_language(str(reference_model_path()), sequences=64, epochs=2, lr=1e-3, report=lines.append)
+    assert sum("held-out answers read off a caption" in line for line in lines) == 2
+    assert set(fresh) > {"all"}

@@ -21,7 +21,7 @@ import math
 import random
 from typing import Any
 
-__all__ = ["text_sequences", "pretrain_language_model"]
+__all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "text_sequences"]
 
 
 def text_sequences(tokenizer, count: int, seed: int) -> list[list[int]]:
@@ -88,26 +88,37 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.3f}")
         mean = total / max(1, steps)
-        log.info("language model epoch %d/%d: loss %.4f, held-out answers read off a caption: %.4f", epoch + 1, settings.text_epochs, mean,
-                 answer_accuracy(lm, tokenizer, settings.seed + 11))
+        reading = reading_accuracy(lm, tokenizer, settings.seed + 11)
+        log.info("language model epoch %d/%d: loss %.4f, held-out answers read off a caption: %.4f (%s)", epoch + 1, settings.text_epochs, mean,
+                 reading.pop("all"), ", ".join(f"{k} {v:.2f}" for k, v in reading.items()))
         lm.train()
     bar.close()
     lm.eval()
     return mean
 
 
-def answer_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> float:
-    """Share of held-out "caption </s> question" texts whose greedy first answer token is right."""
+def question_kind(caption: str, question: str) -> str:
+    """A held-out row's kind: ``"one object: what shape"`` or ``"scene: how many"`` (the question's first two words)."""
+    return f"{'scene' if ',' in caption else 'one object'}: {' '.join(question.split()[:2])}"
+
+
+def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> dict[str, float]:
+    """Share of held-out "caption </s> question" texts whose greedy first answer token is right.
+
+    Returns ``{"all": ..., kind: ...}`` with one entry per :func:`question_kind`: whether the
+    language model reads an answer off a description, the skill a frozen LM needs in stage 2.
+    """
     import torch
 
     from catp.reference.data import format_prompt, text_corpus
 
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    rows = [([*words(c), tokenizer.bos_token_id, *words(format_prompt(q))], words(a)[0]) for c, q, a in text_corpus(count, seed)]
+    right: dict[str, list[int]] = {}
     lm.eval()
-    correct = 0
     with torch.no_grad():
-        for prompt, target in rows:
-            logits = lm(input_ids=torch.tensor([prompt])).logits
-            correct += int(logits[0, -1].argmax()) == target
-    return correct / len(rows)
+        for caption, question, answer in text_corpus(count, seed):
+            prompt = [*words(caption), tokenizer.bos_token_id, *words(format_prompt(question))]
+            guess = int(lm(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+            for key in ("all", question_kind(caption, question)):
+                right.setdefault(key, []).append(int(guess == words(answer)[0]))
+    return {key: sum(v) / len(v) for key, v in sorted(right.items())}

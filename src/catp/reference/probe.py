@@ -1,13 +1,21 @@
-"""Stage-1 probe: what keeps the 32 queries apart, and what makes them collapse.
+"""Probes of the reference recipe: short variants of one stage, measured as they train.
 
-A short stage 1 (``catp.reference.qformer``) on a variant of the recipe, with the query
-diversity of ``catp diagnose`` measured every ``--every`` steps on held-out scenes:
-pairwise and nearest-other-query cosine, effective rank, and the cross-attention map
-correlation of each cross-attention layer. It reads a finished run's vision tower (the
-``--model`` directory of ``catp train-reference``) and trains a fresh Q-Former; nothing is
-saved. docs/reference-model.md ("Why the queries collapse") has its results.
+Each reads a finished run (the ``--model`` directory of ``catp train-reference``), trains
+nothing that is saved, and prints one line per measurement. docs/reference-model.md
+("What the probes show") has their results.
 
-    python -m catp.reference.probe --model runs/ref-v2 --steps 150 --objectives itc
+* ``stage1``: a fresh stage-1 Q-Former (``catp.reference.qformer``) on a variant of the
+  recipe, against the run's vision tower, with the query diversity of ``catp diagnose``
+  every ``--every`` steps on held-out scenes: pairwise and nearest-other-query cosine,
+  effective rank, and the map correlation of each cross-attention layer.
+* ``reading``: how well the run's language model reads answers off a text description,
+  per kind of question (:func:`catp.reference.language.reading_accuracy`).
+* ``language``: a fresh language model trained on text as the recipe does, with its
+  reading accuracy after every epoch.
+
+    python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc
+    python -m catp.reference.probe reading --model runs/ref-v2/frozen-lm
+    python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ProbeSettings", "probe_stage1"]
+__all__ = ["ProbeSettings", "probe_language", "probe_stage1"]
 
 FEATURES = ("vit", "embeddings", "random")
 
@@ -153,21 +161,79 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
     return rows
 
 
+def probe_language(
+    model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, report=print,
+) -> dict[str, float]:
+    """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
+
+    ``max_offset`` is the largest random position offset; ``dropout`` overrides the LM
+    config's. ``report`` gets the per-epoch log lines (loss, reading accuracy per kind of
+    question).
+    """
+    import copy
+
+    import logging
+
+    import torch
+
+    from catp.reference import load
+    from catp.reference.language import pretrain_language_model, reading_accuracy
+    from catp.reference.train import TrainSettings
+
+    model, processor = load(model_dir)
+    torch.manual_seed(seed)
+    config = copy.deepcopy(model.language_model.config)
+    if dropout is not None:
+        config.dropout = dropout
+    lm = type(model.language_model)(config)
+    log = logging.getLogger("catp.reference.probe")
+    log.propagate = False
+    handler = logging.Handler()
+    handler.emit = lambda record: report(record.getMessage())
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)
+    settings = TrainSettings(seed=seed, text_sequences=sequences, text_epochs=epochs, text_lr=lr, text_max_offset=max_offset)
+    pretrain_language_model(lm, processor.tokenizer, settings, log, show=False)
+    return reading_accuracy(lm, processor.tokenizer, seed + 11)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a catp train-reference output directory (its vision tower is used)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stage1 = commands.add_parser("stage1", help="a short stage 1 variant, with the queries' diversity as it trains")
+    reading = commands.add_parser("reading", help="the run's language model: answers read off a text description, per question kind")
+    language = commands.add_parser("language", help="a fresh language model trained on text; reading accuracy per epoch")
+    for command in (stage1, reading, language):
+        command.add_argument("--model", required=True, help="a catp train-reference output directory")
+        command.add_argument("--threads", type=int, default=1)
     defaults = ProbeSettings()
     for field, value in asdict(defaults).items():
         if field == "objectives":
-            parser.add_argument("--objectives", default="itc,itg", help="itc, itg or itc,itg")
+            stage1.add_argument("--objectives", default="itc,itg", help="itc, itg or itc,itg")
         else:
             kind = type(value) if value is not None else (int if field == "layers" else float)
-            parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
-    parser.add_argument("--threads", type=int, default=1)
+            stage1.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+    language.add_argument("--sequences", type=int, default=80_000)
+    language.add_argument("--epochs", type=int, default=2)
+    language.add_argument("--lr", type=float, default=2e-3)
+    language.add_argument("--seed", type=int, default=0)
+    language.add_argument("--max-offset", type=int, default=40, help="largest random position offset")
+    language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.command == "reading":
+        from catp.reference import load
+        from catp.reference.language import reading_accuracy
+
+        model, processor = load(args.model)
+        for kind, value in reading_accuracy(model.language_model, processor.tokenizer, seed=11).items():
+            print(f"{kind}: {value:.3f}")
+        return
+    if args.command == "language":
+        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, report=lambda line: print(line, flush=True))
+        return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     settings = ProbeSettings(**values)
