@@ -162,12 +162,12 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
 
 
 def probe_language(
-    model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, report=print,
+    model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None, report=print,
 ) -> dict[str, float]:
     """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
 
-    ``max_offset`` is the largest random position offset; ``dropout`` overrides the LM
-    config's. ``report`` gets the per-epoch log lines (loss, reading accuracy per kind of
+    ``max_offset`` is the largest random position offset; ``dropout`` and ``layers``
+    override the LM config's. ``report`` gets the per-epoch log lines (loss, reading accuracy per kind of
     question).
     """
     import copy
@@ -185,6 +185,8 @@ def probe_language(
     config = copy.deepcopy(model.language_model.config)
     if dropout is not None:
         config.dropout = dropout
+    if layers is not None:
+        config.num_hidden_layers = layers
     lm = type(model.language_model)(config)
     log = logging.getLogger("catp.reference.probe")
     log.propagate = False
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--seed", type=int, default=0)
     language.add_argument("--max-offset", type=int, default=40, help="largest random position offset")
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
+    language.add_argument("--layers", type=int, default=None, help="override the LM's depth")
     args = parser.parse_args(argv)
     import torch
 
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: {value:.3f}")
         return
     if args.command == "language":
-        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, report=lambda line: print(line, flush=True))
+        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, report=lambda line: print(line, flush=True))
         return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
