@@ -26,6 +26,9 @@ import logging
 import math
 from typing import Any
 
+import torch
+from torch import nn
+
 __all__ = ["Stage1QFormer", "caption_batches", "itg_mask", "pretrain_qformer"]
 
 
@@ -35,8 +38,6 @@ def itg_mask(num_queries: int, text_mask: Any):
     Query rows see the queries only; text row ``t`` sees every query and text ``0..t``
     that is not padding (``text_mask`` (B, T), 1 = token).
     """
-    import torch
-
     b, t = text_mask.shape
     allowed = torch.zeros(b, num_queries + t, num_queries + t, dtype=torch.bool)
     allowed[:, :num_queries, :num_queries] = True
@@ -46,19 +47,20 @@ def itg_mask(num_queries: int, text_mask: Any):
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
-class Stage1QFormer:
+class Stage1QFormer(nn.Module):
     """The stage-1 training graph: a text-capable Q-Former and BLIP-2's ITC and ITG heads.
 
-    Built from the model's ``Blip2Config`` (``layers`` overrides the Q-Former depth, for
-    probes). ``parameters()`` are everything stage 1 trains except the query tokens.
+    Built from the model's ``Blip2Config`` (``layers``, ``dropout`` and
+    ``initializer_range`` override the Q-Former's, for probes). Its parameters are
+    everything stage 1 trains except the query tokens.
     """
 
     def __init__(self, config, vocabulary_size: int, layers: int | None = None, dropout: float | None = None, initializer_range: float | None = None) -> None:
         import copy
 
-        import torch
-        from torch import nn
         from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+
+        super().__init__()
 
         q_config = copy.deepcopy(config.qformer_config)
         q_config.use_qformer_text_input = True
@@ -76,14 +78,6 @@ class Stage1QFormer:
         self.vision_projection, self.text_projection = nn.Linear(width, width), nn.Linear(width, width)
         self.lm_head = nn.Linear(width, vocabulary_size)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
-        self.parts = [self.qformer, self.embeddings, self.vision_projection, self.text_projection, self.lm_head]
-
-    def parameters(self) -> list:
-        return [self.log_temperature, *(p for part in self.parts for p in part.parameters())]
-
-    def train(self, mode: bool = True) -> None:
-        for part in self.parts:
-            part.train(mode)
 
     def losses(self, query_tokens, text, text_mask, image, caption_ids, itc: bool = True, itg: bool = True) -> tuple[Any, Any]:
         """``(ITC, ITG)`` for one batch; a loss that is not asked for is ``None``.
@@ -94,9 +88,6 @@ class Stage1QFormer:
             image: cached vision outputs ``(B, N, D)``.
             caption_ids: ``(B,)``; rows with equal ids are matches for ITC.
         """
-        import torch
-        from torch import nn
-
         q = self.num_queries
         queries = query_tokens.expand(len(text), -1, -1)
         # ITG: queries see queries; text sees queries and earlier text.
@@ -123,8 +114,6 @@ class Stage1QFormer:
 
 def caption_batches(tokenizer, captions: list[str]) -> tuple[Any, Any, Any]:
     """``(ids, mask, caption_ids)``: ``[BOS] caption`` padded on the right, and one id per distinct caption."""
-    import torch
-
     # The tokenizer pads on the left for generation; ITG reads captions left-aligned.
     tokens = tokenizer(captions, add_special_tokens=True, padding=True, padding_side="right", return_tensors="pt")
     caption_ids = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(captions))}[c] for c in captions])
@@ -145,12 +134,10 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
     Returns:
         The last epoch's mean loss (ITC + ITG).
     """
-    import torch
-
     from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
     graph = Stage1QFormer(config, len(tokenizer))
-    params = [model.query_tokens, *graph.parameters()]
+    params = [model.query_tokens, *graph.parameters()]  # the module's own log-temperature first, then its parts
     ids, mask, caption_ids = caption_batches(tokenizer, captions)
     n = len(captions)
     steps_per_epoch = math.ceil(n / settings.stage1_batch_size)
