@@ -118,7 +118,7 @@ def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> dict[str, f
     with torch.no_grad():
         for caption, question, answer in text_corpus(count, seed):
             prompt = [*words(caption), tokenizer.bos_token_id, *words(format_prompt(question))]
-            guess = int(lm(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+            right_answer = int(lm(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()) == words(answer)[0]
             for key in ("all", question_kind(caption, question)):
-                right.setdefault(key, []).append(int(guess == words(answer)[0]))
+                right.setdefault(key, []).append(int(right_answer))
     return {key: sum(v) / len(v) for key, v in sorted(right.items())}

@@ -74,6 +74,11 @@ def _features(model, processor, images: list, kind: str, seed: int):
     if kind == "vit":
         return encode_images(model, processor, images)
     vision = model.vision_model
+    patch, width = vision.config.patch_size, vision.config.hidden_size
+    grid = vision.config.image_size // patch
+    # The random projection and positions are drawn once: every chunk must see the same ones.
+    projection = torch.randn(3 * patch * patch, width, generator=torch.Generator().manual_seed(seed)) / math.sqrt(3 * patch * patch)
+    positions = sincos_position_embeddings(grid, width)
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
@@ -81,13 +86,9 @@ def _features(model, processor, images: list, kind: str, seed: int):
             if kind == "embeddings":
                 out.append(vision.post_layernorm(vision.embeddings(pixels)))
                 continue
-            patch = vision.config.patch_size
-            grid = pixels.shape[-1] // patch
-            width = vision.config.hidden_size
-            projection = torch.randn(3 * patch * patch, width, generator=torch.Generator().manual_seed(seed)) / math.sqrt(3 * patch * patch)
             patches = pixels.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(len(pixels), grid * grid, -1)
             tokens = patches @ projection
-            tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + sincos_position_embeddings(grid, width)
+            tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + positions
             out.append(torch.nn.functional.layer_norm(tokens, (width,)))
     return torch.cat(out)
 
