@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, IMAGE_TOKEN, NUM_QUERY, hand_built_generate, hand_built_inputs, tiny_inputs, tiny_model, decoder_only
+from tiny_models import IMAGE_TOKEN, NUM_QUERY, hand_built_generate, hand_built_inputs, tiny_inputs, tiny_model, decoder_only
 
 import catp
 from catp.budget import Budget, fence_counts, keep_mask, mask_indices, mass_counts
@@ -106,14 +106,6 @@ def method_for(family: str) -> str:
 
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BOS, FAMILIES, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model, decoder_only, qformer_inputs
+from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model, decoder_only, qformer_inputs
 
 import catp
 from catp.pruning import kept_positions
@@ -12,14 +12,6 @@ from catp.pruning import kept_positions
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
 
 
 

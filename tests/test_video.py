@@ -28,12 +28,8 @@ P = FRAMES * NUM_QUERY  # placeholders per sample
 
 @pytest.fixture(scope="module", params=VIDEO_FAMILIES)
 def family(request):
+    """Overrides the conftest's: this module tests the video families (``model`` follows)."""
     return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
 
 
 
