@@ -140,18 +140,25 @@ def test_itg_mask_lets_text_see_queries_and_earlier_text_only():
     assert mask[2:, 2:].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
 
 
-def test_language_model_text_has_captions_questions_and_both():
+def test_language_model_text_reads_or_repeats_a_description_with_loss_after_it():
     from catp.reference.language import text_sequences
     from catp.reference.model import build_tokenizer
     from catp.reference.data import text_corpus, PROMPT
 
     tokenizer = build_tokenizer([PROMPT] + [" ".join(t) for t in text_corpus(500, 0)])
     sequences = text_sequences(tokenizer, 300, seed=0)
-    bos = tokenizer.bos_token_id
-    starts_with_bos = sum(s[0] == bos for s in sequences)
-    assert 0 < starts_with_bos < len(sequences)  # captions before BOS (where the queries go) and plain text
-    decoded = [tokenizer.decode(s) for s in sequences]
-    assert any("Question" in d for d in decoded) and any("Question" not in d for d in decoded)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    repeats = 0
+    for ids, start in sequences:
+        assert ids[0] != bos and ids[-1] == eos  # a description first, where the queries will stand
+        described = ids[: ids.index(bos)]
+        target = ids[start:-1]
+        if target == described:  # repeated description
+            assert start == len(described) + 1
+            repeats += 1
+        else:  # a question about it, the loss on the one-word answer only
+            assert "Question" in tokenizer.decode(ids[:start]) and len(target) == 1
+    assert 0 < repeats < len(sequences) / 3
 
 
 def test_train_reference_rejects_bad_settings(tmp_path):

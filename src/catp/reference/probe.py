@@ -216,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             kind = type(value) if value is not None else (int if field == "layers" else float)
             stage1.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
-    language.add_argument("--sequences", type=int, default=80_000)
-    language.add_argument("--epochs", type=int, default=2)
-    language.add_argument("--lr", type=float, default=2e-3)
+    from catp.reference.train import TrainSettings
+
+    recipe = TrainSettings()
+    language.add_argument("--sequences", type=int, default=recipe.text_sequences)
+    language.add_argument("--epochs", type=int, default=recipe.text_epochs)
+    language.add_argument("--lr", type=float, default=recipe.text_lr)
     language.add_argument("--seed", type=int, default=0)
     language.add_argument("--max-offset", type=int, default=40, help="largest random position offset")
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
