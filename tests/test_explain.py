@@ -223,7 +223,8 @@ def test_reference_model_kept_sets_equal_select_queries():
     pixel_values = processor(images=sample_image(), return_tensors="pt")["pixel_values"]
     for name in methods:
         assert torch.equal(ex.methods[name].kept, catp.select_queries(model, pixel_values, method=name, keep=8)[0]), name
-    assert ex.cross_attention.shape[1:] == (model.config.num_query_tokens, 8, 8)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert ex.cross_attention.shape[1:] == (model.config.num_query_tokens, grid, grid)
     assert len(draw_explanation(ex).axes) == 2 + 2 * model.config.num_query_tokens + len(methods)
 
 

@@ -97,9 +97,12 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     resumed = load_file(train_reference(tmp_path / "b", tiny_settings, show_progress=False) / "model.safetensors")
     assert all(torch.equal(resumed[k], a[k]) for k in a)
     log = (tmp_path / "b" / "train.log").read_text()
+    assert log.count(" settings ") == 2  # appended: the first run's log is kept
+    log = log[log.rindex(" settings ") :]
     assert "vision: resumed" in log and "language: resumed" in log and "stage 1 epoch 1/1" in log
     changed = train_reference(tmp_path / "b", dataclasses.replace(tiny_settings, stage1_lr=1e-3), show_progress=False)
     log = (changed / "train.log").read_text()
+    log = log[log.rindex(" settings ") :]
     assert "vision: resumed" in log and "stage1: resumed" not in log
 
     model = Blip2ForConditionalGeneration.from_pretrained(first)

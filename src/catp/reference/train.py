@@ -213,7 +213,8 @@ def _logger(out: Path) -> logging.Logger:
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
-    handler = logging.FileHandler(out / "train.log", mode="w")
+    # Appended: a resumed run keeps the log of the stages it resumes from.
+    handler = logging.FileHandler(out / "train.log", mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     return log
