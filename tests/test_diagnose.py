@@ -18,6 +18,7 @@ from catp.evaluation.diagnose import (
     attention_entropy,
     diagnose,
     effective_rank,
+    kept_set_cosine,
     map_correlation,
     object_attention_share,
     query_cosine,
@@ -39,6 +40,18 @@ def test_orthogonal_queries_have_cosine_zero_and_full_rank():
     assert torch.allclose(pairwise, torch.zeros(1)) and torch.allclose(nearest, torch.zeros(1))
     # Centred, the 8 one-hot vectors span 7 dimensions with equal singular values.
     assert effective_rank(eye).item() == pytest.approx(7.0, rel=1e-4)
+
+
+def test_kept_set_cosine_against_a_hand_computed_case():
+    # Queries 0 and 1 are twins, 2 and 3 orthogonal to them and to each other.
+    outputs = torch.tensor([[[1.0, 0, 0], [1.0, 0.1, 0], [0, 1.0, 0], [0, 0, 1.0]]])
+    twin = 1 / math.sqrt(1.01)  # cosine of queries 0 and 1
+    coverage, redundancy = kept_set_cosine(outputs, torch.tensor([[0, 1]]))
+    assert redundancy.item() == pytest.approx(twin)  # the kept pair is a duplicate
+    # Query 2 is closest to 1 (0.1 / sqrt(1.01)); query 3 has no kept neighbour.
+    assert coverage.item() == pytest.approx((1 + 1 + 0.1 / math.sqrt(1.01) + 0) / 4)
+    coverage, redundancy = kept_set_cosine(outputs, torch.tensor([[0, 3]]))
+    assert redundancy.item() == pytest.approx(0.0, abs=1e-6) and coverage.item() == pytest.approx((1 + twin + 0 + 1) / 4)
 
 
 def test_map_correlation_and_entropy():
@@ -80,6 +93,9 @@ def test_diagnose_on_tiny_models(family):
     assert all(0 < e <= 1 for e in result.attention_entropy)
     assert result.distinct_kept_sets["first"] == 1
     assert 1 <= result.distinct_kept_sets["catp"] <= 5
+    assert set(result.kept_coverage) == set(result.kept_redundancy) == {"catp", "first", "random"}
+    assert all(-1 <= v <= 1 for v in [*result.kept_coverage.values(), *result.kept_redundancy.values()])
+    assert "coverage / redundancy: catp" in result.markdown()
     assert len(result.object_share) == NUM_QUERY and result.object_patch_share == pytest.approx(0.5)
     # The Q-Former's attention implementation is restored.
     assert model.qformer.config._attn_implementation != "eager" or model.config.qformer_config._attn_implementation == "eager"

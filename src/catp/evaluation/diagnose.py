@@ -43,6 +43,7 @@ __all__ = [
     "attention_entropy",
     "diagnose",
     "effective_rank",
+    "kept_set_cosine",
     "map_correlation",
     "object_attention_share",
     "query_cosine",
@@ -73,6 +74,30 @@ def query_cosine(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairwise = cosine[:, off_diagonal].mean(dim=-1)
     nearest = cosine.masked_fill(~off_diagonal, -2.0).amax(dim=-1).mean(dim=-1)
     return pairwise, nearest
+
+
+def kept_set_cosine(outputs: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well a kept set stands for all the queries, and how much of it is duplicated.
+
+    Args:
+        outputs: ``(B, Q, D)`` query outputs.
+        kept: ``(B, k)`` kept query indices (k >= 2).
+
+    Returns:
+        ``(coverage (B,), redundancy (B,))``: coverage is the mean over all ``Q`` queries of
+        the cosine to the most similar kept query (1 when every query has a kept twin);
+        redundancy is the mean over the kept queries of the cosine to the most similar
+        *other* kept query (1 when the set is made of duplicates).
+    """
+    from catp.scoring import cosine_similarity_matrix
+
+    cosine = cosine_similarity_matrix(outputs)  # (B, Q, Q)
+    to_kept = torch.gather(cosine, 2, kept[:, None, :].expand(-1, cosine.shape[1], -1))  # (B, Q, k)
+    coverage = to_kept.amax(dim=-1).mean(dim=-1)
+    among = torch.gather(to_kept, 1, kept[:, :, None].expand(-1, -1, kept.shape[1]))  # (B, k, k)
+    self_pairs = torch.eye(kept.shape[1], dtype=torch.bool, device=outputs.device)
+    redundancy = among.masked_fill(self_pairs, -2.0).amax(dim=-1).mean(dim=-1)
+    return coverage, redundancy
 
 
 def effective_rank(outputs: torch.Tensor) -> torch.Tensor:
@@ -151,6 +176,7 @@ class Diagnosis:
         pairwise_cosine, nearest_cosine, effective_rank: query-output statistics.
         map_correlation, attention_entropy: one value per cross-attention layer, in order.
         distinct_kept_sets: method name -> number of distinct kept sets over the images.
+        kept_coverage, kept_redundancy: method name -> mean :func:`kept_set_cosine` figures.
         object_share: per query, the mean share of attention on object patches (or ``None``).
         object_patch_share: the mean share of patches that are object patches (or ``None``).
     """
@@ -165,6 +191,8 @@ class Diagnosis:
     map_correlation: list[float]
     attention_entropy: list[float]
     distinct_kept_sets: dict[str, int] = field(default_factory=dict)
+    kept_coverage: dict[str, float] = field(default_factory=dict)
+    kept_redundancy: dict[str, float] = field(default_factory=dict)
     object_share: list[float] | None = None
     object_patch_share: float | None = None
 
@@ -182,6 +210,8 @@ class Diagnosis:
             *((f"map correlation, cross-attention layer {i + 1}/{layers}", f"{v:.3f}") for i, v in enumerate(self.map_correlation)),
             *((f"attention entropy / log N, layer {i + 1}/{layers}", f"{v:.3f}") for i, v in enumerate(self.attention_entropy)),
             *((f"distinct kept sets at keep {self.keep}: {m}", str(n)) for m, n in self.distinct_kept_sets.items()),
+            *((f"kept set at keep {self.keep}, coverage / redundancy: {m}", f"{v:.3f} / {self.kept_redundancy[m]:.3f}")
+              for m, v in self.kept_coverage.items()),
         ]
         if self.object_share is not None:
             share = torch.tensor(self.object_share)
@@ -294,6 +324,10 @@ def diagnose(
         attention_entropy=[float(attention_entropy(layer).mean()) for layer in maps],
         distinct_kept_sets={name: len(set(sets)) for name, sets in kept.items()},
     )
+    if k >= 2:
+        for name, sets in kept.items():
+            coverage, redundancy = kept_set_cosine(query_outputs, torch.tensor(sets, device=query_outputs.device))
+            result.kept_coverage[name], result.kept_redundancy[name] = float(coverage.mean()), float(redundancy.mean())
     if object_masks is not None:
         masks = torch.stack([torch.as_tensor(m, dtype=torch.bool).flatten() for m in object_masks])
         if masks.shape[1] != maps.shape[-1] - 1:
