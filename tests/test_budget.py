@@ -94,7 +94,6 @@ GREEDY = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, o
 BUDGET = Budget(mass=0.9)
 
 
-
 def method_for(family: str) -> str:
     """A method whose counts differ between the samples of ``tiny_inputs`` on ``family``.
 
@@ -103,10 +102,6 @@ def method_for(family: str) -> str:
     with the thread count). ``catp``'s votes are integer rank sums.
     """
     return "catp" if family == "blip2-t5" else "catp-all"
-
-
-
-
 
 
 def single(inputs: dict, i: int) -> dict:

@@ -12,10 +12,6 @@ from catp.pruning import kept_positions
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
 
-
-
-
-
 def new_tokens(model, inputs, output):
     """What generate added: decoder-only outputs start with the caller's input_ids."""
     return output[:, inputs["input_ids"].shape[1]:] if decoder_only(model) else output

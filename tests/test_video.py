@@ -32,8 +32,6 @@ def family(request):
     return request.param
 
 
-
-
 def assert_matches_hand_built(model, inputs: dict, out, keep_indices: torch.Tensor) -> None:
     """Each sample of a pruned batched ``generate`` equals its hand-built one-sample run."""
     prompt = inputs["input_ids"].shape[1] if decoder_only(model) else 1  # T5: after the decoder start token

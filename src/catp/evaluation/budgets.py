@@ -55,12 +55,11 @@ def main() -> None:
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS)
     args = parser.parse_args()
     from catp.reference import load
-    from catp.reference.data import easy_vqa_split
+    from catp.reference.data import easy_vqa_images
 
     torch.set_num_threads(1)
     model, processor = load(args.model)
-    # One row per image (a test image carries about 10 questions).
-    images = list({e.image_id: e.image for e in easy_vqa_split("test", image_limit=args.images)}.values())
+    images = easy_vqa_images("test", args.images)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     budgets = [Budget.parse(text) for text in args.budgets.split(",") if text.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

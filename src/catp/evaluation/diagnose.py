@@ -411,14 +411,9 @@ def diagnose_command(
         elif dataset == "scenes":
             pictures, masks = _scene_images(split, limit, grid)
         elif dataset == "easy-vqa":
-            from catp.reference.data import easy_vqa_split
+            from catp.reference.data import easy_vqa_images
 
-            seen: dict[int, Any] = {}
-            for e in easy_vqa_split(split):
-                seen.setdefault(e.image_id, e.image)
-                if len(seen) == limit:
-                    break
-            pictures = list(seen.values())
+            pictures = easy_vqa_images(split, limit)
         else:
             raise ValueError(f"--dataset must be easy-vqa or scenes (or give --images), got {dataset!r}")
     result = diagnose(loaded, processor, pictures, methods=names, keep=keep, instruction=instruction, object_masks=masks)

@@ -19,6 +19,7 @@ __all__ = [
     "SHAPES",
     "PROMPT",
     "VQAExample",
+    "easy_vqa_images",
     "easy_vqa_split",
     "format_prompt",
     "generate_shape_images",
@@ -116,6 +117,14 @@ def easy_vqa_split(split: str, limit: int | None = None, image_limit: int | None
                 images[image_id] = im.convert("RGB")
         out.append(VQAExample(images[image_id], question, answer, int(image_id)))
     return out
+
+
+def easy_vqa_images(split: str, limit: int | None = None) -> list[Image.Image]:
+    """The distinct images of easy-VQA's ``split``, in the dataset's order (the first ``limit``).
+
+    A test image carries about 10 questions; this gives each image once.
+    """
+    return list({e.image_id: e.image for e in easy_vqa_split(split, image_limit=limit)}.values())
 
 
 #: easy-VQA's question templates (read off its training questions): ``{c}`` a colour,

@@ -44,9 +44,10 @@ def text_sequences(tokenizer, count: int, seed: int) -> list[tuple[list[int], in
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = []
     for caption, question, answer in text_corpus(count, seed):
-        described = [*words(caption), bos]
+        caption_ids = words(caption)
+        described = [*caption_ids, bos]
         if rng.random() < REPEAT_SHARE:
-            context, target = described, words(caption)
+            context, target = described, caption_ids
         else:
             context, target = [*described, *words(format_prompt(question))], words(answer)
         out.append(([*context, *target, eos], len(context)))

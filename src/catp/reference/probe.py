@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--epochs", type=int, default=recipe.text_epochs)
     language.add_argument("--lr", type=float, default=recipe.text_lr)
     language.add_argument("--seed", type=int, default=0)
-    language.add_argument("--max-offset", type=int, default=40, help="largest random position offset")
+    language.add_argument("--max-offset", type=int, default=recipe.text_max_offset, help="largest random position offset")
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
     language.add_argument("--layers", type=int, default=None, help="override the LM's depth")
     args = parser.parse_args(argv)
