@@ -12,9 +12,9 @@ with a description standing where the query tokens will stand:
 each at a random position offset (``position_ids`` start anywhere in ``0..text_max_offset``),
 so that a prompt after 4 query tokens is as normal as after 32. The loss is on what follows
 the ``</s>`` (the answer, or the repeated caption): the description itself is random and
-carries no signal. Measured (docs/reference-model.md): with loss on every token, or with 15%
-of rows that ask a question with no description, the model stays on the answers' prior and
-never learns to read ("what shape is in the image?" at chance after 3,000 steps).
+carries no signal. The recipe before this one (loss on every token, and 15% of rows that ask
+a question with no description) left the model on the answers' prior: "what shape is in the
+image?" stayed at chance after 3,000 steps (docs/reference-model.md).
 """
 
 from __future__ import annotations
