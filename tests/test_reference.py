@@ -245,3 +245,8 @@ def test_reading_accuracy_is_per_question_kind_and_language_probe_trains_a_fresh
     fresh = probe_language(str(reference_model_path()), sequences=64, epochs=2, lr=1e-3, layers=1, report=lines.append)
     assert sum("held-out answers read off a caption" in line for line in lines) == 2
     assert set(fresh) > {"all"}
+    llama_lines = []
+    probe_language(str(reference_model_path()), sequences=64, epochs=1, lr=1e-3, layers=1, arch="llama", report=llama_lines.append)
+    assert sum("held-out answers read off a caption" in line for line in llama_lines) == 1
+    with pytest.raises(ValueError, match="unknown arch 'gpt'"):
+        probe_language(str(reference_model_path()), sequences=64, epochs=1, lr=1e-3, arch="gpt")

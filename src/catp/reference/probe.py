@@ -16,6 +16,7 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
     python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc
     python -m catp.reference.probe reading --model runs/ref-v2/frozen-lm
     python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
+    python -m catp.reference.probe language --model runs/ref-v3 --arch llama
 """
 
 from __future__ import annotations
@@ -163,13 +164,16 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
 
 
 def probe_language(
-    model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None, report=print,
+    model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None,
+    arch: str = "opt", report=print,
 ) -> dict[str, float]:
     """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
 
     ``max_offset`` is the largest random position offset; ``dropout`` and ``layers``
-    override the LM config's. ``report`` gets the per-epoch log lines (loss, reading accuracy per kind of
-    question).
+    override the LM config's. ``arch="llama"`` trains a LLaMA of the same width, depth and
+    heads instead of the OPT (rotary positions instead of learnt ones; a gated MLP of
+    3 x width x ``3 * width`` weights, close to OPT's 2 x width x ``4 * width``). ``report``
+    gets the per-epoch log lines (loss, reading accuracy per kind of question).
     """
     import copy
 
@@ -188,7 +192,21 @@ def probe_language(
         config.dropout = dropout
     if layers is not None:
         config.num_hidden_layers = layers
-    lm = type(model.language_model)(config)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama = LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=3 * config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        lm = LlamaForCausalLM(llama)
+    elif arch == "opt":
+        lm = type(model.language_model)(config)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose 'opt' or 'llama'")
     log = logging.getLogger("catp.reference.probe")
     log.propagate = False
     handler = logging.Handler()
@@ -226,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--max-offset", type=int, default=recipe.text_max_offset, help="largest random position offset")
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
     language.add_argument("--layers", type=int, default=None, help="override the LM's depth")
+    language.add_argument("--arch", choices=("opt", "llama"), default="opt", help="the LM's architecture (llama: rotary positions)")
     args = parser.parse_args(argv)
     import torch
 
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: {value:.3f}")
         return
     if args.command == "language":
-        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, report=lambda line: print(line, flush=True))
+        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, report=lambda line: print(line, flush=True))
         return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
