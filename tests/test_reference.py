@@ -250,3 +250,17 @@ def test_reading_accuracy_is_per_question_kind_and_language_probe_trains_a_fresh
     assert sum("held-out answers read off a caption" in line for line in llama_lines) == 1
     with pytest.raises(ValueError, match="unknown arch 'gpt'"):
         probe_language(str(reference_model_path()), sequences=64, epochs=1, lr=1e-3, arch="gpt")
+
+
+def test_kinds_probe_sets_the_model_with_the_image_beside_its_lm_reading_the_caption():
+    from catp.reference.data import SCENE_SPLITS, scenes_with_questions
+    from catp.reference.probe import probe_kinds
+
+    rows = probe_kinds(str(reference_model_path()), scenes=4)
+    questions = [q for _, pairs in scenes_with_questions(4, SCENE_SPLITS["validation"][0]) for q, _ in pairs]
+    assert rows["all"]["questions"] == len(questions)
+    assert sum(row["questions"] for kind, row in rows.items() if kind != "all") == len(questions)
+    assert set(rows) - {"all"} <= {"what color", "what shape", "what size", "how many"}
+    assert all(0.0 <= row[key] <= 1.0 for row in rows.values() for key in ("image", "caption"))
+    with pytest.raises(ValueError, match="scenes must be >= 1"):
+        probe_kinds(str(reference_model_path()), scenes=0)

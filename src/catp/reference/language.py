@@ -24,7 +24,7 @@ import math
 import random
 from typing import Any
 
-__all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "text_sequences"]
+__all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "reads_answer", "text_sequences"]
 
 
 #: Share of :func:`text_sequences` that repeat a description; the rest ask a question about one.
@@ -119,17 +119,24 @@ def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> dict[str, f
     Returns ``{"all": ..., kind: ...}`` with one entry per :func:`question_kind`: whether the
     language model reads an answer off a description, the skill a frozen LM needs in stage 2.
     """
+    from catp.reference.data import text_corpus
+
+    right: dict[str, list[int]] = {}
+    for caption, question, answer in text_corpus(count, seed):
+        right_answer = reads_answer(lm, tokenizer, caption, question, answer)
+        for key in ("all", question_kind(caption, question)):
+            right.setdefault(key, []).append(int(right_answer))
+    return {key: sum(v) / len(v) for key, v in sorted(right.items())}
+
+
+def reads_answer(lm, tokenizer, caption: str, question: str, answer: str) -> bool:
+    """Whether ``lm``'s greedy first token after ``"{caption} </s> Question: {question} Short answer:"`` is ``answer``'s first token."""
     import torch
 
-    from catp.reference.data import format_prompt, text_corpus
+    from catp.reference.data import format_prompt
 
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    right: dict[str, list[int]] = {}
+    prompt = [*words(caption), tokenizer.bos_token_id, *words(format_prompt(question))]
     lm.eval()
     with torch.no_grad():
-        for caption, question, answer in text_corpus(count, seed):
-            prompt = [*words(caption), tokenizer.bos_token_id, *words(format_prompt(question))]
-            right_answer = int(lm(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()) == words(answer)[0]
-            for key in ("all", question_kind(caption, question)):
-                right.setdefault(key, []).append(int(right_answer))
-    return {key: sum(v) / len(v) for key, v in sorted(right.items())}
+        return int(lm(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()) == words(answer)[0]

@@ -12,11 +12,15 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
   per kind of question (:func:`catp.reference.language.reading_accuracy`).
 * ``language``: a fresh language model trained on text as the recipe does, with its
   reading accuracy after every epoch.
+* ``kinds``: per kind of scenes question, on validation scenes, the run's accuracy with the
+  image beside its language model's reading of the scene's caption (the same question, the
+  description in place of the queries): which of the two limits the answers.
 
     python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc
     python -m catp.reference.probe reading --model runs/ref-v2/frozen-lm
     python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
     python -m catp.reference.probe language --model runs/ref-v3 --arch llama
+    python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ProbeSettings", "probe_language", "probe_stage1"]
+__all__ = ["ProbeSettings", "probe_kinds", "probe_language", "probe_stage1"]
 
 FEATURES = ("vit", "embeddings", "random")
 
@@ -218,13 +222,47 @@ def probe_language(
     return reading_accuracy(lm, processor.tokenizer, seed + 11)
 
 
+def probe_kinds(model_dir: str | None, scenes: int = 300) -> dict[str, dict[str, float]]:
+    """Per kind of question on the first ``scenes`` validation scenes: image against caption.
+
+    Returns ``{kind: {"image": ..., "caption": ..., "questions": n}}`` plus ``"all"``, where
+    ``image`` is the greedy answer's exact match (the floors' measure) with the image, and
+    ``caption`` the share where the language model alone, given the scene's caption in
+    place of the queries, reads the answer's first token
+    (:func:`catp.reference.language.reads_answer`). ``kind`` is the question's first two words.
+    """
+    from catp.reference import load
+    from catp.reference.data import SCENE_SPLITS, VQAExample, scene_caption, scenes_with_questions
+    from catp.reference.evaluate import answer
+    from catp.reference.language import reads_answer
+
+    if scenes < 1:
+        raise ValueError(f"scenes must be >= 1, got {scenes}")
+    model, processor = load(model_dir)
+    seed, _ = SCENE_SPLITS["validation"]
+    rows = [(VQAExample(scene.image, q, a, i), scene_caption(scene.objects))
+            for i, (scene, pairs) in enumerate(scenes_with_questions(scenes, seed)) for q, a in pairs]
+    predictions = answer(model, processor, [example for example, _ in rows])
+    tallies: dict[str, list[int]] = {}
+    for (example, caption), prediction in zip(rows, predictions):
+        read = reads_answer(model.language_model, processor.tokenizer, caption, example.question, example.answer)
+        for kind in ("all", " ".join(example.question.split()[:2])):
+            tally = tallies.setdefault(kind, [0, 0, 0])
+            tally[0] += prediction == example.answer
+            tally[1] += read
+            tally[2] += 1
+    return {kind: {"image": image / n, "caption": caption / n, "questions": n} for kind, (image, caption, n) in sorted(tallies.items())}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stage1 = commands.add_parser("stage1", help="a short stage 1 variant, with the queries' diversity as it trains")
     reading = commands.add_parser("reading", help="the run's language model: answers read off a text description, per question kind")
     language = commands.add_parser("language", help="a fresh language model trained on text; reading accuracy per epoch")
-    for command in (stage1, reading, language):
+    kinds = commands.add_parser("kinds", help="per scenes question kind: the run with the image against its LM reading the caption")
+    kinds.add_argument("--scenes", type=int, default=300, help="validation scenes (about 3.6 questions each)")
+    for command in (stage1, reading, language, kinds):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
         command.add_argument("--threads", type=int, default=1)
     defaults = ProbeSettings()
@@ -256,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = load(args.model)
         for kind, value in reading_accuracy(model.language_model, processor.tokenizer, seed=11).items():
             print(f"{kind}: {value:.3f}")
+        return
+    if args.command == "kinds":
+        for kind, row in probe_kinds(args.model, args.scenes).items():
+            print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
         return
     if args.command == "language":
         probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, report=lambda line: print(line, flush=True))
