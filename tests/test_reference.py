@@ -264,3 +264,14 @@ def test_kinds_probe_sets_the_model_with_the_image_beside_its_lm_reading_the_cap
     assert all(0.0 <= row[key] <= 1.0 for row in rows.values() for key in ("image", "caption"))
     with pytest.raises(ValueError, match="scenes must be >= 1"):
         probe_kinds(str(reference_model_path()), scenes=0)
+
+
+def test_text_corpus_single_share_sets_the_share_of_one_object_rows():
+    from catp.reference.data import TEXT_SINGLE_SHARE, text_corpus
+
+    assert text_corpus(100, 5) == text_corpus(100, 5, TEXT_SINGLE_SHARE)
+    # One-object rows ask easy-VQA's questions (yes/no among them); scene rows never do.
+    assert not any(q.startswith(("is ", "does ")) for _, q, _ in text_corpus(300, 5, single_share=0.0))
+    assert not any("," in caption for caption, _, _ in text_corpus(300, 5, single_share=1.0))
+    with pytest.raises(ValueError, match="single_share must be in"):
+        text_corpus(3, 0, single_share=1.5)

@@ -376,18 +376,25 @@ def scenes_split(split: str, limit: int | None = None) -> list[VQAExample]:
     return generate_scenes(count, seed)[:limit]
 
 
-def text_corpus(n: int, seed: int) -> list[tuple[str, str, str]]:
+#: Share of :func:`text_corpus` rows that describe one object (easy-VQA style).
+TEXT_SINGLE_SHARE = 0.4
+
+
+def text_corpus(n: int, seed: int, single_share: float = TEXT_SINGLE_SHARE) -> list[tuple[str, str, str]]:
     """``n`` text-only ``(caption, question, answer)`` triples about symbolic scenes.
 
-    For the language model's pretraining on text: nothing is drawn. 40% describe one object
-    and ask an easy-VQA-style question; the rest describe 1-5 objects as the scenes task
-    does (distinct colours, left to right) and ask one of its questions.
+    For the language model's pretraining on text: nothing is drawn. A ``single_share`` of
+    them (40%) describe one object and ask an easy-VQA-style question; the rest describe
+    1-5 objects as the scenes task does (distinct colours, left to right) and ask one of its
+    questions.
     """
+    if not 0.0 <= single_share <= 1.0:
+        raise ValueError(f"single_share must be in [0, 1], got {single_share!r}")
     rng = random.Random(seed)
     names = list(COLORS)
     out = []
     for _ in range(n):
-        single = rng.random() < 0.4
+        single = rng.random() < single_share
         count = 1 if single else rng.randint(1, _COLUMNS)
         objects = tuple(
             SceneObject(rng.choice(SHAPES), color, float(i), 0.0, rng.choice(list(SIZES))) for i, color in enumerate(rng.sample(names, count))

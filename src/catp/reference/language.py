@@ -31,19 +31,20 @@ __all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "read
 REPEAT_SHARE = 0.15
 
 
-def text_sequences(tokenizer, count: int, seed: int) -> list[tuple[list[int], int]]:
+def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None) -> list[tuple[list[int], int]]:
     """``count`` ``(token ids, target start)`` pairs of the two kinds above.
 
     The loss is on the tokens from ``target start`` on (the answer or the repeated
-    description, and the closing ``</s>``).
+    description, and the closing ``</s>``). ``single_share``: the share of one-object
+    descriptions (default: :data:`catp.reference.data.TEXT_SINGLE_SHARE`, the recipe's).
     """
-    from catp.reference.data import format_prompt, text_corpus
+    from catp.reference.data import TEXT_SINGLE_SHARE, format_prompt, text_corpus
 
     rng = random.Random(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = []
-    for caption, question, answer in text_corpus(count, seed):
+    for caption, question, answer in text_corpus(count, seed, TEXT_SINGLE_SHARE if single_share is None else single_share):
         caption_ids = words(caption)
         described = [*caption_ids, bos]
         if rng.random() < REPEAT_SHARE:
@@ -54,17 +55,17 @@ def text_sequences(tokenizer, count: int, seed: int) -> list[tuple[list[int], in
     return out
 
 
-def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool) -> float:
+def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float | None = None) -> float:
     """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
 
     ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
-    ``text_max_offset``, ``seed``).
+    ``text_max_offset``, ``seed``). ``single_share`` is for probes (the recipe's by default).
     """
     import torch
 
     from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
-    sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6)
+    sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6, single_share)
     length = max(len(s) for s, _ in sequences)
     ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), length), -100, dtype=torch.long)
