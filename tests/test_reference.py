@@ -275,3 +275,18 @@ def test_text_corpus_single_share_sets_the_share_of_one_object_rows():
     assert not any("," in caption for caption, _, _ in text_corpus(300, 5, single_share=1.0))
     with pytest.raises(ValueError, match="single_share must be in"):
         text_corpus(3, 0, single_share=1.5)
+
+
+def test_text_sequences_rewrite_changes_one_word_of_the_colour_questions_only():
+    from catp.reference.language import text_sequences
+    from catp.reference.probe import _plural_color_question
+
+    tokenizer = load()[1].tokenizer
+    plain = text_sequences(tokenizer, 300, 3)
+    rewritten = text_sequences(tokenizer, 300, 3, rewrite=_plural_color_question)
+    plurals = set(tokenizer.convert_tokens_to_ids(["circles", "rectangles", "triangles"]))
+    changed = [(a, b) for (a, _), (b, _) in zip(plain, rewritten) if a != b]
+    assert changed and len(changed) < len(plain)
+    for a, b in changed:
+        differing = [y for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(differing) == 1 and differing[0] in plurals

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "reads_answer", "text_sequences"]
@@ -31,12 +32,13 @@ __all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "read
 REPEAT_SHARE = 0.15
 
 
-def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None) -> list[tuple[list[int], int]]:
+def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None, rewrite: Callable[[str], str] | None = None) -> list[tuple[list[int], int]]:
     """``count`` ``(token ids, target start)`` pairs of the two kinds above.
 
     The loss is on the tokens from ``target start`` on (the answer or the repeated
     description, and the closing ``</s>``). ``single_share``: the share of one-object
-    descriptions (default: :data:`catp.reference.data.TEXT_SINGLE_SHARE`, the recipe's).
+    descriptions (default: :data:`catp.reference.data.TEXT_SINGLE_SHARE`, the recipe's);
+    ``rewrite``: applied to every question (for probes; the recipe has none).
     """
     from catp.reference.data import TEXT_SINGLE_SHARE, format_prompt, text_corpus
 
@@ -50,22 +52,24 @@ def text_sequences(tokenizer, count: int, seed: int, single_share: float | None 
         if rng.random() < REPEAT_SHARE:
             context, target = described, caption_ids
         else:
-            context, target = [*described, *words(format_prompt(question))], words(answer)
+            context, target = [*described, *words(format_prompt(rewrite(question) if rewrite else question))], words(answer)
         out.append(([*context, *target, eos], len(context)))
     return out
 
 
-def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float | None = None) -> float:
+def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float | None = None,
+                            rewrite: Callable[[str], str] | None = None) -> float:
     """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
 
     ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
-    ``text_max_offset``, ``seed``). ``single_share`` is for probes (the recipe's by default).
+    ``text_max_offset``, ``seed``). ``single_share`` and ``rewrite`` (of the training and
+    the held-out questions) are for probes (see :func:`text_sequences`).
     """
     import torch
 
     from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
-    sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6, single_share)
+    sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6, single_share, rewrite)
     length = max(len(s) for s, _ in sequences)
     ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), length), -100, dtype=torch.long)
@@ -100,7 +104,7 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.3f}")
         mean = total / max(1, steps)
-        reading = reading_accuracy(lm, tokenizer, settings.seed + 11)
+        reading = reading_accuracy(lm, tokenizer, settings.seed + 11, rewrite=rewrite)
         log.info("language model epoch %d/%d: loss %.4f, held-out answers read off a caption: %.4f (%s)", epoch + 1, settings.text_epochs, mean,
                  reading.pop("all"), ", ".join(f"{k} {v:.2f}" for k, v in reading.items()))
         lm.train()
@@ -114,17 +118,18 @@ def question_kind(caption: str, question: str) -> str:
     return f"{'scene' if ',' in caption else 'one object'}: {' '.join(question.split()[:2])}"
 
 
-def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000) -> dict[str, float]:
+def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000, rewrite: Callable[[str], str] | None = None) -> dict[str, float]:
     """Share of held-out "caption </s> question" texts whose greedy first answer token is right.
 
     Returns ``{"all": ..., kind: ...}`` with one entry per :func:`question_kind`: whether the
     language model reads an answer off a description, the skill a frozen LM needs in stage 2.
+    ``rewrite`` is applied to each question (for probes).
     """
     from catp.reference.data import text_corpus
 
     right: dict[str, list[int]] = {}
     for caption, question, answer in text_corpus(count, seed):
-        right_answer = reads_answer(lm, tokenizer, caption, question, answer)
+        right_answer = reads_answer(lm, tokenizer, caption, rewrite(question) if rewrite else question, answer)
         for key in ("all", question_kind(caption, question)):
             right.setdefault(key, []).append(int(right_answer))
     return {key: sum(v) / len(v) for key, v in sorted(right.items())}

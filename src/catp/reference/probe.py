@@ -169,7 +169,7 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
 
 def probe_language(
     model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None,
-    arch: str = "opt", single_share: float | None = None, report=print,
+    arch: str = "opt", single_share: float | None = None, plural_color_questions: bool = False, report=print,
 ) -> dict[str, float]:
     """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
 
@@ -179,7 +179,10 @@ def probe_language(
     3 x width x ``3 * width`` weights, close to OPT's 2 x width x ``4 * width``). ``report``
     gets the per-epoch log lines (loss, reading accuracy per kind of question).
     ``single_share`` changes the share of one-object rows in the text (the recipe's: 0.4);
-    the held-out texts stay the recipe's.
+    the held-out texts stay the recipe's. ``plural_color_questions`` asks "what color is the
+    {shape}s?" instead of "what color is the {shape}?" in training and held-out texts alike, so
+    that the question's shape word is one the description never contains (as in "how many
+    {shape}s"): a test of whether the repeated word is what the model cannot resolve.
     """
     import copy
 
@@ -220,8 +223,19 @@ def probe_language(
     log.handlers = [handler]
     log.setLevel(logging.INFO)
     settings = TrainSettings(seed=seed, text_sequences=sequences, text_epochs=epochs, text_lr=lr, text_max_offset=max_offset)
-    pretrain_language_model(lm, processor.tokenizer, settings, log, show=False, single_share=single_share)
-    return reading_accuracy(lm, processor.tokenizer, seed + 11)
+    rewrite = _plural_color_question if plural_color_questions else None
+    pretrain_language_model(lm, processor.tokenizer, settings, log, show=False, single_share=single_share, rewrite=rewrite)
+    return reading_accuracy(lm, processor.tokenizer, seed + 11, rewrite=rewrite)
+
+
+def _plural_color_question(question: str) -> str:
+    """``"what color is the circle?"`` -> ``"what color is the circles?"``; other questions unchanged."""
+    from catp.reference.data import SHAPES
+
+    for shape in SHAPES:
+        if question == f"what color is the {shape}?":
+            return f"what color is the {shape}s?"
+    return question
 
 
 def probe_kinds(model_dir: str | None, scenes: int = 300) -> dict[str, dict[str, float]]:
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
     language.add_argument("--layers", type=int, default=None, help="override the LM's depth")
     language.add_argument("--single-share", type=float, default=None, help="share of one-object rows in the text (recipe: 0.4)")
+    language.add_argument("--plural-color-questions", action="store_true",
+                          help='ask "what color is the {shape}s?": a shape word the description never contains')
     language.add_argument("--arch", choices=("opt", "llama"), default="opt", help="the LM's architecture (llama: rotary positions)")
     args = parser.parse_args(argv)
     import torch
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
         return
     if args.command == "language":
-        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, args.single_share, report=lambda line: print(line, flush=True))
+        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, args.single_share, args.plural_color_questions, report=lambda line: print(line, flush=True))
         return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
