@@ -277,13 +277,19 @@ def test_text_corpus_single_share_sets_the_share_of_one_object_rows():
         text_corpus(3, 0, single_share=1.5)
 
 
-def test_text_sequences_rewrite_changes_one_word_of_the_colour_questions_only():
+def test_text_rewrites_of_the_language_probe():
     from catp.reference.language import text_sequences
-    from catp.reference.probe import _plural_color_question
+    from catp.reference.probe import text_rewrite
 
+    assert text_rewrite() is None
+    shape_first = text_rewrite(shape_first=True)
+    assert shape_first("small red circle , large blue triangle", "what color is the circle?") == (
+        "circle red small , triangle blue large", "what color is the circle?")
+    assert text_rewrite(plural_color_questions=True)("large red circle", "what color is the circle?") == ("large red circle", "what color is the circles?")
+    # The plural rewrite changes one word of the colour questions and nothing else.
     tokenizer = load()[1].tokenizer
     plain = text_sequences(tokenizer, 300, 3)
-    rewritten = text_sequences(tokenizer, 300, 3, rewrite=_plural_color_question)
+    rewritten = text_sequences(tokenizer, 300, 3, rewrite=text_rewrite(plural_color_questions=True))
     plurals = set(tokenizer.convert_tokens_to_ids(["circles", "rectangles", "triangles"]))
     changed = [(a, b) for (a, _), (b, _) in zip(plain, rewritten) if a != b]
     assert changed and len(changed) < len(plain)

@@ -28,17 +28,20 @@ from typing import Any
 __all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "reads_answer", "text_sequences"]
 
 
+#: A probe's change to the text: ``(caption, question) -> (caption, question)``.
+Rewrite = Callable[[str, str], tuple[str, str]]
+
 #: Share of :func:`text_sequences` that repeat a description; the rest ask a question about one.
 REPEAT_SHARE = 0.15
 
 
-def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None, rewrite: Callable[[str], str] | None = None) -> list[tuple[list[int], int]]:
+def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None, rewrite: Rewrite | None = None) -> list[tuple[list[int], int]]:
     """``count`` ``(token ids, target start)`` pairs of the two kinds above.
 
     The loss is on the tokens from ``target start`` on (the answer or the repeated
     description, and the closing ``</s>``). ``single_share``: the share of one-object
     descriptions (default: :data:`catp.reference.data.TEXT_SINGLE_SHARE`, the recipe's);
-    ``rewrite``: applied to every question (for probes; the recipe has none).
+    ``rewrite``: maps every ``(caption, question)`` to the pair used (for probes; the recipe has none).
     """
     from catp.reference.data import TEXT_SINGLE_SHARE, format_prompt, text_corpus
 
@@ -47,18 +50,20 @@ def text_sequences(tokenizer, count: int, seed: int, single_share: float | None 
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = []
     for caption, question, answer in text_corpus(count, seed, TEXT_SINGLE_SHARE if single_share is None else single_share):
+        if rewrite is not None:
+            caption, question = rewrite(caption, question)
         caption_ids = words(caption)
         described = [*caption_ids, bos]
         if rng.random() < REPEAT_SHARE:
             context, target = described, caption_ids
         else:
-            context, target = [*described, *words(format_prompt(rewrite(question) if rewrite else question))], words(answer)
+            context, target = [*described, *words(format_prompt(question))], words(answer)
         out.append(([*context, *target, eos], len(context)))
     return out
 
 
 def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float | None = None,
-                            rewrite: Callable[[str], str] | None = None) -> float:
+                            rewrite: Rewrite | None = None) -> float:
     """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
 
     ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
@@ -118,19 +123,22 @@ def question_kind(caption: str, question: str) -> str:
     return f"{'scene' if ',' in caption else 'one object'}: {' '.join(question.split()[:2])}"
 
 
-def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000, rewrite: Callable[[str], str] | None = None) -> dict[str, float]:
+def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000, rewrite: Rewrite | None = None) -> dict[str, float]:
     """Share of held-out "caption </s> question" texts whose greedy first answer token is right.
 
     Returns ``{"all": ..., kind: ...}`` with one entry per :func:`question_kind`: whether the
     language model reads an answer off a description, the skill a frozen LM needs in stage 2.
-    ``rewrite`` is applied to each question (for probes).
+    ``rewrite`` maps each ``(caption, question)`` as in :func:`text_sequences` (for probes).
     """
     from catp.reference.data import text_corpus
 
     right: dict[str, list[int]] = {}
     for caption, question, answer in text_corpus(count, seed):
-        right_answer = reads_answer(lm, tokenizer, caption, rewrite(question) if rewrite else question, answer)
-        for key in ("all", question_kind(caption, question)):
+        kind = question_kind(caption, question)
+        if rewrite is not None:
+            caption, question = rewrite(caption, question)
+        right_answer = reads_answer(lm, tokenizer, caption, question, answer)
+        for key in ("all", kind):
             right.setdefault(key, []).append(int(right_answer))
     return {key: sum(v) / len(v) for key, v in sorted(right.items())}
 

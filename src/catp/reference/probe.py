@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ProbeSettings", "probe_kinds", "probe_language", "probe_stage1"]
+__all__ = ["ProbeSettings", "probe_kinds", "probe_language", "probe_stage1", "text_rewrite"]
 
 FEATURES = ("vit", "embeddings", "random")
 
@@ -169,7 +169,7 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
 
 def probe_language(
     model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None,
-    arch: str = "opt", single_share: float | None = None, plural_color_questions: bool = False, report=print,
+    arch: str = "opt", single_share: float | None = None, plural_color_questions: bool = False, shape_first: bool = False, report=print,
 ) -> dict[str, float]:
     """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
 
@@ -183,6 +183,8 @@ def probe_language(
     {shape}s?" instead of "what color is the {shape}?" in training and held-out texts alike, so
     that the question's shape word is one the description never contains (as in "how many
     {shape}s"): a test of whether the repeated word is what the model cannot resolve.
+    ``shape_first`` writes each object of a description as "shape colour size" instead of
+    "size colour shape", so that the colour asked about a shape follows it.
     """
     import copy
 
@@ -223,9 +225,22 @@ def probe_language(
     log.handlers = [handler]
     log.setLevel(logging.INFO)
     settings = TrainSettings(seed=seed, text_sequences=sequences, text_epochs=epochs, text_lr=lr, text_max_offset=max_offset)
-    rewrite = _plural_color_question if plural_color_questions else None
+    rewrite = text_rewrite(plural_color_questions, shape_first)
     pretrain_language_model(lm, processor.tokenizer, settings, log, show=False, single_share=single_share, rewrite=rewrite)
     return reading_accuracy(lm, processor.tokenizer, seed + 11, rewrite=rewrite)
+
+
+def text_rewrite(plural_color_questions: bool = False, shape_first: bool = False):
+    """The :data:`catp.reference.language.Rewrite` of :func:`probe_language`'s two text variants, or ``None`` for neither."""
+    if not (plural_color_questions or shape_first):
+        return None
+
+    def rewrite(caption: str, question: str) -> tuple[str, str]:
+        if shape_first:  # "small red circle , large blue triangle" -> "circle red small , triangle blue large"
+            caption = " , ".join(" ".join(reversed(item.split())) for item in caption.split(" , "))
+        return caption, _plural_color_question(question) if plural_color_questions else question
+
+    return rewrite
 
 
 def _plural_color_question(question: str) -> str:
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--single-share", type=float, default=None, help="share of one-object rows in the text (recipe: 0.4)")
     language.add_argument("--plural-color-questions", action="store_true",
                           help='ask "what color is the {shape}s?": a shape word the description never contains')
+    language.add_argument("--shape-first", action="store_true", help='describe each object as "shape colour size"')
     language.add_argument("--arch", choices=("opt", "llama"), default="opt", help="the LM's architecture (llama: rotary positions)")
     args = parser.parse_args(argv)
     import torch
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
         return
     if args.command == "language":
-        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, args.single_share, args.plural_color_questions, report=lambda line: print(line, flush=True))
+        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, args.single_share, args.plural_color_questions, args.shape_first, report=lambda line: print(line, flush=True))
         return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
