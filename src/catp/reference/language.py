@@ -25,6 +25,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from catp.reference.data import TEXT_SINGLE_SHARE
+
 __all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "reads_answer", "text_sequences"]
 
 
@@ -35,21 +37,21 @@ Rewrite = Callable[[str, str], tuple[str, str]]
 REPEAT_SHARE = 0.15
 
 
-def text_sequences(tokenizer, count: int, seed: int, single_share: float | None = None, rewrite: Rewrite | None = None) -> list[tuple[list[int], int]]:
+def text_sequences(tokenizer, count: int, seed: int, single_share: float = TEXT_SINGLE_SHARE, rewrite: Rewrite | None = None) -> list[tuple[list[int], int]]:
     """``count`` ``(token ids, target start)`` pairs of the two kinds above.
 
     The loss is on the tokens from ``target start`` on (the answer or the repeated
     description, and the closing ``</s>``). ``single_share``: the share of one-object
-    descriptions (default: :data:`catp.reference.data.TEXT_SINGLE_SHARE`, the recipe's);
+    descriptions (the recipe's by default);
     ``rewrite``: maps every ``(caption, question)`` to the pair used (for probes; the recipe has none).
     """
-    from catp.reference.data import TEXT_SINGLE_SHARE, format_prompt, text_corpus
+    from catp.reference.data import format_prompt, text_corpus
 
     rng = random.Random(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = []
-    for caption, question, answer in text_corpus(count, seed, TEXT_SINGLE_SHARE if single_share is None else single_share):
+    for caption, question, answer in text_corpus(count, seed, single_share):
         if rewrite is not None:
             caption, question = rewrite(caption, question)
         caption_ids = words(caption)
@@ -62,13 +64,13 @@ def text_sequences(tokenizer, count: int, seed: int, single_share: float | None 
     return out
 
 
-def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float | None = None,
+def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float = TEXT_SINGLE_SHARE,
                             rewrite: Rewrite | None = None) -> float:
     """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
 
     ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
-    ``text_max_offset``, ``seed``). ``single_share`` and ``rewrite`` (of the training and
-    the held-out questions) are for probes (see :func:`text_sequences`).
+    ``text_max_offset``, ``seed``). ``single_share`` and ``rewrite`` are for probes
+    (:func:`text_sequences`); ``rewrite`` applies to the held-out texts too.
     """
     import torch
 

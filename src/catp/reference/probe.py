@@ -30,6 +30,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from catp.reference.data import TEXT_SINGLE_SHARE
+
 __all__ = ["ProbeSettings", "probe_kinds", "probe_language", "probe_stage1", "text_rewrite"]
 
 FEATURES = ("vit", "embeddings", "random")
@@ -169,7 +171,7 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
 
 def probe_language(
     model_dir: str, sequences: int, epochs: int, lr: float, seed: int = 0, max_offset: int = 40, dropout: float | None = None, layers: int | None = None,
-    arch: str = "opt", single_share: float | None = None, plural_color_questions: bool = False, shape_first: bool = False, report=print,
+    arch: str = "opt", single_share: float = TEXT_SINGLE_SHARE, plural_color_questions: bool = False, shape_first: bool = False, report=print,
 ) -> dict[str, float]:
     """Train a fresh language model like the recipe's (``pretrain_language_model``) and return its reading accuracy.
 
@@ -178,7 +180,7 @@ def probe_language(
     heads instead of the OPT (rotary positions instead of learnt ones; a gated MLP of
     3 x width x ``3 * width`` weights, close to OPT's 2 x width x ``4 * width``). ``report``
     gets the per-epoch log lines (loss, reading accuracy per kind of question).
-    ``single_share`` changes the share of one-object rows in the text (the recipe's: 0.4);
+    ``single_share`` changes the share of one-object rows in the text (the recipe's by default);
     the held-out texts stay the recipe's. ``plural_color_questions`` asks "what color is the
     {shape}s?" instead of "what color is the {shape}?" in training and held-out texts alike, so
     that the question's shape word is one the description never contains (as in "how many
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--max-offset", type=int, default=recipe.text_max_offset, help="largest random position offset")
     language.add_argument("--dropout", type=float, default=None, help="override the LM's dropout")
     language.add_argument("--layers", type=int, default=None, help="override the LM's depth")
-    language.add_argument("--single-share", type=float, default=None, help="share of one-object rows in the text (recipe: 0.4)")
+    language.add_argument("--single-share", type=float, default=TEXT_SINGLE_SHARE, help="share of one-object rows in the text")
     language.add_argument("--plural-color-questions", action="store_true",
                           help='ask "what color is the {shape}s?": a shape word the description never contains')
     language.add_argument("--shape-first", action="store_true", help='describe each object as "shape colour size"')
@@ -335,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
         return
     if args.command == "language":
-        probe_language(args.model, args.sequences, args.epochs, args.lr, args.seed, args.max_offset, args.dropout, args.layers, args.arch, args.single_share, args.plural_color_questions, args.shape_first, report=lambda line: print(line, flush=True))
+        probe_language(args.model, args.sequences, args.epochs, args.lr, seed=args.seed, max_offset=args.max_offset, dropout=args.dropout,
+                       layers=args.layers, arch=args.arch, single_share=args.single_share,
+                       plural_color_questions=args.plural_color_questions, shape_first=args.shape_first,
+                       report=lambda line: print(line, flush=True))
         return
     values = {f: getattr(args, f) for f in asdict(defaults)}
     values["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
