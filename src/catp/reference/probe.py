@@ -12,6 +12,8 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
   per kind of question (:func:`catp.reference.language.reading_accuracy`).
 * ``language``: a fresh language model trained on text as the recipe does, with its
   reading accuracy after every epoch.
+* ``recall``: a fresh language model on the smallest binding task of the scenes text
+  ("red circle , blue triangle </s> ... what color is the circle?") alone, per architecture.
 * ``kinds``: per kind of scenes question, on validation scenes, the run's accuracy with the
   image beside its language model's reading of the scene's caption (the same question, the
   description in place of the queries): which of the two limits the answers.
@@ -21,6 +23,7 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
     python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
     python -m catp.reference.probe language --model runs/ref-v3 --arch llama
     python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
+    python -m catp.reference.probe recall --model runs/ref-v3 --arch llama
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from catp.reference.data import TEXT_SINGLE_SHARE
 
-__all__ = ["ProbeSettings", "probe_kinds", "probe_language", "probe_stage1", "text_rewrite"]
+__all__ = ["ProbeSettings", "fresh_language_model", "probe_kinds", "probe_language", "probe_recall", "probe_stage1", "recall_rows", "text_rewrite"]
 
 FEATURES = ("vit", "embeddings", "random")
 
@@ -188,8 +191,6 @@ def probe_language(
     ``shape_first`` writes each object of a description as "shape colour size" instead of
     "size colour shape", so that the colour asked about a shape follows it.
     """
-    import copy
-
     import logging
 
     import torch
@@ -200,26 +201,7 @@ def probe_language(
 
     model, processor = load(model_dir)
     torch.manual_seed(seed)
-    config = copy.deepcopy(model.language_model.config)
-    if dropout is not None:
-        config.dropout = dropout
-    if layers is not None:
-        config.num_hidden_layers = layers
-    if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        llama = LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=3 * config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-            tie_word_embeddings=True,
-        )
-        lm = LlamaForCausalLM(llama)
-    elif arch == "opt":
-        lm = type(model.language_model)(config)
-    else:
-        raise ValueError(f"unknown arch {arch!r}; choose 'opt' or 'llama'")
+    lm = fresh_language_model(model.language_model.config, arch, dropout=dropout, layers=layers)
     log = logging.getLogger("catp.reference.probe")
     log.propagate = False
     handler = logging.Handler()
@@ -230,6 +212,116 @@ def probe_language(
     rewrite = text_rewrite(plural_color_questions, shape_first)
     pretrain_language_model(lm, processor.tokenizer, settings, log, show=False, single_share=single_share, rewrite=rewrite)
     return reading_accuracy(lm, processor.tokenizer, seed + 11, rewrite=rewrite)
+
+
+ARCHES = ("opt", "opt-gelu", "llama")
+
+
+def fresh_language_model(config, arch: str = "opt", dropout: float | None = None, layers: int | None = None):
+    """A freshly initialised causal LM of ``config``'s (an ``OPTConfig``) width, depth and heads.
+
+    ``arch``: "opt" (the recipe's: learnt positions, ReLU), "opt-gelu" (the same with a GELU
+    feed-forward) or "llama" (rotary positions; a gated SiLU MLP of 3 x width x ``3 * width``
+    weights, close to OPT's 2 x width x ``4 * width``). ``layers`` overrides the config's
+    depth, ``dropout`` its dropout (OPT only: LLaMA has none).
+    """
+    import copy
+
+    config = copy.deepcopy(config)
+    if dropout is not None:
+        config.dropout = dropout
+    if layers is not None:
+        config.num_hidden_layers = layers
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=3 * config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            tie_word_embeddings=True,
+        ))
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHES)}")
+    from transformers import OPTForCausalLM
+
+    if arch == "opt-gelu":
+        config.activation_function = "gelu"
+    return OPTForCausalLM(config)
+
+
+def recall_rows(tokenizer, count: int, objects: int, prompt: bool, seed: int) -> tuple[Any, Any]:
+    """``(ids (count, T), answers (count,))`` of the smallest binding task in the scenes text.
+
+    Each row describes ``objects`` objects of distinct colours and shapes ("red circle ,
+    blue triangle"), then ``</s>``, then asks one shape's colour: with the paper's prompt
+    ("Question: what color is the circle? Short answer:") or, with ``prompt=False``, the shape
+    word alone. Every row has the same length; the answer is the colour's token.
+    """
+    import random
+
+    import torch
+
+    from catp.reference.data import COLORS, SHAPES, format_prompt
+
+    if not 2 <= objects <= len(SHAPES):
+        raise ValueError(f"objects must be in 2..{len(SHAPES)}, got {objects}")
+    rng = random.Random(seed)
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, answers = [], []
+    for _ in range(count):
+        shapes, colors = rng.sample(SHAPES, objects), rng.sample(list(COLORS), objects)
+        asked = rng.randrange(objects)
+        caption = " , ".join(f"{c} {s}" for c, s in zip(colors, shapes))
+        question = format_prompt(f"what color is the {shapes[asked]}?") if prompt else shapes[asked]
+        ids.append([*words(caption), tokenizer.bos_token_id, *words(question)])
+        answers.append(words(colors[asked])[0])
+    return torch.tensor(ids), torch.tensor(answers)
+
+
+def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: int = 2, prompt: bool = True, lr: float = 1e-3,
+                 batch_size: int = 32, every: int = 250, seed: int = 0, report=print) -> list[dict[str, Any]]:
+    """Train a fresh LM (:func:`fresh_language_model`, no dropout) on :func:`recall_rows` alone.
+
+    The scenes question "what color is the {shape}?" needs this one skill: find the shape
+    in the description and read the word bound to it. Constant ``lr`` (AdamW, no weight
+    decay), fresh rows every step, loss on the answer only. Returns one row per ``every``
+    steps: the mean loss since the last row and the accuracy on 500 held-out rows (chance:
+    ``1 / objects``). ``report`` gets each row as it is made.
+    """
+    import torch
+
+    from catp.reference import load
+
+    if min(steps, batch_size, every) < 1:
+        raise ValueError("steps, batch size and every must be >= 1")
+    model, processor = load(model_dir)
+    torch.manual_seed(seed)
+    lm = fresh_language_model(model.language_model.config, arch, dropout=0.0)
+    tokenizer = processor.tokenizer
+    held_ids, held_answers = recall_rows(tokenizer, 500, objects, prompt, seed + 1)
+    train_ids, train_answers = recall_rows(tokenizer, steps * batch_size, objects, prompt, seed + 2)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    rows, total = [], 0.0
+    lm.train()
+    for step in range(steps):
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        loss = torch.nn.functional.cross_entropy(lm(input_ids=train_ids[batch]).logits[:, -1], train_answers[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            lm.eval()
+            with torch.no_grad():
+                accuracy = float((lm(input_ids=held_ids).logits[:, -1].argmax(-1) == held_answers).float().mean())
+            lm.train()
+            count = (step + 1) - (rows[-1]["step"] if rows else 0)
+            rows.append({"step": step + 1, "loss": round(total / count, 3), "accuracy": round(accuracy, 3)})
+            report(rows[-1])
+            total = 0.0
+    return rows
 
 
 def text_rewrite(plural_color_questions: bool = False, shape_first: bool = False):
@@ -294,8 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     reading = commands.add_parser("reading", help="the run's language model: answers read off a text description, per question kind")
     language = commands.add_parser("language", help="a fresh language model trained on text; reading accuracy per epoch")
     kinds = commands.add_parser("kinds", help="per scenes question kind: the run with the image against its LM reading the caption")
+    recall = commands.add_parser("recall", help="a fresh LM on the one skill 'what color is the {shape}' needs; accuracy as it trains")
+    recall.add_argument("--arch", choices=ARCHES, default="opt", help="the LM's architecture")
+    recall.add_argument("--steps", type=int, default=2000)
+    recall.add_argument("--objects", type=int, default=2, help="objects per description (2 or 3)")
+    recall.add_argument("--no-prompt", action="store_true", help="ask with the shape word alone instead of the paper's prompt")
+    recall.add_argument("--lr", type=float, default=1e-3)
+    recall.add_argument("--seed", type=int, default=0)
     kinds.add_argument("--scenes", type=int, default=300, help="validation scenes (about 3.6 questions each)")
-    for command in (stage1, reading, language, kinds):
+    for command in (stage1, reading, language, kinds, recall):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
         command.add_argument("--threads", type=int, default=1)
     defaults = ProbeSettings()
@@ -319,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     language.add_argument("--plural-color-questions", action="store_true",
                           help='ask "what color is the {shape}s?": a shape word the description never contains')
     language.add_argument("--shape-first", action="store_true", help='describe each object as "shape colour size"')
-    language.add_argument("--arch", choices=("opt", "llama"), default="opt", help="the LM's architecture (llama: rotary positions)")
+    language.add_argument("--arch", choices=ARCHES, default="opt", help="the LM's architecture (llama: rotary positions)")
     args = parser.parse_args(argv)
     import torch
 
@@ -335,6 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "kinds":
         for kind, row in probe_kinds(args.model, args.scenes).items():
             print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
+        return
+    if args.command == "recall":
+        try:
+            probe_recall(args.model, args.arch, args.steps, args.objects, not args.no_prompt, args.lr, seed=args.seed, report=lambda row: print(row, flush=True))
+        except ValueError as error:
+            parser.error(str(error))
         return
     if args.command == "language":
         probe_language(args.model, args.sequences, args.epochs, args.lr, seed=args.seed, max_offset=args.max_offset, dropout=args.dropout,
