@@ -303,19 +303,21 @@ def test_recall_probe_rows_bind_each_colour_to_its_shape_and_the_probe_trains_ea
 
     model, processor = load()
     tokenizer = processor.tokenizer
-    ids, answers = recall_rows(tokenizer, 50, objects=3, prompt=True, seed=1)
-    assert ids.shape[0] == 50 and answers.shape == (50,)
-    for row, answer in zip(ids.tolist(), answers.tolist()):
-        words = tokenizer.convert_ids_to_tokens(row)
+    ids, mask, answers = recall_rows(tokenizer, 50, objects=3, prompt=True, seed=1)
+    scene_ids, scene_mask, scene_answers = recall_rows(tokenizer, 50, objects=2, prompt=True, seed=1, scenes=True)
+    assert ids.shape[0] == scene_ids.shape[0] == 50 and answers.shape == scene_answers.shape == (50,) and bool(mask.all())
+    assert not bool(scene_mask.all()) and bool(scene_mask[:, -1].all())  # descriptions of 2-5 objects, padded on the left
+    for row, row_mask, answer in [*zip(ids.tolist(), mask.tolist(), answers.tolist()), *zip(scene_ids.tolist(), scene_mask.tolist(), scene_answers.tolist())]:
+        words = tokenizer.convert_ids_to_tokens([t for t, m in zip(row, row_mask) if m])
         asked = words[words.index("is") + 2]  # "... what color is the {shape} ?"
         caption = words[: words.index("</s>")]
-        assert caption[caption.index(asked) - 1] == tokenizer.convert_ids_to_tokens(answer)
-    bare, _ = recall_rows(tokenizer, 5, objects=2, prompt=False, seed=1)
+        assert caption.count(asked) == 1 and caption[caption.index(asked) - 1] == tokenizer.convert_ids_to_tokens(answer)
+    bare, _, _ = recall_rows(tokenizer, 5, objects=2, prompt=False, seed=1)
     assert bare.shape[1] == 2 * 2 + 1 + 1 + 1  # two "colour shape" pairs, the comma, </s>, the shape
     with pytest.raises(ValueError, match="objects must be in 2..3"):
         recall_rows(tokenizer, 5, objects=4, prompt=True, seed=1)
     for arch in ("opt", "opt-gelu", "llama"):
-        rows = probe_recall(str(reference_model_path()), arch=arch, steps=4, batch_size=4, every=2, report=lambda row: None)
+        rows = probe_recall(str(reference_model_path()), arch=arch, steps=4, batch_size=4, every=2, scenes=arch == "llama", report=lambda row: None)
         assert [r["step"] for r in rows] == [2, 4] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert fresh_language_model(model.language_model.config, "opt-gelu").config.activation_function == "gelu"
     with pytest.raises(ValueError, match="unknown arch 'gpt'"):
