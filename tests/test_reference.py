@@ -226,10 +226,34 @@ def test_stage1_probe_reports_diversity_per_step_and_rejects_bad_variants():
         assert 1.0 <= row["rank"] <= 31.0
         assert len(row["map_correlation"]) == 1  # 2 layers, cross-attention every 2nd
     random_rows = probe_stage1(str(reference_model_path()), dataclasses.replace(settings, features="random", steps=1, objectives=("itc",)), report=lambda row: None)
-    assert random_rows[-1]["itg"] == 0.0
+    assert random_rows[-1]["itg"] == 0.0 and random_rows[-1]["itm"] == 0.0
+    itm_rows = probe_stage1(str(reference_model_path()), dataclasses.replace(settings, steps=2, objectives=("itc", "itg", "itm")), report=lambda row: None)
+    assert itm_rows[-1]["itm"] > 0
     for bad in ({"features": "pixels"}, {"objectives": ("mlm",)}, {"objectives": ()}, {"steps": 0}):
         with pytest.raises(ValueError, match="features|objectives|steps"):
             dataclasses.replace(settings, **bad).check()
+
+
+def test_stage1_itm_pairs_each_caption_with_a_hard_negative_and_needs_its_head():
+    import torch
+
+    from catp.reference.qformer import Stage1QFormer, caption_batches
+
+    model, processor = load()
+    torch.manual_seed(0)
+    graph = Stage1QFormer(model.config, len(processor.tokenizer), layers=2, itm=True)
+    captions = ["small red circle", "large blue triangle , small red circle", "small red circle", "large teal rectangle"]
+    ids, mask, caption_ids = caption_batches(processor.tokenizer, captions)
+    image = torch.randn(len(captions), 5, model.config.qformer_config.encoder_hidden_size)
+    losses = graph.losses(model.query_tokens, ids, mask, image, caption_ids, itm=True)
+    assert set(losses) == {"itc", "itg", "itm"} and losses["itm"].item() > 0
+    # No caption differs from another: there is no negative, and the loss is zero (and differentiable).
+    same = graph.losses(model.query_tokens, ids[[0, 2]], mask[[0, 2]], image[:2], caption_ids[[0, 2]], itc=False, itg=False, itm=True)
+    assert set(same) == {"itm"} and same["itm"].item() == 0.0 and same["itm"].requires_grad
+    plain = Stage1QFormer(model.config, len(processor.tokenizer), layers=2)
+    assert plain.itm_head is None
+    with pytest.raises(ValueError, match="ITM needs a Stage1QFormer built with itm=True"):
+        plain.losses(model.query_tokens, ids, mask, image, caption_ids, itm=True)
 
 
 def test_reading_accuracy_is_per_question_kind_and_language_probe_trains_a_fresh_lm():

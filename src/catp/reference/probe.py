@@ -47,7 +47,7 @@ class ProbeSettings:
     steps: int = 150
     batch_size: int = 64
     lr: float = 5e-4
-    #: Which of BLIP-2's stage-1 objectives to train ("itc", "itg" or both).
+    #: Which of BLIP-2's stage-1 objectives to train (any of "itc", "itg", "itm").
     objectives: tuple[str, ...] = ("itc", "itg")
     #: ITG joins at this step (a warm-up on ITC alone before it), with this weight.
     itg_from: int = 0
@@ -68,9 +68,9 @@ class ProbeSettings:
     def check(self) -> None:
         if self.features not in FEATURES:
             raise ValueError(f"unknown features {self.features!r}; choose from {list(FEATURES)}")
-        unknown = set(self.objectives) - {"itc", "itg"}
+        unknown = set(self.objectives) - {"itc", "itg", "itm"}
         if unknown or not self.objectives:
-            raise ValueError(f"objectives must be itc and/or itg, got {list(self.objectives)}")
+            raise ValueError(f"objectives must be some of itc, itg, itm, got {list(self.objectives)}")
         if min(self.steps, self.batch_size, self.train_images, self.eval_images, self.every) < 1:
             raise ValueError("steps, batch size, image counts and --every must be >= 1")
 
@@ -145,30 +145,32 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
     train, held_out = _scene_images("train", settings.train_images), _scene_images("validation", settings.eval_images)
     features = _features(model, processor, train.images, settings.features, settings.seed)
     held_out_features = _features(model, processor, held_out.images, settings.features, settings.seed)
-    graph = Stage1QFormer(model.config, len(processor.tokenizer), settings.layers, settings.dropout, settings.initializer_range)
+    graph = Stage1QFormer(model.config, len(processor.tokenizer), settings.layers, settings.dropout, settings.initializer_range,
+                          itm="itm" in settings.objectives)
     query_tokens = torch.nn.Parameter(torch.randn(1, model.config.num_query_tokens, graph.qformer.config.hidden_size) * settings.query_std)
     params = [query_tokens, *graph.parameters()]
     ids, mask, caption_ids = caption_batches(processor.tokenizer, train.captions)
     optimizer, scheduler = optimizer_and_schedule(params, settings.lr, settings.steps)
-    rows = [{"step": 0, "itc": None, "itg": None, **_diversity(graph, query_tokens, held_out_features)}]
+    names = ("itc", "itg", "itm")
+    rows = [{"step": 0, **dict.fromkeys(names), **_diversity(graph, query_tokens, held_out_features)}]
     report(rows[-1])
-    sums, n = torch.zeros(2), len(train.captions)
+    sums, n = dict.fromkeys(names, 0.0), len(train.captions)
     graph.train()
     for step in range(settings.steps):
         idx = torch.arange(step * settings.batch_size, (step + 1) * settings.batch_size) % n
         width = int(mask[idx].sum(1).max())
         use_itg = "itg" in settings.objectives and step >= settings.itg_from
-        itc, itg = graph.losses(query_tokens, ids[idx, :width], mask[idx, :width], features[idx], caption_ids[idx],
-                                itc="itc" in settings.objectives, itg=use_itg)
-        loss = (itc if itc is not None else 0.0) + (settings.itg_weight * itg if itg is not None else 0.0)
+        losses = graph.losses(query_tokens, ids[idx, :width], mask[idx, :width], features[idx], caption_ids[idx],
+                              itc="itc" in settings.objectives, itg=use_itg, itm="itm" in settings.objectives)
+        loss = sum(settings.itg_weight * value if name == "itg" else value for name, value in losses.items())
         optimization_step(loss, params, optimizer, scheduler)
-        sums += torch.tensor([itc.item() if itc is not None else 0.0, itg.item() if itg is not None else 0.0])
+        for name, value in losses.items():
+            sums[name] += value.item()
         if (step + 1) % settings.every == 0 or step + 1 == settings.steps:
             count = (step + 1) - rows[-1]["step"]
-            rows.append({"step": step + 1, "itc": round(float(sums[0]) / count, 3), "itg": round(float(sums[1]) / count, 3),
-                         **_diversity(graph, query_tokens, held_out_features)})
+            rows.append({"step": step + 1, **{name: round(sums[name] / count, 3) for name in names}, **_diversity(graph, query_tokens, held_out_features)})
             report(rows[-1])
-            sums.zero_()
+            sums = dict.fromkeys(names, 0.0)
     return rows
 
 
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = ProbeSettings()
     for field, value in asdict(defaults).items():
         if field == "objectives":
-            stage1.add_argument("--objectives", default="itc,itg", help="itc, itg or itc,itg")
+            stage1.add_argument("--objectives", default="itc,itg", help="comma-separated, any of itc, itg, itm")
         else:
             kind = type(value) if value is not None else (int if field == "layers" else float)
             stage1.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)

@@ -13,7 +13,12 @@ three objectives, each with its own self-attention mask:
   text, so everything about the image must pass through the queries.
 
 The captions name every object of a scene, so the 32 queries must jointly carry the whole
-scene. ITM, BLIP-2's third objective, is left out (optional in our recipe).
+scene. ITM, BLIP-2's third objective, is optional (``itm=True``; the recipe leaves it out):
+
+* **ITM** (image-text matching): queries and text see each other; a linear head on each
+  query output, the two logits averaged over the queries; for each image a hard negative
+  caption, and for each caption a hard negative image, drawn in proportion to their ITC
+  similarity.
 
 The shared weights (query tokens, Q-Former attention, cross-attention and query
 feed-forward blocks) are then copied into the ``Blip2ForConditionalGeneration``; the text
@@ -55,7 +60,8 @@ class Stage1QFormer(nn.Module):
     everything stage 1 trains except the query tokens.
     """
 
-    def __init__(self, config, vocabulary_size: int, layers: int | None = None, dropout: float | None = None, initializer_range: float | None = None) -> None:
+    def __init__(self, config, vocabulary_size: int, layers: int | None = None, dropout: float | None = None, initializer_range: float | None = None,
+                 itm: bool = False) -> None:
         import copy
 
         from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
@@ -78,16 +84,20 @@ class Stage1QFormer(nn.Module):
         self.vision_projection, self.text_projection = nn.Linear(width, width), nn.Linear(width, width)
         self.lm_head = nn.Linear(width, vocabulary_size)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
+        # Built last and only when asked for: the recipe's draws (and weights) stay as they were.
+        self.itm_head = nn.Linear(width, 2) if itm else None
 
-    def losses(self, query_tokens, text, text_mask, image, caption_ids, itc: bool = True, itg: bool = True) -> tuple[Any, Any]:
-        """``(ITC, ITG)`` for one batch; a loss that is not asked for is ``None``.
+    def losses(self, query_tokens, text, text_mask, image, caption_ids, itc: bool = True, itg: bool = True, itm: bool = False) -> dict[str, Any]:
+        """The asked-for objectives' losses for one batch, by name (``"itc"``, ``"itg"``, ``"itm"``).
 
         Args:
             query_tokens: ``(1, Q, D)``.
             text: right-padded ``[BOS] caption`` ids ``(B, T)``; ``text_mask`` ``(B, T)``.
             image: cached vision outputs ``(B, N, D)``.
-            caption_ids: ``(B,)``; rows with equal ids are matches for ITC.
+            caption_ids: ``(B,)``; rows with equal ids are matches for ITC and ITM.
         """
+        if itm and self.itm_head is None:
+            raise ValueError("ITM needs a Stage1QFormer built with itm=True")
         q = self.num_queries
         queries = query_tokens.expand(len(text), -1, -1)
         # ITG: queries see queries; text sees queries and earlier text.
@@ -95,21 +105,46 @@ class Stage1QFormer(nn.Module):
             query_embeds=self.embeddings(input_ids=text, query_embeds=queries), query_length=q,
             attention_mask=itg_mask(q, text_mask), encoder_hidden_states=image,
         ).last_hidden_state
-        itg_loss = itc_loss = None
+        out: dict[str, Any] = {}
         if itg:
             logits = self.lm_head(joint[:, q:-1])
             labels = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
-            itg_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        if itc:
+            out["itg"] = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        match = (caption_ids[:, None] == caption_ids[None, :]).float()
+        if itc or itm:
             # The query outputs of the ITG pass saw no text (the same as a queries-only pass).
             image_embeds = nn.functional.normalize(self.vision_projection(joint[:, :q]), dim=-1)  # (B, Q, E)
             text_out = self.qformer(query_embeds=self.embeddings(input_ids=text), query_length=0, attention_mask=text_mask).last_hidden_state
             text_embeds = nn.functional.normalize(self.text_projection(text_out[:, 0]), dim=-1)  # (B, E)
             similarity = torch.einsum("iqe,je->ijq", image_embeds, text_embeds).amax(dim=-1) / self.log_temperature.exp().clamp(min=1e-2)
-            match = (caption_ids[:, None] == caption_ids[None, :]).float()
-            match = match / match.sum(1, keepdim=True)
-            itc_loss = (nn.functional.cross_entropy(similarity, match) + nn.functional.cross_entropy(similarity.t(), match)) / 2
-        return itc_loss, itg_loss
+        if itc:
+            targets = match / match.sum(1, keepdim=True)
+            out["itc"] = (nn.functional.cross_entropy(similarity, targets) + nn.functional.cross_entropy(similarity.t(), targets)) / 2
+        if itm:
+            out["itm"] = self._itm_loss(query_tokens, text, text_mask, image, similarity.detach(), match)
+        return out
+
+    def _itm_loss(self, query_tokens, text, text_mask, image, similarity, match):
+        """BLIP-2's ITM on the batch's pairs and one hard negative per image and per caption."""
+        # Hard negatives: drawn by softmax(similarity) over the non-matching rows.
+        weights = similarity.softmax(dim=1).masked_fill(match.bool(), 0.0)
+        has_negative = weights.sum(1) > 0
+        rows = torch.arange(len(text))[has_negative]
+        if len(rows) == 0:  # every caption in the batch is the same: nothing to tell apart
+            return self.itm_head.weight.sum() * 0.0  # a zero the optimizer step accepts
+        negative_text = torch.multinomial(weights[rows], 1).squeeze(1)
+        negative_image = torch.multinomial(weights.t()[rows], 1).squeeze(1)
+        texts = torch.cat([text, text[negative_text], text[rows]])
+        masks = torch.cat([text_mask, text_mask[negative_text], text_mask[rows]])
+        images = torch.cat([image, image[rows], image[negative_image]])
+        q = self.num_queries
+        output = self.qformer(
+            query_embeds=self.embeddings(input_ids=texts, query_embeds=query_tokens.expand(len(texts), -1, -1)), query_length=q,
+            attention_mask=torch.cat([torch.ones(len(texts), q, dtype=masks.dtype), masks], dim=1), encoder_hidden_states=images,
+        ).last_hidden_state
+        logits = self.itm_head(output[:, :q]).mean(dim=1)  # (3B', 2), averaged over the queries
+        labels = torch.cat([torch.ones(len(text), dtype=torch.long), torch.zeros(2 * len(rows), dtype=torch.long)])
+        return nn.functional.cross_entropy(logits, labels)
 
 
 def caption_batches(tokenizer, captions: list[str]) -> tuple[Any, Any, Any]:
@@ -152,7 +187,8 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
         for step, i in enumerate(range(0, n, settings.stage1_batch_size)):
             idx = order[i : i + settings.stage1_batch_size]
             width_t = int(mask[idx].sum(1).max())
-            itc, itg = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx])
+            losses = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx])
+            itc, itg = losses["itc"], losses["itg"]
             optimization_step(itc + itg, params, optimizer, scheduler)
             sums += torch.tensor([itc.item(), itg.item()])
             bar.update(1)
