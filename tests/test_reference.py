@@ -341,7 +341,7 @@ def test_recall_probe_rows_bind_each_colour_to_its_shape_and_the_probe_trains_ea
     with pytest.raises(ValueError, match="objects must be in 2..3"):
         recall_rows(tokenizer, 5, objects=4, prompt=True, seed=1)
     for arch in ("opt", "opt-gelu", "llama"):
-        rows = probe_recall(str(reference_model_path()), arch=arch, steps=4, batch_size=4, every=2, scenes=arch == "llama", report=lambda row: None)
+        rows = probe_recall(str(reference_model_path()), arch=arch, steps=4, batch_size=4, every=2, scenes=arch == "llama", decay=arch == "opt", report=lambda row: None)
         assert [r["step"] for r in rows] == [2, 4] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert fresh_language_model(model.language_model.config, "opt-gelu").config.activation_function == "gelu"
     with pytest.raises(ValueError, match="unknown arch 'gpt'"):

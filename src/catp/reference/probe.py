@@ -294,18 +294,21 @@ def recall_rows(tokenizer, count: int, objects: int, prompt: bool, seed: int, sc
 
 
 def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: int = 2, prompt: bool = True, lr: float = 1e-3,
-                 batch_size: int = 32, every: int = 250, seed: int = 0, scenes: bool = False, report=print) -> list[dict[str, Any]]:
+                 batch_size: int = 32, every: int = 250, seed: int = 0, scenes: bool = False, decay: bool = False, report=print) -> list[dict[str, Any]]:
     """Train a fresh LM (:func:`fresh_language_model`, no dropout) on :func:`recall_rows` alone.
 
     The scenes question "what color is the {shape}?" needs this one skill: find the shape
     in the description and read the word bound to it. Constant ``lr`` (AdamW, no weight
-    decay), fresh rows every step, loss on the answer only. Returns one row per ``every``
-    steps: the mean loss since the last row and the accuracy on 500 held-out rows (chance:
-    ``1 / objects``; about 0.3 with ``scenes``). ``report`` gets each row as it is made.
+    decay), fresh rows every step, loss on the answer only; ``decay=True`` trains as the
+    recipe's text stage does instead (warm-up and cosine decay, weight decay 0.01, clipping).
+    Returns one row per ``every`` steps: the mean loss since the last row and the accuracy on
+    500 held-out rows (chance: ``1 / objects``; about 0.3 with ``scenes``). ``report`` gets
+    each row as it is made.
     """
     import torch
 
     from catp.reference import load
+    from catp.reference.train import optimization_step, optimizer_and_schedule
 
     if min(steps, batch_size, every) < 1:
         raise ValueError("steps, batch size and every must be >= 1")
@@ -315,16 +318,23 @@ def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: 
     tokenizer = processor.tokenizer
     held_ids, held_mask, held_answers = recall_rows(tokenizer, 500, objects, prompt, seed + 1, scenes)
     train_ids, train_mask, train_answers = recall_rows(tokenizer, steps * batch_size, objects, prompt, seed + 2, scenes)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    params = list(lm.parameters())
+    if decay:
+        optimizer, scheduler = optimizer_and_schedule(params, lr, steps)
+    else:
+        optimizer, scheduler = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
     rows, total = [], 0.0
     lm.train()
     for step in range(steps):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         logits = lm(input_ids=train_ids[batch], attention_mask=train_mask[batch]).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits, train_answers[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scheduler is not None:
+            optimization_step(loss, params, optimizer, scheduler)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         total += loss.item()
         if (step + 1) % every == 0 or step + 1 == steps:
             lm.eval()
@@ -408,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     recall.add_argument("--lr", type=float, default=1e-3)
     recall.add_argument("--seed", type=int, default=0)
     recall.add_argument("--scenes", action="store_true", help="the LM text's own scene descriptions and colour questions instead")
+    recall.add_argument("--decay", action="store_true", help="the recipe's schedule (warm-up, cosine decay, weight decay, clipping)")
     kinds.add_argument("--scenes", type=int, default=300, help="validation scenes (about 3.6 questions each)")
     for command in (stage1, reading, language, kinds, recall):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
@@ -452,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "recall":
         try:
-            probe_recall(args.model, args.arch, args.steps, args.objects, not args.no_prompt, args.lr, seed=args.seed, scenes=args.scenes, report=lambda row: print(row, flush=True))
+            probe_recall(args.model, args.arch, args.steps, args.objects, not args.no_prompt, args.lr, seed=args.seed, scenes=args.scenes, decay=args.decay, report=lambda row: print(row, flush=True))
         except ValueError as error:
             parser.error(str(error))
         return
