@@ -13,7 +13,8 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
 * ``language``: a fresh language model trained on text as the recipe does, with its
   reading accuracy after every epoch.
 * ``recall``: a fresh language model on the smallest binding task of the scenes text
-  ("red circle , blue triangle </s> ... what color is the circle?") alone, per architecture.
+  ("red circle , blue triangle </s> ... what color is the circle?") alone, per architecture,
+  or (``--scenes``) on the colour questions of the language model's own scene text.
 * ``kinds``: per kind of scenes question, on validation scenes, the run's accuracy with the
   image beside its language model's reading of the scene's caption (the same question, the
   description in place of the queries): which of the two limits the answers.
@@ -24,6 +25,7 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
     python -m catp.reference.probe language --model runs/ref-v3 --arch llama
     python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
     python -m catp.reference.probe recall --model runs/ref-v3 --arch llama
+    python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc,itg,itm
 """
 
 from __future__ import annotations
