@@ -90,6 +90,7 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     log = (first / "train.log").read_text()
     for stage in ("vision coarse (", "vision full (", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):
         assert log.count(stage) == 1, stage
+    assert "ITM" not in log  # the recipe's stage 1 is ITC + ITG
 
     # A run killed after stage 1 resumes from its stage files and gives the same weights;
     # a changed stage-1 setting retrains stage 1 (and what follows) but reuses the vision tower.
@@ -115,6 +116,25 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 32
     out = model.generate(**inputs, max_new_tokens=2)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_train_reference_variants_llama_language_model_and_itm(tmp_path, tiny_settings):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from catp.reference.model import build_text_config
+
+    out = train_reference(tmp_path / "llama", dataclasses.replace(tiny_settings, text_arch="llama", stage1_itm=True), show_progress=False)
+    log = (out / "train.log").read_text()
+    assert "stage 1 epoch 1/1: ITC" in log and ", ITM " in log
+    model, processor = Blip2ForConditionalGeneration.from_pretrained(out), Blip2Processor.from_pretrained(out)
+    assert model.config.text_config.model_type == "llama"
+    example = easy_vqa_split("test", 1)[0]
+    inputs = processor(images=example.image, text=format_prompt(example.question), return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] > inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="unknown text_arch 'gpt2'"):
+        TrainSettings(text_arch="gpt2").check()
+    with pytest.raises(ValueError, match="unknown language model arch 'gpt2'"):
+        build_text_config("gpt2", 10, 8, 1, 2, 2, 2, 0)
 
 
 def test_recipe_builds_blip2_shape():

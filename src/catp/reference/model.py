@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-__all__ = ["ModelSize", "SIZES", "build_config", "build_tokenizer", "build_processor", "words_of"]
+__all__ = ["ModelSize", "SIZES", "TEXT_ARCHES", "build_config", "build_text_config", "build_tokenizer", "build_processor", "words_of"]
 
 PAD, UNK, EOS, IMAGE = "<pad>", "<unk>", "</s>", "<image>"
 
@@ -82,15 +82,43 @@ def build_processor(tokenizer, size: ModelSize):
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=size.num_query_tokens)
 
 
-def build_config(size: ModelSize, tokenizer, qformer_text_input: bool = False):
-    """The ``Blip2Config`` for ``size`` and ``tokenizer``.
+#: Language models the recipe can build: "opt" (BLIP-2's OPT: learnt positions, ReLU) or
+#: "llama" (InstructBLIP's Vicuna family: rotary positions, a gated SiLU MLP).
+TEXT_ARCHES: tuple[str, ...] = ("opt", "llama")
+
+
+def build_text_config(arch: str, vocab_size: int, width: int, layers: int, heads: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
+    """The language model's config: an ``OPTConfig`` or a ``LlamaConfig`` of the given shape.
+
+    OPT's MLP is 2 x width x ``4 * width`` weights; LLaMA's gated MLP is 3 x width x
+    ``3 * width``, close to it. Both tie their input and output embeddings and have 128 positions.
+    """
+    from transformers import LlamaConfig, OPTConfig
+
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, ffn_dim=4 * width,
+            num_attention_heads=heads, max_position_embeddings=128, word_embed_proj_dim=width,
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=True,
+        )
+    raise ValueError(f"unknown language model arch {arch!r}; choose from {list(TEXT_ARCHES)}")
+
+
+def build_config(size: ModelSize, tokenizer, qformer_text_input: bool = False, text_arch: str = "opt"):
+    """The ``Blip2Config`` for ``size`` and ``tokenizer``, with a ``text_arch`` language model (:data:`TEXT_ARCHES`).
 
     Fixes the from-scratch trap of SPEC §6: the vision config defaults to
     ``initializer_range=1e-10``, which leaves the ViT almost untrainable.
     ``qformer_text_input=True`` gives the Q-Former its text feed-forward blocks, for the
     stage-1 objectives (the shipped model, like a stock BLIP-2 for generation, has none).
     """
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
     w = size.width
     vision = Blip2VisionConfig(
@@ -102,11 +130,7 @@ def build_config(size: ModelSize, tokenizer, qformer_text_input: bool = False):
         intermediate_size=4 * w, cross_attention_frequency=2, encoder_hidden_size=w, max_position_embeddings=64,
         pad_token_id=tokenizer.pad_token_id, use_qformer_text_input=qformer_text_input,
     )
-    text = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=w, num_hidden_layers=size.text_layers, ffn_dim=4 * w,
-        num_attention_heads=size.heads, max_position_embeddings=128, word_embed_proj_dim=w,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text = build_text_config(text_arch, len(tokenizer), w, size.text_layers, size.heads, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     config = Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
         num_query_tokens=size.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),

@@ -31,6 +31,7 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -225,34 +226,27 @@ def fresh_language_model(config, arch: str = "opt", dropout: float | None = None
     """A freshly initialised causal LM of ``config``'s (an ``OPTConfig``) width, depth and heads.
 
     ``arch``: "opt" (the recipe's: learnt positions, ReLU), "opt-gelu" (the same with a GELU
-    feed-forward) or "llama" (rotary positions; a gated SiLU MLP of 3 x width x ``3 * width``
-    weights, close to OPT's 2 x width x ``4 * width``). ``layers`` overrides the config's
-    depth, ``dropout`` its dropout (OPT only: LLaMA has none).
+    feed-forward) or "llama" (:func:`catp.reference.model.build_text_config`). ``layers``
+    overrides the config's depth, ``dropout`` its dropout (OPT only: LLaMA has none).
     """
-    import copy
+    from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(config)
-    if dropout is not None:
-        config.dropout = dropout
-    if layers is not None:
-        config.num_hidden_layers = layers
-    if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from catp.reference.model import build_text_config
 
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=3 * config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-            tie_word_embeddings=True,
-        ))
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHES)}")
-    from transformers import OPTForCausalLM
-
+    if arch == "llama":
+        text = build_text_config("llama", config.vocab_size, config.hidden_size, layers or config.num_hidden_layers, config.num_attention_heads,
+                                 config.bos_token_id, config.eos_token_id, config.pad_token_id)
+        return AutoModelForCausalLM.from_config(text)
+    text = copy.deepcopy(config)
+    if dropout is not None:
+        text.dropout = dropout
+    if layers is not None:
+        text.num_hidden_layers = layers
     if arch == "opt-gelu":
-        config.activation_function = "gelu"
-    return OPTForCausalLM(config)
+        text.activation_function = "gelu"
+    return AutoModelForCausalLM.from_config(text)
 
 
 def recall_rows(tokenizer, count: int, objects: int, prompt: bool, seed: int, scenes: bool = False) -> tuple[Any, Any, Any]:

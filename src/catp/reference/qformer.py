@@ -167,11 +167,11 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
         settings: a :class:`catp.reference.train.TrainSettings` (``stage1_*``, ``seed``).
 
     Returns:
-        The last epoch's mean loss (ITC + ITG).
+        The last epoch's mean loss (ITC + ITG, + ITM with ``settings.stage1_itm``).
     """
     from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
-    graph = Stage1QFormer(config, len(tokenizer))
+    graph = Stage1QFormer(config, len(tokenizer), itm=settings.stage1_itm)
     params = [model.query_tokens, *graph.parameters()]  # the module's own log-temperature first, then its parts
     ids, mask, caption_ids = caption_batches(tokenizer, captions)
     n = len(captions)
@@ -183,18 +183,22 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
     mean = 0.0
     for epoch in range(settings.stage1_epochs):
         order = torch.randperm(n, generator=generator)
-        sums = torch.zeros(2)
+        sums: dict[str, float] = {}
         for step, i in enumerate(range(0, n, settings.stage1_batch_size)):
             idx = order[i : i + settings.stage1_batch_size]
             width_t = int(mask[idx].sum(1).max())
-            losses = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx])
-            itc, itg = losses["itc"], losses["itg"]
-            optimization_step(itc + itg, params, optimizer, scheduler)
-            sums += torch.tensor([itc.item(), itg.item()])
+            losses = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx], itm=settings.stage1_itm)
+            total = losses["itc"] + losses["itg"]  # in this order: the recipe's run sums them so
+            if "itm" in losses:
+                total = total + losses["itm"]
+            optimization_step(total, params, optimizer, scheduler)
+            for name in ("itc", "itg", "itm"):
+                if name in losses:
+                    sums[name] = sums.get(name, 0.0) + losses[name].item()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, itc=f"{sums[0] / (step + 1):.3f}", itg=f"{sums[1] / (step + 1):.3f}")
-        mean = float(sums.sum()) / (step + 1)
-        log.info("stage 1 epoch %d/%d: ITC %.4f, ITG %.4f", epoch + 1, settings.stage1_epochs, sums[0] / (step + 1), sums[1] / (step + 1))
+            bar.set_postfix(epoch=epoch + 1, **{name: f"{total / (step + 1):.3f}" for name, total in sums.items()})
+        mean = sum(sums.values()) / (step + 1)
+        log.info("stage 1 epoch %d/%d: %s", epoch + 1, settings.stage1_epochs, ", ".join(f"{name.upper()} {total / (step + 1):.4f}" for name, total in sums.items()))
     bar.close()
     missing, unexpected = model.qformer.load_state_dict(graph.qformer.state_dict(), strict=False)
     text_only = [k for k in unexpected if ".intermediate." not in k and ".output." not in k]

@@ -45,7 +45,7 @@ from catp.reference.data import (
     SCENE_SPLITS,
     SCENES_VERSION,
 )
-from catp.reference.model import SIZES, build_config, build_processor, build_tokenizer
+from catp.reference.model import SIZES, TEXT_ARCHES, build_config, build_processor, build_tokenizer
 
 __all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS", "ImageSet", "projected_queries"]
 
@@ -77,12 +77,16 @@ class TrainSettings:
     text_batch_size: int = 32
     text_lr: float = 1e-3
     text_max_offset: int = 40
+    #: The language model's architecture (:data:`catp.reference.model.TEXT_ARCHES`).
+    text_arch: str = "opt"
     #: Generated single-shape images with captions (stages 1 and 2), beside the scenes.
     shape_images: int = 2000
     #: Stage 1 (ITC + ITG): epochs over the captioned images, batch (images), lr.
     stage1_epochs: int = 2
     stage1_batch_size: int = 64
     stage1_lr: float = 5e-4
+    #: Add BLIP-2's third objective, ITM with hard negatives (``catp.reference.qformer``).
+    stage1_itm: bool = False
     #: Stage 2 (captions + VQA through the frozen LM): epochs over the images, batch (images), lr.
     stage2_epochs: int = 2
     stage2_batch_size: int = 32
@@ -103,6 +107,8 @@ class TrainSettings:
         """Raise a ``ValueError`` naming the first setting a run cannot use."""
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose from {list(SIZES)}")
+        if self.text_arch not in TEXT_ARCHES:
+            raise ValueError(f"unknown text_arch {self.text_arch!r}; choose from {list(TEXT_ARCHES)}")
         epochs = {name: getattr(self, name) for name in ("vision_epochs", "text_epochs", "stage1_epochs", "stage2_epochs", "lm_tune_epochs")}
         if min(epochs.values()) < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -597,7 +603,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     train = easy + scenes + shapes
     tokenizer = build_tokenizer(_vocabulary_texts(train))
     processor = build_processor(tokenizer, size)
-    config = build_config(size, tokenizer)
+    config = build_config(size, tokenizer, text_arch=settings.text_arch)
     config.catp_reference_tasks = list(TASKS)  # read by `catp demo` to pick its questions
     config.catp_scenes_version = SCENES_VERSION
     model = Blip2ForConditionalGeneration(config)
