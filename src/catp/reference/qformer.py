@@ -126,14 +126,15 @@ class Stage1QFormer(nn.Module):
 
     def _itm_loss(self, query_tokens, text, text_mask, image, similarity, match):
         """BLIP-2's ITM on the batch's pairs and one hard negative per image and per caption."""
-        # Hard negatives: drawn by softmax(similarity) over the non-matching rows.
-        weights = similarity.softmax(dim=1).masked_fill(match.bool(), 0.0)
-        has_negative = weights.sum(1) > 0
-        rows = torch.arange(len(text))[has_negative]
+        # Hard negatives: image -> caption and caption -> image, each drawn by its own softmax
+        # of the ITC similarity over the pairs that do not match (match is symmetric).
+        image_to_text = similarity.softmax(dim=1).masked_fill(match.bool(), 0.0)
+        text_to_image = similarity.t().softmax(dim=1).masked_fill(match.bool(), 0.0)
+        rows = torch.arange(len(text))[image_to_text.sum(1) > 0]
         if len(rows) == 0:  # every caption in the batch is the same: nothing to tell apart
             return self.itm_head.weight.sum() * 0.0  # a zero the optimizer step accepts
-        negative_text = torch.multinomial(weights[rows], 1).squeeze(1)
-        negative_image = torch.multinomial(weights.t()[rows], 1).squeeze(1)
+        negative_text = torch.multinomial(image_to_text[rows], 1).squeeze(1)
+        negative_image = torch.multinomial(text_to_image[rows], 1).squeeze(1)
         texts = torch.cat([text, text[negative_text], text[rows]])
         masks = torch.cat([text_mask, text_mask[negative_text], text_mask[rows]])
         images = torch.cat([image, image[rows], image[negative_image]])
@@ -188,7 +189,7 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
             idx = order[i : i + settings.stage1_batch_size]
             width_t = int(mask[idx].sum(1).max())
             losses = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx], itm=settings.stage1_itm)
-            total = losses["itc"] + losses["itg"]  # in this order: the recipe's run sums them so
+            total = losses["itc"] + losses["itg"]  # this order: the shipped run's gradients depend on it
             if "itm" in losses:
                 total = total + losses["itm"]
             optimization_step(total, params, optimizer, scheduler)
@@ -196,9 +197,9 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
                 if name in losses:
                     sums[name] = sums.get(name, 0.0) + losses[name].item()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, **{name: f"{total / (step + 1):.3f}" for name, total in sums.items()})
+            bar.set_postfix(epoch=epoch + 1, **{name: f"{value / (step + 1):.3f}" for name, value in sums.items()})
         mean = sum(sums.values()) / (step + 1)
-        log.info("stage 1 epoch %d/%d: %s", epoch + 1, settings.stage1_epochs, ", ".join(f"{name.upper()} {total / (step + 1):.4f}" for name, total in sums.items()))
+        log.info("stage 1 epoch %d/%d: %s", epoch + 1, settings.stage1_epochs, ", ".join(f"{name.upper()} {value / (step + 1):.4f}" for name, value in sums.items()))
     bar.close()
     missing, unexpected = model.qformer.load_state_dict(graph.qformer.state_dict(), strict=False)
     text_only = [k for k in unexpected if ".intermediate." not in k and ".output." not in k]
