@@ -66,7 +66,7 @@ def text_sequences(tokenizer, count: int, seed: int, single_share: float = TEXT_
 
 def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, show: bool, single_share: float = TEXT_SINGLE_SHARE,
                             rewrite: Rewrite | None = None) -> float:
-    """Train ``lm`` (an ``OPTForCausalLM``) on :func:`text_sequences`; returns the last epoch's mean loss.
+    """Train ``lm`` (a causal LM: the recipe's OPT or LLaMA) on :func:`text_sequences`; returns the last epoch's mean loss.
 
     ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
     ``text_max_offset``, ``seed``). ``single_share`` and ``rewrite`` are for probes

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from catp.reference.data import TEXT_SINGLE_SHARE
+from catp.reference.model import TEXT_ARCHES, build_text_config
 
 __all__ = ["ProbeSettings", "fresh_language_model", "probe_kinds", "probe_language", "probe_recall", "probe_stage1", "recall_rows", "text_rewrite"]
 
@@ -219,7 +220,8 @@ def probe_language(
     return reading_accuracy(lm, processor.tokenizer, seed + 11, rewrite=rewrite)
 
 
-ARCHES = ("opt", "opt-gelu", "llama")
+#: The recipe's language models (:data:`catp.reference.model.TEXT_ARCHES`), and OPT with a GELU feed-forward.
+ARCHES: tuple[str, ...] = (*TEXT_ARCHES, "opt-gelu")
 
 
 def fresh_language_model(config, arch: str = "opt", dropout: float | None = None, layers: int | None = None):
@@ -231,12 +233,11 @@ def fresh_language_model(config, arch: str = "opt", dropout: float | None = None
     """
     from transformers import AutoModelForCausalLM
 
-    from catp.reference.model import build_text_config
-
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHES)}")
     if arch == "llama":
-        text = build_text_config("llama", config.vocab_size, config.hidden_size, layers or config.num_hidden_layers, config.num_attention_heads,
+        depth = config.num_hidden_layers if layers is None else layers
+        text = build_text_config("llama", config.vocab_size, config.hidden_size, depth, config.num_attention_heads,
                                  config.bos_token_id, config.eos_token_id, config.pad_token_id)
         return AutoModelForCausalLM.from_config(text)
     text = copy.deepcopy(config)
@@ -318,19 +319,16 @@ def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: 
     if decay:
         optimizer, scheduler = optimizer_and_schedule(params, lr, steps)
     else:
-        optimizer, scheduler = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    max_norm = 1.0 if decay else math.inf  # no clipping: a clip coefficient of 1 leaves the gradients as they are
     rows, total = [], 0.0
     lm.train()
     for step in range(steps):
         batch = slice(step * batch_size, (step + 1) * batch_size)
         logits = lm(input_ids=train_ids[batch], attention_mask=train_mask[batch]).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits, train_answers[batch])
-        if scheduler is not None:
-            optimization_step(loss, params, optimizer, scheduler)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        optimization_step(loss, params, optimizer, scheduler, max_norm)
         total += loss.item()
         if (step + 1) % every == 0 or step + 1 == steps:
             lm.eval()

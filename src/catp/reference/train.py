@@ -81,7 +81,7 @@ class TrainSettings:
     text_arch: str = "opt"
     #: Generated single-shape images with captions (stages 1 and 2), beside the scenes.
     shape_images: int = 2000
-    #: Stage 1 (ITC + ITG): epochs over the captioned images, batch (images), lr.
+    #: Stage 1 (ITC + ITG, and ITM with ``stage1_itm``): epochs over the captioned images, batch (images), lr.
     stage1_epochs: int = 2
     stage1_batch_size: int = 64
     stage1_lr: float = 5e-4
