@@ -310,6 +310,33 @@ def test_kinds_probe_sets_the_model_with_the_image_beside_its_lm_reading_the_cap
         probe_kinds(str(reference_model_path()), scenes=0)
 
 
+def test_kinds_probe_on_easy_vqa_counts_every_question_by_its_template_kind():
+    from catp.reference.data import EASY_VQA_TEMPLATES, easy_vqa_split
+    from catp.reference.probe import probe_kinds
+
+    rows = probe_kinds(str(reference_model_path()), scenes=2, task="easy-vqa")
+    assert rows["all"]["questions"] == len(easy_vqa_split("validation", image_limit=2))
+    assert sum(row["questions"] for kind, row in rows.items() if kind != "all") == rows["all"]["questions"]
+    assert set(rows) - {"all"} <= set(EASY_VQA_TEMPLATES)
+    assert all(row["caption"] is None and 0.0 <= row["image"] <= 1.0 for row in rows.values())
+    with pytest.raises(ValueError, match="task must be 'scenes' or 'easy-vqa', got 'vqa'"):
+        probe_kinds(str(reference_model_path()), task="vqa")
+
+
+def test_easy_vqa_kind_names_each_template_and_rejects_other_questions():
+    import random
+
+    from catp.reference.data import EASY_VQA_TEMPLATES, easy_vqa_kind, easy_vqa_style_question
+
+    for kind, templates in EASY_VQA_TEMPLATES.items():
+        for template in templates:
+            assert easy_vqa_kind(template.format(c="teal", s="rectangle")) == kind
+    rng = random.Random(0)
+    assert {easy_vqa_kind(easy_vqa_style_question("circle", "red", rng)[0]) for _ in range(200)} == set(EASY_VQA_TEMPLATES)
+    with pytest.raises(ValueError, match="not an easy-VQA question template"):
+        easy_vqa_kind("what size is the circle?")
+
+
 def test_text_corpus_single_share_sets_the_share_of_one_object_rows():
     from catp.reference.data import TEXT_SINGLE_SHARE, text_corpus
 

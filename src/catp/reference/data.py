@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -20,6 +21,7 @@ __all__ = [
     "PROMPT",
     "VQAExample",
     "easy_vqa_images",
+    "easy_vqa_kind",
     "easy_vqa_split",
     "format_prompt",
     "generate_shape_images",
@@ -137,6 +139,19 @@ EASY_VQA_TEMPLATES: dict[str, tuple[str, ...]] = {
     "has_shape": ("is there a {s}?", "is a {s} present?", "does the image contain a {s}?", "is there a {s} in the image?"),
     "not_shape": ("is no {s} present?", "is there not a {s}?", "does the image not contain a {s}?", "is there not a {s} in the image?"),
 }
+
+
+def easy_vqa_kind(question: str) -> str:
+    """The :data:`EASY_VQA_TEMPLATES` kind of an easy-VQA ``question`` ("color", "has_shape", ...).
+
+    Raises ``ValueError`` for a question that no template produces.
+    """
+    for kind, templates in EASY_VQA_TEMPLATES.items():
+        for template in templates:
+            pattern = re.escape(template).replace(re.escape("{c}"), r"\w+").replace(re.escape("{s}"), r"\w+")
+            if re.fullmatch(pattern, question):
+                return kind
+    raise ValueError(f"not an easy-VQA question template: {question!r}")
 
 
 def easy_vqa_style_question(shape: str, color: str, rng: random.Random) -> tuple[str, str]:

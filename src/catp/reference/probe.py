@@ -17,13 +17,15 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
   or (``--scenes``) on the colour questions of the language model's own scene text.
 * ``kinds``: per kind of scenes question, on validation scenes, the run's accuracy with the
   image beside its language model's reading of the scene's caption (the same question, the
-  description in place of the queries): which of the two limits the answers.
+  description in place of the queries): which of the two limits the answers. With
+  ``--task easy-vqa``, the accuracy per easy-VQA question template kind (no captions there).
 
     python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc
     python -m catp.reference.probe reading --model runs/ref-v2/frozen-lm
     python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
     python -m catp.reference.probe language --model runs/ref-v3 --arch llama
     python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
+    python -m catp.reference.probe kinds --model runs/ref-v4/frozen-lm --task easy-vqa --scenes 100
     python -m catp.reference.probe recall --model runs/ref-v3 --arch llama
     python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc,itg,itm
 """
@@ -365,36 +367,45 @@ def _plural_color_question(question: str) -> str:
     return question
 
 
-def probe_kinds(model_dir: str | None, scenes: int = 300) -> dict[str, dict[str, float]]:
-    """Per kind of question on the first ``scenes`` validation scenes: image against caption.
+def probe_kinds(model_dir: str | None, scenes: int = 300, task: str = "scenes") -> dict[str, dict[str, float | None]]:
+    """Per kind of question on the first ``scenes`` validation images of ``task``: image against caption.
 
     Returns ``{kind: {"image": ..., "caption": ..., "questions": n}}`` plus ``"all"``, where
     ``image`` is the greedy answer's exact match (the floors' measure) with the image, and
     ``caption`` the share where the language model alone, given the scene's caption in
     place of the queries, reads the answer's first token
-    (:func:`catp.reference.language.reads_answer`). ``kind`` is the question's first two words.
+    (:func:`catp.reference.language.reads_answer`). On scenes, ``kind`` is the question's
+    first two words; on easy-VQA (``task="easy-vqa"``), its template's kind
+    (:func:`catp.reference.data.easy_vqa_kind`), and ``caption`` is ``None``: easy-VQA has no captions.
     """
     from catp.reference import load
-    from catp.reference.data import SCENE_SPLITS, VQAExample, scene_caption, scenes_with_questions
+    from catp.reference.data import SCENE_SPLITS, VQAExample, easy_vqa_kind, easy_vqa_split, scene_caption, scenes_with_questions
     from catp.reference.evaluate import answer
     from catp.reference.language import reads_answer
 
     if scenes < 1:
         raise ValueError(f"scenes must be >= 1, got {scenes}")
+    if task not in ("scenes", "easy-vqa"):
+        raise ValueError(f"task must be 'scenes' or 'easy-vqa', got {task!r}")
     model, processor = load(model_dir)
-    seed, _ = SCENE_SPLITS["validation"]
-    rows = [(VQAExample(scene.image, q, a, i), scene_caption(scene.objects))
-            for i, (scene, pairs) in enumerate(scenes_with_questions(scenes, seed)) for q, a in pairs]
-    predictions = answer(model, processor, [example for example, _ in rows])
+    rows: list[tuple[VQAExample, str | None, str]]
+    if task == "scenes":
+        seed, _ = SCENE_SPLITS["validation"]
+        rows = [(VQAExample(scene.image, q, a, i), scene_caption(scene.objects), " ".join(q.split()[:2]))
+                for i, (scene, pairs) in enumerate(scenes_with_questions(scenes, seed)) for q, a in pairs]
+    else:
+        rows = [(example, None, easy_vqa_kind(example.question)) for example in easy_vqa_split("validation", image_limit=scenes)]
+    predictions = answer(model, processor, [example for example, _, _ in rows])
     tallies: dict[str, list[int]] = {}
-    for (example, caption), prediction in zip(rows, predictions):
-        read = reads_answer(model.language_model, processor.tokenizer, caption, example.question, example.answer)
-        for kind in ("all", " ".join(example.question.split()[:2])):
-            tally = tallies.setdefault(kind, [0, 0, 0])
+    for (example, caption, kind), prediction in zip(rows, predictions):
+        read = caption is not None and reads_answer(model.language_model, processor.tokenizer, caption, example.question, example.answer)
+        for key in ("all", kind):
+            tally = tallies.setdefault(key, [0, 0, 0])
             tally[0] += prediction == example.answer
             tally[1] += read
             tally[2] += 1
-    return {kind: {"image": image / n, "caption": caption / n, "questions": n} for kind, (image, caption, n) in sorted(tallies.items())}
+    return {kind: {"image": image / n, "caption": caption / n if task == "scenes" else None, "questions": n}
+            for kind, (image, caption, n) in sorted(tallies.items())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     recall.add_argument("--seed", type=int, default=0)
     recall.add_argument("--scenes", action="store_true", help="the LM text's own scene descriptions and colour questions instead")
     recall.add_argument("--decay", action="store_true", help="the recipe's schedule (warm-up, cosine decay, weight decay, clipping)")
-    kinds.add_argument("--scenes", type=int, default=300, help="validation scenes (about 3.6 questions each)")
+    kinds.add_argument("--scenes", type=int, default=300, help="validation images (a scene has about 3.6 questions, an easy-VQA image about 9.7)")
+    kinds.add_argument("--task", choices=("scenes", "easy-vqa"), default="scenes")
     for command in (stage1, reading, language, kinds, recall):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
         command.add_argument("--threads", type=int, default=1)
@@ -452,8 +464,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}: {value:.3f}")
         return
     if args.command == "kinds":
-        for kind, row in probe_kinds(args.model, args.scenes).items():
-            print(f"{kind}: image {row['image']:.3f}, caption {row['caption']:.3f} ({row['questions']} questions)")
+        for kind, row in probe_kinds(args.model, args.scenes, args.task).items():
+            caption = "" if row["caption"] is None else f", caption {row['caption']:.3f}"
+            print(f"{kind}: image {row['image']:.3f}{caption} ({row['questions']} questions)")
         return
     if args.command == "recall":
         try:
