@@ -337,6 +337,31 @@ def test_easy_vqa_kind_names_each_template_and_rejects_other_questions():
         easy_vqa_kind("what size is the circle?")
 
 
+def test_linear_accuracy_separates_separable_classes_and_not_random_labels():
+    import torch
+
+    from catp.reference.probe import linear_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (400,), generator=generator)
+    centres = torch.randn(3, 16, generator=generator) * 4
+    points = centres[labels] + torch.randn(400, 16, generator=generator)
+    assert linear_accuracy(points[:300], labels[:300], points[300:], labels[300:], 3) > 0.95
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    assert linear_accuracy(points[:300], shuffled[:300], points[300:], shuffled[300:], 3) < 0.6
+
+
+def test_linear_probe_reports_every_target_from_every_feature():
+    from catp.reference.probe import LINEAR_TARGETS, probe_linear
+
+    rows = probe_linear(str(reference_model_path()), scenes=12, held_out=6)
+    assert list(rows) == list(LINEAR_TARGETS)
+    assert all(set(row) == {"vision", "queries", "mean query", "chance"} for row in rows.values())
+    assert all(0.0 <= value <= 1.0 for row in rows.values() for value in row.values())
+    with pytest.raises(ValueError, match="scenes and held_out must be >= 1"):
+        probe_linear(str(reference_model_path()), scenes=0)
+
+
 def test_text_corpus_single_share_sets_the_share_of_one_object_rows():
     from catp.reference.data import TEXT_SINGLE_SHARE, text_corpus
 

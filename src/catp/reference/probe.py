@@ -15,6 +15,9 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
 * ``recall``: a fresh language model on the smallest binding task of the scenes text
   ("red circle , blue triangle </s> ... what color is the circle?") alone, per architecture,
   or (``--scenes``) on the colour questions of the language model's own scene text.
+* ``linear``: how well a linear classifier reads a scene's facts (how many objects; the
+  leftmost and rightmost object's colour, shape, size) off the vision tower's outputs and
+  off the queries the language model gets: where the scenes answers are lost.
 * ``kinds``: per kind of scenes question, on validation scenes, the run's accuracy with the
   image beside its language model's reading of the scene's caption (the same question, the
   description in place of the queries): which of the two limits the answers. With
@@ -27,6 +30,7 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
     python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
     python -m catp.reference.probe kinds --model runs/ref-v4/frozen-lm --task easy-vqa --scenes 100
     python -m catp.reference.probe recall --model runs/ref-v3 --arch llama
+    python -m catp.reference.probe linear --model runs/ref-v3 --scenes 2000
     python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc,itg,itm
 """
 
@@ -41,7 +45,7 @@ from typing import Any
 from catp.reference.data import TEXT_SINGLE_SHARE
 from catp.reference.model import TEXT_ARCHES, build_text_config
 
-__all__ = ["ProbeSettings", "fresh_language_model", "probe_kinds", "probe_language", "probe_recall", "probe_stage1", "recall_rows", "text_rewrite"]
+__all__ = ["ProbeSettings", "fresh_language_model", "linear_accuracy", "probe_kinds", "probe_language", "probe_linear", "probe_recall", "probe_stage1", "recall_rows", "text_rewrite"]
 
 FEATURES = ("vit", "embeddings", "random")
 
@@ -408,6 +412,84 @@ def probe_kinds(model_dir: str | None, scenes: int = 300, task: str = "scenes") 
             for kind, (image, caption, n) in sorted(tallies.items())}
 
 
+#: What :func:`probe_linear` asks of a scene: the scenes questions' facts, by object position.
+LINEAR_TARGETS = ("how many", "leftmost color", "leftmost shape", "leftmost size", "rightmost color", "rightmost shape")
+
+
+def _linear_target(scene, target: str) -> int:
+    from catp.reference.data import COLORS, SHAPES, SIZES
+
+    if target == "how many":
+        return len(scene.objects) - 1
+    position, fact = target.split()
+    obj = scene.objects[0 if position == "leftmost" else -1]
+    return {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[fact].index(getattr(obj, fact))
+
+
+def linear_accuracy(train_x, train_y, test_x, test_y, classes: int, steps: int = 100, l2: float = 1e-3) -> float:
+    """Held-out accuracy of a multinomial logistic regression (L-BFGS, L2 ``l2``) on standardised features.
+
+    Args:
+        train_x: ``(N, F)`` features; ``train_y``: ``(N,)`` class indices below ``classes``.
+        test_x, test_y: the same for the held-out rows.
+    """
+    import torch
+
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return ((test_x @ weight + bias).argmax(-1) == test_y).float().mean().item()
+
+
+def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500) -> dict[str, dict[str, float]]:
+    """How well a linear classifier reads each fact of a scene off the vision tower and off the queries.
+
+    Fits :func:`linear_accuracy` on ``scenes`` training scenes and scores it on the first
+    ``held_out`` validation scenes, per :data:`LINEAR_TARGETS`, from three features: the
+    vision tower's outputs (``(257 * D)``, flattened), the Q-Former's 32 outputs as the
+    language model gets them (:func:`catp.reference.train.projected_queries`, flattened),
+    and their mean over the queries. Returns ``{target: {feature: accuracy, "chance": ...}}``,
+    where ``chance`` is the held-out share of the most common training class.
+    """
+    import torch
+
+    from catp.reference import load
+    from catp.reference.data import SCENE_SPLITS, scenes_with_questions
+    from catp.reference.train import encode_images, projected_queries
+
+    if scenes < 1 or held_out < 1:
+        raise ValueError(f"scenes and held_out must be >= 1, got {scenes} and {held_out}")
+    model, processor = load(model_dir)
+    splits = {name: [scene for scene, _ in scenes_with_questions(n, SCENE_SPLITS[name][0])]
+              for name, n in (("train", scenes), ("validation", held_out))}
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for name, split in splits.items():
+            vision = encode_images(model, processor, [scene.image for scene in split])
+            queries = torch.cat([projected_queries(model, vision[i : i + 256]) for i in range(0, len(vision), 256)])
+            features[name] = {"vision": vision.flatten(1), "queries": queries.flatten(1), "mean query": queries.mean(1)}
+    out: dict[str, dict[str, float]] = {}
+    for target in LINEAR_TARGETS:
+        labels = {name: torch.tensor([_linear_target(scene, target) for scene in split]) for name, split in splits.items()}
+        classes = int(max(labels["train"].max(), labels["validation"].max())) + 1
+        row = {kind: linear_accuracy(features["train"][kind], labels["train"], features["validation"][kind], labels["validation"], classes)
+               for kind in ("vision", "queries", "mean query")}
+        row["chance"] = (labels["validation"] == labels["train"].bincount(minlength=classes).argmax()).float().mean().item()
+        out[target] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -415,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     reading = commands.add_parser("reading", help="the run's language model: answers read off a text description, per question kind")
     language = commands.add_parser("language", help="a fresh language model trained on text; reading accuracy per epoch")
     kinds = commands.add_parser("kinds", help="per scenes question kind: the run with the image against its LM reading the caption")
+    linear = commands.add_parser("linear", help="linear probes of scene facts on the vision tower and on the queries")
+    linear.add_argument("--scenes", type=int, default=2000, help="training scenes to fit on")
+    linear.add_argument("--held-out", type=int, default=500, help="validation scenes to score on")
     recall = commands.add_parser("recall", help="a fresh LM on the one skill 'what color is the {shape}' needs; accuracy as it trains")
     recall.add_argument("--arch", choices=ARCHES, default="opt", help="the LM's architecture")
     recall.add_argument("--steps", type=int, default=2000)
@@ -426,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     recall.add_argument("--decay", action="store_true", help="the recipe's schedule (warm-up, cosine decay, weight decay, clipping)")
     kinds.add_argument("--scenes", type=int, default=300, help="validation images (a scene has about 3.6 questions, an easy-VQA image about 9.7)")
     kinds.add_argument("--task", choices=("scenes", "easy-vqa"), default="scenes")
-    for command in (stage1, reading, language, kinds, recall):
+    for command in (stage1, reading, language, kinds, recall, linear):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
         command.add_argument("--threads", type=int, default=1)
     defaults = ProbeSettings()
@@ -467,6 +552,14 @@ def main(argv: list[str] | None = None) -> None:
         for kind, row in probe_kinds(args.model, args.scenes, args.task).items():
             caption = "" if row["caption"] is None else f", caption {row['caption']:.3f}"
             print(f"{kind}: image {row['image']:.3f}{caption} ({row['questions']} questions)")
+        return
+    if args.command == "linear":
+        try:
+            rows = probe_linear(args.model, args.scenes, args.held_out)
+        except ValueError as error:
+            parser.error(str(error))
+        for target, row in rows.items():
+            print(f"{target}: " + ", ".join(f"{kind} {value:.3f}" for kind, value in row.items()), flush=True)
         return
     if args.command == "recall":
         try:
