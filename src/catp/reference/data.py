@@ -141,16 +141,21 @@ EASY_VQA_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Each template of :data:`EASY_VQA_TEMPLATES` as a regular expression (a word for ``{c}`` and ``{s}``), with its kind.
+_EASY_VQA_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(re.escape(template).replace(re.escape("{c}"), r"\w+").replace(re.escape("{s}"), r"\w+")))
+    for kind, templates in EASY_VQA_TEMPLATES.items() for template in templates
+)
+
+
 def easy_vqa_kind(question: str) -> str:
     """The :data:`EASY_VQA_TEMPLATES` kind of an easy-VQA ``question`` ("color", "has_shape", ...).
 
     Raises ``ValueError`` for a question that no template produces.
     """
-    for kind, templates in EASY_VQA_TEMPLATES.items():
-        for template in templates:
-            pattern = re.escape(template).replace(re.escape("{c}"), r"\w+").replace(re.escape("{s}"), r"\w+")
-            if re.fullmatch(pattern, question):
-                return kind
+    for kind, pattern in _EASY_VQA_PATTERNS:
+        if pattern.fullmatch(question):
+            return kind
     raise ValueError(f"not an easy-VQA question template: {question!r}")
 
 

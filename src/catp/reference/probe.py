@@ -386,10 +386,11 @@ def probe_kinds(model_dir: str | None, scenes: int = 300, task: str = "scenes") 
     from catp.reference.data import SCENE_SPLITS, VQAExample, easy_vqa_kind, easy_vqa_split, scene_caption, scenes_with_questions
     from catp.reference.evaluate import answer
     from catp.reference.language import reads_answer
+    from catp.reference.train import TASKS
 
     if scenes < 1:
         raise ValueError(f"scenes must be >= 1, got {scenes}")
-    if task not in ("scenes", "easy-vqa"):
+    if task not in TASKS:
         raise ValueError(f"task must be 'scenes' or 'easy-vqa', got {task!r}")
     model, processor = load(model_dir)
     rows: list[tuple[VQAExample, str | None, str]]
@@ -491,6 +492,8 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from catp.reference.train import TASKS, TrainSettings
+
     parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stage1 = commands.add_parser("stage1", help="a short stage 1 variant, with the queries' diversity as it trains")
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     recall.add_argument("--scenes", action="store_true", help="the LM text's own scene descriptions and colour questions instead")
     recall.add_argument("--decay", action="store_true", help="the recipe's schedule (warm-up, cosine decay, weight decay, clipping)")
     kinds.add_argument("--scenes", type=int, default=300, help="validation images (a scene has about 3.6 questions, an easy-VQA image about 9.7)")
-    kinds.add_argument("--task", choices=("scenes", "easy-vqa"), default="scenes")
+    kinds.add_argument("--task", choices=TASKS, default="scenes")
     for command in (stage1, reading, language, kinds, recall, linear):
         command.add_argument("--model", required=True, help="a catp train-reference output directory")
         command.add_argument("--threads", type=int, default=1)
@@ -521,8 +524,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             kind = type(value) if value is not None else (int if field == "layers" else float)
             stage1.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
-    from catp.reference.train import TrainSettings
-
     recipe = TrainSettings()
     language.add_argument("--sequences", type=int, default=recipe.text_sequences)
     language.add_argument("--epochs", type=int, default=recipe.text_epochs)
