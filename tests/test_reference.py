@@ -90,7 +90,7 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     log = (first / "train.log").read_text()
     for stage in ("vision coarse (", "vision full (", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):
         assert log.count(stage) == 1, stage
-    assert "ITM" not in log  # the recipe's stage 1 is ITC + ITG
+    assert ", ITM " in log  # the recipe's stage 1 is BLIP-2's three objectives
 
     # A run killed after stage 1 resumes from its stage files and gives the same weights;
     # a changed stage-1 setting retrains stage 1 (and what follows) but reuses the vision tower.
@@ -118,14 +118,15 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_train_reference_variants_llama_language_model_and_itm(tmp_path, tiny_settings):
+def test_train_reference_variants_llama_language_model_without_itm_or_object_loss(tmp_path, tiny_settings):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from catp.reference.model import build_text_config
 
-    out = train_reference(tmp_path / "llama", dataclasses.replace(tiny_settings, text_arch="llama", stage1_itm=True), show_progress=False)
+    variant = dataclasses.replace(tiny_settings, text_arch="llama", stage1_itm=False, vision_object_loss=False)
+    out = train_reference(tmp_path / "llama", variant, show_progress=False)
     log = (out / "train.log").read_text()
-    assert "stage 1 epoch 1/1: ITC" in log and ", ITM " in log
+    assert "stage 1 epoch 1/1: ITC" in log and "ITM" not in log
     model, processor = Blip2ForConditionalGeneration.from_pretrained(out), Blip2Processor.from_pretrained(out)
     assert model.config.text_config.model_type == "llama"
     example = easy_vqa_split("test", 1)[0]
@@ -135,6 +136,36 @@ def test_train_reference_variants_llama_language_model_and_itm(tmp_path, tiny_se
         TrainSettings(text_arch="gpt2").check()
     with pytest.raises(ValueError, match="unknown language model arch 'gpt2'"):
         build_text_config("gpt2", 10, 8, 1, 2, 2, 2, 0)
+
+
+def test_vision_data_marks_each_object_and_its_loss_reads_the_pooled_patches():
+    from torch import nn
+
+    from catp.reference.data import COLORS
+    from catp.reference.train import _object_loss, _vision_data
+
+    images, labels, maps, objects, masks = _vision_data(8, seed=0, image_size=96, patch_size=6)
+    assert len(images) == 8 and maps.shape == (8, 2, 256) and masks.shape == (len(objects), 256)
+    assert (labels[:4] >= 0).all() and (labels[4:] == -100).all()  # single shapes, then scenes
+    assert objects[:, 0].tolist() == sorted(objects[:, 0].tolist()) and objects[:4, 0].tolist() == [0, 1, 2, 3]
+    assert (objects[:4, 3] == -100).all() and set(objects[4:, 3].tolist()) <= {0, 1}
+    for (image, shape, color, _), mask in zip(objects.tolist(), masks):
+        assert mask.any()
+        inside = maps[image, 1][mask]  # an object's patches carry its colour and shape (or it is the centre fallback)
+        assert mask.sum() == 1 or ((inside == 1 + color).all() and (maps[image, 0][mask] == 1 + shape).all())
+    assert 0 <= int(objects[:, 2].max()) < len(COLORS)
+    rows_of = [[] for _ in images]
+    for row, image in enumerate(objects[:, 0].tolist()):
+        rows_of[image].append(row)
+    torch.manual_seed(0)
+    patches = torch.randn(3, 256, 16, requires_grad=True)
+    head = nn.Linear(16, 3 + len(COLORS) + 2)
+    loss = _object_loss(head, patches, torch.tensor([5, 0, 6]), rows_of, objects, masks)
+    loss.backward()
+    # Only the objects' own patches get a gradient.
+    touched = patches.grad.abs().sum(-1) > 0
+    assert torch.equal(touched[1], masks[rows_of[0]].any(0))
+    assert torch.equal(touched[0], masks[rows_of[5]].any(0))
 
 
 def test_recipe_builds_blip2_shape():
