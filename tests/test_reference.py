@@ -168,6 +168,24 @@ def test_vision_data_marks_each_object_and_its_loss_reads_the_pooled_patches():
     assert torch.equal(touched[0], masks[rows_of[5]].any(0))
 
 
+def test_scene_object_patches_follow_the_objects_left_to_right():
+    import random
+
+    from catp.reference.data import draw_scene
+
+    rng = random.Random(5)
+    for _ in range(20):
+        scene = draw_scene(rng, 96)
+        masks = scene.object_patches(16)
+        assert masks.shape == (len(scene.objects), 256) and masks.any(1).all()
+        assert not (masks.sum(0) > 1).any()  # no patch belongs to two objects
+        columns = [torch.nonzero(m).squeeze(1).remainder(16).float().mean().item() for m in masks]
+        assert columns == sorted(columns)
+        for mask, obj in zip(masks, scene.objects):  # each mask sits around its object's centre
+            rows, cols = torch.nonzero(mask.view(16, 16), as_tuple=True)
+            assert abs(cols.float().mean().item() * 6 + 3 - obj.x) < 7 and abs(rows.float().mean().item() * 6 + 3 - obj.y) < 7
+
+
 def test_recipe_builds_blip2_shape():
     from transformers import Blip2ForConditionalGeneration
 
@@ -387,7 +405,8 @@ def test_linear_probe_reports_every_target_from_every_feature():
 
     rows = probe_linear(str(reference_model_path()), scenes=12, held_out=6)
     assert list(rows) == list(LINEAR_TARGETS)
-    assert all(set(row) == {"vision", "queries", "mean query", "chance"} for row in rows.values())
+    assert set(rows["how many"]) == {"vision", "queries", "mean query", "chance"}
+    assert all(set(row) == {"vision", "object patches", "queries", "mean query", "chance"} for target, row in rows.items() if target != "how many")
     assert all(0.0 <= value <= 1.0 for row in rows.values() for value in row.values())
     with pytest.raises(ValueError, match="scenes and held_out must be >= 1"):
         probe_linear(str(reference_model_path()), scenes=0)

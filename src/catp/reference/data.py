@@ -307,6 +307,31 @@ class Scene:
     shape_map: Image.Image
     color_map: Image.Image
 
+    def patch_labels(self, grid: int):
+        """``(2, grid * grid)`` long tensor: the shape and colour labels at each patch centre."""
+        import numpy as np
+        import torch
+
+        # NEAREST down-sampling reads the pixel at each patch centre.
+        return torch.stack([torch.from_numpy(np.asarray(m.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
+                            for m in (self.shape_map, self.color_map)])
+
+    def object_patches(self, grid: int):
+        """``(len(objects), grid * grid)`` bool tensor: the patches of each object, left to right.
+
+        An object's patches are those whose centre shows its colour (colours are distinct
+        within a scene); an object too small to cover any patch centre gets the patch under its centre.
+        """
+        import torch
+
+        colors = self.patch_labels(grid)[1]
+        patch = self.image.width / grid
+        masks = torch.stack([colors == 1 + list(COLORS).index(o.color) for o in self.objects])
+        for mask, o in zip(masks, self.objects):
+            if not mask.any():
+                mask[min(grid - 1, int(o.y / patch)) * grid + min(grid - 1, int(o.x / patch))] = True
+        return masks
+
 
 def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 1, max_objects: int = _COLUMNS) -> Scene:
     """Draw ``min_objects..max_objects`` shapes of distinct colours in distinct columns.

@@ -457,11 +457,17 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
     """How well a linear classifier reads each fact of a scene off the vision tower and off the queries.
 
     Fits :func:`linear_accuracy` on ``scenes`` training scenes and scores it on the first
-    ``held_out`` validation scenes, per :data:`LINEAR_TARGETS`, from three features: the
-    vision tower's outputs (``(257 * D)``, flattened), the Q-Former's 32 outputs as the
-    language model gets them (:func:`catp.reference.train.projected_queries`, flattened),
-    and their mean over the queries. Returns ``{target: {feature: accuracy, "chance": ...}}``,
-    where ``chance`` is the held-out share of the most common training class.
+    ``held_out`` validation scenes, per :data:`LINEAR_TARGETS`, from these features:
+
+    * ``vision``: the vision tower's outputs (``(257 * D)``, flattened);
+    * ``object patches``: for a fact about one object, the vision tower's patch outputs
+      averaged over that object's patches (:meth:`catp.reference.data.Scene.object_patches`),
+      what the tower offers a query that attends to the object (absent for "how many");
+    * ``queries``: the Q-Former's 32 outputs as the language model gets them
+      (:func:`catp.reference.train.projected_queries`, flattened), and ``mean query``.
+
+    Returns ``{target: {feature: accuracy, ..., "chance": ...}}``, where ``chance`` is the
+    held-out share of the most common training class.
     """
     import torch
 
@@ -472,6 +478,7 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
     if scenes < 1 or held_out < 1:
         raise ValueError(f"scenes and held_out must be >= 1, got {scenes} and {held_out}")
     model, processor = load(model_dir)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     splits = {name: [scene for scene, _ in scenes_with_questions(n, SCENE_SPLITS[name][0])]
               for name, n in (("train", scenes), ("validation", held_out))}
     features: dict[str, dict[str, torch.Tensor]] = {}
@@ -480,12 +487,18 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
             vision = encode_images(model, processor, [scene.image for scene in split])
             queries = torch.cat([projected_queries(model, vision[i : i + 256]) for i in range(0, len(vision), 256)])
             features[name] = {"vision": vision.flatten(1), "queries": queries.flatten(1), "mean query": queries.mean(1)}
+            for position, index in (("leftmost", 0), ("rightmost", -1)):
+                masks = torch.stack([scene.object_patches(grid)[index] for scene in split]).unsqueeze(-1).float()  # (N, P, 1)
+                features[name][f"{position} object patches"] = (vision[:, 1:] * masks).sum(1) / masks.sum(1)
     out: dict[str, dict[str, float]] = {}
     for target in LINEAR_TARGETS:
         labels = {name: torch.tensor([_linear_target(scene, target) for scene in split]) for name, split in splits.items()}
         classes = int(max(labels["train"].max(), labels["validation"].max())) + 1
-        row = {kind: linear_accuracy(features["train"][kind], labels["train"], features["validation"][kind], labels["validation"], classes)
-               for kind in ("vision", "queries", "mean query")}
+        kinds = {"vision": "vision", "queries": "queries", "mean query": "mean query"}
+        if target != "how many":
+            kinds["object patches"] = f"{target.split()[0]} object patches"
+        row = {kind: linear_accuracy(features["train"][key], labels["train"], features["validation"][key], labels["validation"], classes)
+               for kind, key in kinds.items()}
         row["chance"] = (labels["validation"] == labels["train"].bincount(minlength=classes).argmax()).float().mean().item()
         out[target] = row
     return out

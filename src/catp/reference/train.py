@@ -254,9 +254,7 @@ def _vision_data(count: int, seed: int, image_size: int, patch_size: int) -> tup
     """
     import random
 
-    import numpy as np
     import torch
-    from PIL import Image
 
     from catp.reference.data import COLORS, SHAPES, draw_scene
 
@@ -265,24 +263,14 @@ def _vision_data(count: int, seed: int, image_size: int, patch_size: int) -> tup
     scenes = generate_shape_scenes(half, seed=seed, size=image_size) + [draw_scene(rng, image_size) for _ in range(count - half)]
     grid = image_size // patch_size
     colors = list(COLORS)
-
-    def dense(label_map: Image.Image) -> Any:
-        # NEAREST down-sampling reads the pixel at each patch centre.
-        return torch.from_numpy(np.asarray(label_map.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
-
     labels = torch.tensor([
         [SHAPES.index(s.objects[0].shape), colors.index(s.objects[0].color)] if i < half else [-100, -100] for i, s in enumerate(scenes)
     ])
-    maps = torch.stack([torch.stack([dense(s.shape_map), dense(s.color_map)]) for s in scenes])
-    objects, masks = [], []
-    for i, scene in enumerate(scenes):
-        for obj in scene.objects:
-            mask = maps[i, 1] == 1 + colors.index(obj.color)
-            if not mask.any():
-                mask[min(grid - 1, int(obj.y / patch_size)) * grid + min(grid - 1, int(obj.x / patch_size))] = True
-            objects.append([i, SHAPES.index(obj.shape), colors.index(obj.color), obj.size == "large" if i >= half else -100])
-            masks.append(mask)
-    return [s.image for s in scenes], labels, maps, torch.tensor(objects, dtype=torch.long), torch.stack(masks)
+    maps = torch.stack([s.patch_labels(grid) for s in scenes])
+    objects = torch.tensor([[i, SHAPES.index(o.shape), colors.index(o.color), o.size == "large" if i >= half else -100]
+                            for i, s in enumerate(scenes) for o in s.objects], dtype=torch.long)
+    masks = torch.cat([s.object_patches(grid) for s in scenes])
+    return [s.image for s in scenes], labels, maps, objects, masks
 
 
 def sincos_position_embeddings(grid: int, width: int):
