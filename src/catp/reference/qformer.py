@@ -13,7 +13,8 @@ three objectives, each with its own self-attention mask:
   text, so everything about the image must pass through the queries.
 
 The captions name every object of a scene, so the 32 queries must jointly carry the whole
-scene. ITM, BLIP-2's third objective, is optional (``itm=True``; the recipe leaves it out):
+scene. ITM, BLIP-2's third objective, is optional (``itm=True``; the recipe's default since
+its seventh session, ``TrainSettings.stage1_itm``):
 
 * **ITM** (image-text matching): queries and text see each other; a linear head on each
   query output, the two logits averaged over the queries; for each image a hard negative
