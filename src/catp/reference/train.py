@@ -304,9 +304,9 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
     vision = model.config.vision_config
     heads = nn.Linear(vision.hidden_size, len(SHAPES) + len(COLORS))
     dense_heads = nn.Linear(vision.hidden_size, 1 + len(SHAPES) + 1 + len(COLORS))
-    object_heads = nn.Linear(vision.hidden_size, len(SHAPES) + len(COLORS) + 2)
     params = list(model.vision_model.parameters()) + list(heads.parameters()) + list(dense_heads.parameters())
-    if settings.vision_object_loss:
+    if settings.vision_object_loss:  # built only when used: its init draws from the RNG
+        object_heads = nn.Linear(vision.hidden_size, len(SHAPES) + len(COLORS) + 2)
         params += list(object_heads.parameters())
     phases = [
         ("coarse", settings.vision_coarse_size, settings.vision_coarse_images, 1, settings.vision_coarse_batch_size),
