@@ -10,8 +10,12 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 from catp.protocol import PAPER_PROMPT
 
@@ -307,7 +311,7 @@ class Scene:
     shape_map: Image.Image
     color_map: Image.Image
 
-    def patch_labels(self, grid: int):
+    def patch_labels(self, grid: int) -> torch.Tensor:
         """``(2, grid * grid)`` long tensor: the shape and colour labels at each patch centre."""
         import numpy as np
         import torch
@@ -316,7 +320,7 @@ class Scene:
         return torch.stack([torch.from_numpy(np.asarray(m.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
                             for m in (self.shape_map, self.color_map)])
 
-    def object_patches(self, grid: int):
+    def object_patches(self, grid: int) -> torch.Tensor:
         """``(len(objects), grid * grid)`` bool tensor: the patches of each object, left to right.
 
         An object's patches are those whose centre shows its colour (colours are distinct
