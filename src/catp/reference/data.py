@@ -313,12 +313,9 @@ class Scene:
 
     def patch_labels(self, grid: int) -> torch.Tensor:
         """``(2, grid * grid)`` long tensor: the shape and colour labels at each patch centre."""
-        import numpy as np
         import torch
 
-        # NEAREST down-sampling reads the pixel at each patch centre.
-        return torch.stack([torch.from_numpy(np.asarray(m.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
-                            for m in (self.shape_map, self.color_map)])
+        return torch.stack([_at_patch_centres(m, grid) for m in (self.shape_map, self.color_map)])
 
     def object_patches(self, grid: int) -> torch.Tensor:
         """``(len(objects), grid * grid)`` bool tensor: the patches of each object, left to right.
@@ -328,13 +325,22 @@ class Scene:
         """
         import torch
 
-        colors = self.patch_labels(grid)[1]
+        colors = _at_patch_centres(self.color_map, grid)
         patch = self.image.width / grid
         masks = torch.stack([colors == 1 + list(COLORS).index(o.color) for o in self.objects])
         for mask, o in zip(masks, self.objects):
             if not mask.any():
                 mask[min(grid - 1, int(o.y / patch)) * grid + min(grid - 1, int(o.x / patch))] = True
         return masks
+
+
+def _at_patch_centres(label_map: Image.Image, grid: int) -> torch.Tensor:
+    """``(grid * grid,)`` long tensor: ``label_map``'s value at each patch centre of a ``grid x grid`` patching."""
+    import numpy as np
+    import torch
+
+    # NEAREST down-sampling reads the pixel at each patch centre.
+    return torch.from_numpy(np.asarray(label_map.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
 
 
 def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 1, max_objects: int = _COLUMNS) -> Scene:

@@ -473,7 +473,7 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
 
     from catp.reference import load
     from catp.reference.data import SCENE_SPLITS, scenes_with_questions
-    from catp.reference.train import encode_images, projected_queries
+    from catp.reference.train import encode_images, pool_object_patches, projected_queries
 
     if scenes < 1 or held_out < 1:
         raise ValueError(f"scenes and held_out must be >= 1, got {scenes} and {held_out}")
@@ -487,9 +487,10 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
             vision = encode_images(model, processor, [scene.image for scene in split])
             queries = torch.cat([projected_queries(model, vision[i : i + 256]) for i in range(0, len(vision), 256)])
             features[name] = {"vision": vision.flatten(1), "queries": queries.flatten(1), "mean query": queries.mean(1)}
+            objects = [scene.object_patches(grid) for scene in split]
             for position, index in (("leftmost", 0), ("rightmost", -1)):
-                masks = torch.stack([scene.object_patches(grid)[index] for scene in split]).unsqueeze(-1).float()  # (N, P, 1)
-                features[name][f"{position} object patches"] = (vision[:, 1:] * masks).sum(1) / masks.sum(1)
+                masks = torch.stack([patches[index] for patches in objects])  # (N, P)
+                features[name][f"{position} object patches"] = pool_object_patches(vision[:, 1:], masks)
     out: dict[str, dict[str, float]] = {}
     for target in LINEAR_TARGETS:
         labels = {name: torch.tensor([_linear_target(scene, target) for scene in split]) for name, split in splits.items()}

@@ -47,7 +47,7 @@ from catp.reference.data import (
 )
 from catp.reference.model import SIZES, TEXT_ARCHES, build_config, build_processor, build_tokenizer
 
-__all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS", "ImageSet", "projected_queries"]
+__all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS", "ImageSet", "pool_object_patches", "projected_queries"]
 
 #: Tasks the reference model answers (and ``catp eval`` / ``catp demo`` can ask it).
 TASKS: tuple[str, ...] = ("easy-vqa", "scenes")
@@ -357,6 +357,12 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
     return accuracy
 
 
+def pool_object_patches(patches, masks):
+    """The mean patch token of each object: ``patches`` ``(N, P, D)``, ``masks`` ``(N, P)`` bool -> ``(N, D)``."""
+    mask = masks.unsqueeze(-1).to(patches.dtype)
+    return (patches * mask).sum(1) / mask.sum(1)
+
+
 def _object_loss(head, patches, idx, rows_of: list[list[int]], objects, masks):
     """Shape, colour and size of every object in the batch, read off the mean of its patch tokens.
 
@@ -371,9 +377,7 @@ def _object_loss(head, patches, idx, rows_of: list[list[int]], objects, masks):
 
     position = torch.tensor([b for b, image in enumerate(idx.tolist()) for _ in rows_of[image]])
     rows = torch.tensor([row for image in idx.tolist() for row in rows_of[image]])
-    mask = masks[rows].unsqueeze(-1).to(patches.dtype)  # (R, P, 1)
-    pooled = (patches[position] * mask).sum(1) / mask.sum(1)
-    logits = head(pooled)
+    logits = head(pool_object_patches(patches[position], masks[rows]))
     target = objects[rows]
     loss = cross_entropy(logits[:, : len(SHAPES)], target[:, 1]) + cross_entropy(logits[:, len(SHAPES) : -2], target[:, 2])
     if (target[:, 3] >= 0).any():
