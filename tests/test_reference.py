@@ -85,6 +85,15 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = train_reference(tmp_path / "c", dataclasses.replace(tiny_settings, seed=1), show_progress=False)
     assert not torch.equal(load_file(other / "model.safetensors")["query_tokens"], a["query_tokens"])
+    # The fallback (the LM unfrozen after stage 2) keeps the frozen-LM model beside its result,
+    # bit for bit what the recipe without it writes.
+    assert not (first / "frozen-lm").exists()
+    fallback = train_reference(tmp_path / "d", dataclasses.replace(tiny_settings, lm_tune_epochs=1), show_progress=False)
+    frozen, tuned = load_file(fallback / "frozen-lm" / "model.safetensors"), load_file(fallback / "model.safetensors")
+    assert frozen.keys() == a.keys() and all(torch.equal(frozen[k], a[k]) for k in a)
+    lm = [k for k in a if k.startswith("language_model.")]
+    assert any(not torch.equal(tuned[k], a[k]) for k in lm)
+    assert "stage 2, LM unfrozen epoch 1" in (fallback / "train.log").read_text()
     # The init traps of SPEC §6 are fixed: random distinct queries, a trainable ViT init.
     assert a["query_tokens"].std() > 1e-3
     log = (first / "train.log").read_text()

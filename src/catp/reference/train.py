@@ -95,10 +95,11 @@ class TrainSettings:
     stage2_epochs: int = 5
     stage2_batch_size: int = 32
     stage2_lr: float = 5e-4
-    #: The recipe's fallback: after stage 2, this many more epochs with the language model
-    #: unfrozen too (always all 32 queries, never a subset), at ``lm_tune_lr``. 0 keeps the
-    #: LM frozen as BLIP-2 does. The frozen-LM model is kept beside the result (frozen-lm/).
-    lm_tune_epochs: int = 2
+    #: The issue's fallback, off by default: after stage 2, this many more epochs with the
+    #: language model unfrozen too (always all 32 queries, never a subset), at ``lm_tune_lr``.
+    #: 0 keeps the LM frozen as BLIP-2 does; otherwise the frozen-LM model is kept beside the
+    #: result (frozen-lm/), bit for bit what the run with 0 writes.
+    lm_tune_epochs: int = 0
     lm_tune_lr: float = 3e-4
     #: Questions per image per stage-2 epoch, at most (easy-VQA has ~10 per image; a fresh draw each epoch).
     stage2_questions_per_image: int = 4
@@ -717,11 +718,12 @@ def train_reference_command(
     size: str = typer.Option(TrainSettings.size, help=f"Model size: {', '.join(SIZES)}."),
     train_limit: int = typer.Option(None, help="Use only the first N training images of each source (quick runs)."),
     threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights differ across thread counts)."),
+    lm_tune_epochs: int = typer.Option(TrainSettings.lm_tune_epochs, help="Epochs with the language model unfrozen after stage 2 (the fallback; 0 keeps it frozen as BLIP-2 does)."),
 ) -> None:
     """Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 is trained, and save it as a Hugging Face checkpoint."""
     from catp.cli import user_input
 
-    settings = TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads)
+    settings = TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads, lm_tune_epochs=lm_tune_epochs)
     with user_input():
         settings.check()
     path = train_reference(out, settings)
