@@ -97,6 +97,10 @@ def test_diagnose_on_tiny_models(family):
     assert all(-1 <= v <= 1 for v in [*result.kept_coverage.values(), *result.kept_redundancy.values()])
     assert "coverage / redundancy: catp" in result.markdown()
     assert len(result.object_share) == NUM_QUERY and result.object_patch_share == pytest.approx(0.5)
+    # `first` keeps queries 0-2 on every image: its kept share is theirs.
+    assert result.kept_object_share["first"] == pytest.approx(sum(result.object_share[:3]) / 3, abs=1e-5)
+    assert set(result.kept_object_share) == {"catp", "first", "random"} and all(0 <= v <= 1 for v in result.kept_object_share.values())
+    assert "attention on object patches: catp" in result.markdown()
     # The Q-Former's attention implementation is restored.
     assert model.qformer.config._attn_implementation != "eager" or model.config.qformer_config._attn_implementation == "eager"
     assert "effective rank" in result.markdown()

@@ -179,6 +179,8 @@ class Diagnosis:
         kept_coverage, kept_redundancy: method name -> mean :func:`kept_set_cosine` figures.
         object_share: per query, the mean share of attention on object patches (or ``None``).
         object_patch_share: the mean share of patches that are object patches (or ``None``).
+        kept_object_share: method name -> the kept queries' mean share of attention on object
+            patches, each image's kept set read on that image (empty without object masks).
     """
 
     model: str
@@ -195,6 +197,7 @@ class Diagnosis:
     kept_redundancy: dict[str, float] = field(default_factory=dict)
     object_share: list[float] | None = None
     object_patch_share: float | None = None
+    kept_object_share: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -217,6 +220,7 @@ class Diagnosis:
             share = torch.tensor(self.object_share)
             rows.append(("attention on object patches, per query: mean (min-max)", f"{share.mean():.3f} ({share.min():.3f}-{share.max():.3f})"))
             rows.append(("object patches among all patches", f"{self.object_patch_share:.3f}"))
+            rows.extend((f"kept set at keep {self.keep}, attention on object patches: {m}", f"{v:.3f}") for m, v in self.kept_object_share.items())
         return "\n".join(["| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
@@ -335,6 +339,8 @@ def diagnose(
         share = object_attention_share(maps[-1], masks)  # (images, Q)
         result.object_share = share.mean(dim=0).tolist()
         result.object_patch_share = float(masks.float().mean())
+        for name, sets in kept.items():
+            result.kept_object_share[name] = float(share.gather(1, torch.tensor(sets, device=share.device)).mean())  # sets: (images, k)
     return result
 
 
