@@ -95,10 +95,11 @@ class TrainSettings:
     stage2_epochs: int = 5
     stage2_batch_size: int = 32
     stage2_lr: float = 5e-4
-    #: The issue's fallback, off by default: after stage 2, this many more epochs with the
-    #: language model unfrozen too (always all 32 queries, never a subset), at ``lm_tune_lr``.
-    #: 0 keeps the LM frozen as BLIP-2 does; otherwise the frozen-LM model is kept beside the
-    #: result (frozen-lm/), bit for bit what the run with 0 writes.
+    #: The fallback, off by default (for when the floors cannot be met with the LM frozen):
+    #: after stage 2, this many more epochs with the language model unfrozen too (always all
+    #: 32 queries, never a subset), at ``lm_tune_lr``. 0 keeps the LM frozen as BLIP-2 does;
+    #: otherwise the frozen-LM model is kept beside the result (frozen-lm/), bit for bit what
+    #: the run with 0 writes.
     lm_tune_epochs: int = 0
     lm_tune_lr: float = 3e-4
     #: Questions per image per stage-2 epoch, at most (easy-VQA has ~10 per image; a fresh draw each epoch).
