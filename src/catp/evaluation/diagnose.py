@@ -328,19 +328,19 @@ def diagnose(
         attention_entropy=[float(attention_entropy(layer).mean()) for layer in maps],
         distinct_kept_sets={name: len(set(sets)) for name, sets in kept.items()},
     )
+    kept_rows = {name: torch.tensor(sets, device=query_outputs.device) for name, sets in kept.items()}  # (images, k)
     if k >= 2:
-        for name, sets in kept.items():
-            coverage, redundancy = kept_set_cosine(query_outputs, torch.tensor(sets, device=query_outputs.device))
+        for name, rows in kept_rows.items():
+            coverage, redundancy = kept_set_cosine(query_outputs, rows)
             result.kept_coverage[name], result.kept_redundancy[name] = float(coverage.mean()), float(redundancy.mean())
     if object_masks is not None:
-        masks = torch.stack([torch.as_tensor(m, dtype=torch.bool).flatten() for m in object_masks])
+        masks = torch.stack([torch.as_tensor(m, dtype=torch.bool).flatten() for m in object_masks]).to(maps.device)
         if masks.shape[1] != maps.shape[-1] - 1:
             raise ValueError(f"object masks have {masks.shape[1]} patches, the model has {maps.shape[-1] - 1}")
         share = object_attention_share(maps[-1], masks)  # (images, Q)
         result.object_share = share.mean(dim=0).tolist()
         result.object_patch_share = float(masks.float().mean())
-        for name, sets in kept.items():
-            result.kept_object_share[name] = float(share.gather(1, torch.tensor(sets, device=share.device)).mean())  # sets: (images, k)
+        result.kept_object_share = {name: float(share.gather(1, rows).mean()) for name, rows in kept_rows.items()}
     return result
 
 
