@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 import catp
 from catp.bench import flops
-from catp.bench.archs import ARCHS, arch_config, build_arch, bytes_per_element, check_fits, model_class
+from catp.bench.archs import ARCHS, arch_config, build_arch, check_fits
+from catp.models import dtype_bytes, model_class
 from catp.bench.runner import Benchmark, BenchSettings, cases_for, evaluate_checks
-from catp.cli import app
+from catp.cli.app import app
 from tiny_models import FAMILIES, FRAMES, NUM_QUERY, tiny_model
 
 GIB = 1024**3
@@ -118,21 +119,21 @@ def test_workload_rejects_bad_input():
     with pytest.raises(ValueError):
         flops.Workload(batch=True, keep=1, prompt_tokens=1, new_tokens=1)
     with pytest.raises(ValueError, match="unknown dtype"):
-        bytes_per_element("int8")
+        dtype_bytes("int8")
 
 
 def test_memory_refused_before_allocating():
     config = arch_config("blip2-opt-6.7b")
     with pytest.raises(MemoryError, match=r"7\.75 B parameters: 28\.9 GiB"):
-        check_fits(config, "fp32", "cpu", available=24 * GIB)
-    assert check_fits(config, "bf16", "cpu", available=24 * GIB) == pytest.approx(7.75e9 * 2, rel=0.01)
+        check_fits(config, "float32", "cpu", available=24 * GIB)
+    assert check_fits(config, "bfloat16", "cpu", available=24 * GIB) == pytest.approx(7.75e9 * 2, rel=0.01)
 
 
 def test_cli_memory_error_is_clear(monkeypatch):
     monkeypatch.setattr("catp.bench.archs.available_memory_bytes", lambda device: 24 * GIB)
-    result = CliRunner().invoke(app, ["bench", "--arch", "blip2-opt-6.7b", "--dtype", "fp32"])
+    result = CliRunner().invoke(app, ["bench", "--arch", "blip2-opt-6.7b", "--dtype", "float32"])
     assert result.exit_code == 2
-    assert "28.9 GiB" in result.output and "bf16" in result.output
+    assert "28.9 GiB" in result.output and "bfloat16" in result.output
 
 
 def test_cases_grid():
@@ -175,7 +176,7 @@ def test_build_arch_materialises_without_meta(monkeypatch):
                                                         {"image_token_index": 50265}))
     monkeypatch.setattr(archs, "_QFORMER", dict(archs._QFORMER, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, encoder_hidden_size=32))
-    model = build_arch("blip2-opt-2.7b", dtype="bf16")
+    model = build_arch("blip2-opt-2.7b", dtype="bfloat16")
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
     assert model.language_model.lm_head.weight is model.language_model.get_input_embeddings().weight
@@ -243,7 +244,7 @@ def test_video_arch_builds_and_benchmarks_when_shrunk(monkeypatch):
     small_llama = dict(archs._VICUNA_7B, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4)
     monkeypatch.setitem(archs._SPECS, "instructblip-video-vicuna-7b", ("instructblipvideo", small_llama, {"video_token_index": 32001}))
-    model = build_arch("instructblip-video-vicuna-7b", dtype="bf16")
+    model = build_arch("instructblip-video-vicuna-7b", dtype="bfloat16")
     assert type(model).__name__ == "InstructBlipVideoForConditionalGeneration"
     assert flops.parameter_count(model.config)["total"] == sum(p.numel() for p in model.parameters())
     settings = BenchSettings(prompt_tokens=3, new_tokens=2, beams=1, instruction_tokens=3, warmup=0, repeats=1, frames=2)

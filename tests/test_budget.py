@@ -7,7 +7,8 @@ import torch
 from tiny_models import IMAGE_TOKEN, NUM_QUERY, hand_built_generate, hand_built_inputs, tiny_inputs, tiny_model, decoder_only
 
 import catp
-from catp.budget import Budget, fence_counts, keep_mask, mask_indices, mass_counts
+from catp.budget import Budget, fence_counts, mass_counts
+from catp.selection import keep_mask, mask_indices
 
 # ---- the rules ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 from test_eval import said
 from typer.testing import CliRunner
 
-from catp.cli import app
+from catp.cli.app import app
 
 
 @pytest.mark.parametrize(("args", "named"), [
@@ -27,7 +27,7 @@ from catp.cli import app
     (["bench", "--methods", "nope"], "unknown method 'nope'"),
     (["bench", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["demo", "--methods", "nope"], "unknown method 'nope'"),
-    (["demo", "--keeps", "99"], "keep=99 is out of range"),
+    (["demo", "--keep", "99"], "keep=99 is out of range"),
     (["explain", "--out", "x.png", "--keep", "99"], "keep=99 is out of range"),
     (["explain", "--out", "x.png", "--methods", "catp,catp"], "each method may appear once"),
     (["explain", "--out", "x.png", "--image", "no-such.png", "--question", "what?"], "image file not found: no-such.png"),
@@ -51,7 +51,7 @@ def test_bad_input_is_one_usage_error(args, named, tmp_path, monkeypatch):
 
 def test_a_bug_after_the_input_checks_keeps_its_traceback(tmp_path, monkeypatch):
     """A ValueError from the work itself (here: generation) is not reported as bad input."""
-    module = importlib.import_module("catp.explain")  # (the package's `catp.explain` is the function)
+    module = importlib.import_module("catp.explanation")
 
     def broken(*args, **kwargs):
         raise ValueError("a bug")

@@ -13,7 +13,7 @@ from tiny_models import NUM_QUERY, tiny_model
 from typer.testing import CliRunner
 
 import catp
-from catp.cli import app
+from catp.cli.app import app
 from catp.evaluation.diagnose import (
     attention_entropy,
     diagnose,
@@ -88,7 +88,7 @@ def test_diagnose_on_tiny_models(family):
     assert result.num_images == 5 and result.keep == 3 and result.num_queries == NUM_QUERY
     assert -1 <= result.pairwise_cosine <= result.nearest_cosine <= 1
     assert 1 <= result.effective_rank <= NUM_QUERY
-    layers = len(catp.pruning.cross_attention_layers(model))
+    layers = len(catp.hf.cross_attention_layers(model))
     assert len(result.map_correlation) == len(result.attention_entropy) == layers
     assert all(0 < e <= 1 for e in result.attention_entropy)
     assert result.distinct_kept_sets["first"] == 1

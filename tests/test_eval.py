@@ -16,7 +16,7 @@ from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, PAD, VOCAB, tiny_model
 from typer.testing import CliRunner
 
 import catp
-from catp.cli import app
+from catp.cli.app import app
 from catp.evaluation import harness, report
 from catp.evaluation.datasets import load_dataset
 

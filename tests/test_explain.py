@@ -6,13 +6,13 @@ import pytest
 import torch
 from matplotlib.colors import to_rgba
 from PIL import Image
-from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, PAD, tiny_model
+from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, PAD, tiny_model, top_k
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import Blip2Processor, PreTrainedTokenizerFast
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 import catp
-from catp.explain import DEFAULT_PROMPT, draw_explanation, draw_sample_image, method_colours, sample_image, write_html
+from catp.explanation import DEFAULT_PROMPT, draw_explanation, draw_sample_image, method_colours, sample_image, write_html
 
 QUESTION = "what shape is in the image?"
 METHODS = ("catp", "catp-all", "l2norm", "selfattn", "first")
@@ -60,7 +60,7 @@ def test_kept_sets_equal_select_queries(model, processor, explanation):
         assert torch.equal(result.kept, expected[0]), name
         assert len(result.kept) == KEEP
         # The kept set is the top-k of the scores shown.
-        assert torch.equal(result.kept, catp.scoring.topk_indices(result.scores[None], KEEP)[0])
+        assert torch.equal(result.kept, top_k(result.scores[None], KEEP)[0])
 
 
 def test_answers_are_those_of_pruned_generate(model, processor, explanation):
@@ -176,7 +176,7 @@ def test_bad_input(model, processor, kwargs, error, match):
 def test_cli_writes_png_and_html(model, processor, tmp_path):
     from typer.testing import CliRunner
 
-    from catp.cli import app
+    from catp.cli.app import app
 
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -200,7 +200,7 @@ def test_cli_writes_png_and_html(model, processor, tmp_path):
 def test_cli_bad_input(args, message, tmp_path):
     from typer.testing import CliRunner
 
-    from catp.cli import app
+    from catp.cli.app import app
 
     result = CliRunner().invoke(app, ["explain", "--out", str(tmp_path / "x.png"), *args])
     assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split())
@@ -252,8 +252,8 @@ def test_video_explanation_shows_frames_by_queries(tmp_path):
     assert len(frames) == FRAMES
     ex = catp.explain(model, processor, frames, QUESTION, methods=("catp", "l2norm"), keep=5)
     assert ex.num_frames == FRAMES and ex.queries_per_frame == NUM_QUERY and ex.keep == 5
-    assert ex.cross_attention.shape[:2] == (len(catp.pruning.cross_attention_layers(model)), FRAMES * NUM_QUERY)
-    from catp.explain import _video_inputs
+    assert ex.cross_attention.shape[:2] == (len(catp.hf.cross_attention_layers(model)), FRAMES * NUM_QUERY)
+    from catp.explanation import _video_inputs
 
     inputs = _video_inputs(model, processor, frames, DEFAULT_PROMPT.format(QUESTION))
     assert inputs["pixel_values"].shape[:2] == (1, FRAMES) and (inputs["input_ids"] == IMAGE_TOKEN).sum() == FRAMES * NUM_QUERY

@@ -18,8 +18,9 @@ from PIL import Image
 from test_eval import FAST, _records, jsonl_dataset, model_dir, said  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
-from catp.cli import app
-from catp.evaluation import harness, hf
+from catp.cli.app import app
+from catp.evaluation import harness
+from catp.evaluation import hf_datasets as hf
 from catp.evaluation.datasets import DatasetError, Question, load_dataset
 from catp.extras import MissingExtraError
 

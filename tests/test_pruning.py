@@ -7,7 +7,7 @@ import torch
 from tiny_models import BOS, IMAGE_TOKEN, NUM_QUERY, tiny_inputs, tiny_model, decoder_only, qformer_inputs
 
 import catp
-from catp.pruning import kept_positions
+from catp.layout import kept_positions
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 

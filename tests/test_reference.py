@@ -204,7 +204,7 @@ def test_recipe_builds_blip2_shape():
     assert config.num_query_tokens == 32
     assert config.qformer_config.num_hidden_layers == 12 and config.qformer_config.cross_attention_frequency == 2
     model = Blip2ForConditionalGeneration(config)
-    assert len(catp.pruning.cross_attention_layers(model)) == 6
+    assert len(catp.hf.cross_attention_layers(model)) == 6
     grid = config.vision_config.image_size // config.vision_config.patch_size
     assert grid * grid + 1 == 257
     assert model.vision_model.embeddings.position_embedding.shape[1] == 257

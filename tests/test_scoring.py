@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from catp import scoring
+from tiny_models import top_k, top_order
 from catp.methods import CATPLayer, get_method
 
 B, H, Q, N = 2, 3, 6, 10
@@ -67,7 +68,7 @@ def test_catp_image_with_uniform_weights_ranks_like_catp():
     plain = scoring.catp_scores(layers)
     weighted = scoring.catp_image_scores(layers, uniform)
     assert torch.allclose(weighted, 0.3 * plain)
-    assert torch.equal(scoring.topk_indices(weighted, 3), scoring.topk_indices(plain, 3))
+    assert torch.equal(top_k(weighted, 3), top_k(plain, 3))
 
 
 def test_image_weights_change_the_kept_set():
@@ -76,9 +77,9 @@ def test_image_weights_change_the_kept_set():
     attn[0, 0, :, 0] = torch.tensor([0.9, 0.1])
     attn[0, 0, :, 1] = torch.tensor([0.2, 0.8])
     attn[0, 0, :, 2] = torch.tensor([0.3, 0.7])
-    assert scoring.topk_indices(scoring.catp_scores([attn]), 1).item() == 1  # majority: query 1
+    assert top_k(scoring.catp_scores([attn]), 1).item() == 1  # majority: query 1
     important_token_0 = torch.tensor([[10.0, 1.0, 1.0]])
-    assert scoring.topk_indices(scoring.catp_image_scores([attn], important_token_0), 1).item() == 0
+    assert top_k(scoring.catp_image_scores([attn], important_token_0), 1).item() == 0
 
 
 def test_weighting_probabilities_instead_of_ranks_is_a_no_op():
@@ -141,11 +142,11 @@ def test_catp_layer_warns_and_uses_equal_weights_off_paper_shape():
 
 def test_topk_indices_ascending_and_stable_ties():
     scores = torch.tensor([[1.0, 5.0, 5.0, 0.0, 5.0], [3.0, 2.0, 1.0, 0.0, 4.0]])
-    assert scoring.topk_indices(scores, 2).tolist() == [[1, 2], [0, 4]]
-    assert scoring.topk_indices(scores, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
-    assert scoring.topk_indices(scores, 2).dtype == torch.long
+    assert top_k(scores, 2).tolist() == [[1, 2], [0, 4]]
+    assert top_k(scores, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert top_k(scores, 2).dtype == torch.long
     # The order a scorer "picks" in: highest first, ties to the lower index.
-    assert scoring.topk_order(scores, 3).tolist() == [[1, 2, 4], [4, 0, 1]]
+    assert top_order(scores, 3).tolist() == [[1, 2, 4], [4, 0, 1]]
 
 
 def test_random_scores_are_seeded_per_row():
@@ -158,7 +159,7 @@ def test_random_scores_are_seeded_per_row():
 
 
 def test_first_keeps_the_first_tokens():
-    assert scoring.topk_indices(scoring.first_scores(2, Q), 3).tolist() == [[0, 1, 2]] * 2
+    assert top_k(scoring.first_scores(2, Q), 3).tolist() == [[0, 1, 2]] * 2
 
 
 @pytest.mark.parametrize(

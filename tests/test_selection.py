@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import NUM_QUERY, tiny_inputs, tiny_model
+from tiny_models import NUM_QUERY, tiny_inputs, tiny_model, top_k, top_order
 
 import catp
 from catp import scoring
-from catp.methods import Captures, PruningMethod, choose, get_method
+from catp.methods import Captures, PruningMethod, get_method
+from catp.selection import choose
 
 SELECTORS = ("divprune", "dart", "catp-diverse")
 B, Q, D = 3, 12, 7
@@ -136,8 +137,8 @@ def test_lambda_zero_is_plain_catp():
         tokens, votes = random_case(seed)
         votes[:, 3] = votes[:, 5]  # a tie in the vote
         picks = scoring.catp_diverse_select(votes, tokens, 5, lam=0.0)
-        assert torch.equal(picks, scoring.topk_order(votes, 5))
-        assert torch.equal(picks.sort(dim=1).values, scoring.topk_indices(votes, 5))
+        assert torch.equal(picks, top_order(votes, 5))
+        assert torch.equal(picks.sort(dim=1).values, top_k(votes, 5))
 
 
 def test_keep_all_keeps_everything():
@@ -212,6 +213,7 @@ class _Fixed(PruningMethod):
     """A selector returning whatever it is given."""
 
     name = "fixed"
+    kind = "selector"
 
     def __init__(self, picks: torch.Tensor) -> None:
         self.picks = picks
@@ -234,7 +236,7 @@ def test_choose_sorts_a_selectors_picks_and_keeps_their_order():
 @pytest.mark.parametrize("picks, match", [
     (torch.tensor([[5, 1, 1], [0, 7, 2]]), "twice"),
     (torch.tensor([[5, 1, 8], [0, 7, 2]]), "outside 0..7"),
-    (torch.tensor([[5, 1], [0, 7]]), r"shape \(batch, k\) = \(2, 3\)"),
+    (torch.tensor([[5, 1], [0, 7]]), r"shape \(rows, k\) = \(2, 3\)"),
     (torch.tensor([[5.0, 1.0, 3.0], [0.0, 7.0, 2.0]]), "integer indices"),
 ])
 def test_choose_rejects_bad_picks(picks, match):
@@ -277,15 +279,17 @@ def test_selectors_on_a_model_select_among_the_right_tokens(family, features):
         assert session.scores is None
 
 
-def test_catp_methods_lists_every_method_with_its_kind():
+def test_catp_methods_lists_every_method_with_its_kind_in_plain_text():
     from typer.testing import CliRunner
 
-    from catp.cli import app
+    from catp.cli.app import app
 
     result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 3}
     assert set(catp.METHODS) <= set(lines)
     for name in catp.METHODS:
-        assert ("selects" in lines[name]) == (name in SELECTORS), name
+        assert catp.methods.method_class(name).kind in lines[name], name
+        assert ("selector" in lines[name]) == (name in SELECTORS), name
+    assert "``" not in result.output and ":func:" not in result.output  # no reST markup
     assert "DivPrune, CVPR 2025" in lines["divprune"] and "DART, arXiv 2502.11494" in lines["dart"]

@@ -19,7 +19,7 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 
 import catp
 from catp.methods import SELECTORS
-from catp.scoring import topk_indices
+from tiny_models import top_k
 
 # Per-step logits too: the tiny T5 repeats one token, so tokens alone would prove little.
 GREEDY = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -103,9 +103,9 @@ def test_video_scope_is_one_top_k_over_all_frames(model, family):
     with catp.pruned(model, keep=5) as session:
         model.generate(**inputs, max_new_tokens=1)
     assert torch.equal(session.keep_indices, video)
-    assert torch.equal(video, topk_indices(session.scores, 5))  # ties to the lower index, as for images
+    assert torch.equal(video, top_k(session.scores, 5))  # ties to the lower index, as for images
     frame = catp.select_queries(model, inputs["pixel_values"], keep=2, scope="frame", **qformer_inputs(inputs))
-    per_frame = topk_indices(session.scores.view(2 * FRAMES, NUM_QUERY), 2)
+    per_frame = top_k(session.scores.view(2 * FRAMES, NUM_QUERY), 2)
     offsets = (torch.arange(2 * FRAMES) % FRAMES * NUM_QUERY)[:, None]
     assert torch.equal(frame, (per_frame + offsets).view(2, -1))
 

@@ -138,3 +138,17 @@ def decoder_only(model) -> bool:
 def qformer_inputs(inputs: dict) -> dict:
     """The InstructBLIP Q-Former inputs of a batch (empty for BLIP-2)."""
     return {k: v for k, v in inputs.items() if k.startswith("qformer_")}
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest scores' indices of each row, ascending (ties to the lower index), as catp keeps them."""
+    from catp.selection import keep_mask, mask_indices
+
+    return mask_indices(keep_mask(scores, k))
+
+
+def top_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The same indices by descending score: a scorer's pick order."""
+    from catp.selection import keep_mask, pick_order
+
+    return pick_order(-scores.float(), keep_mask(scores, k))

@@ -1,4 +1,4 @@
-"""How many query tokens to keep, and which: fixed counts, per-sample budgets, kept masks.
+"""Per-sample token budgets: how many query tokens each sample keeps, read off its own scores.
 
 A fixed ``k`` spends the same on an empty image as on a busy one. A :class:`Budget`
 decides each sample's ``k`` from that sample's own scores:
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Budget", "fence_counts", "keep_mask", "mass_counts", "mask_indices"]
+__all__ = ["Budget", "fence_counts", "mass_counts"]
 
 # Relative slack for the cumulative-mass test: a float cumulative sum can end a hair
 # below the total it should reach.
@@ -150,37 +150,3 @@ def fence_counts(scores: torch.Tensor, fence: float) -> torch.Tensor:
     s = scores.float()
     q1, q3 = torch.quantile(s, torch.tensor([0.25, 0.75], device=s.device), dim=-1, keepdim=True)
     return (s > q3 + fence * (q3 - q1)).sum(dim=-1)
-
-
-def keep_mask(scores: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
-    """Which tokens each row keeps: its ``counts[g]`` highest scores.
-
-    Ties go to the lower index (stable sort), as in :func:`catp.scoring.topk_indices`.
-
-    Args:
-        scores: ``(G, n)``.
-        counts: ``(G,)`` counts, or one int for every row.
-
-    Returns:
-        ``(G, n)`` bool mask.
-    """
-    order = torch.argsort(scores.float(), dim=-1, descending=True, stable=True)
-    counts = torch.as_tensor(counts, device=scores.device).expand(scores.shape[0])
-    ranked = torch.arange(scores.shape[-1], device=scores.device) < counts[:, None]  # (G, n): rank < count
-    return torch.zeros_like(ranked).scatter(-1, order, ranked)
-
-
-def mask_indices(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the ``True`` entries of each row, ascending, padded with ``-1``.
-
-    Args:
-        mask: ``(B, n)`` bool.
-
-    Returns:
-        ``(B, K)`` long, ``K`` the largest row count.
-    """
-    counts = mask.sum(dim=-1)
-    width = int(counts.max()) if mask.numel() else 0
-    # A stable sort of "not kept" puts the kept positions first, in ascending order.
-    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[:, :width]
-    return order.masked_fill(torch.arange(width, device=mask.device) >= counts[:, None], -1)

@@ -7,13 +7,13 @@ tokens; prints a table of the answers and the kept token indices, and draws one 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
+from catp.reference.data import task_examples
+from catp.reference.evaluate import answer
 
-__all__ = ["DemoResult", "run_demo", "draw_demo", "demo"]
+__all__ = ["DEFAULT_KEEPS", "DEFAULT_METHODS", "DemoResult", "demo_examples", "draw_demo", "print_demo", "run_demo"]
 
 DEFAULT_METHODS = ("catp", "selfattn", "first", "random")
 DEFAULT_KEEPS = (8, 4)
@@ -38,8 +38,6 @@ class DemoResult:
 
 def demo_examples(per_task: int, tasks: tuple[str, ...]) -> list:
     """The first ``per_task`` test images of each task, one question each, cycling through question kinds."""
-    from catp.reference.train import task_examples
-
     out = []
     for task in tasks:
         seen: set[int] = set()
@@ -56,8 +54,6 @@ def demo_examples(per_task: int, tasks: tuple[str, ...]) -> list:
 
 def run_demo(model, processor, examples: list, methods: tuple[str, ...] = DEFAULT_METHODS, keeps: tuple[int, ...] = DEFAULT_KEEPS) -> DemoResult:
     """Answer ``examples`` unpruned and with every ``method`` x ``keep`` (greedy, one batch each)."""
-    from catp.reference.evaluate import answer
-
     if not examples:
         raise ValueError("no examples to run")
     full = int(model.config.num_query_tokens)
@@ -134,43 +130,3 @@ def draw_demo(result: DemoResult, path: str | Path) -> Path:
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def demo(
-    model: str = typer.Option(None, help="Checkpoint dir or hub id (default: the embedded reference model)."),
-    out: Path = typer.Option(Path("catp-demo.png"), help="Where to write the PNG."),
-    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods from catp.METHODS."),
-    keeps: str = typer.Option(",".join(map(str, DEFAULT_KEEPS)), help="Comma-separated keep counts."),
-    per_task: int = typer.Option(6, min=1, help="Test images per task."),
-    threads: int = typer.Option(2, min=1, help="torch threads."),
-) -> None:
-    """Prune the embedded reference model on a few test questions: table of answers + kept tokens, and a PNG."""
-    import torch
-
-    from catp.cli import INPUT_ERRORS, user_input
-    from catp.methods import get_method
-    from catp.pruning import resolve_keep
-    from catp.reference import load
-
-    started = time.perf_counter()
-    names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    if not names:
-        raise typer.BadParameter(f"give at least one method, got {methods!r}", param_hint="--methods")
-    with user_input(param="--methods"):
-        for name in names:
-            get_method(name)
-    try:
-        keep_counts = tuple(int(k) for k in keeps.split(",") if k.strip())
-    except ValueError:
-        raise typer.BadParameter(f"keeps must be comma-separated integers, got {keeps!r}", param_hint="--keeps") from None
-    torch.set_num_threads(threads)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        net, processor = load(model)
-    with user_input(param="--keeps"):
-        for keep in keep_counts:
-            resolve_keep(keep, int(net.config.num_query_tokens))
-    tasks = tuple(getattr(net.config, "catp_reference_tasks", None) or ("easy-vqa",))
-    result = run_demo(net, processor, demo_examples(per_task, tasks), names, keep_counts)
-    print_demo(result)
-    path = draw_demo(result, out)
-    print(f"wrote {path} ({time.perf_counter() - started:.1f}s)")

@@ -3,55 +3,36 @@
 A method says what it needs to see of a Q-Former run (:class:`Needs`) and turns what
 was captured (:class:`Captures`) into a choice of query tokens, in one of two ways:
 
-* a *scorer* implements :meth:`PruningMethod.score`: ``(batch, num_queries)`` scores,
-  the ``k`` highest are kept;
-* a *selector* implements :meth:`PruningMethod.select`: ``(batch, k)`` indices in the
+* a *scorer* implements :meth:`PruningMethod.score`: ``(rows, num_queries)`` scores,
+  the highest are kept;
+* a *selector* implements :meth:`PruningMethod.select`: ``(rows, k)`` indices in the
   order it picked them (for greedy selections, where a token's worth depends on what is
   already kept).
 
-:func:`choose` is the one place that turns either kind into the kept set (ascending, the
-order the LLM receives them). A method knows nothing about models or hooks;
-:mod:`catp.pruning` does the capturing.
+:func:`catp.selection.choose` is the one place that turns either into the kept set
+(ascending, the order the LLM receives them). A method knows nothing about models or
+engines: the integrations (:mod:`catp.hf`, :mod:`catp.vllm`) do the capturing.
 
-Build one by name with :func:`get_method` (``get_method("catp-layer", layer_weights=[...])``),
-or pass an instance directly to :func:`catp.pruned` / :func:`catp.select_queries`.
+A method is one class in one place: :func:`register_method` puts it in the registry under
+its ``name``, and its ``kind`` says what it is compared with in reports. Build one by name
+with :func:`get_method` (``get_method("catp-layer", layer_weights=[...])``), by import path
+(``get_method("my_pkg.module:MyMethod")``), or pass an instance to :func:`catp.pruned`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
 from catp import scoring
-
-__all__ = [
-    "METHODS",
-    "SELECTORS",
-    "FEATURES",
-    "Captures",
-    "Choice",
-    "Needs",
-    "PruningMethod",
-    "CATP",
-    "CATPAll",
-    "CATPLayer",
-    "CATPImage",
-    "L2Norm",
-    "SelfAttn",
-    "First",
-    "Random",
-    "DivPrune",
-    "DART",
-    "CATPDiverse",
-    "budget_refusal",
-    "choose",
-    "get_method",
-]
 
 
 @dataclass(frozen=True)
@@ -78,14 +59,14 @@ class Captures:
 
     Attributes:
         num_queries: ``Q``.
-        batch_size: ``B``, the number of rows: images, or samples x frames.
+        batch_size: the number of rows: images, or samples x frames.
         num_frames: ``T``, frames per sample (1 for images).
-        cross_attentions: captured cross-attention maps, each ``(B, H, Q, N)``, in layer order
-            (only the last one when the method needs only the last).
-        self_attentions: Q-Former self-attention maps, each ``(B, H, S, S)``.
-        vision_attention: last vision block's self-attention ``(B, H, N, N)``.
-        query_output: Q-Former output for the query tokens ``(B, Q, D)``.
-        projected: ``language_projection`` output for the query tokens ``(B, Q, D_llm)``:
+        cross_attentions: captured cross-attention maps, each ``(rows, H, Q, N)``, in layer
+            order (only the last one when the method needs only the last).
+        self_attentions: Q-Former self-attention maps, each ``(rows, H, S, S)``.
+        vision_attention: last vision block's self-attention ``(rows, H, N, N)``.
+        query_output: Q-Former output for the query tokens ``(rows, Q, D)``.
+        projected: ``language_projection`` output for the query tokens ``(rows, Q, D_llm)``:
             the tokens the LLM receives.
         device: where scores should live.
     """
@@ -100,26 +81,47 @@ class Captures:
     query_output: torch.Tensor | None = None
     projected: torch.Tensor | None = None
 
+    def take_rows(self, rows: torch.Tensor, num_frames: int = 1) -> Captures:
+        """The captures of some rows only (``rows``: 1-D indices), ``num_frames`` rows per sample."""
+        def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, rows.to(tensor.device))
+
+        return dataclasses.replace(
+            self, batch_size=int(rows.numel()), num_frames=num_frames,
+            cross_attentions=[take(a) for a in self.cross_attentions], self_attentions=[take(a) for a in self.self_attentions],
+            vision_attention=take(self.vision_attention), query_output=take(self.query_output), projected=take(self.projected),
+        )
+
+
+#: What a method is, which says what reports compare it with: ``"catp"`` (the paper's
+#: vote and its variants), ``"baseline"`` (what a method must beat: the paper's baselines
+#: and the simple references), ``"selector"`` (greedy selections).
+KINDS: tuple[str, ...] = ("catp", "baseline", "selector")
+#: The kinds each kind is compared with (paired differences in ``catp eval``'s reports).
+COMPARED_WITH: dict[str, tuple[str, ...]] = {"catp": ("baseline",), "baseline": (), "selector": ("catp", "baseline")}
+
 
 class PruningMethod:
-    """Base class: subclasses set ``name`` and ``needs`` and implement :meth:`score` or :meth:`select`.
+    """Base class: subclasses set ``name``, ``kind`` and ``needs`` and implement :meth:`score` or :meth:`select`.
 
-    Implement exactly one of them; :func:`choose` calls :meth:`select` when a subclass
-    overrides it, :meth:`score` otherwise. ``carries_budget``: whether a scorer's scores say
-    something about the image, so that a :class:`~catp.budget.Budget` can read a per-sample
-    count off them (see :func:`budget_refusal`).
+    Implement exactly one of them; :func:`catp.selection.choose` calls :meth:`select` when a
+    subclass overrides it, :meth:`score` otherwise. ``carries_budget``: whether a scorer's
+    scores say something about the image, so that a :class:`~catp.budget.Budget` can read a
+    per-sample count off them (see :func:`budget_refusal`). Options are the constructor's
+    keyword arguments (a dataclass's fields).
     """
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "catp"
     needs: ClassVar[Needs] = Needs()
     carries_budget: ClassVar[bool] = True
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
-        """Return ``(B, Q)`` scores; the highest ``k`` are kept."""
+        """Return ``(rows, Q)`` scores; the highest are kept. ``keep_fraction``: the kept share of a group."""
         raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
 
     def select(self, captures: Captures, k: int) -> torch.Tensor:
-        """Return ``(B, k)`` distinct indices in ``0..Q-1``, in the order they were picked."""
+        """Return ``(rows, k)`` distinct indices in ``0..Q-1``, in the order they were picked."""
         raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
 
     @classmethod
@@ -127,69 +129,81 @@ class PruningMethod:
         """Whether this method picks indices itself (it overrides :meth:`select`) rather than scoring."""
         return cls.select is not PruningMethod.select
 
+    def depends_on_keep(self) -> bool:
+        """Whether a scorer's scores change with the kept count (then it is scored once per distinct count)."""
+        return False
+
     def validate(self, num_cross_layers: int, keep: int | None) -> None:
         """Check options against the model and the kept count before anything runs (default: nothing to check).
 
         ``keep`` is ``None`` where the count is only known per call (a video's ``T*Q``, a Budget)."""
 
 
-@dataclass(frozen=True)
-class Choice:
-    """What a method chose for one batch (from :func:`choose`).
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
-    Attributes:
-        keep_indices: ``(B, k)`` kept indices, ascending: the order the LLM receives them.
-        pick_order: ``(B, k)`` the same indices in the order the method picked them; for
-            a scorer, by descending score.
-        scores: ``(B, Q)`` scores of a scorer; ``None`` for a selector.
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Put a method class in the registry under its ``name`` (usable as a class decorator).
+
+    Registering the same class again does nothing.
+
+    Raises:
+        TypeError: not a :class:`PruningMethod` subclass, or it implements neither or both
+            of ``score`` and ``select``.
+        ValueError: a bad ``name`` or ``kind``, or a name taken by another class.
     """
-
-    keep_indices: torch.Tensor
-    pick_order: torch.Tensor
-    scores: torch.Tensor | None
-
-
-def choose(method: PruningMethod, captures: Captures, k: int) -> Choice:
-    """The one place that turns a method's output into the kept query tokens.
-
-    A scorer's ``(B, Q)`` scores give the ``k`` highest (ties to the lower index); a
-    selector's ``(B, k)`` picks are checked (shape, range, no repeats). Either way the
-    kept indices are sorted ascending, so kept tokens keep their original relative order.
-
-    Args:
-        method: the method.
-        captures: what the vision + Q-Former run exposed.
-        k: tokens kept per sample, ``1..Q``.
-
-    Returns:
-        A :class:`Choice` on ``captures.device``.
-    """
-    if method.selects():
-        order = method.select(captures, k).to(captures.device)
-        _check_picks(order, captures, k, method.name)
-        scores = None
-    else:
-        scores = method.score(captures, k / captures.num_queries).to(captures.device)
-        if scores.shape != (captures.batch_size, captures.num_queries):
-            raise ValueError(f"method {method.name!r} returned scores of shape {tuple(scores.shape)}, "
-                             f"expected (batch, num_queries) = {(captures.batch_size, captures.num_queries)}")
-        order = scoring.topk_order(scores, k)
-    return Choice(keep_indices=order.sort(dim=1).values, pick_order=order, scores=scores)
+    if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
+        raise TypeError(f"a method must be a subclass of catp.PruningMethod, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{cls.__name__}.name must be a lower-case name of letters, digits, '.', '_' or '-', got {name!r}")
+    if cls.kind not in KINDS:
+        raise ValueError(f"{cls.__name__}.kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    scores = cls.score is not PruningMethod.score
+    if scores == cls.selects():
+        raise TypeError(f"{cls.__name__} must implement exactly one of score() and select()")
+    if (cls.kind == "selector") != cls.selects():
+        raise ValueError(f"{cls.__name__}: kind 'selector' is for methods that implement select(), and only for them")
+    taken = _REGISTRY.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
 
 
-def _check_picks(order: torch.Tensor, captures: Captures, k: int, name: str) -> None:
-    """A selector must return ``(B, k)`` integer indices in ``0..Q-1``, distinct per row."""
-    expected = (captures.batch_size, k)
-    if order.shape != expected or order.dtype.is_floating_point or order.dtype == torch.bool:
-        raise ValueError(f"method {name!r} selected a {order.dtype} tensor of shape {tuple(order.shape)}, "
-                         f"expected integer indices of shape (batch, k) = {expected}")
-    if order.numel() and (order.min() < 0 or order.max() >= captures.num_queries):
-        raise ValueError(f"method {name!r} selected indices outside 0..{captures.num_queries - 1}")
-    ascending = order.sort(dim=1).values
-    if (ascending[:, 1:] == ascending[:, :-1]).any():
-        raise ValueError(f"method {name!r} selected the same query token twice in one sample")
+class _Names(Sequence):
+    """A live, read-only view of registered method names (a method registered later appears in it)."""
+
+    def __init__(self, selectors_only: bool = False) -> None:
+        self._selectors_only = selectors_only
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, cls in _REGISTRY.items() if not self._selectors_only or cls.selects())
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())
 
 
+#: Every registered method name, as accepted by ``method=`` (a live view of the registry).
+METHODS: Sequence[str] = _Names()
+#: The registered methods that select (:meth:`PruningMethod.select`) rather than score.
+SELECTORS: Sequence[str] = _Names(selectors_only=True)
+
+
+@register_method
 @dataclass
 class CATP(PruningMethod):
     """Rank vote on the last cross-attention layer (the paper's main method)."""
@@ -201,6 +215,7 @@ class CATP(PruningMethod):
         return scoring.catp_scores(captures.cross_attentions)
 
 
+@register_method
 @dataclass
 class CATPAll(PruningMethod):
     """Probabilities summed over all cross-attention layers, then one vote."""
@@ -212,6 +227,7 @@ class CATPAll(PruningMethod):
         return scoring.catp_all_scores(captures.cross_attentions)
 
 
+@register_method
 @dataclass
 class CATPLayer(PruningMethod):
     """Per-layer votes weighted by layer importance.
@@ -230,6 +246,9 @@ class CATPLayer(PruningMethod):
     def validate(self, num_cross_layers: int, keep: int | None) -> None:
         if self.layer_weights is not None:
             scoring.check_layer_weights(self.layer_weights, num_cross_layers)
+
+    def depends_on_keep(self) -> bool:
+        return self.layer_weights is None  # the default weights follow the keep fraction
 
     def weights_for(self, num_cross_layers: int, keep_fraction: float) -> torch.Tensor:
         """The layer weights used for a model with ``num_cross_layers`` at ``keep_fraction``."""
@@ -250,6 +269,7 @@ class CATPLayer(PruningMethod):
         return scoring.catp_layer_scores(captures.cross_attentions, weights)
 
 
+@register_method
 @dataclass
 class CATPImage(PruningMethod):
     """Last-layer vote with each image token's points weighted by its ViT importance."""
@@ -263,11 +283,13 @@ class CATPImage(PruningMethod):
         return scoring.catp_image_scores(captures.cross_attentions, weights.to(captures.device))
 
 
+@register_method
 @dataclass
 class L2Norm(PruningMethod):
     """Baseline: L2 norm of each Q-Former output token (before the projection)."""
 
     name: ClassVar[str] = "l2norm"
+    kind: ClassVar[str] = "baseline"
     needs: ClassVar[Needs] = Needs(query_output=True)
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
@@ -275,17 +297,20 @@ class L2Norm(PruningMethod):
         return scoring.l2norm_scores(captures.query_output)
 
 
+@register_method
 @dataclass
 class SelfAttn(PruningMethod):
     """Baseline (SpAtten-style): attention received in the Q-Former self-attention."""
 
     name: ClassVar[str] = "selfattn"
+    kind: ClassVar[str] = "baseline"
     needs: ClassVar[Needs] = Needs(self_attention=True)
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         return scoring.selfattn_scores(captures.self_attentions, captures.num_queries)
 
 
+@register_method
 @dataclass
 class First(PruningMethod):
     """Reference: keep the first ``k`` query tokens.
@@ -295,12 +320,14 @@ class First(PruningMethod):
     """
 
     name: ClassVar[str] = "first"
+    kind: ClassVar[str] = "baseline"
     carries_budget: ClassVar[bool] = False
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         return scoring.first_scores(captures.batch_size, captures.num_queries, device=captures.device)
 
 
+@register_method
 @dataclass
 class Random(PruningMethod):
     """Reference: ``k`` tokens drawn at random.
@@ -311,6 +338,7 @@ class Random(PruningMethod):
     """
 
     name: ClassVar[str] = "random"
+    kind: ClassVar[str] = "baseline"
     carries_budget: ClassVar[bool] = False
     seed: int | Sequence[int] = 0
 
@@ -349,6 +377,7 @@ class _OnTokens(PruningMethod):
         return tokens
 
 
+@register_method
 @dataclass(kw_only=True)
 class DivPrune(_OnTokens):
     """Max-min diversity: each pick is the token farthest (cosine) from those kept (DivPrune, CVPR 2025).
@@ -361,11 +390,13 @@ class DivPrune(_OnTokens):
     """
 
     name: ClassVar[str] = "divprune"
+    kind: ClassVar[str] = "selector"
 
     def select(self, captures: Captures, k: int) -> torch.Tensor:
         return scoring.divprune_select(self.tokens(captures), k)
 
 
+@register_method
 @dataclass(kw_only=True)
 class DART(_OnTokens):
     """Duplication-aware: highest-norm pivots plus the tokens least similar to any pivot (DART, arXiv 2502.11494).
@@ -382,6 +413,7 @@ class DART(_OnTokens):
     """
 
     name: ClassVar[str] = "dart"
+    kind: ClassVar[str] = "selector"
     pivots: int | None = None
 
     def __post_init__(self) -> None:
@@ -397,6 +429,7 @@ class DART(_OnTokens):
         return scoring.dart_select(self.tokens(captures), k, self.pivots)
 
 
+@register_method
 @dataclass(kw_only=True)
 class CATPDiverse(_OnTokens):
     """Ours: greedy CATP vote minus λ x similarity to the tokens already kept (λ = 0: plain catp).
@@ -412,6 +445,7 @@ class CATPDiverse(_OnTokens):
     """
 
     name: ClassVar[str] = "catp-diverse"
+    kind: ClassVar[str] = "selector"
     needs: ClassVar[Needs] = Needs(cross_attention="last")
     lam: float = 1.0
 
@@ -436,19 +470,40 @@ def budget_refusal(method: PruningMethod) -> str | None:
     return None
 
 
-_REGISTRY: dict[str, type[PruningMethod]] = {
-    cls.name: cls
-    for cls in (CATP, CATPAll, CATPLayer, CATPImage, L2Norm, SelfAttn, First, Random, DivPrune, DART, CATPDiverse)
-}
+def method_class(method: str) -> type[PruningMethod]:
+    """The class of a registered name, or of an import path ``"package.module:Class"`` (registered on first use).
 
-#: Every method name, as accepted by ``method=``.
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
-#: The methods that select (:meth:`PruningMethod.select`) rather than score.
-SELECTORS: tuple[str, ...] = tuple(name for name, cls in _REGISTRY.items() if cls.selects())
+    Raises:
+        ValueError: an unknown name, or a path that does not import or names no method class.
+    """
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name from catp.METHODS or a PruningMethod, got {type(method).__name__}")
+    if ":" not in method:
+        cls = _REGISTRY.get(method)
+        if cls is None:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or give package.module:Class")
+        return cls
+    module_name, _, class_name = method.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"method {method!r}: cannot import module {module_name!r} ({error})") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
+        raise ValueError(f"method {method!r}: {module_name} has no PruningMethod subclass named {class_name!r}")
+    return register_method(cls)
+
+
+def options_of(cls: type[PruningMethod]) -> list[str]:
+    """The options (constructor keyword arguments) a method class takes."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    parameters = inspect.signature(cls).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
-    """Build a method from its name and options, or pass an instance through.
+    """Build a method from its name (or ``"package.module:Class"``) and options, or pass an instance through.
 
     Raises:
         ValueError: unknown method name.
@@ -459,14 +514,25 @@ def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
         if options:
             raise TypeError(f"options {sorted(options)} given with a method instance; set them on the instance")
         return method
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a name from catp.METHODS or a PruningMethod, got {type(method).__name__}")
-    cls = _REGISTRY.get(method)
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - valid)
+    cls = method_class(method)
+    valid = options_of(cls)
+    unknown = sorted(set(options) - set(valid))
     if unknown:
         takes = ", ".join(sorted(valid)) if valid else "no options"
-        raise TypeError(f"method {method!r} got unknown option(s) {', '.join(unknown)}; it takes: {takes}")
+        raise TypeError(f"method {cls.name!r} got unknown option(s) {', '.join(unknown)}; it takes: {takes}")
     return cls(**options)
+
+
+def compared_with(method: str, present: Sequence[str] = (), extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The methods ``method`` is compared with in reports: those of :data:`COMPARED_WITH` its kind,
+    in registry order, then ``extra``; ``method`` itself excepted.
+
+    Args:
+        present: where given, only these methods (the ones a run measured) are returned.
+        extra: more methods compared with every method (``catp eval --compare``).
+    """
+    cls = _REGISTRY.get(method)
+    kinds = COMPARED_WITH[cls.kind] if cls is not None else ()
+    built_in = [name for name, other in _REGISTRY.items() if other.kind in kinds]
+    names = [b for b in dict.fromkeys([*built_in, *extra]) if b != method]
+    return tuple(n for n in names if not present or n in present)

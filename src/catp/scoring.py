@@ -3,12 +3,12 @@
 Two kinds of function, matching the two kinds of method (:mod:`catp.methods`):
 
 * every ``*_scores`` function returns a float tensor of shape ``(batch, num_queries)``;
-  a higher score means "keep this query token". :func:`topk_order` / :func:`topk_indices`
-  turn scores into the kept indices.
+  a higher score means "keep this query token". :func:`catp.selection.choose` turns
+  scores into the kept indices.
 * every ``*_select`` function returns ``(batch, k)`` indices in the order it picked
   them (greedy selections, where a token's value depends on what was already kept).
   They run on the whole batch at once; the only Python loop is over the ``k`` picks.
-  Ties go to the lower index, like :func:`topk_order`.
+  Ties go to the lower index, as in :func:`catp.selection.keep_mask`.
 
 Notation used in the docstrings:
 
@@ -29,30 +29,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = [
-    "PAPER_LAYER_ACCURACY",
-    "rank_votes",
-    "vote_scores",
-    "catp_scores",
-    "catp_all_scores",
-    "catp_layer_scores",
-    "catp_image_scores",
-    "image_token_weights",
-    "l2norm_scores",
-    "selfattn_scores",
-    "first_scores",
-    "random_scores",
-    "default_layer_weights",
-    "topk_order",
-    "topk_indices",
-    "cosine_similarity_matrix",
-    "divprune_select",
-    "dart_select",
-    "default_dart_pivots",
-    "check_dart_pivots",
-    "catp_diverse_select",
-    "check_diversity_weight",
-]
 
 # The authors' single-layer VQAv2 accuracies (keep fraction -> accuracy of cross-attention
 # layers 1..6 voting alone), used as the default weights of ``catp-layer``.
@@ -261,29 +237,6 @@ def check_layer_weights(layer_weights: Sequence[float] | torch.Tensor, num_layer
     return weights
 
 
-def topk_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores per row, highest first (the order a scorer "picks").
-
-    Ties go to the lower index (stable sort), so the result is deterministic.
-
-    Args:
-        scores: ``(B, Q)``.
-        k: number of tokens to keep, ``1 <= k <= Q``.
-
-    Returns:
-        ``(B, k)`` ``torch.long``.
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"expected scores of shape (batch, num_queries), got {tuple(scores.shape)}")
-    _check_k(k, scores.shape[1])
-    return torch.argsort(scores.float(), dim=1, descending=True, stable=True)[:, :k]
-
-
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`topk_order` in ascending index order (the order the LLM receives the kept tokens). ``(B, k)``."""
-    return topk_order(scores, k).sort(dim=1).values
-
-
 # -- selections ----------------------------------------------------------------------------
 
 
@@ -398,7 +351,7 @@ def catp_diverse_select(votes: torch.Tensor, tokens: torch.Tensor, k: int, lam: 
     is its vote min-max normalised to [0, 1] per sample (all 0 when every vote is equal) and
     ``c`` is its maximum cosine similarity to the tokens already kept. The first pick has
     no kept token to resemble: it is the top-voted token. ``λ = 0`` picks in vote order,
-    so it keeps exactly the set :func:`topk_indices` keeps on the votes (plain ``catp``).
+    so it keeps exactly the set plain ``catp`` keeps on the votes.
 
     Args:
         votes: ``(B, Q)`` CATP votes (:func:`catp_scores`).

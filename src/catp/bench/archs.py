@@ -27,8 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from catp.bench.flops import parameter_count
+from catp.models import dtype_bytes, model_class
 
-__all__ = ["ARCHS", "DTYPES", "arch_config", "build_arch", "check_fits", "available_memory_bytes", "bytes_per_element", "model_class"]
+__all__ = ["ARCHS", "arch_config", "build_arch", "check_fits", "available_memory_bytes"]
 
 _VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224,
                patch_size=14, qkv_bias=True, layer_norm_eps=1e-6)
@@ -60,16 +61,6 @@ _SPECS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 ARCHS: tuple[str, ...] = tuple(_SPECS)
 
-DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def bytes_per_element(dtype: str) -> int:
-    """Bytes per element of a ``--dtype`` name (fp32/bf16/fp16)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return 4 if dtype == "fp32" else 2
-
-
 def arch_config(name: str) -> Any:
     """The transformers config of a paper-shaped arch (see the module table)."""
     from transformers import Blip2Config, InstructBlipConfig, InstructBlipVideoConfig
@@ -80,21 +71,6 @@ def arch_config(name: str) -> Any:
     qformer = dict(_QFORMER, vocab_size=30522 if family == "blip2" else 30523)
     cls: Callable[..., Any] = {"blip2": Blip2Config, "instructblip": InstructBlipConfig, "instructblipvideo": InstructBlipVideoConfig}[family]
     return cls(vision_config=dict(_VISION), qformer_config=qformer, text_config=dict(text), num_query_tokens=32, **extra)
-
-
-def model_class(model_type: str) -> Any:
-    """The ``*ForConditionalGeneration`` class of a BLIP-2-family ``config.model_type``."""
-    from transformers import (
-        Blip2ForConditionalGeneration,
-        InstructBlipForConditionalGeneration,
-        InstructBlipVideoForConditionalGeneration,
-    )
-
-    classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration,
-               "instructblipvideo": InstructBlipVideoForConditionalGeneration}
-    if model_type not in classes:
-        raise ValueError(f"catp bench supports {', '.join(classes)} models, got model_type {model_type!r}")
-    return classes[model_type]
 
 
 def available_memory_bytes(device: str) -> int:
@@ -121,14 +97,14 @@ def check_fits(config: Any, dtype: str, device: str, available: int | None = Non
         MemoryError: with the numbers, when the estimate exceeds ``available``.
     """
     params = parameter_count(config)["total"]
-    weights = params * bytes_per_element(dtype)
+    weights = params * dtype_bytes(dtype)
     available = available_memory_bytes(device) if available is None else available
     if weights * headroom > available:
         gib = 1024**3
         raise MemoryError(
             f"the model has {params / 1e9:.2f} B parameters: {weights / gib:.1f} GiB of weights in {dtype}, "
             f"{weights * headroom / gib:.1f} GiB with {headroom - 1:.0%} headroom, but only {available / gib:.1f} GiB is "
-            f"available on {device}; use --dtype bf16/fp16, a smaller --arch, or another device"
+            f"available on {device}; use --dtype bfloat16/float16, a smaller --arch, or another device"
         )
     return weights
 
@@ -158,13 +134,13 @@ def _fill_random(model: Any, seed: int) -> None:
                     chunk.copy_(source[: chunk.numel()])
 
 
-def build_arch(name: str, dtype: str = "bf16", device: str = "cpu", seed: int = 0) -> Any:
+def build_arch(name: str, dtype: str = "bfloat16", device: str = "cpu", seed: int = 0) -> Any:
     """Build ``name`` with random weights directly in ``dtype`` on ``device``.
 
     The model is created on the meta device (no random init, no memory), then its
     parameters are materialised empty on ``device`` and filled by :func:`_fill_random`;
     buffers (position ids, rotary frequencies) are computed on the CPU at construction and
-    kept. As ``from_pretrained`` does, fp16 keeps the Q-Former and query tokens in fp32.
+    kept. As ``from_pretrained`` does, float16 keeps the Q-Former and query tokens in fp32.
 
     Raises:
         MemoryError: before allocating, when the weights cannot fit (:func:`check_fits`).
@@ -174,11 +150,11 @@ def build_arch(name: str, dtype: str = "bf16", device: str = "cpu", seed: int = 
 
     config = arch_config(name)
     check_fits(config, dtype, device)
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    torch_dtype = getattr(torch, dtype)
     cls = model_class(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=torch_dtype)
-    keep_fp32 = set(cls._keep_in_fp32_modules or []) if dtype == "fp16" else set()
+    keep_fp32 = set(cls._keep_in_fp32_modules or []) if dtype == "float16" else set()
     for module_name, module in model.named_modules():
         for param_name, param in list(module._parameters.items()):
             if param is None or param.device.type != "meta":

@@ -24,6 +24,7 @@ from typing import Any
 from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
 from catp.budget import Budget
+from catp.methods import SELECTORS, budget_refusal, get_method
 
 __all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
 
@@ -79,11 +80,8 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int | Budget], batches: Se
     every count, so that target (a) covers the cost of a greedy selection as well as of scoring.
     A budget runs only with methods that can carry one.
     """
-    from catp.methods import METHODS, SELECTORS, budget_refusal, get_method
-
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        get_method(method)  # an unknown method fails here, with the known ones named
     cases: list[BenchCase] = []
     for batch in batches:
         wanted = [BenchCase("none", num_query_tokens, batch)]
@@ -184,7 +182,7 @@ class Benchmark:
         """
         import torch
 
-        from catp.pruning import placeholder_token_id
+        from catp.hf import placeholder_token_id
 
         config, s = self.config, self.settings
         g = torch.Generator().manual_seed(s.seed)
@@ -315,7 +313,7 @@ CHECK_STATISTICS = ("min", "median")
 
 def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, paper_shape: bool,
                     statistic: str = "min") -> list[dict[str, Any]]:
-    """The targets of issue 6, each ``{"target", "case", "value", "limit", "passed", "detail", "statistic"}``.
+    """The cost targets, each ``{"target", "case", "value", "limit", "passed", "detail", "statistic"}``.
 
     ``statistic`` picks which summary of the repeats the ratios use. ``min`` (default) is
     the estimate least touched by a background load (contention only ever adds time; on a
@@ -334,8 +332,6 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
     (c) ``|t(catp, k, prefill) / t(llm-only, k, prefill) - 1| <= 5%``.
     (d) paper shape only: ``t(none, prefill) / t(catp, 8, prefill) >= 0.8 x FLOPs(prefill, Q) / FLOPs(prefill, 8)``.
     """
-    from catp.methods import SELECTORS
-
     if statistic not in CHECK_STATISTICS:
         raise ValueError(f"statistic must be one of {CHECK_STATISTICS}, got {statistic!r}")
     checks: list[dict[str, Any]] = []
@@ -376,5 +372,5 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
             passed = measured >= 0.8 * analytic if paper_shape else None
             add("d", where, measured / analytic, ">= 0.8 x FLOPs ratio", passed,
                 f"prefill speed-up {measured:.2f}x vs FLOPs ratio {analytic:.2f}x"
-                + ("" if paper_shape else " (target applies at paper shape: --arch blip2-opt-2.7b --dtype bf16)"))
+                + ("" if paper_shape else " (target applies at paper shape: --arch blip2-opt-2.7b --dtype bfloat16)"))
     return checks

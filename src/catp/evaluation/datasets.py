@@ -7,10 +7,11 @@ A new dataset is one registered function::
         return [Question(id=str(i), question=q, answers=(a,), image=path) for i, (q, a, path) in ...]
 
 Built in: ``vqav2`` and ``ok-vqa`` (official questions JSON + annotations JSON + COCO
-image directory), ``easy-vqa`` (from its package), ``scenes`` (the project's harder
-generated task, when :mod:`catp.reference.data` provides it), ``jsonl`` (one
+image directory), ``easy-vqa`` (from its package; splits ``train``, ``validation``: its
+training images 3,600 and up, carved out, and ``test``), ``scenes`` (the project's harder
+generated task, :mod:`catp.reference.data`; ``train``, ``validation``, ``test``), ``jsonl`` (one
 ``{"image", "question", "answers"}`` object per line) and ``hf`` (``hf:NAME``: a Hugging
-Face dataset, see :mod:`catp.evaluation.hf`).
+Face dataset, see :mod:`catp.evaluation.hf_datasets`).
 
 A malformed file raises a ``ValueError`` naming the file and the line or record; a
 malformed row of an ``hf:`` dataset, or an image that cannot be read, a
@@ -24,65 +25,14 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from PIL import Image
+from catp.evaluation.hf_datasets import load_hf_split
+from catp.evaluation.questions import DEFAULT_SPLIT, HF_PREFIX, DatasetError, Question
+from catp.reference import data as reference_data
 
 __all__ = ["DATASETS", "DEFAULT_SPLIT", "DatasetError", "Question", "load_dataset", "register_dataset", "resolve_split", "subsample"]
-
-#: A path to an image file, an image, or a function that makes one.
-ImageSource = Union[str, Path, Image.Image, Callable[[], Image.Image]]
-
-#: ``--dataset hf:NAME`` loads ``NAME`` with the ``datasets`` library.
-HF_PREFIX = "hf:"
-#: The split of the built-in datasets when none is given. (``hf:`` datasets have none: their
-#: only split, or the caller must choose.)
-DEFAULT_SPLIT = "test"
-
-
-class DatasetError(ValueError):
-    """Malformed data: a bad row of an ``hf:`` dataset (the message names the dataset, split,
-    row and column), found when it loads, or an image that cannot be read, found when its
-    batch runs."""
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question of a dataset.
-
-    Attributes:
-        id: unique within its dataset; results, resuming and the ``random`` method's
-            per-question seed are keyed on it.
-        question: the question text (the prompt is built from it by the harness).
-        answers: the human answers (10 for VQAv2 / OK-VQA, 1 for easy-VQA).
-        image: a path, a PIL image, or a zero-argument function returning one.
-    """
-
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    image: ImageSource
-
-    def load_image(self) -> Image.Image:
-        """The image, in RGB.
-
-        Raises:
-            DatasetError: the image file cannot be read (a function that makes the image
-                raises its own, more precise, ``DatasetError``).
-        """
-        image = self.image
-        if callable(image) and not isinstance(image, Image.Image):
-            image = image()
-        if isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as opened:
-                    return opened.convert("RGB")
-            except OSError as error:
-                raise DatasetError(f"question {self.id!r}: cannot read image {str(image)!r}: {error}") from None
-        return image.convert("RGB")
-
 
 Loader = Callable[..., list[Question]]
 #: Registered dataset loaders by name. Each takes keyword arguments ``questions``,
@@ -120,7 +70,7 @@ def load_dataset(
         questions, annotations, images: the files of ``vqav2`` / ``ok-vqa`` / ``jsonl``.
         split: the split; default :func:`resolve_split`.
         config, columns: of an ``hf:`` dataset only: its config (subset), and which
-            column holds what (:func:`catp.evaluation.hf.parse_columns`).
+            column holds what (:func:`catp.evaluation.hf_datasets.parse_columns`).
 
     Raises:
         ValueError: unknown name, missing file arguments, options that do not apply, or a
@@ -301,34 +251,23 @@ def load_jsonl(questions: Path | None = None, **_: Any) -> list[Question]:
 
 @register_dataset("easy-vqa")
 def load_easy_vqa(split: str = "test", **_: Any) -> list[Question]:
-    """easy-VQA from its package (``test``: 9,673 questions on 1,000 images; one answer each)."""
-    import easy_vqa
-
-    if split not in ("train", "test"):
-        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
-    texts, answers, image_ids = easy_vqa.get_test_questions() if split == "test" else easy_vqa.get_train_questions()
-    paths = easy_vqa.get_test_image_paths() if split == "test" else easy_vqa.get_train_image_paths()
-    return [Question(f"{split}/{i}", text, (answer,), paths[image_id]) for i, (text, answer, image_id) in
-            enumerate(zip(texts, answers, image_ids))]
+    """easy-VQA from its package: ``train`` (images 0-3,599), ``validation`` (training images 3,600-3,999,
+    carved out for choosing), ``test`` (9,673 questions on 1,000 images); one answer each."""
+    examples = reference_data.easy_vqa_split(split)
+    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image) for i, e in enumerate(examples)]
 
 
 @register_dataset("scenes")
 def load_scenes(split: str = "test", **_: Any) -> list[Question]:
-    """The project's harder multi-shape task (generated; see :mod:`catp.reference.data`)."""
-    from catp.reference import data
-
-    make = getattr(data, "scenes_split", None)
-    if make is None:
-        raise ValueError("dataset 'scenes' needs catp.reference.data.scenes_split, which this version does not have")
-    return [Question(f"{split}/{i}", example.question, (example.answer,), example.image) for i, example in enumerate(make(split))]
+    """The project's harder multi-shape task (generated; :func:`catp.reference.data.scenes_split`):
+    ``train``, ``validation``, ``test``."""
+    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image) for i, e in enumerate(reference_data.scenes_split(split))]
 
 
 @register_dataset("hf")
 def load_hf(source: str | None = None, split: str | None = None, config: str | None = None,
             columns: Mapping[str, str] | None = None, **_: Any) -> list[Question]:
-    """A Hugging Face dataset, ``--dataset hf:NAME`` (see :mod:`catp.evaluation.hf`)."""
+    """A Hugging Face dataset, ``--dataset hf:NAME`` (see :mod:`catp.evaluation.hf_datasets`)."""
     if not source:
         raise ValueError(f"dataset 'hf' needs a name: {HF_PREFIX}NAME (a hub id, a save_to_disk directory, or parquet files)")
-    from catp.evaluation.hf import load_hf_split
-
     return load_hf_split(source, split=split, config=config, columns=columns)

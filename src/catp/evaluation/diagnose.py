@@ -26,17 +26,25 @@ method.
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import typer
+from PIL import Image
 from torch import nn
+
+from catp.evaluation.questions import open_image
+from catp.hf import capture_qformer, check_model, select_queries
+from catp.methods import METHODS, get_method, method_class, options_of
+from catp.reference.data import SCENE_SPLITS, scenes_with_questions
+from catp.scoring import cosine_similarity_matrix
+from catp.selection import resolve_keep
 
 __all__ = [
     "Diagnosis",
@@ -49,8 +57,6 @@ __all__ = [
     "query_cosine",
 ]
 
-#: Methods whose kept sets are counted by default.
-DEFAULT_METHODS: tuple[str, ...] = ("catp", "catp-all", "catp-layer", "catp-image", "l2norm", "selfattn", "divprune", "dart", "catp-diverse", "random")
 #: The Q-Former instruction for InstructBLIP models when none is given.
 DEFAULT_INSTRUCTION = "What is in the image?"
 
@@ -66,8 +72,6 @@ def query_cosine(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(mean pairwise cosine (B,), mean nearest-other-query cosine (B,))``.
     """
-    from catp.scoring import cosine_similarity_matrix
-
     cosine = cosine_similarity_matrix(outputs)  # (B, Q, Q)
     q = cosine.shape[-1]
     off_diagonal = ~torch.eye(q, dtype=torch.bool, device=cosine.device)
@@ -89,8 +93,6 @@ def kept_set_cosine(outputs: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Te
         redundancy is the mean over the kept queries of the cosine to the most similar
         *other* kept query (1 when the set is made of duplicates).
     """
-    from catp.scoring import cosine_similarity_matrix
-
     cosine = cosine_similarity_matrix(outputs)  # (B, Q, Q)
     to_kept = torch.gather(cosine, 2, kept[:, None, :].expand(-1, cosine.shape[1], -1))  # (B, Q, k)
     coverage = to_kept.amax(dim=-1).mean(dim=-1)
@@ -224,34 +226,8 @@ class Diagnosis:
         return "\n".join(["| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
-@contextlib.contextmanager
-def _capture(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Collect the Q-Former's query outputs ``(B, Q, D)`` and cross-attention maps of the next runs."""
-    from catp.pruning import cross_attention_layers, eager_qformer
-
-    captured: dict[str, list[torch.Tensor]] = {"outputs": [], "cross": []}
-    q = int(model.config.num_query_tokens)
-
-    def on_qformer(module: nn.Module, args: tuple, output: Any) -> None:
-        captured["outputs"].append(output[0][:, :q].detach().float().cpu())
-
-    def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
-        captured["cross"].append(output[1].detach().float().cpu())
-
-    handles = [model.qformer.register_forward_hook(on_qformer)]
-    with eager_qformer(model):
-        try:
-            handles += [layer.crossattention.attention.register_forward_hook(on_cross) for layer in cross_attention_layers(model)]
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def _qformer_inputs(model: nn.Module, processor: Any, batch: int, instruction: str | None, device: torch.device) -> dict[str, torch.Tensor]:
+def qformer_inputs(model: nn.Module, processor: Any, batch: int, instruction: str | None, device: torch.device) -> dict[str, torch.Tensor]:
     """InstructBLIP's Q-Former reads the instruction too; BLIP-2's reads nothing else."""
-    import inspect
-
     if "qformer_input_ids" not in inspect.signature(model.get_image_features).parameters:
         if instruction is not None:
             raise ValueError(f"{type(model).__name__} has no instruction input; leave instruction unset")
@@ -264,7 +240,7 @@ def diagnose(
     model: nn.Module,
     processor: Any,
     images: Sequence[Any],
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     keep: int | float = 8,
     instruction: str | None = None,
     object_masks: Sequence[Any] | None = None,
@@ -276,7 +252,7 @@ def diagnose(
         model: a ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``.
         processor: its processor (the image processor makes the pixel values).
         images: PIL images.
-        methods: pruning methods whose distinct kept sets are counted.
+        methods: pruning methods whose distinct kept sets are counted; default every registered method.
         keep: the keep level for the kept sets (a count or a fraction).
         instruction: InstructBLIP's Q-Former instruction (default :data:`DEFAULT_INSTRUCTION`).
         object_masks: optional per-image ``(gh, gw)`` bool patch grids, true on object
@@ -286,17 +262,14 @@ def diagnose(
     Returns:
         A :class:`Diagnosis` (means over images).
     """
-    import catp
-    from catp.pruning import check_model, resolve_keep
-
     check_model(model)
     if len(images) == 0:
         raise ValueError("diagnose needs at least one image")
     if object_masks is not None and len(object_masks) != len(images):
         raise ValueError(f"{len(object_masks)} object masks for {len(images)} images")
-    names = list(methods)
+    names = list(METHODS if methods is None else methods)
     for name in names:
-        catp.get_method(name)  # an unknown method fails before any work
+        get_method(name)  # an unknown method fails before any work
     q = int(model.config.num_query_tokens)
     k = resolve_keep(keep, q)
     device = next(model.parameters()).device
@@ -306,15 +279,15 @@ def diagnose(
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
         pixels = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
-        extra = _qformer_inputs(model, processor, len(chunk), instruction, device)
-        with torch.no_grad(), _capture(model) as captured:
+        extra = qformer_inputs(model, processor, len(chunk), instruction, device)
+        with torch.no_grad(), capture_qformer(model) as captured:
             model.get_image_features(pixels, **extra)
         outputs.append(captured["outputs"][0])
         cross.append(torch.stack(captured["cross"]))  # (L, B, H, Q, N)
         for name in names:
             # One seed per image: one seed for all would draw the same set for every image.
-            options = {"seed": list(range(start, start + len(chunk)))} if name == "random" else {}
-            rows = catp.select_queries(model, pixels, method=name, keep=k, **extra, **options)
+            options = {"seed": list(range(start, start + len(chunk)))} if "seed" in options_of(method_class(name)) else {}
+            rows = select_queries(model, pixels, method=name, keep=k, **extra, **options)
             kept[name].extend(tuple(r) for r in rows.tolist())
     query_outputs = torch.cat(outputs)
     maps = torch.cat(cross, dim=1)  # (L, images, H, Q, N)
@@ -344,15 +317,10 @@ def diagnose(
     return result
 
 
-# -- command line -------------------------------------------------------------------------
+# -- images ------------------------------------------------------------------------------
 
-def _scene_images(split: str, limit: int, grid: int) -> tuple[list, list]:
+def scene_images(split: str, limit: int, grid: int) -> tuple[list, list]:
     """Generated scenes of ``split`` and their object patch grids ``(grid, grid)`` (a patch with any object pixel)."""
-    import numpy as np
-    from PIL import Image
-
-    from catp.reference.data import SCENE_SPLITS, scenes_with_questions
-
     if split not in SCENE_SPLITS:
         raise ValueError(f"scenes split must be one of {list(SCENE_SPLITS)}, got {split!r}")
     seed, count = SCENE_SPLITS[split]
@@ -361,9 +329,12 @@ def _scene_images(split: str, limit: int, grid: int) -> tuple[list, list]:
     return [s.image for s in scenes], masks
 
 
-def _folder_images(folder: Path, limit: int) -> list:
-    from PIL import Image
+def folder_images(folder: Path, limit: int) -> list:
+    """The first ``limit`` images of ``folder`` (by name), in RGB.
 
+    Raises:
+        ValueError: not a folder, no images in it, or a file that is not an image.
+    """
     if not folder.is_dir():
         raise ValueError(f"--images must be a folder of images, got {folder}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})[:limit]
@@ -372,63 +343,7 @@ def _folder_images(folder: Path, limit: int) -> list:
     out = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                out.append(image.convert("RGB"))
-        except OSError as error:
+            out.append(open_image(path))
+        except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {path} as an image: {error}") from None
     return out
-
-
-def diagnose_command(
-    model: str | None = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
-    dataset: str = typer.Option("easy-vqa", help="Images from easy-vqa or scenes (scenes add the object-attention figures); ignored with --images."),
-    split: str = typer.Option("test", help="Split of --dataset."),
-    images: Path | None = typer.Option(None, help="A folder of images to use instead of --dataset."),
-    limit: int = typer.Option(500, min=1, help="Number of images."),
-    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated methods whose distinct kept sets are counted."),
-    keep: int = typer.Option(8, min=1, help="Keep level for the kept sets."),
-    instruction: str | None = typer.Option(None, help=f"InstructBLIP's Q-Former instruction (default {DEFAULT_INSTRUCTION!r})."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
-) -> None:
-    """Measure how distinct a model's query tokens are: cosine, effective rank, map correlation, entropy, kept sets."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from catp.cli import INPUT_ERRORS, user_input
-    from catp.evaluation.cli import _default_model, load_model
-    from catp.methods import get_method
-    from catp.pruning import resolve_keep
-
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    with user_input(param="--methods"):  # before the model loads
-        for name in names:
-            get_method(name)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        loaded, processor, _ = load_model(model or _default_model(), dtype, device)
-    with user_input():
-        resolve_keep(keep, int(loaded.config.num_query_tokens))
-        _qformer_inputs(loaded, processor, 1, instruction, torch.device(device))  # an --instruction the model cannot take
-        grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
-        masks = None
-        if images is not None:
-            pictures = _folder_images(images, limit)
-        elif dataset == "scenes":
-            pictures, masks = _scene_images(split, limit, grid)
-        elif dataset == "easy-vqa":
-            from catp.reference.data import easy_vqa_images
-
-            pictures = easy_vqa_images(split, limit)
-        else:
-            raise ValueError(f"--dataset must be easy-vqa or scenes (or give --images), got {dataset!r}")
-    result = diagnose(loaded, processor, pictures, methods=names, keep=keep, instruction=instruction, object_masks=masks)
-    table = Table("figure", "value", title=f"catp diagnose: {result.model}")
-    for line in result.markdown().splitlines()[2:]:
-        name, value = (cell.strip() for cell in line.strip("|").split("|"))
-        table.add_row(name, value)
-    Console().print(table)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(result.to_json())
-        typer.echo(f"wrote {out}")

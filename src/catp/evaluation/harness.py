@@ -24,6 +24,9 @@ from typing import Any
 from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
+from catp.hf import pruned as pruned_model
+from catp.methods import budget_refusal, get_method, method_class, options_of
+from catp.selection import resolve_keep
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
 
 __all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "read_predictions", "run_sweep"]
@@ -69,20 +72,22 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     """The unpruned model plus every ``method x keep`` (keeps resolved to counts, as ``catp.pruned`` does).
 
     Counts come first, largest first, then budgets in the given order. A budget is skipped
-    for methods that cannot carry one (``first``, ``random``).
-    """
-    from catp.methods import METHODS, budget_refusal, get_method
-    from catp.pruning import resolve_keep
+    for methods that cannot carry one (``first``, ``random``, the selectors).
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    Raises:
+        ValueError: an unknown method or a bad keep; nothing left to run.
+    """
     counts = sorted({resolve_keep(k, num_query_tokens) for k in keeps if not isinstance(k, Budget)}, reverse=True)
     budgets = list(dict.fromkeys(k for k in keeps if isinstance(k, Budget)))
     for budget in budgets:
         budget.check_tokens(num_query_tokens)  # a min above the query tokens fails before anything runs
-    configs = [Config(None, num_query_tokens)] + [Config(m, k) for m in methods for k in counts]
-    return configs + [Config(m, b) for m in methods for b in budgets if budget_refusal(get_method(m)) is None]
+    resolved = {m: get_method(m) for m in methods}
+    pruned = [Config(m, k) for m in methods for k in counts]
+    pruned += [Config(m, b) for m in methods for b in budgets if budget_refusal(resolved[m]) is None]
+    if not pruned:
+        why = "; ".join(filter(None, (budget_refusal(method) for method in resolved.values()))) or "no method or keep given"
+        raise ValueError(f"nothing to run: no method runs at any of the keeps ({why})")
+    return [Config(None, num_query_tokens), *pruned]
 
 
 def matching_keeps(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_query_tokens: int) -> list[Config]:
@@ -264,8 +269,6 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config
     Returns:
         The decoded new text per sample, and the query tokens each sample fed to the LLM.
     """
-    import catp
-
     settings = dict(num_beams=protocol.num_beams, max_new_tokens=protocol.max_new_tokens, min_new_tokens=protocol.min_new_tokens,
                     do_sample=False)
     batch = inputs["input_ids"].shape[0]
@@ -273,8 +276,9 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config
         output = model.generate(**inputs, **settings)
         kept = [int(model.config.num_query_tokens)] * batch
     else:
-        options = {"seed": seeds} if config.method == "random" else {}
-        with catp.pruned(model, method=config.method, keep=config.keep, **options) as session:
+        # A seeded method draws per question, so results do not depend on batching or sharding.
+        options = {"seed": seeds} if "seed" in options_of(method_class(config.method)) else {}
+        with pruned_model(model, method=config.method, keep=config.keep, **options) as session:
             output = model.generate(**inputs, **settings)
         kept = session.keep_counts.tolist()
     if model.config.use_decoder_only_language_model:

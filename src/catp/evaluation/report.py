@@ -14,16 +14,10 @@ from typing import Any
 
 from catp.budget import Budget
 from catp.evaluation.harness import UNPRUNED, Config
+from catp.methods import compared_with
 
-__all__ = ["BASELINES", "CATP_VARIANTS", "SELECTOR_BASELINES", "baselines_for", "budget_comparisons", "kept_distribution",
-           "summarize", "write_reports"]
+__all__ = ["budget_comparisons", "kept_distribution", "summarize", "write_reports"]
 
-#: Methods a CATP variant is compared against (the paper's baselines and the simple references).
-BASELINES = ("l2norm", "selfattn", "first", "random")
-CATP_VARIANTS = ("catp", "catp-all", "catp-layer", "catp-image")
-#: Methods a selector (``divprune``, ``dart``, ``catp-diverse``) is compared against: does
-#: diversity beat CATP's vote, and does it beat chance?
-SELECTOR_BASELINES = ("catp", "random")
 _Z95 = 1.959963984540054
 
 
@@ -61,28 +55,15 @@ def _kept(config: Config, record: dict[str, Any]) -> int:
     return int(record.get("kept", config.keep))
 
 
-def baselines_for(method: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The methods ``method`` gets paired differences against.
-
-    Built in: a CATP variant against :data:`BASELINES`, a selector against
-    :data:`SELECTOR_BASELINES`; ``extra`` (``catp eval --compare``) is added for every
-    method, the method itself excepted.
-    """
-    from catp.methods import SELECTORS
-
-    built_in = BASELINES if method in CATP_VARIANTS else SELECTOR_BASELINES if method in SELECTORS else ()
-    return tuple(b for b in dict.fromkeys([*built_in, *extra]) if b != method)
-
-
 def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_questions: int,
               compare: Sequence[str] = ()) -> dict[str, Any]:
-    """Summary rows (one per config), paired comparisons (each method against its
-    :func:`baselines_for`, per keep) and budget comparisons (each budget vs a fixed ``k``
-    at the same mean, :func:`budget_comparisons`).
+    """Summary rows (one per config), paired comparisons (each method against those its kind
+    is compared with, :func:`catp.methods.compared_with`, per keep) and budget comparisons
+    (each budget vs a fixed ``k`` at the same mean, :func:`budget_comparisons`).
 
-    Accuracies are in percent. Paired differences use only questions both configs answered.
-    Each row has the accuracy ratio ``x_<baseline>`` against :data:`BASELINES` and against
-    the method's own baselines.
+    Accuracies are in percent, confidence intervals clipped to ``[0, 100]``. Paired
+    differences use only questions both configs answered. Each row has the accuracy ratio
+    ``x_<baseline>`` against each method it is compared with.
 
     Args:
         per_config: each config with its records.
@@ -90,6 +71,7 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
         compare: extra baselines every method is compared against (e.g. ``["catp", "random"]``).
     """
     by_name = {config.name: (config, {r["id"]: r for r in records}) for config, records in per_config}
+    measured = list(dict.fromkeys(config.method for config, _ in per_config if config.method is not None))
     unpruned = by_name.get(UNPRUNED)
     rows = []
     for config, records in by_name.values():
@@ -100,14 +82,14 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
             "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep_label,
             "budget": isinstance(config.keep, Budget), "n": len(records),
             "complete": len(records) == num_questions, "accuracy": accuracy, "ci95": half,
-            "ci_low": accuracy - half, "ci_high": accuracy + half,
+            "ci_low": max(0.0, accuracy - half), "ci_high": min(100.0, accuracy + half),
             "llm_tokens": sum(r["llm_tokens"] for r in records.values()) / len(records),
             **kept_distribution([_kept(config, r) for r in records.values()]),
         }
         if unpruned is not None and unpruned[1]:
             base = sum(100 * r["accuracy"] for r in unpruned[1].values()) / len(unpruned[1])
-            row["retention_pct"] = 100 * accuracy / base if base else float("nan")
-        ratio_to = [] if config.method is None else list(dict.fromkeys([*BASELINES, *baselines_for(config.method, compare)]))
+            row["retention_pct"] = round(100 * accuracy / base, 6) if base else float("nan")
+        ratio_to = [] if config.method is None else compared_with(config.method, measured, compare)
         for baseline in ratio_to:
             other = by_name.get(f"{baseline}@{config.keep_label}")
             if other is not None and other[1]:
@@ -118,7 +100,7 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
     for config, records in by_name.values():
         if config.method is None:
             continue
-        for baseline in baselines_for(config.method, compare):
+        for baseline in compared_with(config.method, measured, compare):
             other = by_name.get(f"{baseline}@{config.keep_label}")
             if other is None:
                 continue
@@ -220,7 +202,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
                   "| method | baseline | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
         comp = {(c["method"], c["baseline"], c["keep"]): c for c in summary["comparisons"]}
         for method in methods:
-            for baseline in baselines_for(method, summary.get("compare", ())):
+            for baseline in compared_with(method, methods, summary.get("compare", ())):
                 cells = []
                 for k in keeps:
                     c, r = comp.get((method, baseline, k)), cell.get((method, k))

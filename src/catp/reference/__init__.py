@@ -4,14 +4,16 @@
     model, processor = catp.reference.load()          # the shipped checkpoint
     model, processor = catp.reference.load("Salesforce/blip2-opt-2.7b")  # or any other
 
-Training: :mod:`catp.reference.train`; data: :mod:`catp.reference.data`; accuracy and the
-pruning table: :mod:`catp.reference.evaluate`.
+Data (easy-VQA splits, the generated scenes): :mod:`catp.reference.data`. The recipe that
+trained the model lives beside the package, in the repository's ``lab/`` folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from catp.models import load_model
 
 __all__ = ["reference_model_path", "load"]
 
@@ -25,12 +27,15 @@ def reference_model_path() -> Path:
     return _CHECKPOINT
 
 
-def load(model: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
+def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
     """Load ``(model, processor)`` from a local path or hub id; the reference model by default.
+
+    The same loader as every command's (:func:`catp.models.load_model`).
 
     Args:
         model: a checkpoint directory or hub id; ``None`` for :func:`reference_model_path`.
-        **kwargs: passed to ``from_pretrained`` of the model (e.g. ``dtype=``).
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
 
     Returns:
         ``(model in eval mode, processor)``. The model class follows the config
@@ -39,15 +44,4 @@ def load(model: str | Path | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """
     if model is not None and not isinstance(model, (str, Path)):
         raise TypeError(f"model must be a path or hub id, got {type(model).__name__}")
-    from transformers import AutoConfig, AutoProcessor
-
-    from catp.bench.archs import model_class
-
-    source = str(reference_model_path() if model is None else model)
-    config = AutoConfig.from_pretrained(source)
-    try:
-        cls = model_class(config.model_type)
-    except ValueError:
-        raise ValueError(f"{source} is a {config.model_type!r} model; catp supports BLIP-2, InstructBLIP and InstructBLIP-Video") from None
-    loaded = cls.from_pretrained(source, **kwargs).eval()
-    return loaded, AutoProcessor.from_pretrained(source)
+    return load_model(reference_model_path() if model is None else model, dtype=dtype, device=device)

@@ -35,7 +35,6 @@ split, row and column; a split with no answers at all (VQAv2's test split) is re
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from catp.evaluation.datasets import HF_PREFIX, DatasetError, Question
+from catp.evaluation.questions import HF_PREFIX, DatasetError, Question, open_image
 from catp.extras import import_extra
 
 if TYPE_CHECKING:
@@ -283,15 +282,12 @@ def _image_like(hf: Any, feature: Any) -> bool:
 
 
 def _decode(value: Any, folder: Path | None) -> Image.Image:
-    """``value``: bytes, a path, or ``{"bytes": ..., "path": ...}`` (bytes win) -> a loaded PIL image."""
+    """``value``: bytes, a path, or ``{"bytes": ..., "path": ...}`` (bytes win) -> a loaded RGB image."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str) and value:
+        return open_image(value)
+    if isinstance(value, str) and value:
         path = Path(value)
-        image = Image.open(path if path.is_absolute() or folder is None else folder / path)
-    else:
-        raise ValueError(f"expected image bytes or a path, got {'nothing' if value in (None, '') else type(value).__name__}")
-    image.load()  # decode now: a truncated file fails here, with its row named
-    return image
+        return open_image(path if path.is_absolute() or folder is None else folder / path)
+    raise ValueError(f"expected image bytes or a path, got {'nothing' if value in (None, '') else type(value).__name__}")

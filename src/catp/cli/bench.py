@@ -11,86 +11,60 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["bench", "load_model", "parse_keeps", "parse_ints"]
+from catp.cli.errors import INPUT_ERRORS, user_input
+from catp.cli.options import BUDGET_HELP, KEEP_HELP, METHODS_HELP, check_figure_path, output_file, parse_keep, parse_methods, resolve_keeps
+from catp.models import DTYPES
+
+__all__ = ["bench_command", "load_bench_model", "parse_batches"]
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """``"1,4,8"`` -> ``[1, 4, 8]``; a clear error for anything else."""
+def parse_batches(text: str) -> list[int]:
+    """``"1,4,8"`` -> ``[1, 4, 8]``.
+
+    Raises:
+        ValueError: anything but positive integers.
+    """
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--batch must be comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+        raise ValueError(f"--batch must be positive integers, got {text!r}")
     return values
 
 
-def parse_keeps(text: str, num_query_tokens: int) -> list[Any]:
-    """``"16,8,4"`` (counts) or ``"0.5,0.25"`` (fractions of ``Q``) -> token counts, as :func:`catp.resolve_keep`;
-    ``mass:0.8`` / ``fence:1.5`` (optionally ``:min=N:max=N``) -> a per-sample :class:`~catp.budget.Budget`.
-    Counts come largest first, then budgets in the given order."""
-    from catp.budget import Budget
-    from catp.pruning import resolve_keep
-
-    keeps: list[int] = []
-    budgets: list[Budget] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        if ":" in part:
-            try:
-                budget = Budget.parse(part)
-                budget.check_tokens(num_query_tokens)
-            except (TypeError, ValueError) as error:
-                raise typer.BadParameter(str(error)) from None
-            budgets.append(budget)
-            continue
-        try:
-            value: int | float = int(part)
-        except ValueError:
-            try:
-                value = float(part)
-            except ValueError:
-                raise typer.BadParameter(f"--keep takes counts, fractions or budgets (mass:0.8, fence:1.5), got {part!r}") from None
-        try:
-            keeps.append(resolve_keep(value, num_query_tokens))
-        except (TypeError, ValueError) as error:
-            raise typer.BadParameter(str(error)) from None
-    return [*sorted(set(keeps), reverse=True), *dict.fromkeys(budgets)]
-
-
-def load_model(model: str | None, arch: str | None, device: str, dtype: str) -> tuple[Any, str]:
+def load_bench_model(model: str | None, arch: str | None, device: str, dtype: str) -> tuple[Any, str]:
     """The model to benchmark and its name: ``--arch`` (random weights), ``--model`` (hub id or
     directory) or, with neither, the embedded reference model. Refuses, before allocating, a
-    model whose weights cannot fit (:func:`catp.bench.archs.check_fits`)."""
-    import torch
-    from transformers import AutoConfig
+    model whose weights cannot fit (:func:`catp.bench.archs.check_fits`).
 
-    from catp.bench.archs import DTYPES, build_arch, check_fits, model_class
+    Raises:
+        ValueError: both or a bad name; MemoryError: the weights cannot fit.
+    """
+    import torch
+
+    from catp.bench.archs import build_arch, check_fits
+    from catp.models import load_config, model_class
+    from catp.reference import reference_model_path
 
     if model and arch:
-        raise typer.BadParameter("give --model or --arch, not both")
-    torch_dtype = getattr(torch, DTYPES[dtype])
+        raise ValueError("give --model or --arch, not both")
     if arch:
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
-    if model is None:
-        from catp.reference import reference_model_path
-
-        try:
-            model = str(reference_model_path())
-        except FileNotFoundError as error:
-            raise typer.BadParameter(f"{error}; or pass --model / --arch") from None
-    config = AutoConfig.from_pretrained(model)
+    name = str(reference_model_path()) if model is None else model
+    config = load_config(name)
     check_fits(config, dtype, device)
-    loaded = model_class(config.model_type).from_pretrained(model, dtype=torch_dtype)
-    return loaded.to(device).eval(), model
+    loaded = model_class(config.model_type).from_pretrained(name, dtype=getattr(torch, dtype))
+    return loaded.to(device).eval(), "the reference model" if model is None else model
 
 
-def bench(
+def bench_command(
     model: Annotated[str | None, typer.Option(help="Hub id or local directory (default: the embedded reference model).")] = None,
     arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b, instructblip-video-vicuna-7b.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 for --arch, fp32 otherwise).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated pruning methods (see `catp methods`).")] = "catp,first",
-    keep: Annotated[str, typer.Option(help="Kept query tokens: counts (16,8,4), fractions of Q (0.5,0.25,0.125), or per-sample budgets (mass:0.8, fence:1.5). Video: of all frames' tokens.")] = "0.5,0.25,0.125",
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bfloat16 for --arch, float16 on CUDA, float32 otherwise.")] = "auto",
+    methods: Annotated[str, typer.Option(help=METHODS_HELP + ".")] = "catp,first",
+    keep: Annotated[str, typer.Option(help=KEEP_HELP + BUDGET_HELP + ". Video: of all frames' tokens.")] = "0.5,0.25,0.125",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     prompt_tokens: Annotated[int, typer.Option(help="Text tokens per sample after the image placeholders (BOS included).")] = 16,
     new_tokens: Annotated[int, typer.Option(help="New tokens per call (forced: min = max).")] = 10,
@@ -99,7 +73,7 @@ def bench(
     frames: Annotated[int, typer.Option(help="Frames per sample for a video model (InstructBLIP-Video; the stock processor's 4).")] = 4,
     warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
-    check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail; exit 1 when a target fails.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
     check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
     out: Annotated[Path, typer.Option(help="JSON output.")] = Path("bench.json"),
@@ -109,41 +83,43 @@ def bench(
     import torch
     from rich.console import Console
 
-    from catp.bench.archs import bytes_per_element
     from catp.bench.report import checks_table, plot, results_table
     from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
-    from catp.cli import INPUT_ERRORS, user_input
-    from catp.methods import get_method
+    from catp.models import check_device, dtype_bytes, resolve_dtype
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
-    dtype = dtype or ("bf16" if arch else "fp32")
+    with user_input(param="--device"):
+        check_device(device)
     with user_input(param="--dtype"):
-        bytes_per_element(dtype)  # validates the name
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter(f"--device {device}: CUDA is not available here")
-    if threads is not None:
-        if threads < 1:
-            raise typer.BadParameter("--threads must be >= 1")
-        torch.set_num_threads(threads)
+        dtype = resolve_dtype(dtype, device, default="bfloat16" if arch else "float32")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("--threads must be >= 1")
     with user_input():
         settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
                                  instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats, frames=frames)
     if check_stat not in CHECK_STATISTICS:
-        raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}")
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}, got {check_stat!r}")
     with user_input(param="--methods"):  # before a large model is built
-        for method in method_list:
-            get_method(method)
-    batches = parse_ints(batch, "--batch")
+        method_list = parse_methods(methods)
+    with user_input(param="--keep"):
+        keep_values = parse_keep(keep)
+    with user_input(param="--batch"):
+        batches = parse_batches(batch)
+    with user_input(param="--out"):
+        output_file(out)
+    with user_input(param="--plot"):
+        image_path = check_figure_path(plot_path or out.with_suffix(".png"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
-            net, name = load_model(model, arch, device, dtype)
+            net, name = load_bench_model(model, arch, device, dtype)
     except MemoryError as error:
-        console.print(f"[red]catp bench: {error}[/]")
-        raise typer.Exit(2) from None
-    runner = Benchmark(net, device, bytes_per_element(dtype), settings, progress=lambda msg: console.log(msg))
+        raise typer.BadParameter(str(error), param_hint="--dtype") from None
+    runner = Benchmark(net, device, dtype_bytes(dtype), settings, progress=lambda msg: console.log(msg))
     q = runner.num_query_tokens  # all frames' query tokens for video
-    keeps = parse_keeps(keep, q)
+    with user_input(param="--keep"):
+        keeps = resolve_keeps(keep_values, q)
     if check and 8 not in keeps and q >= 8 and arch == "blip2-opt-2.7b":
         keeps.append(8)  # target (d) is defined at keep 8
     with user_input():
@@ -161,10 +137,14 @@ def bench(
         "settings": settings.__dict__, "num_query_tokens": q, "results": results,
     }
     if check:
-        paper = arch == "blip2-opt-2.7b" and dtype == "bf16"
+        paper = arch == "blip2-opt-2.7b" and dtype == "bfloat16"
         report["checks"] = evaluate_checks(results, q, paper_shape=paper, statistic=check_stat)
         console.print(checks_table(report["checks"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    image = plot(results, plot_path or out.with_suffix(".png"), title)
+    image = plot(results, image_path, title)
     console.print(f"wrote {out} and {image}")
+    failed = [c for c in report.get("checks", []) if c["passed"] is False]
+    if failed:
+        names = ", ".join(f"({c['target']}) {c['case']}" for c in failed)
+        console.print(f"[red]{len(failed)} target check(s) failed: {names}[/]")
+        raise typer.Exit(1)

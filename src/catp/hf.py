@@ -6,8 +6,8 @@ Nothing here forks model code. Inside :func:`pruned`:
   pre-hook on the last vision block) capture what the method needs while the stock
   code runs the vision tower and the Q-Former once (once per frame for video);
 * a forward hook on ``language_projection`` lets the method choose which queries to keep
-  (a scorer's top ``k`` or per-sample :class:`~catp.budget.Budget`; a selector's picks,
-  :func:`catp.methods.choose`). It leaves the output
+  (a scorer's top ``k`` or per-sample :class:`~catp.budget.Budget`; a selector's picks),
+  through :func:`catp.selection.choose`, the one path every engine takes. It leaves the output
   alone, so the stock code writes every query row into its placeholder as usual (for
   video, the stock reshape to ``(B, T*Q, D)`` stays valid);
 * just before the language model runs (a wrapper on ``language_model.generate``, a
@@ -37,66 +37,26 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from catp.budget import Budget, keep_mask, mask_indices
-from catp.methods import Captures, PruningMethod, budget_refusal, choose, get_method
+from catp.budget import Budget
+from catp.layout import kept_positions, put_positions, take_positions
+from catp.methods import Captures, PruningMethod, budget_refusal, get_method
+from catp.selection import SCOPES, Keep, check_keep_type, check_keep_value, choose, resolve_keep
 
 __all__ = [
-    "SCOPES",
     "PruningSession",
+    "capture_qformer",
     "cross_attention_layers",
     "eager_qformer",
     "is_video_model",
-    "kept_positions",
     "placeholder_token_id",
     "pruned",
     "select_queries",
-    "resolve_keep",
 ]
 
 _IMAGE_MODELS = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
 _VIDEO_MODELS = ("InstructBlipVideoForConditionalGeneration",)
 _SUPPORTED = _IMAGE_MODELS + _VIDEO_MODELS
 _MODEL_INPUT_KWARGS = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
-
-#: What ``keep`` counts on a video model: each sample's ``T*Q`` tokens, or each frame's ``Q``.
-SCOPES: tuple[str, ...] = ("video", "frame")
-
-Keep = int | float | Budget
-
-
-def resolve_keep(keep: int | float, num_tokens: int, of: str | None = None) -> int:
-    """Turn ``keep`` into a token count.
-
-    An ``int`` is a count in ``1..num_tokens``; a ``float`` is a fraction in ``(0, 1]``
-    meaning ``round(fraction * num_tokens)``, at least 1.
-
-    Args:
-        of: what the ``num_tokens`` are, for error messages (default: the model's query tokens).
-    """
-    _check_keep_value(keep)
-    if isinstance(keep, int):
-        if keep > num_tokens:
-            where = of or f"the model has {num_tokens} query tokens"
-            raise ValueError(f"keep={keep} is out of range: {where}, keep 1..{num_tokens}")
-        return keep
-    return max(1, round(keep * num_tokens))
-
-
-def _check_keep_value(keep: object) -> None:
-    """An int count ``>= 1`` or a float fraction in ``(0, 1]``; the upper bound of a count is the caller's."""
-    _check_keep_type(keep, budget_ok=False)
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep={keep} is out of range: keep at least 1 token")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} is out of range: a float keep is a fraction in (0, 1]")
-
-
-def _check_keep_type(keep: object, budget_ok: bool = True) -> None:
-    if isinstance(keep, Budget) and budget_ok:
-        return
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        also = ", or a catp.Budget" if budget_ok else ""
-        raise TypeError(f"keep must be an int count or a float fraction{also}, got {type(keep).__name__} {keep!r}")
 
 
 def is_video_model(model: nn.Module) -> bool:
@@ -133,86 +93,6 @@ def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, expected: i
             f"input_ids must hold exactly {expected} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
             f"as the processor inserts them; sample {bad[0]} has {int(counts[bad[0]])}"
         )
-
-
-def kept_positions(
-    input_ids: torch.Tensor, placeholder_id: int, keep_indices: torch.Tensor, fillers: Literal["left", "right"]
-) -> torch.Tensor:
-    """Where each token of the shortened sequence comes from in the caller's.
-
-    The ``i``-th placeholder of a row holds query token ``i`` (frame-major for video): the
-    stock ``masked_scatter`` fills them in order. The shortened row keeps every other
-    token and the placeholders of the kept queries, in their order, then pads to the
-    batch's longest row with fillers on the ``fillers`` side.
-
-    Args:
-        input_ids: ``(B, L)``, each row with the same number ``P`` of placeholders.
-        keep_indices: ``(B, K)`` kept query indices in ``0..P-1``, padded with ``-1``.
-        fillers: ``"left"`` (decoder-only LLMs) or ``"right"`` (T5).
-
-    Returns:
-        ``(B, L')`` long: the caller's position of each token, ``-1`` for a filler.
-    """
-    is_placeholder = input_ids == placeholder_id
-    num_placeholders = int(is_placeholder.sum(dim=1).max())
-    # kept[b, i]: query i of sample b is kept (the -1 padding lands in a spare column).
-    kept = torch.zeros(input_ids.shape[0], num_placeholders + 1, dtype=torch.bool, device=input_ids.device)
-    kept.scatter_(1, keep_indices.to(input_ids.device).masked_fill(keep_indices < 0, num_placeholders), True)
-    rank = (is_placeholder.cumsum(dim=1) - 1).clamp(min=0)
-    keep = ~is_placeholder | kept[:, :num_placeholders].gather(1, rank.clamp(max=num_placeholders - 1))
-    # Kept positions first, ascending (a stable sort of "dropped").
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
-    lengths = keep.sum(dim=1, keepdim=True)
-    slots = torch.arange(int(lengths.max()), device=input_ids.device).expand(input_ids.shape[0], -1)
-    if fillers == "left":
-        source = slots - (slots.shape[1] - lengths)
-    elif fillers == "right":
-        source = slots.masked_fill(slots >= lengths, -1)
-    else:
-        raise ValueError(f"fillers must be 'left' or 'right', got {fillers!r}")
-    return order.gather(1, source.clamp(min=0)).masked_fill(source < 0, -1)
-
-
-def take_positions(tensor: torch.Tensor, positions: torch.Tensor, fill: float | int) -> torch.Tensor:
-    """``tensor[b, positions[b, j], ...]``, and ``fill`` where the position is ``-1``.
-
-    Args:
-        tensor: ``(B, L, ...)``.
-        positions: ``(B, L')`` from :func:`kept_positions`.
-
-    Returns:
-        ``(B, L', ...)``.
-    """
-    positions = positions.to(tensor.device)
-    trailing = (1,) * (tensor.dim() - 2)
-    index = positions.clamp(min=0).view(*positions.shape, *trailing).expand(*positions.shape, *tensor.shape[2:])
-    return tensor.gather(1, index).masked_fill((positions < 0).view(*positions.shape, *trailing), fill)
-
-
-def put_positions(values: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-    """The inverse of :func:`take_positions`: ``(B, L', ...)`` values at their caller positions in zeros ``(B, length, ...)``."""
-    positions = positions.to(values.device)
-    # Fillers go to a spare last position, cut off after the scatter.
-    target = positions.masked_fill(positions < 0, length)
-    index = target.view(*target.shape, *(1,) * (values.dim() - 2)).expand_as(values)
-    full = values.new_zeros(values.shape[0], length + 1, *values.shape[2:])
-    return full.scatter(1, index, values)[:, :length]
-
-
-def pick_order(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """A scorer's kept indices by descending score (ties to the lower index), padded with ``-1``.
-
-    Args:
-        scores: ``(B, n)``.
-        kept: ``(B, n)`` bool.
-
-    Returns:
-        ``(B, K)``, ``K`` the largest row count.
-    """
-    order = torch.argsort(scores.float().masked_fill(~kept, float("-inf")), dim=1, descending=True, stable=True)
-    counts = kept.sum(dim=1, keepdim=True)
-    width = int(counts.max())
-    return order[:, :width].masked_fill(torch.arange(width, device=kept.device) >= counts, -1)
 
 
 @dataclass
@@ -349,8 +229,6 @@ class PruningSession:
         frames = self._call.frames if self._call is not None else 1
         if rows % frames:
             raise ValueError(f"language_projection got {rows} rows, not a multiple of the {frames} frames of the call")
-        batch, n = rows // frames, self._group_size(frames)
-        keep = self._group_keep(frames)
         captures = Captures(
             num_queries=num_queries,
             batch_size=rows,
@@ -362,26 +240,12 @@ class PruningSession:
             query_output=query_output.detach(),
             projected=output.detach(),
         )
-        if self.method.selects():
-            # A fixed k per image or frame: pruned() gives selectors no Budget and no scope="video".
-            choice = choose(self.method, captures, keep)
+        try:
+            choice = choose(self.method, captures, self._group_keep(frames), scope=self.scope)
+        finally:
             self._reset(module, ())
-            kept = torch.zeros(rows, num_queries, dtype=torch.bool, device=choice.keep_indices.device)
-            kept = kept.scatter(1, choice.keep_indices, True).reshape(batch, frames * num_queries)
-            frame_offsets = (torch.arange(rows, device=kept.device) % frames * num_queries)[:, None]
-            self.pick_order = (choice.pick_order + frame_offsets).reshape(batch, -1)
-            self.scores = None
-        else:
-            fraction = keep / n if isinstance(keep, int) else min(keep.max or n, n) / n
-            scores = self.method.score(captures, fraction).to(query_output.device).float()
-            self._reset(module, ())
-            grouped = scores.reshape(-1, n)  # (B, T*Q) per sample, or (B*T, Q) per frame
-            counts = keep.counts(grouped) if isinstance(keep, Budget) else keep
-            kept = keep_mask(grouped, counts).reshape(batch, frames * num_queries)
-            self.scores = scores.reshape(batch, frames * num_queries)
-            self.pick_order = pick_order(self.scores, kept)
-        self.keep_indices = mask_indices(kept)
-        self.keep_counts = kept.sum(dim=1)
+        self.keep_indices, self.pick_order, self.keep_counts, self.scores = (
+            choice.keep_indices, choice.pick_order, choice.counts, choice.scores)
         self.num_frames = frames
         if self._call is not None:
             self._call.scored = True
@@ -537,6 +401,37 @@ def eager_qformer(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             model.qformer.set_attn_implementation(saved)
 
 
+@contextlib.contextmanager
+def capture_qformer(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect what each Q-Former run inside the block computes, for inspection (not for pruning).
+
+    The Q-Former runs eager meanwhile (SDPA returns no probabilities); hooks and the
+    attention implementation are restored on exit, also when the block raises.
+
+    Yields:
+        ``{"outputs": [...], "cross": [...]}``: per run, the query outputs ``(B, Q, D)``, and per
+        run and cross-attention layer, in order, the probabilities ``(B, H, Q, N)``; float32, on the CPU.
+    """
+    captured: dict[str, list[torch.Tensor]] = {"outputs": [], "cross": []}
+    q = int(model.config.num_query_tokens)
+
+    def on_qformer(module: nn.Module, args: tuple, output: Any) -> None:
+        captured["outputs"].append(output[0][:, :q].detach().float().cpu())
+
+    def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
+        captured["cross"].append(output[1].detach().float().cpu())
+
+    handles = []
+    with eager_qformer(model):
+        try:
+            handles.append(model.qformer.register_forward_hook(on_qformer))
+            handles += [layer.crossattention.attention.register_forward_hook(on_cross) for layer in cross_attention_layers(model)]
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a supported Q-Former model."""
     if not isinstance(model, nn.Module):
@@ -620,7 +515,7 @@ def pruned(
     check_model(model)
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
-    _check_keep_type(keep)
+    check_keep_type(keep)
     if method.selects() and scope == "video":
         raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
     if isinstance(keep, Budget):
@@ -630,7 +525,7 @@ def pruned(
         if scope != "video":
             keep.check_tokens(int(model.config.num_query_tokens))  # a min above Q fails here, not mid-call
     elif scope == "video":
-        _check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
+        check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
     else:
         keep = resolve_keep(keep, int(model.config.num_query_tokens))
     method.validate(len(cross_attention_layers(model)), keep if isinstance(keep, int) else None)

@@ -15,7 +15,7 @@ For an InstructBLIP-Video model ``image`` is a sequence of frames: the maps form
 frames x queries (one block of rows per frame, over that frame), and indices are flat over
 the ``T*Q`` tokens, frame-major, as :attr:`catp.PruningSession.keep_indices`.
 
-``catp explain`` (:func:`explain_command`) does both on the embedded reference model and a
+``catp explain`` (:mod:`catp.cli.explain`) does both on the embedded reference model and a
 built-in sample image by default. Notation: ``Q`` query tokens, ``L`` cross-attention
 layers, ``H`` heads, ``N = 1 + gh * gw`` image tokens (CLS first), ``k`` kept tokens.
 """
@@ -23,32 +23,23 @@ layers, ``H`` heads, ``N = 1 + gh * gw`` image tokens (CLS first), ``k`` kept to
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import typer
 from PIL import Image, ImageDraw
 from torch import nn
 
 from catp.protocol import PAPER_PROMPT
 from catp.methods import PruningMethod, get_method
-from catp.pruning import (
-    check_model,
-    cross_attention_layers,
-    eager_qformer,
-    is_video_model,
-    placeholder_token_id,
-    pruned,
-    resolve_keep,
-)
+from catp.hf import capture_qformer, check_model, cross_attention_layers, is_video_model, placeholder_token_id, pruned
+from catp.selection import resolve_keep
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,8 +50,9 @@ __all__ = [
     "Explanation",
     "MethodExplanation",
     "draw_explanation",
+    "check_inputs",
     "explain",
-    "explain_command",
+    "load_image",
     "method_colours",
     "sample_image",
     "write_html",
@@ -185,29 +177,6 @@ def _layers_label(layers: tuple[int, ...], num_cross_layers: int) -> str:
 
 # -- running the model -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _capture_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect every cross-attention layer's probabilities ``(B, H, Q, N)`` of the next run.
-
-    The Q-Former runs eager meanwhile (SDPA returns no probabilities); its attention
-    implementation is restored on exit.
-    """
-    captured: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple, output: tuple) -> None:
-        captured.append(output[1].detach().float().cpu())
-
-    handles = []
-    with eager_qformer(model):
-        try:
-            for layer in cross_attention_layers(model):
-                handles.append(layer.crossattention.attention.register_forward_hook(hook))
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
 def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:
     """``L`` tensors ``(T, H, Q, N)`` (one sample's frames; ``T = 1`` for an image) ->
     ``(L, T*Q, gh, gw)``: head mean, CLS dropped, on the grid, frame-major."""
@@ -219,7 +188,7 @@ def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:
     return patches.reshape(*patches.shape[:2], side, side)
 
 
-def _load_image(image: Image.Image | str | Path) -> Image.Image:
+def load_image(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if not isinstance(image, (str, Path)):
@@ -234,7 +203,7 @@ def _load_image(image: Image.Image | str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
 
 
-def _check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
+def check_inputs(model: nn.Module, question: str, methods: Sequence[str | PruningMethod] | str | PruningMethod,
                  keep: int | float, prompt: str = DEFAULT_PROMPT) -> list[PruningMethod]:
     """Check the arguments of :func:`explain` (all but the image) before anything runs.
 
@@ -325,17 +294,17 @@ def explain(
     Returns:
         An :class:`Explanation`.
     """
-    resolved = _check_inputs(model, question, methods, keep, prompt)
+    resolved = check_inputs(model, question, methods, keep, prompt)
     text = prompt.format(question.strip())
     if is_video_model(model):
         if isinstance(image, (Image.Image, str, Path)) or not isinstance(image, Sequence) or not image:
             raise TypeError(f"a video model takes a non-empty sequence of frames (PIL images or paths), got {type(image).__name__}")
-        frames = [_load_image(frame) for frame in image]
+        frames = [load_image(frame) for frame in image]
         rgb = _side_by_side(frames)
         inputs = _video_inputs(model, processor, frames, text)
     else:
         frames = []
-        rgb = _load_image(image)
+        rgb = load_image(image)
         inputs = processor(images=rgb, text=text, return_tensors="pt")
     inputs = {name: value.to(model.device) for name, value in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -348,8 +317,9 @@ def explain(
         return processor.batch_decode(output, skip_special_tokens=True)[0].strip()
 
     with torch.no_grad():
-        with _capture_cross_attention(model) as captured:
+        with capture_qformer(model) as captured:
             unpruned = answer(model.generate(**inputs, **generate_kwargs))
+        captured = captured["cross"]
         num_layers = len(cross_attention_layers(model))
         if len(captured) != num_layers:
             raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one Q-Former run)")
@@ -588,73 +558,3 @@ def sample_image() -> Image.Image:
     """The shipped sample image (see :func:`draw_sample_image`)."""
     with resources.as_file(resources.files("catp") / "assets" / _SAMPLE_FILE) as path, Image.open(path) as image:
         return image.convert("RGB")
-
-
-# -- command line ----------------------------------------------------------------------
-
-def _parse_keep(text: str) -> int | float:
-    """``"8"`` -> 8 tokens, ``"0.25"`` -> a quarter of them."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"expected a token count (8) or a fraction (0.25), got {text!r}") from None
-
-
-def _load_model(name: str | None) -> tuple[nn.Module, Any]:
-    """The model and processor for ``--model``: the embedded reference model when ``None``."""
-    from catp import reference
-
-    return reference.load(name)
-
-
-def explain_command(
-    out: Path = typer.Option(..., "--out", help="Where to write the figure (.png, .pdf, .svg)."),
-    image: Path | None = typer.Option(None, "--image", help="Image file. Default: the built-in sample image."),
-    frames: str | None = typer.Option(None, "--frames", help="Video models (InstructBLIP-Video): comma-separated frame image files."),
-    scope: str | None = typer.Option(None, "--scope", help="Video models: keep counts over all frames' tokens (video, default) or per frame."),
-    question: str | None = typer.Option(None, "--question", help=f"Question. Default with the sample image: {SAMPLE_QUESTION!r}."),
-    model: str | None = typer.Option(None, "--model", help="Model directory or hub id. Default: the embedded reference model."),
-    methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods", help="Comma-separated methods (see `catp methods`)."),
-    keep: str = typer.Option("8", "--keep", help="Tokens kept: a count (8) or a fraction (0.25)."),
-    html_out: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
-    max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer length limit."),
-) -> None:
-    """Show which query tokens each method keeps, and what each token looks at in the image."""
-    from catp.cli import INPUT_ERRORS, user_input
-
-    if (image is not None or frames is not None) and question is None:
-        raise typer.BadParameter("give the --question to ask about --image / --frames", param_hint="--question")
-    if image is not None and frames is not None:
-        raise typer.BadParameter("give --image (an image model) or --frames (a video model), not both")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    with user_input(param="--methods"):  # before the model loads; _check_inputs checks the rest
-        for name in names:
-            get_method(name)
-    with user_input(param="--keep"):
-        keep_value = _parse_keep(keep)
-    with user_input(param="--image" if frames is None else "--frames"):
-        if frames is not None:
-            picture: Any = [_load_image(Path(f.strip())) for f in frames.split(",") if f.strip()]
-        else:
-            picture = sample_image() if image is None else _load_image(image)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        loaded, processor = _load_model(model)
-    if is_video_model(loaded) != (frames is not None):
-        raise typer.BadParameter("a video model takes --frames; an image model takes --image")
-    with user_input():
-        _check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
-    explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
-                          max_new_tokens=max_new_tokens, scope=scope)
-    figure = draw_explanation(explanation, out)
-    typer.echo(f"unpruned: {explanation.answer!r}")
-    for m in explanation.methods.values():
-        picks = f", picked in order {m.pick_order.tolist()}" if m.is_selector else ""
-        typer.echo(f"{m.name} keep {explanation.keep}: {m.answer!r}  kept {m.kept.tolist()}{picks}")
-    typer.echo(f"wrote {out}")
-    if html_out is not None:
-        write_html(explanation, figure, html_out)
-        typer.echo(f"wrote {html_out}")

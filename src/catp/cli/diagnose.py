@@ -1,0 +1,77 @@
+"""``catp diagnose``: do a model's query tokens differ, and does pruning have a choice to make?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from catp.cli.errors import INPUT_ERRORS, user_input
+from catp.cli.options import KEEP_HELP, METHODS_HELP, output_file, parse_keep, parse_methods
+from catp.evaluation.diagnose import DEFAULT_INSTRUCTION
+from catp.models import DTYPES
+
+DATASETS = ("easy-vqa", "scenes")
+
+
+def diagnose_command(
+    model: str | None = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    dataset: str = typer.Option("easy-vqa", help="Images from easy-vqa or scenes (scenes add the object-attention figures); ignored with --images."),
+    split: str = typer.Option("test", help="Split of --dataset: train, validation or test."),
+    images: Path | None = typer.Option(None, help="A folder of images to use instead of --dataset."),
+    limit: int = typer.Option(500, min=1, help="Number of images."),
+    methods: str = typer.Option("all", help=METHODS_HELP + ": their distinct kept sets are counted."),
+    keep: str = typer.Option("8", help=KEEP_HELP + "; one value, for the kept sets."),
+    instruction: str | None = typer.Option(None, help=f"InstructBLIP's Q-Former instruction (default {DEFAULT_INSTRUCTION!r})."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help=f"One of {', '.join(DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
+    out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
+) -> None:
+    """Measure how distinct a model's query tokens are: cosine, effective rank, map correlation, entropy, kept sets."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from catp.evaluation.diagnose import diagnose, folder_images, qformer_inputs, scene_images
+    from catp.models import check_device, resolve_dtype
+    from catp.reference import load
+    from catp.reference.data import easy_vqa_images
+    from catp.selection import resolve_keep
+
+    with user_input(param="--device"):
+        check_device(device)
+    with user_input(param="--dtype"):
+        resolve_dtype(dtype, device)
+    with user_input(param="--methods"):
+        names = parse_methods(methods)
+    with user_input(param="--keep"):
+        keep_value = parse_keep(keep, budgets=False, single=True)[0]
+    if images is None and dataset not in DATASETS:
+        raise typer.BadParameter(f"--dataset must be one of {', '.join(DATASETS)} (or give --images), got {dataset!r}")
+    if out is not None:
+        with user_input(param="--out"):
+            output_file(out)
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        loaded, processor = load(model, dtype, device)
+    with user_input(param="--keep"):
+        resolve_keep(keep_value, int(loaded.config.num_query_tokens))
+    with user_input(param="--instruction"):
+        qformer_inputs(loaded, processor, 1, instruction, torch.device(device))  # an instruction the model cannot take
+    grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
+    masks = None
+    with user_input(param="--images" if images is not None else "--split"):
+        if images is not None:
+            pictures = folder_images(images, limit)
+        elif dataset == "scenes":
+            pictures, masks = scene_images(split, limit, grid)
+        else:
+            pictures = easy_vqa_images(split, limit)
+    result = diagnose(loaded, processor, pictures, methods=names, keep=keep_value, instruction=instruction, object_masks=masks)
+    table = Table("figure", "value", title=f"catp diagnose: {result.model}")
+    for line in result.markdown().splitlines()[2:]:
+        name, value = (cell.strip() for cell in line.strip("|").split("|"))
+        table.add_row(name, value)
+    Console().print(table)
+    if out is not None:
+        out.write_text(result.to_json())
+        typer.echo(f"wrote {out}")

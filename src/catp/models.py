@@ -1,0 +1,137 @@
+"""Loading BLIP-2-family models: the one place for the model classes, the dtype names and
+the loader every command uses.
+
+``load_model("Salesforce/blip2-opt-2.7b", dtype="float16", device="cuda")`` is
+``from_pretrained`` of the class the config names, plus the processor settings that
+batched generation needs. transformers is imported on first use, not with ``import catp``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DTYPES", "MODEL_TYPES", "check_device", "dtype_bytes", "load_config", "load_model", "model_class", "resolve_dtype"]
+
+#: ``config.model_type`` -> the ``*ForConditionalGeneration`` class catp prunes.
+MODEL_TYPES: dict[str, str] = {
+    "blip-2": "Blip2ForConditionalGeneration",
+    "instructblip": "InstructBlipForConditionalGeneration",
+    "instructblipvideo": "InstructBlipVideoForConditionalGeneration",
+}
+#: The dtype names every command takes (``auto``: float16 on CUDA, float32 otherwise).
+DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+
+
+def model_class(model_type: str) -> Any:
+    """The transformers class for a BLIP-2-family ``config.model_type``.
+
+    Raises:
+        ValueError: a model type catp does not prune.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"a {model_type!r} model has no Q-Former that catp prunes; "
+                         f"catp supports {', '.join(MODEL_TYPES)} models")
+    import transformers
+
+    return getattr(transformers, MODEL_TYPES[model_type])
+
+
+def resolve_dtype(dtype: str, device: str, default: str = "float32") -> str:
+    """A name of :data:`DTYPES` as a torch dtype name; ``auto`` is float16 on CUDA and ``default`` elsewhere.
+
+    Raises:
+        ValueError: a name outside :data:`DTYPES`.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else default
+    return dtype
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a resolved dtype name (``float32``: 4, ``float16`` / ``bfloat16``: 2)."""
+    if dtype not in DTYPES or dtype == "auto":
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES[1:])}, got {dtype!r}")
+    return 4 if dtype == "float32" else 2
+
+
+def check_device(device: str) -> str:
+    """Raise a ``ValueError`` unless ``device`` names a device torch has here (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N (a torch device), got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu" and parsed.type != "mps":
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else with a slash, or a leading ./ ~ /, is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
+
+
+def load_config(name: str | Path) -> Any:
+    """The config of a model directory or hub id, checked to be a BLIP-2-family one.
+
+    Raises:
+        ValueError: no such directory, a directory without a model, a hub id that cannot be
+            had, or a model of another type (with its type named).
+    """
+    from transformers import AutoConfig
+
+    source = str(name)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{source} is not a model directory: it has no config.json")
+    elif _looks_like_path(source):
+        raise ValueError(f"{source}: no such directory")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else source)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load model {source!r}: not a local directory, and the hub could not provide it ({first})") from None
+    model_class(config.model_type)  # a BERT or LLaMA config fails here, with its type named
+    return config
+
+
+def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+    """``(model in eval mode on device, processor)`` from a local directory or a hub id.
+
+    Args:
+        name: a checkpoint directory or hub id (the shipped reference model:
+            :func:`catp.reference_model_path`).
+        dtype: a name of :data:`DTYPES`.
+        device: ``cpu``, ``cuda``, ``cuda:N``.
+
+    The processor pads on the left for a decoder-only LLM (generation continues at the
+    right end).
+
+    Raises:
+        ValueError: see :func:`load_config`, :func:`resolve_dtype`, :func:`check_device`.
+    """
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoProcessor
+
+    dtype = resolve_dtype(dtype, check_device(device))
+    config = load_config(name)
+    model = model_class(config.model_type).from_pretrained(str(name), dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(str(name))
+    if model.config.use_decoder_only_language_model:
+        processor.tokenizer.padding_side = "left"
+    if isinstance(getattr(processor, "image_token", None), str):
+        # A tokenizer that declares its image token in extra_special_tokens reloads it as a str,
+        # but Blip2Processor.__call__ reads image_token.content.
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+    return model, processor
