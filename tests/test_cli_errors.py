@@ -31,8 +31,6 @@ from catp.cli import app
     (["explain", "--out", "x.png", "--keep", "99"], "keep=99 is out of range"),
     (["explain", "--out", "x.png", "--methods", "catp,catp"], "each method may appear once"),
     (["explain", "--out", "x.png", "--image", "no-such.png", "--question", "what?"], "image file not found: no-such.png"),
-    (["train-reference", "--out", "never-written", "--size", "huge"], "unknown size 'huge'"),
-    (["train-reference", "--out", "never-written", "--threads", "0"], "threads must be >= 1, got 0"),
     (["diagnose", "--methods", "nope"], "unknown method 'nope'"),
     (["diagnose", "--keep", "99"], "keep=99 is out of range"),
     (["diagnose", "--dtype", "fp8"], "got 'fp8'"),

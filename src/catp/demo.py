@@ -38,7 +38,7 @@ class DemoResult:
 
 def demo_examples(per_task: int, tasks: tuple[str, ...]) -> list:
     """The first ``per_task`` test images of each task, one question each, cycling through question kinds."""
-    from catp.reference.train import task_examples
+    from catp.reference.data import task_examples
 
     out = []
     for task in tasks:
