@@ -190,8 +190,11 @@ def test_cli_writes_json_with_every_field(tmp_path):
     args = ["bench", "--model", str(model_dir), "--keep", "0.5", "--prompt-tokens", "3", "--new-tokens", "2", "--beams", "2",
             "--warmup", "0", "--repeats", "2", "--check", "--out", str(out)]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    # --check exits 1 when a target fails (timings of a tiny model on a shared CPU may fail them), else 0.
+    failed = [c for c in report["checks"] if c["passed"] is False]
+    assert result.exit_code == (1 if failed else 0), result.output
+    assert ("target check(s) failed" in result.output) == bool(failed)
     assert {"command", "date", "model", "device", "dtype", "machine", "settings", "results", "checks"} <= set(report)
     for r in report["results"]:
         assert {"method", "keep", "batch", "tokens_into_llm", "decode_steps", "seconds", "throughput_samples_per_s", "flops",

@@ -115,9 +115,9 @@ def test_eval_writes_every_config_and_the_reports(full_run):
 
 def test_predictions_match_a_direct_generate(full_run, model_dir, jsonl_dataset):
     """One record checked against catp.pruned + generate by hand."""
-    from catp.evaluation.cli import load_model
+    from catp.models import load_model
 
-    model, processor, _ = load_model(str(model_dir), "float32", "cpu")
+    model, processor = load_model(str(model_dir), "float32", "cpu")
     question = load_dataset(str(jsonl_dataset))[1]
     inputs = processor(images=[question.load_image()], text=[f"Question: {question.question} Short answer:"], return_tensors="pt")
     with catp.pruned(model, method="catp", keep=2), torch.no_grad():

@@ -232,7 +232,9 @@ def test_a_bad_image_stops_the_run_keeps_its_predictions_and_the_rerun_resumes(q
     data = _write(broken, "save_to_disk", tmp_path / "data")
     out = tmp_path / "run"
     result = _eval(model_dir, f"hf:{data}", out, code=2)
-    assert said(result.output, f"dataset 'hf:{data}', split 'validation', row {bad}, column 'image': cannot read the image")
+    assert said(result.output, f"dataset 'hf:{data}', split 'validation', row {bad}, column 'image': cannot read the image: "
+                               "not an image file that PIL can read")
+    assert "BytesIO" not in result.output
     assert said(result.output, "rerun the same command to resume") and "Traceback" not in result.output
     kept = _records(out)
     assert {question_id for _, question_id in kept} == {q.id for q in order[:3]}  # the first batch, every config

@@ -1,3 +1,3 @@
-from catp.cli import main
+from catp.cli.app import main
 
 main()

@@ -6,14 +6,6 @@ Multi-process (one shard of the questions per process; the merged result equals 
     accelerate launch --num_processes 2 -m catp eval --out runs/x   # add --cpu on a CPU machine
 """
 
-"""``catp eval``: the accuracy sweep of the paper's protocol on any BLIP-2-family model.
-
-Multi-process (one shard of the questions per process; the merged result equals a
-1-process run)::
-
-    accelerate launch --num_processes 2 -m catp eval --out runs/x   # add --cpu on a CPU machine
-"""
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,7 +82,7 @@ def eval_command(
     with user_input(param="--prompt"):
         protocol = harness.Protocol(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
     with user_input(param="--out"):
-        output_dir(out)
+        output_dir(out, make=False)  # the run's folder is made once everything else is checked
     model_name = model or str(reference_model_path())
     with user_input(param="--model"):
         num_query_tokens = int(load_config(model_name).num_query_tokens)

@@ -112,11 +112,12 @@ def output_file(path: Path) -> Path:
     return path
 
 
-def output_dir(path: Path) -> Path:
-    """An output folder (made if missing); an existing file is refused."""
+def output_dir(path: Path, make: bool = True) -> Path:
+    """An output folder, made if missing (``make``); an existing file is refused."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file; give a folder for the results")
-    _make_folder(path)
+    if make:
+        _make_folder(path)
     return path
 
 

@@ -4,8 +4,9 @@
     model, processor = catp.reference.load()          # the shipped checkpoint
     model, processor = catp.reference.load("Salesforce/blip2-opt-2.7b")  # or any other
 
-Data (easy-VQA splits, the generated scenes): :mod:`catp.reference.data`. The recipe that
-trained the model lives beside the package, in the repository's ``lab/`` folder.
+Data and tasks: :mod:`catp.reference.data`; greedy answers and exact match:
+:mod:`catp.reference.evaluate`. The recipe that trains the model, its probes and the floor
+checks are in the repository's ``lab/`` folder (run from a checkout, not installed).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ Every generator here is deterministic for its seed and draws with PIL only.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -36,9 +35,9 @@ __all__ = [
     "scenes_split",
     "scenes_with_questions",
     "scene_caption",
-    "text_corpus",
-    "easy_vqa_style_question",
     "SCENES_VERSION",
+    "TASKS",
+    "task_examples",
 ]
 
 #: The prompt format the reference model is trained with (the paper's VQA prompt).
@@ -163,22 +162,6 @@ def easy_vqa_kind(question: str) -> str:
     raise ValueError(f"not an easy-VQA question template: {question!r}")
 
 
-def easy_vqa_style_question(shape: str, color: str, rng: random.Random) -> tuple[str, str]:
-    """One easy-VQA-style ``(question, answer)`` about an image of one ``color`` ``shape``.
-
-    For text-only data (the language model's pretraining): easy-VQA's own templates and
-    answers; yes/no questions name the right colour or shape about half of the time.
-    """
-    kind = rng.choice(list(EASY_VQA_TEMPLATES))
-    template = rng.choice(EASY_VQA_TEMPLATES[kind])
-    if kind in ("color", "shape"):
-        return template.format(c=color, s=shape), color if kind == "color" else shape
-    asked_color = color if rng.random() < 0.5 else rng.choice(list(COLORS))
-    asked_shape = shape if rng.random() < 0.5 else rng.choice(SHAPES)
-    present = asked_color == color if kind.endswith("color") else asked_shape == shape
-    return template.format(c=asked_color, s=asked_shape), "yes" if present != kind.startswith("not") else "no"
-
-
 # -- drawing -------------------------------------------------------------------------
 
 def _background(rng: random.Random) -> tuple[int, int, int]:
@@ -279,7 +262,8 @@ SCENES_VERSION = 2
 #: is carved from the training generator's distribution (another seed) for tuning the recipe.
 SCENE_SIZE = 96
 SCENE_SPLITS: dict[str, tuple[int, int]] = {"train": (10_007, 8000), "validation": (30_011, 500), "test": (20_011, 1000)}  # split -> (seed, scenes)
-_COLUMNS = 5  # objects sit in distinct columns, so "left of" is always well defined
+#: Columns of a scene: its objects sit in distinct columns, so "left of" is always well defined.
+COLUMNS = 5
 #: Object extent as a share of the column width, per size word.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.4, 0.6), "large": (0.8, 1.0)}
 
@@ -343,19 +327,19 @@ def _at_patch_centres(label_map: Image.Image, grid: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(label_map.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
 
 
-def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 1, max_objects: int = _COLUMNS) -> Scene:
+def draw_scene(rng: random.Random, size: int = SCENE_SIZE, min_objects: int = 1, max_objects: int = COLUMNS) -> Scene:
     """Draw ``min_objects..max_objects`` shapes of distinct colours in distinct columns.
 
     Each object is "small" or "large" (:data:`SIZES`, relative to the column width) and
     sits at any height.
     """
-    if not 1 <= min_objects <= max_objects <= _COLUMNS:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= {_COLUMNS}, got {min_objects}, {max_objects}")
+    if not 1 <= min_objects <= max_objects <= COLUMNS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {COLUMNS}, got {min_objects}, {max_objects}")
     canvas = _Canvas(size, rng)
     count = rng.randint(min_objects, max_objects)
-    columns = sorted(rng.sample(range(_COLUMNS), count))
+    columns = sorted(rng.sample(range(COLUMNS), count))
     color_names = rng.sample(list(COLORS), count)
-    column_width = size / _COLUMNS
+    column_width = size / COLUMNS
     for column, color in zip(columns, color_names):
         shape = rng.choice(SHAPES)
         size_word = rng.choice(list(SIZES))
@@ -431,29 +415,16 @@ def scenes_split(split: str, limit: int | None = None) -> list[VQAExample]:
     return generate_scenes(count, seed)[:limit]
 
 
-#: Share of :func:`text_corpus` rows that describe one object (easy-VQA style).
-TEXT_SINGLE_SHARE = 0.4
+# -- the tasks -----------------------------------------------------------------------
+
+#: Tasks the reference model answers (``catp eval`` and ``catp demo`` can ask it about them).
+TASKS: tuple[str, ...] = ("easy-vqa", "scenes")
 
 
-def text_corpus(n: int, seed: int, single_share: float = TEXT_SINGLE_SHARE) -> list[tuple[str, str, str]]:
-    """``n`` text-only ``(caption, question, answer)`` triples about symbolic scenes.
-
-    For the language model's pretraining on text: nothing is drawn. A ``single_share`` of
-    them (40%) describe one object and ask an easy-VQA-style question; the rest describe
-    1-5 objects as the scenes task does (distinct colours, left to right) and ask one of its
-    questions.
-    """
-    if not 0.0 <= single_share <= 1.0:
-        raise ValueError(f"single_share must be in [0, 1], got {single_share!r}")
-    rng = random.Random(seed)
-    names = list(COLORS)
-    out = []
-    for _ in range(n):
-        single = rng.random() < single_share
-        count = 1 if single else rng.randint(1, _COLUMNS)
-        objects = tuple(
-            SceneObject(rng.choice(SHAPES), color, float(i), 0.0, rng.choice(list(SIZES))) for i, color in enumerate(rng.sample(names, count))
-        )
-        question, answer = easy_vqa_style_question(objects[0].shape, objects[0].color, rng) if single else rng.choice(scene_questions(objects, rng))
-        out.append((scene_caption(objects), question, answer))
-    return out
+def task_examples(task: str, split: str, limit: int | None = None) -> list[VQAExample]:
+    """The VQA examples of ``task`` ("easy-vqa" or "scenes") for ``split`` ("train", "validation" or "test")."""
+    if task == "easy-vqa":
+        return easy_vqa_split(split, limit)
+    if task == "scenes":
+        return scenes_split(split, limit)
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")

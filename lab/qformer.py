@@ -13,8 +13,8 @@ three objectives, each with its own self-attention mask:
   text, so everything about the image must pass through the queries.
 
 The captions name every object of a scene, so the 32 queries must jointly carry the whole
-scene. ITM, BLIP-2's third objective, is optional (``itm=True``; the recipe's default since
-its seventh session, ``TrainSettings.stage1_itm``):
+scene. ITM, BLIP-2's third objective, is optional (``itm=True``; on in the recipe by
+default, ``TrainSettings.stage1_itm``):
 
 * **ITM** (image-text matching): queries and text see each other; a linear head on each
   query output, the two logits averaged over the queries; for each image a hard negative
@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from catp.training import optimization_step, optimizer_and_schedule, progress
 
 __all__ = ["Stage1QFormer", "caption_batches", "itg_mask", "pretrain_qformer"]
 
@@ -85,7 +87,7 @@ class Stage1QFormer(nn.Module):
         self.vision_projection, self.text_projection = nn.Linear(width, width), nn.Linear(width, width)
         self.lm_head = nn.Linear(width, vocabulary_size)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
-        # Built last and only when asked for: the recipe's draws (and weights) stay as they were.
+        # Built last and only when asked for: without ITM, the random draws (and weights) are those of a graph with no ITM head.
         self.itm_head = nn.Linear(width, 2) if itm else None
 
     def losses(self, query_tokens, text, text_mask, image, caption_ids, itc: bool = True, itg: bool = True, itm: bool = False) -> dict[str, Any]:
@@ -166,13 +168,11 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
         tokenizer: the shared word-level tokenizer.
         features: cached vision outputs ``(N, 257, D)`` of the captioned images.
         captions: one caption per image.
-        settings: a :class:`catp.reference.train.TrainSettings` (``stage1_*``, ``seed``).
+        settings: a :class:`lab.train.TrainSettings` (``stage1_*``, ``seed``).
 
     Returns:
         The last epoch's mean loss (ITC + ITG, + ITM with ``settings.stage1_itm``).
     """
-    from catp.reference.train import optimization_step, optimizer_and_schedule, progress
-
     graph = Stage1QFormer(config, len(tokenizer), itm=settings.stage1_itm)
     params = [model.query_tokens, *graph.parameters()]  # the module's own log-temperature first, then its parts
     ids, mask, caption_ids = caption_batches(tokenizer, captions)
@@ -190,7 +190,7 @@ def pretrain_qformer(model, config, tokenizer, features, captions: list[str], se
             idx = order[i : i + settings.stage1_batch_size]
             width_t = int(mask[idx].sum(1).max())
             losses = graph.losses(model.query_tokens, ids[idx, :width_t], mask[idx, :width_t], features[idx], caption_ids[idx], itm=settings.stage1_itm)
-            total = losses["itc"] + losses["itg"]  # this order: the shipped run's gradients depend on it
+            total = losses["itc"] + losses["itg"]  # in this order: float sums depend on it, and the shipped checkpoint was trained so
             if "itm" in losses:
                 total = total + losses["itm"]
             optimization_step(total, params, optimizer, scheduler)

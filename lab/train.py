@@ -8,10 +8,10 @@ with a Q-Former, trained in two stages. The miniature copies that:
 1. **Language model**: an OPT trained on text alone (captions, and questions with their
    answers after a caption or without one), with random position offsets so that text at
    any position is normal to it. Then frozen. It never sees a query token in training
-   (:mod:`catp.reference.language`).
+   (:mod:`lab.language`).
 2. **Stage 1, representation learning**: the Q-Former against the frozen tower with BLIP-2's
    image-text contrastive (max over the 32 queries) and image-grounded caption generation
-   objectives, on scenes whose captions name every object (:mod:`catp.reference.qformer`).
+   objectives, on scenes whose captions name every object (:mod:`lab.qformer`).
 3. **Stage 2, generative learning**: the Q-Former's outputs go through a linear projection
    as soft prompts to the frozen language model; the Q-Former and the projection learn
    captioning and VQA ("Question: {} Short answer:") with a language-modelling loss.
@@ -20,10 +20,13 @@ Nothing here uses a pruning method, a query subset or a loss on the queries' sim
 the queries differ only as far as the tasks need them to.
 
 Deterministic for a seed and a thread count (seeded shuffles, deterministic algorithms).
+
+    python -m lab.train --out DIR --seed 0 --threads 1
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -31,26 +34,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from catp.reference.data import (
     PROMPT,
-    VQAExample,
+    SCENE_SPLITS,
+    SCENES_VERSION,
+    TASKS,
+    SceneObject,
     easy_vqa_split,
     format_prompt,
     generate_shape_scenes,
     scene_caption,
-    scenes_split,
     scenes_with_questions,
-    SCENE_SPLITS,
-    SCENES_VERSION,
 )
-from catp.reference.model import SIZES, TEXT_ARCHES, build_config, build_processor, build_tokenizer
+from catp.training import optimization_step, optimizer_and_schedule, progress
+from lab.model import SIZES, TEXT_ARCHES, build_config, build_processor, build_tokenizer
 
-__all__ = ["TrainSettings", "train_reference", "task_examples", "TASKS", "ImageSet", "pool_object_patches", "projected_queries"]
-
-#: Tasks the reference model answers (and ``catp eval`` / ``catp demo`` can ask it).
-TASKS: tuple[str, ...] = ("easy-vqa", "scenes")
+__all__ = [
+    "ImageSet",
+    "TrainSettings",
+    "easy_vqa_image_set",
+    "encode_images",
+    "object_loss",
+    "pixel_values",
+    "pool_object_patches",
+    "projected_queries",
+    "scene_image_set",
+    "sincos_position_embeddings",
+    "train_reference",
+    "vision_data",
+]
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class TrainSettings:
     vision_lr: float = 1e-3
     #: Also classify every object's shape, colour and size from the mean of its patch tokens
     #: (scenes' questions need each object's shape, which the per-patch labels alone left
-    #: hard to read: `probe linear` read 0.63 of the leftmost objects' shapes off their patches).
+    #: hard to read: ``python -m lab.probe linear`` read 0.63 of the leftmost objects' shapes off their patches).
     vision_object_loss: bool = True
     #: Language model on text: sequences, epochs, batch, lr, largest position offset.
     #: (Small batches: reading is a skill learnt in steps, and a step of 32 costs a quarter of 128.)
@@ -81,7 +93,7 @@ class TrainSettings:
     text_batch_size: int = 32
     text_lr: float = 1e-3
     text_max_offset: int = 40
-    #: The language model's architecture (:data:`catp.reference.model.TEXT_ARCHES`).
+    #: The language model's architecture (:data:`lab.model.TEXT_ARCHES`).
     text_arch: str = "opt"
     #: Generated single-shape images with captions (stages 1 and 2), beside the scenes.
     shape_images: int = 2000
@@ -89,7 +101,7 @@ class TrainSettings:
     stage1_epochs: int = 2
     stage1_batch_size: int = 64
     stage1_lr: float = 5e-4
-    #: Add BLIP-2's third objective, ITM with hard negatives (``catp.reference.qformer``).
+    #: Add BLIP-2's third objective, ITM with hard negatives (:mod:`lab.qformer`).
     stage1_itm: bool = True
     #: Stage 2 (captions + VQA through the frozen LM): epochs over the images, batch (images), lr.
     stage2_epochs: int = 5
@@ -120,15 +132,8 @@ class TrainSettings:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-
-
-def task_examples(task: str, split: str, limit: int | None = None) -> list[VQAExample]:
-    """The VQA examples of ``task`` ("easy-vqa" or "scenes") for ``split`` ("train", "validation" or "test")."""
-    if task == "easy-vqa":
-        return easy_vqa_split(split, limit)
-    if task == "scenes":
-        return scenes_split(split, limit)
-    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"train_limit must be >= 1 (or None for every image), got {self.train_limit}")
 
 
 @dataclass
@@ -150,7 +155,8 @@ class ImageSet:
         return ImageSet(self.images + other.images, self.captions + other.captions, self.questions + [(n + i, q, a) for i, q, a in other.questions])
 
 
-def _easy_vqa_images(split: str, limit: int | None) -> ImageSet:
+def easy_vqa_image_set(split: str, limit: int | None) -> ImageSet:
+    """easy-VQA's ``split`` (the first ``limit`` images) as an :class:`ImageSet`, without captions."""
     index: dict[int, int] = {}
     images, questions = [], []
     for e in easy_vqa_split(split, image_limit=limit):
@@ -161,7 +167,8 @@ def _easy_vqa_images(split: str, limit: int | None) -> ImageSet:
     return ImageSet(images, [None] * len(images), questions)
 
 
-def _scene_images(split: str, limit: int | None) -> ImageSet:
+def scene_image_set(split: str, limit: int | None) -> ImageSet:
+    """The scenes of ``split`` (the first ``limit``) as an :class:`ImageSet`, with their captions."""
     seed, count = SCENE_SPLITS[split]
     scenes = scenes_with_questions(count if limit is None else min(count, limit), seed)
     return ImageSet([s.image for s, _ in scenes], [scene_caption(s.objects) for s, _ in scenes], [(i, q, a) for i, (_, pairs) in enumerate(scenes) for q, a in pairs])
@@ -169,8 +176,6 @@ def _scene_images(split: str, limit: int | None) -> ImageSet:
 
 def _shape_images(count: int, seed: int, size: int) -> ImageSet:
     """Single generated shapes, captioned like scenes ("large red circle"): extent over half the image is large."""
-    from catp.reference.data import SceneObject
-
     out = generate_shape_scenes(count, seed=seed, size=size)
     captions = []
     for s in out:
@@ -183,7 +188,7 @@ def _shape_images(count: int, seed: int, size: int) -> ImageSet:
 
 # -- shared helpers -------------------------------------------------------------------
 
-def _pixels(processor, images: list, batch: int = 512):
+def pixel_values(processor, images: list, batch: int = 512):
     """``(N, 3, S, S)`` pixel values through the model's own image processor."""
     import torch
 
@@ -191,36 +196,8 @@ def _pixels(processor, images: list, batch: int = 512):
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def optimizer_and_schedule(params: list, lr: float, total_steps: int, weight_decay: float = 0.01):
-    """AdamW with a linear warm-up (5%) and cosine decay to 10% over ``total_steps``."""
-    import torch
-
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total_steps, max(1, total_steps // 20)))
-    return optimizer, scheduler
-
-
-def optimization_step(loss, params: list, optimizer, scheduler, max_norm: float = 1.0) -> None:
-    """Backpropagate ``loss``, clip the gradients of ``params`` to ``max_norm``, step the optimizer and the schedule."""
-    import torch
-
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    scheduler.step()
-
-
 def _logger(out: Path) -> logging.Logger:
-    log = logging.getLogger(f"catp.reference.train.{out}")
+    log = logging.getLogger(f"lab.train.{out}")
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
@@ -232,16 +209,9 @@ def _logger(out: Path) -> logging.Logger:
     return log
 
 
-def progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar (disabled when ``enabled`` is false)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
-
-
 # -- step 0: the vision tower -----------------------------------------------------------
 
-def _vision_data(count: int, seed: int, image_size: int, patch_size: int) -> tuple[list, Any, Any, Any, Any]:
+def vision_data(count: int, seed: int, image_size: int, patch_size: int) -> tuple[list, Any, Any, Any, Any]:
     """``count`` images and labels for the vision pretraining: half single shapes, half scenes.
 
     Returns ``(images, labels (N, 2), maps (N, 2, P), objects (M, 4), masks (M, P))``:
@@ -321,7 +291,7 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
     for phase, (name, image_size, count, epochs, batch_size) in enumerate(phases):
         if count == 0 or epochs == 0:
             continue
-        images, labels, maps, objects, masks = _vision_data(count, settings.seed + 1 + 10 * phase, image_size, vision.patch_size)
+        images, labels, maps, objects, masks = vision_data(count, settings.seed + 1 + 10 * phase, image_size, vision.patch_size)
         rows_of = [[] for _ in range(count)]  # image index -> its rows of ``objects``
         for row, image in enumerate(objects[:, 0].tolist()):
             rows_of[image].append(row)
@@ -343,7 +313,7 @@ def pretrain_vision(model, processor, settings: TrainSettings, log: logging.Logg
                 patch = dense_heads(out.last_hidden_state[:, 1:])  # (B, P, 4 + 9)
                 loss = loss + ce(patch[..., : 1 + len(SHAPES)].flatten(0, 1), maps[idx, 0].flatten()) + ce(patch[..., 1 + len(SHAPES) :].flatten(0, 1), maps[idx, 1].flatten())
                 if settings.vision_object_loss:
-                    loss = loss + _object_loss(object_heads, out.last_hidden_state[:, 1:], idx, rows_of, objects, masks)
+                    loss = loss + object_loss(object_heads, out.last_hidden_state[:, 1:], idx, rows_of, objects, masks)
                 optimization_step(loss, params, optimizer, scheduler)
                 correct += int((shape_logits.argmax(-1) == target[:, 0])[labelled].sum())
                 seen += int(labelled.sum())
@@ -365,17 +335,17 @@ def pool_object_patches(patches, masks):
     return (patches * mask).sum(1) / mask.sum(1)
 
 
-def _object_loss(head, patches, idx, rows_of: list[list[int]], objects, masks):
+def object_loss(head, patches, idx, rows_of: list[list[int]], objects, masks):
     """Shape, colour and size of every object in the batch, read off the mean of its patch tokens.
 
     ``patches`` is ``(B, P, D)`` for the images ``idx``; ``objects``/``masks`` are
-    :func:`_vision_data`'s. The per-patch labels alone leave a small object's shape hard to
+    :func:`vision_data`'s. The per-patch labels alone leave a small object's shape hard to
     read off its patches: it is a property of the whole object, and most patches are background.
     """
     import torch
     from torch.nn.functional import cross_entropy
 
-    from catp.reference.data import COLORS, SHAPES
+    from catp.reference.data import SHAPES
 
     position = torch.tensor([b for b, image in enumerate(idx.tolist()) for _ in rows_of[image]])
     rows = torch.tensor([row for image in idx.tolist() for row in rows_of[image]])
@@ -393,7 +363,7 @@ def encode_images(model, processor, images: list, batch: int = 256):
 
     model.vision_model.eval()
     with torch.no_grad():
-        pixels = _pixels(processor, images)
+        pixels = pixel_values(processor, images)
         return torch.cat([model.vision_model(pixel_values=pixels[i : i + batch]).last_hidden_state for i in range(0, len(images), batch)])
 
 
@@ -628,8 +598,8 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from catp.reference.language import pretrain_language_model
-    from catp.reference.qformer import pretrain_qformer
+    from lab.language import pretrain_language_model
+    from lab.qformer import pretrain_qformer
 
     settings.check()
     out = Path(out)
@@ -642,7 +612,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     torch.use_deterministic_algorithms(True)
     size = SIZES[settings.size]
 
-    easy, scenes = _easy_vqa_images("train", settings.train_limit), _scene_images("train", settings.train_limit)
+    easy, scenes = easy_vqa_image_set("train", settings.train_limit), scene_image_set("train", settings.train_limit)
     shapes = _shape_images(settings.shape_images if settings.train_limit is None else min(settings.shape_images, settings.train_limit), settings.seed + 5, size.image_size)
     train = easy + scenes + shapes
     tokenizer = build_tokenizer(_vocabulary_texts(train))
@@ -664,7 +634,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     stages.run("vision", ("vision_model.",), ("vision_",), lambda: pretrain_vision(model, processor, settings, log, show_progress))
     model.vision_model.requires_grad_(False)
     features = stages.tensor("features", ("vision_",), lambda: encode_images(model, processor, train.images))
-    monitor_sets = {"easy-vqa": _easy_vqa_images("validation", settings.train_limit), "scenes": _scene_images("validation", settings.train_limit)}
+    monitor_sets = {"easy-vqa": easy_vqa_image_set("validation", settings.train_limit), "scenes": scene_image_set("validation", settings.train_limit)}
     monitors = {}
     for task, images in monitor_sets.items():
         rows = _rows(tokenizer, images, with_captions=False)
@@ -713,19 +683,30 @@ def _save(model, processor, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def train_reference_command(
-    out: Path = typer.Option(..., help="Directory to write the checkpoint (config, safetensors, processor, train.log)."),
-    seed: int = typer.Option(0, help="Seed: the same seed and thread count give the same weights."),
-    size: str = typer.Option(TrainSettings.size, help=f"Model size: {', '.join(SIZES)}."),
-    train_limit: int = typer.Option(None, help="Use only the first N training images of each source (quick runs)."),
-    threads: int = typer.Option(TrainSettings.threads, help="torch threads (1 is faster on a loaded 2-core machine; weights differ across thread counts)."),
-    lm_tune_epochs: int = typer.Option(TrainSettings.lm_tune_epochs, help="Epochs with the language model unfrozen after stage 2 (the fallback; 0 keeps it frozen as BLIP-2 does)."),
-) -> None:
-    """Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 is trained, and save it as a Hugging Face checkpoint."""
-    from catp.cli import user_input
-
-    settings = TrainSettings(seed=seed, size=size, train_limit=train_limit, threads=threads, lm_tune_epochs=lm_tune_epochs)
-    with user_input():
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lab.train``: train the reference model with the recipe's settings and save it."""
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(prog="python -m lab.train", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the checkpoint (config, safetensors, processor, train.log)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="the same seed and thread count give the same weights")
+    parser.add_argument("--size", default=defaults.size, help=f"model size: {', '.join(SIZES)}")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training images of each source (quick runs)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, metavar="N",
+                        help="torch threads (1 is faster on a loaded 2-core machine; weights differ across thread counts)")
+    parser.add_argument("--lm-tune-epochs", type=int, default=defaults.lm_tune_epochs, metavar="N",
+                        help="epochs with the language model unfrozen after stage 2 (the fallback; 0 keeps it frozen as BLIP-2 does)")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(seed=args.seed, size=args.size, train_limit=args.train_limit, threads=args.threads, lm_tune_epochs=args.lm_tune_epochs)
+    try:
         settings.check()
-    path = train_reference(out, settings)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} exists and is not a directory")
+    except ValueError as error:
+        # One line, no usage: the arguments parsed, a setting is out of range.
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    path = train_reference(args.out, settings)
     print(f"saved {path} (log: {path / 'train.log'})")
+
+
+if __name__ == "__main__":
+    main()

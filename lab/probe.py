@@ -1,15 +1,15 @@
 """Probes of the reference recipe: short variants of one stage, measured as they train.
 
-Each reads a finished run (the ``--model`` directory of ``catp train-reference``), trains
-nothing that is saved, and prints one line per measurement. docs/reference-model.md
-("What the probes show") has their results.
+Each reads a finished run (the ``--out`` directory of ``python -m lab.train``), trains
+nothing that is saved, and prints one line per measurement. docs/reference-model.md has
+their results.
 
-* ``stage1``: a fresh stage-1 Q-Former (``catp.reference.qformer``) on a variant of the
+* ``stage1``: a fresh stage-1 Q-Former (:mod:`lab.qformer`) on a variant of the
   recipe, against the run's vision tower, with the query diversity of ``catp diagnose``
   every ``--every`` steps on held-out scenes: pairwise and nearest-other-query cosine,
   effective rank, and the map correlation of each cross-attention layer.
 * ``reading``: how well the run's language model reads answers off a text description,
-  per kind of question (:func:`catp.reference.language.reading_accuracy`).
+  per kind of question (:func:`lab.language.reading_accuracy`).
 * ``language``: a fresh language model trained on text as the recipe does, with its
   reading accuracy after every epoch.
 * ``recall``: a fresh language model on the smallest binding task of the scenes text
@@ -23,15 +23,16 @@ nothing that is saved, and prints one line per measurement. docs/reference-model
   description in place of the queries): which of the two limits the answers. With
   ``--task easy-vqa``, the accuracy per easy-VQA question template kind (no captions there).
 
-    python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc
-    python -m catp.reference.probe reading --model runs/ref-v2/frozen-lm
-    python -m catp.reference.probe language --model runs/ref-v2 --sequences 32000 --epochs 8
-    python -m catp.reference.probe language --model runs/ref-v3 --arch llama
-    python -m catp.reference.probe kinds --model runs/ref-v3 --scenes 300
-    python -m catp.reference.probe kinds --model runs/ref-v4/frozen-lm --task easy-vqa --scenes 100
-    python -m catp.reference.probe recall --model runs/ref-v3 --arch llama
-    python -m catp.reference.probe linear --model runs/ref-v3 --scenes 2000
-    python -m catp.reference.probe stage1 --model runs/ref-v2 --steps 150 --objectives itc,itg,itm
+``RUN`` is a ``python -m lab.train`` output directory (or its ``frozen-lm/``):
+
+    python -m lab.probe stage1 --model RUN --steps 150 --objectives itc,itg,itm
+    python -m lab.probe reading --model RUN/frozen-lm
+    python -m lab.probe language --model RUN --sequences 32000 --epochs 8
+    python -m lab.probe language --model RUN --arch llama
+    python -m lab.probe kinds --model RUN --scenes 300
+    python -m lab.probe kinds --model RUN --task easy-vqa --scenes 100
+    python -m lab.probe recall --model RUN --arch llama
+    python -m lab.probe linear --model RUN --scenes 2000
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from catp.reference.data import TEXT_SINGLE_SHARE
-from catp.reference.model import TEXT_ARCHES, build_text_config
+from catp.reference.data import TASKS
+from catp.training import optimization_step, optimizer_and_schedule
+from lab.language import TEXT_SINGLE_SHARE
+from lab.model import TEXT_ARCHES, build_text_config
 
 __all__ = ["ProbeSettings", "fresh_language_model", "linear_accuracy", "probe_kinds", "probe_language", "probe_linear", "probe_recall", "probe_stage1", "recall_rows", "text_rewrite"]
 
@@ -89,7 +92,7 @@ def _features(model, processor, images: list, kind: str, seed: int):
     """``(N, 257, D)`` image features of ``kind`` (see :class:`ProbeSettings`)."""
     import torch
 
-    from catp.reference.train import _pixels, encode_images, sincos_position_embeddings
+    from lab.train import encode_images, pixel_values, sincos_position_embeddings
 
     if kind == "vit":
         return encode_images(model, processor, images)
@@ -102,7 +105,7 @@ def _features(model, processor, images: list, kind: str, seed: int):
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            pixels = _pixels(processor, images[i : i + 256])
+            pixels = pixel_values(processor, images[i : i + 256])
             if kind == "embeddings":
                 out.append(vision.post_layernorm(vision.embeddings(pixels)))
                 continue
@@ -146,13 +149,13 @@ def probe_stage1(model_dir: str, settings: ProbeSettings = ProbeSettings(), repo
     import torch
 
     from catp.reference import load
-    from catp.reference.qformer import Stage1QFormer, caption_batches
-    from catp.reference.train import _scene_images, optimization_step, optimizer_and_schedule
+    from lab.qformer import Stage1QFormer, caption_batches
+    from lab.train import scene_image_set
 
     settings.check()
     torch.manual_seed(settings.seed)
     model, processor = load(model_dir)
-    train, held_out = _scene_images("train", settings.train_images), _scene_images("validation", settings.eval_images)
+    train, held_out = scene_image_set("train", settings.train_images), scene_image_set("validation", settings.eval_images)
     features = _features(model, processor, train.images, settings.features, settings.seed)
     held_out_features = _features(model, processor, held_out.images, settings.features, settings.seed)
     graph = Stage1QFormer(model.config, len(processor.tokenizer), settings.layers, settings.dropout, settings.initializer_range,
@@ -208,13 +211,13 @@ def probe_language(
     import torch
 
     from catp.reference import load
-    from catp.reference.language import pretrain_language_model, reading_accuracy
-    from catp.reference.train import TrainSettings
+    from lab.language import pretrain_language_model, reading_accuracy
+    from lab.train import TrainSettings
 
     model, processor = load(model_dir)
     torch.manual_seed(seed)
     lm = fresh_language_model(model.language_model.config, arch, dropout=dropout, layers=layers)
-    log = logging.getLogger("catp.reference.probe")
+    log = logging.getLogger("lab.probe")
     log.propagate = False
     handler = logging.Handler()
     handler.emit = lambda record: report(record.getMessage())
@@ -226,7 +229,7 @@ def probe_language(
     return reading_accuracy(lm, processor.tokenizer, seed + 11, rewrite=rewrite)
 
 
-#: The recipe's language models (:data:`catp.reference.model.TEXT_ARCHES`), and OPT with a GELU feed-forward.
+#: The recipe's language models (:data:`lab.model.TEXT_ARCHES`), and OPT with a GELU feed-forward.
 ARCHES: tuple[str, ...] = (*TEXT_ARCHES, "opt-gelu")
 
 
@@ -234,7 +237,7 @@ def fresh_language_model(config, arch: str = "opt", dropout: float | None = None
     """A freshly initialised causal LM of ``config``'s (an ``OPTConfig``) width, depth and heads.
 
     ``arch``: "opt" (the recipe's: learnt positions, ReLU), "opt-gelu" (the same with a GELU
-    feed-forward) or "llama" (:func:`catp.reference.model.build_text_config`). ``layers``
+    feed-forward) or "llama" (:func:`lab.model.build_text_config`). ``layers``
     overrides the config's depth, ``dropout`` its dropout (OPT only: LLaMA has none).
     """
     from transformers import AutoModelForCausalLM
@@ -263,7 +266,7 @@ def recall_rows(tokenizer, count: int, objects: int, prompt: bool, seed: int, sc
     blue triangle"), then ``</s>``, then asks one shape's colour: with the paper's prompt
     ("Question: what color is the circle? Short answer:") or, with ``prompt=False``, the shape
     word alone; the answer is the colour's token. ``scenes=True`` takes the rows instead from
-    the language model's own text (:func:`catp.reference.data.text_corpus`): its scene
+    the language model's own text (:func:`lab.language.text_corpus`): its scene
     descriptions (1-5 objects with sizes, shapes may repeat) with "what color is the {shape}?"
     (``objects`` and ``prompt`` do not apply). Rows are padded on the left.
     """
@@ -279,7 +282,7 @@ def recall_rows(tokenizer, count: int, objects: int, prompt: bool, seed: int, sc
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     triples = []
     if scenes:
-        from catp.reference.data import text_corpus
+        from lab.language import text_corpus
 
         while len(triples) < count:
             triples += [(c, format_prompt(q), a) for c, q, a in text_corpus(4 * count, rng.randrange(2**31), single_share=0.0)
@@ -311,7 +314,6 @@ def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: 
     import torch
 
     from catp.reference import load
-    from catp.reference.train import optimization_step, optimizer_and_schedule
 
     if min(steps, batch_size, every) < 1:
         raise ValueError("steps, batch size and every must be >= 1")
@@ -349,7 +351,7 @@ def probe_recall(model_dir: str, arch: str = "opt", steps: int = 2000, objects: 
 
 
 def text_rewrite(plural_color_questions: bool = False, shape_first: bool = False):
-    """The :data:`catp.reference.language.Rewrite` of :func:`probe_language`'s two text variants, or ``None`` for neither."""
+    """The :data:`lab.language.Rewrite` of :func:`probe_language`'s two text variants, or ``None`` for neither."""
     if not (plural_color_questions or shape_first):
         return None
 
@@ -378,15 +380,14 @@ def probe_kinds(model_dir: str | None, scenes: int = 300, task: str = "scenes") 
     ``image`` is the greedy answer's exact match (the floors' measure) with the image, and
     ``caption`` the share where the language model alone, given the scene's caption in
     place of the queries, reads the answer's first token
-    (:func:`catp.reference.language.reads_answer`). On scenes, ``kind`` is the question's
+    (:func:`lab.language.reads_answer`). On scenes, ``kind`` is the question's
     first two words; on easy-VQA (``task="easy-vqa"``), its template's kind
     (:func:`catp.reference.data.easy_vqa_kind`), and ``caption`` is ``None``: easy-VQA has no captions.
     """
     from catp.reference import load
     from catp.reference.data import SCENE_SPLITS, VQAExample, easy_vqa_kind, easy_vqa_split, scene_caption, scenes_with_questions
     from catp.reference.evaluate import answer
-    from catp.reference.language import reads_answer
-    from catp.reference.train import TASKS
+    from lab.language import reads_answer
 
     if scenes < 1:
         raise ValueError(f"scenes must be >= 1, got {scenes}")
@@ -464,7 +465,7 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
       averaged over that object's patches (:meth:`catp.reference.data.Scene.object_patches`),
       what the tower offers a query that attends to the object (absent for "how many");
     * ``queries``: the Q-Former's 32 outputs as the language model gets them
-      (:func:`catp.reference.train.projected_queries`, flattened), and ``mean query``.
+      (:func:`lab.train.projected_queries`, flattened), and ``mean query``.
 
     Returns ``{target: {feature: accuracy, ..., "chance": ...}}``, where ``chance`` is the
     held-out share of the most common training class.
@@ -473,7 +474,7 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
 
     from catp.reference import load
     from catp.reference.data import SCENE_SPLITS, scenes_with_questions
-    from catp.reference.train import encode_images, pool_object_patches, projected_queries
+    from lab.train import encode_images, pool_object_patches, projected_queries
 
     if scenes < 1 or held_out < 1:
         raise ValueError(f"scenes and held_out must be >= 1, got {scenes} and {held_out}")
@@ -506,9 +507,9 @@ def probe_linear(model_dir: str | None, scenes: int = 2000, held_out: int = 500)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from catp.reference.train import TASKS, TrainSettings
+    from lab.train import TrainSettings
 
-    parser = argparse.ArgumentParser(prog="python -m catp.reference.probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.probe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stage1 = commands.add_parser("stage1", help="a short stage 1 variant, with the queries' diversity as it trains")
     reading = commands.add_parser("reading", help="the run's language model: answers read off a text description, per question kind")
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds.add_argument("--scenes", type=int, default=300, help="validation images (a scene has about 3.6 questions, an easy-VQA image about 9.7)")
     kinds.add_argument("--task", choices=TASKS, default="scenes")
     for command in (stage1, reading, language, kinds, recall, linear):
-        command.add_argument("--model", required=True, help="a catp train-reference output directory")
+        command.add_argument("--model", required=True, help="a python -m lab.train output directory")
         command.add_argument("--threads", type=int, default=1)
     defaults = ProbeSettings()
     for field, value in asdict(defaults).items():
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.command == "reading":
         from catp.reference import load
-        from catp.reference.language import reading_accuracy
+        from lab.language import reading_accuracy
 
         model, processor = load(args.model)
         for kind, value in reading_accuracy(model.language_model, processor.tokenizer, seed=11).items():

@@ -12,9 +12,12 @@ with a description standing where the query tokens will stand:
 each at a random position offset (``position_ids`` start anywhere in ``0..text_max_offset``),
 so that a prompt after 4 query tokens is as normal as after 32. The loss is on what follows
 the ``</s>`` (the answer, or the repeated caption): the description itself is random and
-carries no signal. The recipe before this one (loss on every token, and 15% of rows that ask
-a question with no description) left the model on the answers' prior: "what shape is in the
-image?" stayed at chance after 3,000 steps (docs/reference-model.md).
+carries no signal. With the loss on every token instead, and 15% of rows that ask a question
+with no description, the model stayed on the answers' prior: "what shape is in the image?"
+was at chance after 3,000 steps (docs/reference-model.md).
+
+The text is :func:`text_corpus`: generated descriptions of symbolic scenes with one question
+each; nothing is drawn.
 """
 
 from __future__ import annotations
@@ -25,9 +28,75 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from catp.reference.data import TEXT_SINGLE_SHARE
+from catp.reference.data import (
+    COLORS,
+    COLUMNS,
+    EASY_VQA_TEMPLATES,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    format_prompt,
+    scene_caption,
+    scene_questions,
+)
+from catp.training import optimization_step, optimizer_and_schedule, progress
 
-__all__ = ["pretrain_language_model", "question_kind", "reading_accuracy", "reads_answer", "text_sequences"]
+__all__ = [
+    "REPEAT_SHARE",
+    "Rewrite",
+    "TEXT_SINGLE_SHARE",
+    "easy_vqa_style_question",
+    "pretrain_language_model",
+    "question_kind",
+    "reading_accuracy",
+    "reads_answer",
+    "text_corpus",
+    "text_sequences",
+]
+
+
+def easy_vqa_style_question(shape: str, color: str, rng: random.Random) -> tuple[str, str]:
+    """One easy-VQA-style ``(question, answer)`` about an image of one ``color`` ``shape``.
+
+    For text-only data (the language model's pretraining): easy-VQA's own templates and
+    answers; yes/no questions name the right colour or shape about half of the time.
+    """
+    kind = rng.choice(list(EASY_VQA_TEMPLATES))
+    template = rng.choice(EASY_VQA_TEMPLATES[kind])
+    if kind in ("color", "shape"):
+        return template.format(c=color, s=shape), color if kind == "color" else shape
+    asked_color = color if rng.random() < 0.5 else rng.choice(list(COLORS))
+    asked_shape = shape if rng.random() < 0.5 else rng.choice(SHAPES)
+    present = asked_color == color if kind.endswith("color") else asked_shape == shape
+    return template.format(c=asked_color, s=asked_shape), "yes" if present != kind.startswith("not") else "no"
+
+
+#: Share of :func:`text_corpus` rows that describe one object (easy-VQA style).
+TEXT_SINGLE_SHARE = 0.4
+
+
+def text_corpus(n: int, seed: int, single_share: float = TEXT_SINGLE_SHARE) -> list[tuple[str, str, str]]:
+    """``n`` text-only ``(caption, question, answer)`` triples about symbolic scenes.
+
+    For the language model's pretraining on text: nothing is drawn. A ``single_share`` of
+    them (40%) describe one object and ask an easy-VQA-style question; the rest describe
+    1-5 objects as the scenes task does (distinct colours, left to right) and ask one of its
+    questions.
+    """
+    if not 0.0 <= single_share <= 1.0:
+        raise ValueError(f"single_share must be in [0, 1], got {single_share!r}")
+    rng = random.Random(seed)
+    names = list(COLORS)
+    out = []
+    for _ in range(n):
+        single = rng.random() < single_share
+        count = 1 if single else rng.randint(1, COLUMNS)
+        objects = tuple(
+            SceneObject(rng.choice(SHAPES), color, float(i), 0.0, rng.choice(list(SIZES))) for i, color in enumerate(rng.sample(names, count))
+        )
+        question, answer = easy_vqa_style_question(objects[0].shape, objects[0].color, rng) if single else rng.choice(scene_questions(objects, rng))
+        out.append((scene_caption(objects), question, answer))
+    return out
 
 
 #: A probe's change to the text: ``(caption, question) -> (caption, question)``.
@@ -45,8 +114,6 @@ def text_sequences(tokenizer, count: int, seed: int, single_share: float = TEXT_
     descriptions (the recipe's by default);
     ``rewrite``: maps every ``(caption, question)`` to the pair used (for probes; the recipe has none).
     """
-    from catp.reference.data import format_prompt, text_corpus
-
     rng = random.Random(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -68,13 +135,11 @@ def pretrain_language_model(lm, tokenizer, settings: Any, log: logging.Logger, s
                             rewrite: Rewrite | None = None) -> float:
     """Train ``lm`` (a causal LM: the recipe's OPT or LLaMA) on :func:`text_sequences`; returns the last epoch's mean loss.
 
-    ``settings`` is a :class:`catp.reference.train.TrainSettings` (``text_*`` fields,
+    ``settings`` is a :class:`lab.train.TrainSettings` (``text_*`` fields,
     ``text_max_offset``, ``seed``). ``single_share`` and ``rewrite`` are for probes
     (:func:`text_sequences`); ``rewrite`` applies to the held-out texts too.
     """
     import torch
-
-    from catp.reference.train import optimization_step, optimizer_and_schedule, progress
 
     sequences = text_sequences(tokenizer, settings.text_sequences, settings.seed + 6, single_share, rewrite)
     length = max(len(s) for s, _ in sequences)
@@ -132,8 +197,6 @@ def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000, rewrite: Rewri
     language model reads an answer off a description, the skill a frozen LM needs in stage 2.
     ``rewrite`` maps each ``(caption, question)`` as in :func:`text_sequences` (for probes).
     """
-    from catp.reference.data import text_corpus
-
     right: dict[str, list[int]] = {}
     for caption, question, answer in text_corpus(count, seed):
         kind = question_kind(caption, question)
@@ -148,8 +211,6 @@ def reading_accuracy(lm, tokenizer, seed: int, count: int = 1000, rewrite: Rewri
 def reads_answer(lm, tokenizer, caption: str, question: str, answer: str) -> bool:
     """Whether ``lm``'s greedy first token after ``"{caption} </s> Question: {question} Short answer:"`` is ``answer``'s first token."""
     import torch
-
-    from catp.reference.data import format_prompt
 
     words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = [*words(caption), tokenizer.bos_token_id, *words(format_prompt(question))]
