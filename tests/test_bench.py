@@ -118,7 +118,7 @@ def test_workload_rejects_bad_input():
         flops.Workload(batch=0, keep=1, prompt_tokens=1, new_tokens=1)
     with pytest.raises(ValueError):
         flops.Workload(batch=True, keep=1, prompt_tokens=1, new_tokens=1)
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16, got 'int8'"):
         dtype_bytes("int8")
 
 

@@ -108,7 +108,7 @@ def test_bad_input_is_one_usage_error(args, named, workdir, tmp_path):
 
 def test_a_bug_after_the_input_checks_keeps_its_traceback(tmp_path, monkeypatch):
     """A ValueError from the work itself (here: generation) is not reported as bad input."""
-    module = importlib.import_module("catp.explanation")
+    module = importlib.import_module("catp.cli.explain")
 
     def broken(*args, **kwargs):
         raise ValueError("a bug")

@@ -210,12 +210,33 @@ def test_summary_statistics():
     assert comparison["difference"] == pytest.approx(25.0) and comparison["verdict"] == "win"
 
 
-def test_selectors_are_compared_with_catp_and_random(full_run):
+def test_retention_loyalty_and_clipped_intervals():
+    """Loyalty: the share of answers the same as unpruned (after normalisation), which accuracy can hide."""
+    unpruned, pruned = harness.Config(None, 8), harness.Config("catp", 4)
+    truth = ["two", "red", "yes", "no"]
+    base = [{"id": str(i), "accuracy": 1.0, "prediction": truth[i], "llm_tokens": 10} for i in range(4)]
+    # right on 0 and 1 (one by another spelling), wrong on 2, and a different answer on 3 that is right too
+    answers = ["2", "Red.", "no", "maybe"]
+    other = [{"id": str(i), "accuracy": float(i != 2), "prediction": answers[i], "llm_tokens": 6} for i in range(4)]
+    rows = {r["config"]: r for r in report.summarize([(unpruned, base), (pruned, other)], 4)["rows"]}
+    assert rows["catp@4"]["retention_pct"] == 75.0
+    assert rows["catp@4"]["loyalty_pct"] == 50.0  # "2" = "two" and "Red." = "red" after normalisation
+    assert rows["unpruned"]["loyalty_pct"] == 100.0
+    assert rows["unpruned"]["ci_high"] == 100.0 and rows["catp@4"]["ci_low"] >= 0.0  # clipped to [0, 100]
+    assert "(75.0%, 50% same)" in report.markdown_table(report.summarize([(unpruned, base), (pruned, other)], 4))
+
+
+def test_comparisons_follow_each_methods_kind(full_run):
+    """A selector is compared with every CATP variant and every baseline; a CATP variant with the baselines."""
     summary = json.loads((full_run / "summary.json").read_text())
     pairs = {(c["method"], c["baseline"], c["keep"]) for c in summary["comparisons"]}
+    variants, baselines = ("catp", "catp-all", "catp-layer", "catp-image"), ("l2norm", "selfattn", "first", "random")
     for method in ("divprune", "dart", "catp-diverse"):
-        assert {(method, "catp", k) for k in (4, 2)} | {(method, "random", k) for k in (4, 2)} <= pairs
-        assert not any(p[0] == method and p[1] in ("l2norm", "selfattn", "first") for p in pairs)
+        assert {(method, b, k) for b in variants + baselines for k in (4, 2)} <= pairs
+        assert not any(p[0] == method and p[1] in ("divprune", "dart", "catp-diverse") for p in pairs)
+    for method in variants:
+        assert {p[1] for p in pairs if p[0] == method} == set(baselines)
+    assert not any(p[0] in baselines for p in pairs)
     rows = {r["config"]: r for r in summary["rows"]}
     assert "x_catp" in rows["divprune@4"] and "x_random" in rows["divprune@4"]
     table = (full_run / "summary.md").read_text()

@@ -194,7 +194,8 @@ def test_cli_writes_png_and_html(model, processor, tmp_path):
         (["--methods", "catp,bogus"], "unknown method"),
         (["--keep", "eight"], "--keep"),
         (["--image", "/no/such.png", "--question", "what?"], "not found"),
-        (["--image", "/no/such.png"], "--question"),
+        (["--image", "/no/such.png"], "not found"),  # the missing file first, not the missing question
+        (["--image", "{sample}"], "--question"),
     ],
 )
 def test_cli_bad_input(args, message, tmp_path):
@@ -202,6 +203,10 @@ def test_cli_bad_input(args, message, tmp_path):
 
     from catp.cli.app import app
 
+    from catp.explanation import sample_image
+
+    sample_image().save(tmp_path / "sample.png")
+    args = [a.replace("{sample}", str(tmp_path / "sample.png")) for a in args]
     result = CliRunner().invoke(app, ["explain", "--out", str(tmp_path / "x.png"), *args])
     assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split())
 

@@ -20,7 +20,7 @@ from catp.methods import METHODS, PruningMethod, get_method, register_method
 from catp.reference import reference_model_path
 from catp.selection import choose, resolve_keep
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Budget",

@@ -36,9 +36,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from catp.protocol import PAPER_PROMPT
-from catp.methods import PruningMethod, get_method
 from catp.hf import capture_qformer, check_model, cross_attention_layers, is_video_model, placeholder_token_id, pruned
+from catp.methods import PruningMethod, get_method
+from catp.protocol import PAPER_PROMPT
 from catp.selection import resolve_keep
 
 if TYPE_CHECKING:

@@ -44,6 +44,7 @@ from catp.selection import SCOPES, Keep, check_keep_type, check_keep_value, choo
 
 __all__ = [
     "PruningSession",
+    "base_model",
     "capture_qformer",
     "cross_attention_layers",
     "eager_qformer",
@@ -432,6 +433,16 @@ def capture_qformer(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]
                 handle.remove()
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a wrapper that adapts it (a ``peft.PeftModel``), else ``model`` itself.
+
+    A LoRA adapter lives inside the base model's modules, so hooks on them see the adapted
+    computation; the wrapper only forwards calls.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and isinstance(model, nn.Module) else model
+
+
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a supported Q-Former model."""
     if not isinstance(model, nn.Module):
@@ -510,8 +521,10 @@ def pruned(
         A :class:`PruningSession` whose ``keep_indices`` / ``keep_counts`` / ``pick_order`` / ``scores`` describe the last call.
 
     On exit (also when the body raises) every hook is removed and the Q-Former's
-    attention implementation is restored.
+    attention implementation is restored. A ``peft.PeftModel`` is pruned through its base
+    model (:func:`base_model`); call ``generate`` / ``forward`` on either.
     """
+    model = base_model(model)
     check_model(model)
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
@@ -573,6 +586,7 @@ def select_queries(
         ``(B, K)`` long tensor, each row ascending, padded with ``-1`` where a sample keeps
         fewer (a Budget). Video indices are flat over ``T*Q``, frame-major.
     """
+    model = base_model(model)
     model_inputs = {name: kwargs.pop(name) for name in _MODEL_INPUT_KWARGS if name in kwargs}
     with pruned(model, method=method, keep=keep, scope=scope, **kwargs) as session, torch.no_grad():
         features = model.get_video_features if session.is_video else model.get_image_features

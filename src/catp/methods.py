@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from catp import scoring
+import catp.scoring as scoring
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["DTYPES", "MODEL_TYPES", "check_device", "dtype_bytes", "load_config", "load_model", "model_class", "resolve_dtype"]
 
 #: ``config.model_type`` -> the ``*ForConditionalGeneration`` class catp prunes.
@@ -59,8 +61,6 @@ def dtype_bytes(dtype: str) -> int:
 
 def check_device(device: str) -> str:
     """Raise a ``ValueError`` unless ``device`` names a device torch has here (``cpu``, ``cuda``, ``cuda:1``, ...)."""
-    import torch
-
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -105,7 +105,7 @@ def load_config(name: str | Path) -> Any:
     return config
 
 
-def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapter: str | Path | None = None) -> tuple[Any, Any]:
     """``(model in eval mode on device, processor)`` from a local directory or a hub id.
 
     Args:
@@ -113,6 +113,8 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu") -> tu
             :func:`catp.reference_model_path`).
         dtype: a name of :data:`DTYPES`.
         device: ``cpu``, ``cuda``, ``cuda:N``.
+        adapter: a ``catp adapt`` adapter directory to put on the model, merged into its weights
+            (:func:`catp.adapt.load_adapter`).
 
     The processor pads on the left for a decoder-only LLM (generation continues at the
     right end).
@@ -120,13 +122,16 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu") -> tu
     Raises:
         ValueError: see :func:`load_config`, :func:`resolve_dtype`, :func:`check_device`.
     """
-    import torch
     from tokenizers import AddedToken
     from transformers import AutoProcessor
 
     dtype = resolve_dtype(dtype, check_device(device))
     config = load_config(name)
     model = model_class(config.model_type).from_pretrained(str(name), dtype=getattr(torch, dtype)).to(device).eval()
+    if adapter is not None:
+        from catp.adapt import load_adapter  # peft is an optional extra
+
+        model = load_adapter(model, adapter, merge=True)
     processor = AutoProcessor.from_pretrained(str(name))
     if model.config.use_decoder_only_language_model:
         processor.tokenizer.padding_side = "left"

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-
 # The authors' single-layer VQAv2 accuracies (keep fraction -> accuracy of cross-attention
 # layers 1..6 voting alone), used as the default weights of ``catp-layer``.
 PAPER_LAYER_ACCURACY: dict[float, tuple[float, ...]] = {

@@ -1,20 +1,18 @@
-"""Generic training helpers: AdamW with a warm-up and cosine decay, one clipped optimisation step, a progress bar.
-
-The reference model's recipe (``lab/`` in the repository) trains every stage with these.
-torch and tqdm are imported inside the functions, so that importing ``catp`` stays fast.
+"""Training helpers shared by ``catp adapt`` and the reference model's recipe (``lab/`` in the
+repository): AdamW with a warm-up and cosine decay, one clipped optimisation step, a progress
+bar, and VQA batches with the loss on the answer only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-    from tqdm.auto import tqdm
+import torch
+from tqdm.auto import tqdm
 
-__all__ = ["warmup_cosine", "optimizer_and_schedule", "optimization_step", "progress"]
+__all__ = ["answer_batch", "optimization_step", "optimizer_and_schedule", "progress", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -32,8 +30,6 @@ def optimizer_and_schedule(
 
     Step the schedule once per optimizer step (:func:`optimization_step` does both).
     """
-    import torch
-
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, total_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup))
@@ -48,8 +44,6 @@ def optimization_step(
 
     ``max_norm=math.inf`` leaves the gradients as they are.
     """
-    import torch
-
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -59,6 +53,38 @@ def optimization_step(
 
 def progress(total: int, desc: str, enabled: bool) -> tqdm:
     """A tqdm bar of ``total`` steps labelled ``desc``; it prints nothing when ``enabled`` is false."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def answer_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Processor inputs for ``prompt + " " + answer + EOS`` with ``labels`` on the answer and EOS only.
+
+    For a decoder-only language model whose processor pads on the left (as
+    :func:`catp.models.load_model` sets it): every row then ends at the right edge, so the EOS
+    column is appended to all rows, and the answer is the last tokens of each row. The answer's
+    token count is read per row as ``len(tokens(prompt + " " + answer)) - len(tokens(prompt))``,
+    which holds for word-level and BPE tokenizers alike.
+
+    Returns:
+        The processor's tensors (``pixel_values``, ``input_ids``, ``attention_mask``) and
+        ``labels`` ``(B, L)``: the token ids on the answer and EOS, ``-100`` elsewhere (the image
+        placeholders, the prompt and the padding).
+
+    Raises:
+        ValueError: a tokenizer that does not pad on the left, or an empty answer.
+    """
+    tokenizer = processor.tokenizer
+    if tokenizer.padding_side != "left":
+        raise ValueError("answer-only labels need a processor that pads on the left (a decoder-only language model)")
+    if any(not a.strip() for a in answers):
+        raise ValueError("every question needs a non-empty answer to train on")
+    full = [f"{p} {a.strip()}" for p, a in zip(prompts, answers)]
+    inputs = processor(images=list(images), text=full, return_tensors="pt", padding=True)
+    lengths = [len(tokenizer(f)["input_ids"]) - len(tokenizer(p)["input_ids"]) for f, p in zip(full, prompts)]
+    eos = torch.full((len(full), 1), tokenizer.eos_token_id, dtype=inputs["input_ids"].dtype)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], eos], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(eos)], dim=1)
+    width = inputs["input_ids"].shape[1]
+    answer_part = torch.arange(width) >= width - 1 - torch.tensor(lengths)[:, None]  # the answer's tokens and EOS
+    inputs["labels"] = inputs["input_ids"].masked_fill(~answer_part, -100)
+    return dict(inputs)

@@ -26,6 +26,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from catp.bench.flops import parameter_count
 from catp.models import dtype_bytes, model_class
 
@@ -76,7 +78,6 @@ def arch_config(name: str) -> Any:
 def available_memory_bytes(device: str) -> int:
     """Memory a new model may use on ``device``: free GPU memory, or ``MemAvailable`` on CPU."""
     if device.startswith("cuda"):
-        import torch
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
@@ -116,8 +117,6 @@ def _fill_random(model: Any, seed: int) -> None:
     (latency does not depend on the values, and ``normal_`` on billions of elements
     would take longer than the benchmark).
     """
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     block = torch.randn(1 << 20, generator=generator) * 0.02
     with torch.no_grad():
@@ -145,7 +144,6 @@ def build_arch(name: str, dtype: str = "bfloat16", device: str = "cpu", seed: in
     Raises:
         MemoryError: before allocating, when the weights cannot fit (:func:`check_fits`).
     """
-    import torch
     from accelerate import init_empty_weights
 
     config = arch_config(name)

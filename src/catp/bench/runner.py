@@ -21,9 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
 from catp.budget import Budget
+from catp.hf import placeholder_token_id, pruned
 from catp.methods import SELECTORS, budget_refusal, get_method
 
 __all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
@@ -106,7 +109,6 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 
 def machine_info(device: str) -> dict[str, Any]:
     """What the figures were measured on."""
-    import torch
     import transformers
 
     cpu = platform.processor() or "unknown"
@@ -180,9 +182,6 @@ class Benchmark:
         Text ids are drawn from ``[10, min(V, 1000))`` (no special or image token); a
         decoder-only LLM's prompt starts with BOS, as the processor's does.
         """
-        import torch
-
-        from catp.hf import placeholder_token_id
 
         config, s = self.config, self.settings
         g = torch.Generator().manual_seed(s.seed)
@@ -215,9 +214,6 @@ class Benchmark:
 
     def _runner(self, case: BenchCase) -> tuple[Callable[[], StageTimes], Callable[[], None]]:
         """A function timing one call of ``case``, and the clean-up to run after its repeats."""
-        import torch
-
-        import catp
 
         sync = self.device.startswith("cuda")
         gen = self.generate_kwargs()
@@ -239,7 +235,7 @@ class Benchmark:
             inputs = self.inputs(case.batch)
             session = None
             if case.method != "none":
-                context = catp.pruned(self.model, method=case.method, keep=case.keep)
+                context = pruned(self.model, method=case.method, keep=case.keep)
                 session = context.__enter__()
                 stack.append(context)
             timer = StageTimer(self.model, sync=sync).__enter__()

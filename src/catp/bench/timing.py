@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["StageTimer", "StageTimes", "PeakMemory"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -82,7 +84,6 @@ class StageTimer:
 
     def _now(self) -> float:
         if self.sync:
-            import torch
 
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -169,7 +170,6 @@ class PeakMemory:
     @contextlib.contextmanager
     def measure(self) -> Iterator[PeakMemory]:
         if self.device.startswith("cuda"):
-            import torch
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -10,11 +10,13 @@ import re
 
 import typer
 
+from catp.cli.adapt import adapt_command
 from catp.cli.bench import bench_command
 from catp.cli.demo import demo_command
 from catp.cli.diagnose import diagnose_command
 from catp.cli.eval import eval_command
 from catp.cli.explain import explain_command
+from catp.methods import METHODS, method_class
 
 app = typer.Typer(
     name="catp",
@@ -36,8 +38,6 @@ def methods_command() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from catp.methods import METHODS, method_class
-
     table = Table("method", "kind", "what it keeps")
     for name in METHODS:
         cls = method_class(name)
@@ -56,6 +56,7 @@ app.command("bench")(bench_command)
 app.command("explain")(explain_command)
 app.command("diagnose")(diagnose_command)
 app.command("demo")(demo_command)
+app.command("adapt")(adapt_command)
 
 
 def main() -> None:

@@ -9,11 +9,26 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
+from catp.adapt import load_adapter
+from catp.bench.archs import build_arch, check_fits
+from catp.bench.report import checks_table, plot, results_table
+from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
 from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import BUDGET_HELP, KEEP_HELP, METHODS_HELP, check_figure_path, output_file, parse_keep, parse_methods, resolve_keeps
-from catp.models import DTYPES
+from catp.cli.options import (
+    BUDGET_HELP,
+    KEEP_HELP,
+    METHODS_HELP,
+    check_figure_path,
+    output_file,
+    parse_keep,
+    parse_methods,
+    resolve_keeps,
+)
+from catp.models import DTYPES, check_device, dtype_bytes, load_config, model_class, resolve_dtype
+from catp.reference import reference_model_path
 
 __all__ = ["bench_command", "load_bench_model", "parse_batches"]
 
@@ -33,7 +48,7 @@ def parse_batches(text: str) -> list[int]:
     return values
 
 
-def load_bench_model(model: str | None, arch: str | None, device: str, dtype: str) -> tuple[Any, str]:
+def load_bench_model(model: str | None, arch: str | None, device: str, dtype: str, adapter: Path | None = None) -> tuple[Any, str]:
     """The model to benchmark and its name: ``--arch`` (random weights), ``--model`` (hub id or
     directory) or, with neither, the embedded reference model. Refuses, before allocating, a
     model whose weights cannot fit (:func:`catp.bench.archs.check_fits`).
@@ -41,25 +56,25 @@ def load_bench_model(model: str | None, arch: str | None, device: str, dtype: st
     Raises:
         ValueError: both or a bad name; MemoryError: the weights cannot fit.
     """
-    import torch
-
-    from catp.bench.archs import build_arch, check_fits
-    from catp.models import load_config, model_class
-    from catp.reference import reference_model_path
-
     if model and arch:
         raise ValueError("give --model or --arch, not both")
+    if adapter is not None and arch:
+        raise ValueError("--adapter goes with --model (or the reference model), not with --arch's random weights")
     if arch:
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
     name = str(reference_model_path()) if model is None else model
     config = load_config(name)
     check_fits(config, dtype, device)
-    loaded = model_class(config.model_type).from_pretrained(name, dtype=getattr(torch, dtype))
-    return loaded.to(device).eval(), "the reference model" if model is None else model
+    loaded = model_class(config.model_type).from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+    if adapter is not None:
+        loaded = load_adapter(loaded, adapter, merge=True)
+    label = ("the reference model" if model is None else model) + ("" if adapter is None else f" + adapter {adapter.name}")
+    return loaded, label
 
 
 def bench_command(
     model: Annotated[str | None, typer.Option(help="Hub id or local directory (default: the embedded reference model).")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A catp adapt adapter directory to put on the model (merged into its weights).")] = None,
     arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b, instructblip-video-vicuna-7b.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bfloat16 for --arch, float16 on CUDA, float32 otherwise.")] = "auto",
@@ -80,12 +95,7 @@ def bench_command(
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Plot output (default: --out with .png).")] = None,
 ) -> None:
     """Measure latency, throughput, memory and FLOPs per stage over method x keep x batch."""
-    import torch
     from rich.console import Console
-
-    from catp.bench.report import checks_table, plot, results_table
-    from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
-    from catp.models import check_device, dtype_bytes, resolve_dtype
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
     with user_input(param="--device"):
@@ -113,7 +123,7 @@ def bench_command(
         torch.set_num_threads(threads)
     try:
         with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
-            net, name = load_bench_model(model, arch, device, dtype)
+            net, name = load_bench_model(model, arch, device, dtype, adapter)
     except MemoryError as error:
         raise typer.BadParameter(str(error), param_hint="--dtype") from None
     runner = Benchmark(net, device, dtype_bytes(dtype), settings, progress=lambda msg: console.log(msg))

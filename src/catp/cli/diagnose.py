@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 
 from catp.cli.errors import INPUT_ERRORS, user_input
 from catp.cli.options import KEEP_HELP, METHODS_HELP, output_file, parse_keep, parse_methods
-from catp.evaluation.diagnose import DEFAULT_INSTRUCTION
-from catp.models import DTYPES
+from catp.evaluation.diagnose import DEFAULT_INSTRUCTION, diagnose, folder_images, qformer_inputs, scene_images
+from catp.models import DTYPES, check_device, resolve_dtype
+from catp.reference import load
+from catp.reference.data import easy_vqa_images
+from catp.selection import resolve_keep
 
 DATASETS = ("easy-vqa", "scenes")
 
 
 def diagnose_command(
     model: str | None = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    adapter: Path | None = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
     dataset: str = typer.Option("easy-vqa", help="Images from easy-vqa or scenes (scenes add the object-attention figures); ignored with --images."),
     split: str = typer.Option("test", help="Split of --dataset: train, validation or test."),
     images: Path | None = typer.Option(None, help="A folder of images to use instead of --dataset."),
@@ -28,15 +33,8 @@ def diagnose_command(
     out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
 ) -> None:
     """Measure how distinct a model's query tokens are: cosine, effective rank, map correlation, entropy, kept sets."""
-    import torch
     from rich.console import Console
     from rich.table import Table
-
-    from catp.evaluation.diagnose import diagnose, folder_images, qformer_inputs, scene_images
-    from catp.models import check_device, resolve_dtype
-    from catp.reference import load
-    from catp.reference.data import easy_vqa_images
-    from catp.selection import resolve_keep
 
     with user_input(param="--device"):
         check_device(device)
@@ -52,7 +50,7 @@ def diagnose_command(
         with user_input(param="--out"):
             output_file(out)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        loaded, processor = load(model, dtype, device)
+        loaded, processor = load(model, dtype, device, adapter=adapter)
     with user_input(param="--keep"):
         resolve_keep(keep_value, int(loaded.config.num_query_tokens))
     with user_input(param="--instruction"):

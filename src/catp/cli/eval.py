@@ -11,19 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 from catp.budget import Budget
 from catp.cli.errors import INPUT_ERRORS, user_input
 from catp.cli.options import BUDGET_HELP, KEEP_HELP, METHODS_HELP, output_dir, parse_keep, parse_methods, resolve_keeps
-from catp.evaluation.hf_datasets import describe_default_columns
+from catp.evaluation import harness, report
+from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
+from catp.evaluation.hf_datasets import describe_default_columns, parse_columns
 from catp.evaluation.questions import DEFAULT_SPLIT
-from catp.models import DTYPES
+from catp.methods import budget_refusal, get_method
+from catp.models import DTYPES, check_device, load_config, load_model, resolve_dtype
 from catp.protocol import PAPER_KEEPS, PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
+from catp.reference import reference_model_path
 
 
 def eval_command(
     model: Optional[str] = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    adapter: Optional[Path] = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
     dataset: str = typer.Option("easy-vqa", help="vqav2, ok-vqa, easy-vqa, scenes, jsonl, a path ending in .jsonl, or hf:NAME "
                                 "(a Hugging Face dataset: hub id, save_to_disk directory, or parquet file/folder)."),
     questions: Optional[Path] = typer.Option(None, help="Questions file (VQA questions JSON, or the JSONL file)."),
@@ -55,15 +61,7 @@ def eval_command(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Evaluate pruning methods x keep levels (plus unpruned) with the VQA accuracy; resumable, shardable."""
-    import torch
     from accelerate import PartialState
-
-    from catp.evaluation import harness, report
-    from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
-    from catp.evaluation.hf_datasets import parse_columns
-    from catp.methods import budget_refusal, get_method
-    from catp.models import check_device, load_config, load_model, resolve_dtype
-    from catp.reference import reference_model_path
 
     # Everything the options name is checked before the model's weights load or a question runs.
     with user_input(param="--dtype"):
@@ -99,14 +97,15 @@ def eval_command(
         selected = harness.order_questions(selected, seed)[:limit]
     state = PartialState(cpu=device == "cpu")
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        net, processor = load_model(model_name, dtype, device or str(state.device))
+        net, processor = load_model(model_name, dtype, device or str(state.device), adapter=adapter)
     dtype = resolve_dtype(dtype, device or str(state.device))
     refusals = [budget_refusal(get_method(m)) for m in chosen] if any(isinstance(k, Budget) for k in keeps) else []
     if state.is_main_process:
         for refusal in filter(None, refusals):
             typer.echo(f"note: {refusal}; it runs at the fixed counts only")
     manifest = harness.manifest_for(model_name, dataset if questions is None else str(questions), resolve_split(dataset, split),
-                                    fraction, seed, limit, dtype, protocol, len(selected), config=config, columns=column_map)
+                                    fraction, seed, limit, dtype, protocol, len(selected), config=config, columns=column_map,
+                                    adapter=None if adapter is None else str(adapter))
     with user_input(param="--out"):  # an --out that holds another run
         if state.is_main_process:
             harness.check_manifest(out, manifest, is_main=True)
@@ -132,7 +131,7 @@ def eval_command(
     if state.is_main_process:
         summary = report.summarize(list(harness.iter_records(out, selected, configs)), len(selected), compare=baselines)
         summary["run"] = manifest
-        label = "the reference model" if model is None else model
+        label = ("the reference model" if model is None else model) + ("" if adapter is None else f" + adapter {adapter.name}")
         paths = report.write_reports(summary, out, title=f"{label} on {dataset}")
         typer.echo(report.markdown_table(summary))
         typer.echo("wrote " + ", ".join(str(p) for p in paths))

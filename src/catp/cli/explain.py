@@ -9,7 +9,17 @@ import typer
 
 from catp.cli.errors import INPUT_ERRORS, user_input
 from catp.cli.options import KEEP_HELP, METHODS_HELP, check_figure_path, output_file, parse_keep, parse_methods
-from catp.explanation import DEFAULT_METHODS, SAMPLE_QUESTION
+from catp.explanation import (
+    DEFAULT_METHODS,
+    SAMPLE_QUESTION,
+    check_inputs,
+    draw_explanation,
+    explain,
+    load_image,
+    sample_image,
+    write_html,
+)
+from catp.reference import load
 
 
 def explain_command(
@@ -19,15 +29,13 @@ def explain_command(
     scope: str | None = typer.Option(None, "--scope", help="Video models: keep counts over all frames' tokens (video, default) or per frame."),
     question: str | None = typer.Option(None, "--question", help=f"Question. Default with the sample image: {SAMPLE_QUESTION!r}."),
     model: str | None = typer.Option(None, "--model", help="Model directory or hub id. Default: the embedded reference model."),
+    adapter: Path | None = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods", help=METHODS_HELP + "."),
     keep: str = typer.Option("8", "--keep", help=KEEP_HELP + "; one value."),
     html_out: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
     max_new_tokens: int = typer.Option(10, "--max-new-tokens", min=1, help="Answer length limit."),
 ) -> None:
     """Show which query tokens each method keeps, and what each token looks at in the image."""
-    from catp.explanation import check_inputs, draw_explanation, explain, load_image, sample_image, write_html
-    from catp.reference import load
-
     if image is not None and frames is not None:
         raise typer.BadParameter("give --image (an image model) or --frames (a video model), not both")
     with user_input(param="--image" if frames is None else "--frames"):
@@ -47,7 +55,7 @@ def explain_command(
         with user_input(param="--html"):
             output_file(html_out)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        loaded, processor = load(model)
+        loaded, processor = load(model, adapter=adapter)
     if (frames is not None) != (loaded.config.model_type == "instructblipvideo"):
         raise typer.BadParameter("a video model takes --frames; an image model takes --image")
     with user_input():

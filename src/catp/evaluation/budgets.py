@@ -21,6 +21,8 @@ import torch
 import catp
 from catp.budget import Budget
 from catp.evaluation.report import kept_distribution
+from catp.reference import load
+from catp.reference.data import easy_vqa_images
 
 __all__ = ["budget_counts_table", "main"]
 
@@ -54,8 +56,6 @@ def main() -> None:
     parser.add_argument("--methods", default="catp,catp-all,catp-layer,catp-image,l2norm,selfattn")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS)
     args = parser.parse_args()
-    from catp.reference import load
-    from catp.reference.data import easy_vqa_images
 
     torch.set_num_threads(1)
     model, processor = load(args.model)

@@ -32,7 +32,8 @@ from catp.evaluation.hf_datasets import load_hf_split
 from catp.evaluation.questions import DEFAULT_SPLIT, HF_PREFIX, DatasetError, Question
 from catp.reference import data as reference_data
 
-__all__ = ["DATASETS", "DEFAULT_SPLIT", "DatasetError", "Question", "load_dataset", "register_dataset", "resolve_split", "subsample"]
+__all__ = ["DATASETS", "DEFAULT_SPLIT", "VALIDATION_SPLITS", "DatasetError", "Question", "load_dataset", "register_dataset", "resolve_split",
+           "split_by_image", "subsample"]
 
 Loader = Callable[..., list[Question]]
 #: Registered dataset loaders by name. Each takes keyword arguments ``questions``,
@@ -43,7 +44,6 @@ DATASETS: dict[str, Loader] = {}
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
     """Register a loader under ``name`` (see the module docstring)."""
-
     def decorate(loader: Loader) -> Loader:
         DATASETS[name] = loader
         return loader
@@ -122,6 +122,22 @@ def subsample(questions: Sequence[Question], fraction: float = 1.0, seed: int = 
     count = max(1, round(fraction * len(questions)))
     chosen = set(sorted(range(len(questions)), key=lambda i: stable_hash(seed, questions[i].id))[:count])
     return [q for i, q in enumerate(questions) if i in chosen]
+
+
+#: Datasets with a validation split of their own (for choosing adapters and settings).
+VALIDATION_SPLITS: dict[str, str] = {"easy-vqa": "validation", "scenes": "validation"}
+
+
+def split_by_image(questions: Sequence[Question], fraction: float, seed: int = 0) -> tuple[list[Question], list[Question]]:
+    """``(rest, held out)``: about ``fraction`` of the *images* held out with all their questions.
+
+    An image is known by ``image_key`` (by the question id where the dataset gives none), so
+    no image has questions on both sides. Deterministic for ``seed``.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
+    held = [stable_hash(seed, "val:" + (q.image_key or q.id)) / 2**64 < fraction for q in questions]
+    return [q for q, h in zip(questions, held) if not h], [q for q, h in zip(questions, held) if h]
 
 
 def stable_hash(seed: int, key: str) -> int:
@@ -203,7 +219,7 @@ def load_vqa_files(questions: Path | None, annotations: Path | None, images: Pat
             raise ValueError(f"{where}: question_id {qid} has no entry in {annotations}")
         if image_id not in index:
             raise ValueError(f"{where}: image_id {image_id} has no image file in {images}")
-        out.append(Question(str(qid), _field(record, "question", str, where), answers[qid], index[image_id]))
+        out.append(Question(str(qid), _field(record, "question", str, where), answers[qid], index[image_id], str(image_id)))
     return out
 
 
@@ -243,7 +259,8 @@ def load_jsonl(questions: Path | None = None, **_: Any) -> list[Question]:
             qid = record.get("id", number)
             if not isinstance(qid, (str, int)) or isinstance(qid, bool):
                 raise ValueError(f"{where}: field 'id' must be a str or int, got {qid!r}")
-            out.append(Question(str(qid), _field(record, "question", str, where), _answers(record.get("answers"), where), image))
+            out.append(Question(str(qid), _field(record, "question", str, where), _answers(record.get("answers"), where), image,
+                                str(image)))
     return out
 
 
@@ -254,14 +271,15 @@ def load_easy_vqa(split: str = "test", **_: Any) -> list[Question]:
     """easy-VQA from its package: ``train`` (images 0-3,599), ``validation`` (training images 3,600-3,999,
     carved out for choosing), ``test`` (9,673 questions on 1,000 images); one answer each."""
     examples = reference_data.easy_vqa_split(split)
-    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image) for i, e in enumerate(examples)]
+    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image, f"{split}/{e.image_id}") for i, e in enumerate(examples)]
 
 
 @register_dataset("scenes")
 def load_scenes(split: str = "test", **_: Any) -> list[Question]:
     """The project's harder multi-shape task (generated; :func:`catp.reference.data.scenes_split`):
     ``train``, ``validation``, ``test``."""
-    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image) for i, e in enumerate(reference_data.scenes_split(split))]
+    return [Question(f"{split}/{i}", e.question, (e.answer,), e.image, f"{split}/{e.image_id}")
+            for i, e in enumerate(reference_data.scenes_split(split))]
 
 
 @register_dataset("hf")

@@ -21,13 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
 from catp.hf import pruned as pruned_model
 from catp.methods import budget_refusal, get_method, method_class, options_of
-from catp.selection import resolve_keep
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
+from catp.selection import resolve_keep
 
 __all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "read_predictions", "run_sweep"]
 
@@ -212,7 +214,6 @@ def run_sweep(
     Returns:
         The :class:`RunState` of this process.
     """
-    import torch
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -295,11 +296,11 @@ def iter_records(out: Path, questions: Sequence[Question], configs: Sequence[Con
 
 def manifest_for(model_name: str, dataset: str, split: str | None, fraction: float, seed: int, limit: int | None, dtype: str,
                  protocol: Protocol, num_questions: int, *, config: str | None = None,
-                 columns: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 columns: Mapping[str, str] | None = None, adapter: str | None = None) -> dict[str, Any]:
     """What a run measures; a resumed run must match it (methods and keeps may be added).
 
-    ``config`` and ``columns`` (of an ``hf:`` dataset) appear only when given, so the
-    manifests of other runs are unchanged.
+    ``config`` and ``columns`` (of an ``hf:`` dataset) and ``adapter`` appear only when given,
+    so the manifests of other runs are unchanged.
     """
     manifest = {"model": model_name, "dataset": dataset, "split": split, "fraction": fraction, "seed": seed, "limit": limit,
                 "dtype": dtype, "num_questions": num_questions, **asdict(protocol)}
@@ -307,6 +308,8 @@ def manifest_for(model_name: str, dataset: str, split: str | None, fraction: flo
         manifest["config"] = config
     if columns is not None:
         manifest["columns"] = dict(columns)
+    if adapter is not None:
+        manifest["adapter"] = adapter
     return manifest
 
 

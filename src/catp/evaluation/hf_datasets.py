@@ -182,6 +182,9 @@ def _questions(hf: Any, data: datasets.Dataset, where: str, columns: dict[str, s
     chosen = {role: _column(role, columns, data.column_names, where) for role in COLUMN_ROLES}
     images = _ImageColumn(hf, data, chosen["image"], where, folder)
     wanted = [chosen[role] for role in ("question", "answers", "id") if chosen[role] is not None]
+    # VQAv2's layout names the image of each question: a validation split carved by image uses it.
+    image_key = "image_id" if "image_id" in data.column_names else None
+    wanted += [image_key] if image_key else []
     values = data.select_columns(list(dict.fromkeys(wanted))).to_dict()
     answers_column = chosen["answers"]
     answers = [_answers(value, f"{where}, row {row}, column {answers_column!r}") for row, value in enumerate(values[answers_column])]
@@ -197,6 +200,7 @@ def _questions(hf: Any, data: datasets.Dataset, where: str, columns: dict[str, s
             question=_question(values[chosen["question"]][row], f"{where}, row {row}, column {chosen['question']!r}"),
             answers=answers[row],
             image=functools.partial(images.read, row),
+            image_key=None if image_key is None else str(values[image_key][row]),
         ))
     return out
 

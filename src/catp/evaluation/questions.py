@@ -38,12 +38,15 @@ class Question:
         question: the question text (the prompt is built from it by the harness).
         answers: the human answers (10 for VQAv2 / OK-VQA, 1 for easy-VQA).
         image: a path, a PIL image, or a zero-argument function returning one.
+        image_key: which image it asks about, where the dataset says (questions on one image
+            share it); a validation split carved from training data goes by it.
     """
 
     id: str
     question: str
     answers: tuple[str, ...]
     image: ImageSource
+    image_key: str | None = None
 
     def load_image(self) -> Image.Image:
         """The image, in RGB.

@@ -14,6 +14,7 @@ from typing import Any
 
 from catp.budget import Budget
 from catp.evaluation.harness import UNPRUNED, Config
+from catp.evaluation.metric import normalize_answer
 from catp.methods import compared_with
 
 __all__ = ["budget_comparisons", "kept_distribution", "summarize", "write_reports"]
@@ -55,6 +56,11 @@ def _kept(config: Config, record: dict[str, Any]) -> int:
     return int(record.get("kept", config.keep))
 
 
+def _same_answer(a: str, b: str) -> bool:
+    """Whether two answers are the same after the VQA answer normalisation."""
+    return normalize_answer(a) == normalize_answer(b)
+
+
 def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_questions: int,
               compare: Sequence[str] = ()) -> dict[str, Any]:
     """Summary rows (one per config), paired comparisons (each method against those its kind
@@ -63,7 +69,9 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
 
     Accuracies are in percent, confidence intervals clipped to ``[0, 100]``. Paired
     differences use only questions both configs answered. Each row has the accuracy ratio
-    ``x_<baseline>`` against each method it is compared with.
+    ``x_<baseline>`` against each method it is compared with, and, with an unpruned run,
+    ``retention_pct`` (accuracy over the unpruned accuracy) and ``loyalty_pct`` (the share of
+    questions answered the same as unpruned, after answer normalisation).
 
     Args:
         per_config: each config with its records.
@@ -89,6 +97,12 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
         if unpruned is not None and unpruned[1]:
             base = sum(100 * r["accuracy"] for r in unpruned[1].values()) / len(unpruned[1])
             row["retention_pct"] = round(100 * accuracy / base, 6) if base else float("nan")
+            # Loyalty (EffiVLM-Bench's term): the share of questions answered as the unpruned model
+            # answers them; accuracy alone can hide a model that is right by other answers.
+            shared = [i for i in records if i in unpruned[1]]
+            if shared:
+                same = sum(_same_answer(records[i]["prediction"], unpruned[1][i]["prediction"]) for i in shared)
+                row["loyalty_pct"] = round(100 * same / len(shared), 6)
         ratio_to = [] if config.method is None else compared_with(config.method, measured, compare)
         for baseline in ratio_to:
             other = by_name.get(f"{baseline}@{config.keep_label}")
@@ -179,7 +193,8 @@ def _kept_text(row: dict[str, Any]) -> str:
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    """Accuracy (± 95% CI half-width) per method and keep, with retention of the unpruned accuracy;
+    """Accuracy (± 95% CI half-width) per method and keep, with retention of the unpruned accuracy and
+    the share of answers the same as unpruned;
     for budgets, the kept tokens and the comparison with a fixed ``k`` at the same mean."""
     rows = summary["rows"]
     keeps = _keep_columns(rows)
@@ -193,7 +208,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
         cells = []
         for k in keeps:
             r = cell.get((method, k))
-            retention = f" ({r['retention_pct']:.1f}%)" if r is not None and "retention_pct" in r else ""
+            retention = f" ({r['retention_pct']:.1f}%" if r is not None and "retention_pct" in r else ""
+            if retention:
+                retention += f", {r['loyalty_pct']:.0f}% same)" if "loyalty_pct" in r else ")"
             mean = f", {r['kept_mean']:.1f} tokens" if r is not None and r["budget"] else ""
             cells.append("" if r is None else f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{retention}{mean}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -28,7 +28,8 @@ def reference_model_path() -> Path:
     return _CHECKPOINT
 
 
-def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
+         adapter: str | Path | None = None) -> tuple[Any, Any]:
     """Load ``(model, processor)`` from a local path or hub id; the reference model by default.
 
     The same loader as every command's (:func:`catp.models.load_model`).
@@ -37,6 +38,8 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cp
         model: a checkpoint directory or hub id; ``None`` for :func:`reference_model_path`.
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
+        adapter: a ``catp adapt`` adapter directory, merged into the model
+            (:func:`reference_adapter_path` is the one shipped for the reference model).
 
     Returns:
         ``(model in eval mode, processor)``. The model class follows the config
@@ -45,4 +48,4 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cp
     """
     if model is not None and not isinstance(model, (str, Path)):
         raise TypeError(f"model must be a path or hub id, got {type(model).__name__}")
-    return load_model(reference_model_path() if model is None else model, dtype=dtype, device=device)
+    return load_model(reference_model_path() if model is None else model, dtype=dtype, device=device, adapter=adapter)

@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:
     import torch
 
+import numpy as np
+
 from catp.protocol import PAPER_PROMPT
 
 __all__ = [
@@ -297,7 +299,6 @@ class Scene:
 
     def patch_labels(self, grid: int) -> torch.Tensor:
         """``(2, grid * grid)`` long tensor: the shape and colour labels at each patch centre."""
-        import torch
 
         return torch.stack([_at_patch_centres(m, grid) for m in (self.shape_map, self.color_map)])
 
@@ -307,7 +308,6 @@ class Scene:
         An object's patches are those whose centre shows its colour (colours are distinct
         within a scene); an object too small to cover any patch centre gets the patch under its centre.
         """
-        import torch
 
         colors = _at_patch_centres(self.color_map, grid)
         patch = self.image.width / grid
@@ -320,9 +320,6 @@ class Scene:
 
 def _at_patch_centres(label_map: Image.Image, grid: int) -> torch.Tensor:
     """``(grid * grid,)`` long tensor: ``label_map``'s value at each patch centre of a ``grid x grid`` patching."""
-    import numpy as np
-    import torch
-
     # NEAREST down-sampling reads the pixel at each patch centre.
     return torch.from_numpy(np.asarray(label_map.resize((grid, grid), Image.NEAREST), dtype=np.int64).reshape(-1))
 

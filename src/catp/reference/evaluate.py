@@ -8,8 +8,12 @@ the repository's ``lab/evaluate.py``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
+import torch
+
+from catp.hf import pruned
 from catp.reference.data import VQAExample, format_prompt
 
 __all__ = ["MAX_NEW_TOKENS", "answer", "exact_match"]
@@ -28,17 +32,11 @@ def answer(model, processor, examples: Sequence[VQAExample], method: str | None 
     Returns:
         one decoded answer per example.
     """
-    import contextlib
-
-    import torch
-
-    import catp
-
     if (method is None) != (keep is None):
         raise ValueError("give both method and keep, or neither")
     answers: list[str] = []
     options = {"seed": 0} if method == "random" else {}
-    context = catp.pruned(model, method=method, keep=keep, **options) if method is not None else contextlib.nullcontext()
+    context = pruned(model, method=method, keep=keep, **options) if method is not None else contextlib.nullcontext()
     with context as session, torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]

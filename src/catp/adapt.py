@@ -1,0 +1,543 @@
+"""Win back the accuracy that pruning costs: a small adapter trained with the pruning in the loop.
+
+The frozen language model of a BLIP-2 only ever saw all of its query tokens, and the Q-Former
+never learnt to put what matters into the tokens a method keeps. A short fine-tune teaches it:
+
+* **Method in the loop** (default). Each batch draws a keep ``k`` from ``keeps`` (elastic, as
+  the Matryoshka Query Transformer trains, so one adapter serves every keep, all tokens
+  included). The adapted model itself chooses the kept set, in eval mode and without
+  gradients (HF's eager attention returns its probabilities after dropout in training mode,
+  so a training-mode choice would differ from the inference-time one), through
+  :func:`catp.select_queries`. The loss is ``model(**inputs, labels=...)`` inside
+  :func:`catp.pruned` with those tokens, on the answer and EOS only: exactly what inference
+  computes.
+* **Truncate** (MQT's own mode). The Q-Former runs on its first ``k`` query tokens only
+  (:func:`truncated`), so its outputs no longer depend on the dropped queries; an adapter
+  trained so is exported as a stock checkpoint with ``num_query_tokens=K``
+  (:func:`export_truncated`), which stock Hugging Face and vLLM serve with no catp at all.
+
+What trains (:func:`add_adapter`): LoRA (``peft``) on the Q-Former's attention (self and
+cross: query, key, value, output) and its query feed-forward layers, the whole
+``language_projection``, and the query tokens (peft cannot train a top-level parameter, so
+they train as a plain parameter and are saved beside the adapter as
+:data:`QUERY_TOKENS_FILE`). The vision tower and the language model stay frozen, as BLIP-2
+keeps them; ``lm_lora`` adds LoRA on the language model's linear layers.
+
+The loop (:func:`train_adapter`) keeps the adapter state that does best on the validation
+questions (mean accuracy over the keeps), checkpoints every ``checkpoint_every`` steps and
+resumes from the last checkpoint when rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from catp.evaluation.metric import vqa_accuracy
+from catp.evaluation.questions import Question
+from catp.hf import base_model, check_model, placeholder_token_id, pruned, select_queries
+from catp.layout import kept_positions, take_positions
+from catp.methods import Captures, PruningMethod, get_method, method_class, options_of
+from catp.protocol import PAPER_PROMPT
+from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
+
+__all__ = [
+    "ADAPTER_SETTINGS_FILE",
+    "QUERY_TOKENS_FILE",
+    "AdaptSettings",
+    "add_adapter",
+    "choose_for_training",
+    "export_truncated",
+    "load_adapter",
+    "train_adapter",
+    "trainable_parameters",
+    "truncated",
+    "validate",
+]
+
+#: The query tokens of an adapted model, beside peft's adapter files.
+QUERY_TOKENS_FILE = "query_tokens.safetensors"
+#: The adapter's settings, its training data and its validation figures.
+ADAPTER_SETTINGS_FILE = "catp_adapter.json"
+_CHECKPOINT = "checkpoint"
+
+# Q-Former linear layers that see the query tokens: self-attention, cross-attention (both with
+# their output projection) and the query feed-forward block. The text-only branches of a
+# stage-1 Q-Former (intermediate, output) never touch the queries.
+_QFORMER_TARGETS = (r"qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.(attention\.(query|key|value)|output\.dense)"
+                    r"|qformer\.encoder\.layer\.\d+\.(intermediate_query|output_query)\.dense")
+_LM_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """Everything that determines an adapter's training (the run is a function of this and the data).
+
+    Attributes:
+        method: the pruning method in the loop (a name of :data:`catp.METHODS`); ignored with ``truncate``.
+        keeps: the keeps a batch draws from, counts of query tokens (all of them included for an
+            adapter that never hurts the full model).
+        truncate: MQT's mode: the Q-Former runs on its first ``k`` query tokens.
+        rank, alpha, dropout: LoRA's rank, scale and dropout.
+        lm_lora: also LoRA on the language model's linear layers.
+        query_tokens: whether the query tokens train.
+        lr: peak learning rate (AdamW, 5% warm-up, cosine decay to 10%).
+        batch_size: questions per step.
+        steps: optimisation steps.
+        validate_every: steps between validations (and at the end).
+        checkpoint_every: steps between resumable checkpoints.
+        seed: the data order, the keep drawn per step, the initial LoRA weights.
+        prompt: the VQA prompt (``{}`` is the question).
+        max_new_tokens: greedy answer length at validation.
+    """
+
+    method: str = "first"
+    keeps: tuple[int, ...] = (4, 8, 16, 32)
+    truncate: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lm_lora: bool = False
+    query_tokens: bool = True
+    lr: float = 5e-4
+    batch_size: int = 32
+    steps: int = 1000
+    validate_every: int = 250
+    checkpoint_every: int = 50
+    seed: int = 0
+    prompt: str = PAPER_PROMPT
+    max_new_tokens: int = 5
+
+    def check(self, num_query_tokens: int) -> None:
+        """Raise a ``ValueError`` (or ``TypeError``) naming the first bad setting."""
+        if not self.truncate:
+            get_method(self.method)  # an unknown method is named
+        if not self.keeps:
+            raise ValueError("give at least one keep")
+        for k in self.keeps:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_query_tokens:
+                raise ValueError(f"keep={k!r} is out of range: the model has {num_query_tokens} query tokens, keep 1..{num_query_tokens}")
+        for name in ("rank", "batch_size", "steps", "validate_every", "checkpoint_every", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.lr > 0 and self.alpha > 0 and 0 <= self.dropout < 1):
+            raise ValueError(f"need lr > 0, alpha > 0 and 0 <= dropout < 1, got lr={self.lr}, alpha={self.alpha}, dropout={self.dropout}")
+        if "{}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{}}' where the question goes, got {self.prompt!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "keeps": list(self.keeps)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdaptSettings:
+        return cls(**{**data, "keeps": tuple(data["keeps"])})
+
+
+# -- the adapter ------------------------------------------------------------------------------
+
+def add_adapter(model: nn.Module, settings: AdaptSettings) -> nn.Module:
+    """Wrap ``model`` in a ``peft.PeftModel`` with the trainable parts of ``settings`` (see the module docstring).
+
+    Every other parameter is frozen. Returns the ``PeftModel``; ``catp.pruned`` and
+    :func:`catp.select_queries` take it as they take the model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    check_model(base_model(model))
+    targets = _QFORMER_TARGETS + (f"|{_LM_TARGETS}" if settings.lm_lora else "")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+                        modules_to_save=["language_projection"])
+    torch.manual_seed(settings.seed)  # LoRA's A matrices start random
+    adapted = get_peft_model(model, config)
+    # peft trains LoRA and modules_to_save only; the query tokens are a top-level parameter it cannot wrap.
+    base_model(adapted).query_tokens.requires_grad_(settings.query_tokens)
+    return adapted
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Names and sizes of the parameters that train."""
+    return {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, out: Path, info: dict[str, Any]) -> None:
+    """A standard peft adapter directory (``PeftModel.from_pretrained`` loads it), plus the query tokens and ``info``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    save_file({"query_tokens": base_model(model).query_tokens.detach().float().cpu().contiguous()}, str(out / QUERY_TOKENS_FILE))
+    (out / ADAPTER_SETTINGS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
+    """Put a saved adapter (:func:`save_adapter`) on ``model``: its LoRA weights, projection and query tokens.
+
+    Args:
+        merge: fold the LoRA weights into the base weights and return the plain transformers
+            model (what the command line's ``--adapter`` does); else the ``PeftModel``.
+
+    Raises:
+        ValueError: not an adapter directory, or one for a model of another shape.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{path} is not an adapter directory: it has no adapter_config.json (write one with catp adapt)")
+    adapted = PeftModel.from_pretrained(model, str(path))
+    tokens_file = path / QUERY_TOKENS_FILE
+    if tokens_file.is_file():
+        tokens = load_file(str(tokens_file))["query_tokens"]
+        target = base_model(adapted).query_tokens
+        if tokens.shape != target.shape:
+            raise ValueError(f"{path}: query tokens of shape {tuple(tokens.shape)}, the model's are {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tokens.to(target.dtype))
+    adapted.eval()
+    return adapted.merge_and_unload() if merge else adapted
+
+
+def adapter_info(path: str | Path) -> dict[str, Any]:
+    """The settings and figures saved with an adapter (:data:`ADAPTER_SETTINGS_FILE`)."""
+    file = Path(path) / ADAPTER_SETTINGS_FILE
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+# -- choosing and truncating ------------------------------------------------------------------
+
+@dataclass
+class _Chosen(PruningMethod):
+    """Kept tokens chosen beforehand: the training step replays the eval-mode choice (not registered)."""
+
+    name: ClassVar[str] = "chosen"
+    kind: ClassVar[str] = "selector"
+    kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
+
+    def select(self, captures: Captures, k: int) -> torch.Tensor:
+        return self.kept[:, :k]
+
+
+def choose_for_training(model: nn.Module, pixel_values: torch.Tensor, method: str, k: int, **options: Any) -> torch.Tensor:
+    """The kept set the adapted model chooses for these images at inference: eval mode, no dropout, no gradients.
+
+    Returns:
+        ``(B, k)`` kept indices, ascending (what :func:`catp.select_queries` returns).
+    """
+    inner = base_model(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        return select_queries(inner, pixel_values, method=method, keep=k, **options)
+    finally:
+        inner.train(was_training)
+
+
+@contextlib.contextmanager
+def truncated(model: nn.Module, k: int) -> Iterator[None]:
+    """Run the Q-Former on its first ``k`` query tokens only (MQT), inside the block.
+
+    A forward pre-hook cuts the query embeddings the stock code hands the Q-Former, so the
+    gradient still reaches the first ``k`` rows of ``query_tokens``. The prompt must then hold
+    ``k`` image placeholders (:func:`shorten_placeholders`). BLIP-2 only: InstructBLIP's
+    Q-Former mask is built for all the queries before the call.
+    """
+    inner = base_model(model)
+    if type(inner).__name__ != "Blip2ForConditionalGeneration":
+        raise ValueError(f"truncation runs on BLIP-2 (Blip2ForConditionalGeneration), not {type(inner).__name__}")
+    q = int(inner.config.num_query_tokens)
+    if not 1 <= k <= q:
+        raise ValueError(f"keep={k} is out of range: the model has {q} query tokens, keep 1..{q}")
+
+    def cut(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs["query_embeds"] = kwargs["query_embeds"][:, :k]
+        return args, kwargs
+
+    handle = inner.qformer.register_forward_pre_hook(cut, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def shorten_placeholders(model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Keep only the first ``k`` image placeholders of each prompt (``input_ids``, ``attention_mask``, ``labels``)."""
+    inner = base_model(model)
+    ids = inputs["input_ids"]
+    first = torch.arange(k, device=ids.device).expand(ids.shape[0], -1)
+    positions = kept_positions(ids, placeholder_token_id(inner), first, "left")
+    fills = {"input_ids": inner.config.text_config.pad_token_id or 0, "attention_mask": 0, "labels": -100}
+    return {name: take_positions(value, positions, fills[name]) if name in fills else value for name, value in inputs.items()}
+
+
+# -- one step and the loop -----------------------------------------------------------------------
+
+def _loss(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSettings, k: int, q: int,
+          options: dict[str, Any]) -> torch.Tensor:
+    """The language-modelling loss on the answers with ``k`` query tokens, as inference would feed them."""
+    if k == q:
+        return model(**inputs).loss
+    if settings.truncate:
+        with truncated(model, k):
+            return model(**shorten_placeholders(model, inputs, k)).loss
+    kept = choose_for_training(model, inputs["pixel_values"], settings.method, k, **options)
+    with pruned(model, method=_Chosen(kept=kept), keep=k):
+        return model(**inputs).loss
+
+
+def target_answer(question: Question) -> str:
+    """The answer to train on: the most frequent of the human answers (the first among equals)."""
+    return Counter(a.strip() for a in question.answers).most_common(1)[0][0]
+
+
+def _batches(questions: Sequence[Question], batch_size: int, seed: int, step: int) -> list[Question]:
+    """The questions of ``step``: epochs of a seeded permutation, so a resumed run sees the same batches."""
+    per_epoch = max(1, len(questions) // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(len(questions)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [questions[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def _method_options(method: str, questions: Sequence[Question], seed: int) -> dict[str, Any]:
+    # A seeded method draws per question, as the eval harness does.
+    if "seed" in options_of(method_class(method)):
+        from catp.evaluation.harness import question_seed
+
+        return {"seed": [question_seed(seed, q.id) for q in questions]}
+    return {}
+
+
+def validate(model: nn.Module, processor: Any, questions: Sequence[Question], settings: AdaptSettings,
+             batch_size: int = 64) -> dict[int, float]:
+    """Greedy VQA accuracy (%) on ``questions`` at every keep, as inference runs it (eval mode)."""
+    inner = base_model(model)
+    q = int(inner.config.num_query_tokens)
+    was_training = inner.training
+    inner.eval()
+    scores: dict[int, float] = {}
+    try:
+        for k in settings.keeps:
+            total = 0.0
+            for start in range(0, len(questions), batch_size):
+                chunk = questions[start:start + batch_size]
+                inputs = processor(images=[x.load_image() for x in chunk], text=[settings.prompt.format(x.question) for x in chunk],
+                                   return_tensors="pt", padding=True).to(inner.device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(next(inner.parameters()).dtype)
+                generate = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1)
+                with torch.no_grad(), _inference(inner, inputs, settings, k, q, chunk) as ready:
+                    out = inner.generate(**ready, **generate)
+                answers = processor.batch_decode(out[:, ready["input_ids"].shape[1]:], skip_special_tokens=True)
+                total += sum(vqa_accuracy(a.strip(), x.answers) for a, x in zip(answers, chunk))
+            scores[k] = 100 * total / len(questions)
+    finally:
+        inner.train(was_training)
+    return scores
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSettings, k: int, q: int,
+               questions: Sequence[Question]) -> Iterator[dict[str, torch.Tensor]]:
+    """The inputs and context of an inference call at keep ``k``: unpruned, truncated or pruned."""
+    if k == q:
+        yield inputs
+    elif settings.truncate:
+        with truncated(model, k):
+            yield shorten_placeholders(model, inputs, k)
+    else:
+        with pruned(model, method=settings.method, keep=k, **_method_options(settings.method, questions, settings.seed)):
+            yield inputs
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`train_adapter` did.
+
+    Attributes:
+        out: the adapter directory.
+        steps: optimisation steps done in all (this call and the ones it resumed).
+        seconds: training time in all, validation excluded.
+        validation: per validation step, ``{"step", "accuracy": {keep: %}, "mean"}``.
+        best: the entry of ``validation`` whose adapter state was saved.
+        resumed_from: the step this call started at.
+    """
+
+    out: Path
+    steps: int
+    seconds: float
+    validation: list[dict[str, Any]]
+    best: dict[str, Any]
+    resumed_from: int = 0
+
+
+def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], val: Sequence[Question], settings: AdaptSettings,
+                  out: Path, show_progress: bool = True, data: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = print) -> AdaptResult:
+    """Train an adapter on ``train``, keep the state that does best on ``val``, write it to ``out``.
+
+    Args:
+        model: a BLIP-2 / InstructBLIP (decoder-only language model) without an adapter; it is
+            wrapped in place (:func:`add_adapter`).
+        processor: its processor, padding on the left.
+        train, val: questions with their answers (never a test split).
+        out: the adapter directory; ``out/checkpoint`` holds the resumable state until the run ends.
+        data: a description of the training and validation data, saved with the adapter.
+
+    Returns:
+        An :class:`AdaptResult`; the adapter is in ``out`` (:func:`load_adapter`).
+    """
+    inner = base_model(model)
+    check_model(inner)
+    q = int(inner.config.num_query_tokens)
+    settings.check(q)
+    if not inner.config.use_decoder_only_language_model:
+        raise ValueError("catp adapt trains BLIP-2 / InstructBLIP with a decoder-only language model (OPT, LLaMA, Vicuna)")
+    if not train or not val:
+        raise ValueError(f"need training and validation questions, got {len(train)} and {len(val)}")
+    finished = adapter_info(out)
+    if finished.get("settings") == settings.to_json():
+        log(f"{out} already holds this adapter, trained to the end; nothing to do")
+        return AdaptResult(out=out, steps=finished["steps"], seconds=finished["train_seconds"], validation=finished["validation"],
+                           best=finished["best"], resumed_from=finished["steps"])
+    if finished:
+        raise ValueError(f"{out} holds an adapter trained with other settings; use another --out")
+    adapted = add_adapter(model, settings)
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_and_schedule(params, settings.lr, settings.steps)
+    state = _resume(adapted, optimizer, scheduler, out, settings, log)
+    start, seconds, history, best = state["step"], state["seconds"], state["validation"], state["best"]
+    draw = random.Random(f"keeps:{settings.seed}")
+    keeps = [draw.choice(settings.keeps) for _ in range(settings.steps)]
+    inner.train()
+    inner.vision_model.eval()  # frozen and without dropout, as BLIP-2 keeps it
+    inner.language_model.train(settings.lm_lora)
+    bar = progress(settings.steps, "adapt", show_progress)
+    bar.update(start)
+    dtype = next(inner.vision_model.parameters()).dtype
+    for step in range(start, settings.steps):
+        started = time.perf_counter()
+        batch = _batches(train, settings.batch_size, settings.seed, step)
+        inputs = answer_batch(processor, [x.load_image() for x in batch], [settings.prompt.format(x.question) for x in batch],
+                              [target_answer(x) for x in batch])
+        inputs = {name: value.to(inner.device) for name, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, batch, settings.seed))
+        optimization_step(loss, params, optimizer, scheduler)
+        seconds += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", k=keeps[step])
+        done = step + 1
+        if done % settings.validate_every == 0 or done == settings.steps:
+            accuracy = validate(adapted, processor, val, settings)
+            entry = {"step": done, "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy)}
+            history.append(entry)
+            log(f"step {done}: validation accuracy " + ", ".join(f"keep {k}: {a:.1f}" for k, a in accuracy.items()))
+            if best is None or entry["mean"] > best["mean"]:
+                best = entry
+                _save_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            _checkpoint(adapted, optimizer, scheduler, out, settings, done, seconds, history, best)
+    bar.close()
+    _load_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
+    info = {"settings": settings.to_json(), "data": data or {}, "steps": settings.steps, "train_seconds": round(seconds, 1),
+            "validation": history, "best": best, "trainable_parameters": sum(trainable_parameters(adapted).values())}
+    save_adapter(adapted, out, info)
+    shutil.rmtree(out / _CHECKPOINT)  # the adapter is whole: the resumable state is spent
+    return AdaptResult(out=out, steps=settings.steps, seconds=seconds, validation=history, best=best, resumed_from=start)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_tensors(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(model), str(path))
+
+
+def _load_tensors(model: nn.Module, path: Path) -> None:
+    saved = load_file(str(path))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in saved:
+                p.copy_(saved[name].to(p.dtype))
+
+
+def _checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, settings: AdaptSettings, step: int, seconds: float,
+                history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """Everything a rerun needs to continue at ``step`` as if never stopped (the file written last marks it whole)."""
+    folder = out / _CHECKPOINT
+    _save_tensors(model, folder / "weights.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+               folder / "optimizer.pt")
+    state = {"settings": settings.to_json(), "step": step, "seconds": seconds, "validation": history, "best": best}
+    (folder / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def _resume(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, settings: AdaptSettings,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """The state to start from: a fresh one, or the last checkpoint of a run with the same settings."""
+    fresh = {"step": 0, "seconds": 0.0, "validation": [], "best": None}
+    state_file = out / _CHECKPOINT / "state.json"
+    if not state_file.is_file():
+        return fresh
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    if state["settings"] != settings.to_json():
+        changed = sorted(k for k in state["settings"] if state["settings"][k] != settings.to_json().get(k))
+        raise ValueError(f"{out} holds an adapter run with other settings ({', '.join(changed)}); "
+                         "resume with the same settings or use another --out")
+    _load_tensors(model, out / _CHECKPOINT / "weights.safetensors")
+    saved = torch.load(out / _CHECKPOINT / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    for entry in state["validation"]:
+        entry["accuracy"] = {int(k): v for k, v in entry["accuracy"].items()}
+    if state["best"] is not None:
+        state["best"]["accuracy"] = {int(k): v for k, v in state["best"]["accuracy"].items()}
+    log(f"resuming {out} at step {state['step']} of {settings.steps}")
+    return state
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+def export_truncated(model: nn.Module, processor: Any, k: int, out: Path) -> Path:
+    """A stock BLIP-2 checkpoint with ``num_query_tokens=k``: the first ``k`` query tokens and the (merged) adapted weights.
+
+    Stock Hugging Face (``Blip2ForConditionalGeneration`` + ``Blip2Processor``) and stock vLLM
+    load and serve it with ``k`` placeholders per image, no catp needed; its Q-Former runs on
+    ``k`` queries, which is what :func:`truncated` trains.
+
+    Args:
+        model: an adapted model (a ``PeftModel`` is merged first) or a plain BLIP-2. It is
+            changed in place (merged, its query tokens cut to ``k``): load it again to use it.
+    """
+    inner = base_model(model)
+    if hasattr(model, "merge_and_unload"):
+        inner = model.merge_and_unload()
+    q = int(inner.config.num_query_tokens)
+    if type(inner).__name__ != "Blip2ForConditionalGeneration":
+        raise ValueError(f"export writes BLIP-2 checkpoints, not {type(inner).__name__}")
+    if not 1 <= k <= q:
+        raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
+    with torch.no_grad():
+        inner.query_tokens = nn.Parameter(inner.query_tokens[:, :k].detach().clone())
+    inner.config.num_query_tokens = k
+    out.mkdir(parents=True, exist_ok=True)
+    inner.save_pretrained(str(out))
+    processor.num_query_tokens = k  # Blip2Processor inserts this many placeholders
+    processor.save_pretrained(str(out))
+    return out

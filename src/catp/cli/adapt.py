@@ -1,0 +1,128 @@
+"""``catp adapt``: train a small adapter so that the model answers well from the tokens a method keeps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from catp.cli.errors import INPUT_ERRORS, user_input
+from catp.cli.options import KEEP_HELP, output_dir, parse_keep, parse_methods, resolve_keeps
+from catp.models import DTYPES
+
+
+def adapt_command(
+    out: Path = typer.Option(..., help="Adapter directory: a peft adapter, its query tokens, settings and validation figures."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
+    method: str = typer.Option("first", help="The pruning method in the loop (a name from `catp methods`, or package.module:Class)."),
+    keep: str = typer.Option("4,8,16,32", help=KEEP_HELP + "; each batch draws one (elastic), so one adapter serves them all."),
+    dataset: list[str] = typer.Option(["easy-vqa", "scenes"], help="Training data, repeatable: easy-vqa, scenes, a .jsonl file, "
+                                      "hf:NAME, or vqav2 / ok-vqa with --questions/--annotations/--images."),
+    questions: Optional[Path] = typer.Option(None, help="Questions file of a vqav2 / ok-vqa / jsonl dataset."),
+    annotations: Optional[Path] = typer.Option(None, help="VQA annotations JSON (vqav2, ok-vqa)."),
+    images: Optional[Path] = typer.Option(None, help="COCO image directory (vqav2, ok-vqa)."),
+    split: str = typer.Option("train", help="The split to train on (never a test split)."),
+    val_fraction: float = typer.Option(0.05, help="For data without a validation split (JSONL, hf:, VQAv2): this share of the "
+                                       "training images, with all their questions, is held out to choose the checkpoint."),
+    val_limit: int = typer.Option(500, min=1, help="Validation questions per dataset (the first in a fixed random order)."),
+    truncate: bool = typer.Option(False, help="MQT's mode: the Q-Former runs on its first k query tokens (BLIP-2 only); "
+                                  "export the result with --export K."),
+    export: list[int] = typer.Option([], help="After training (--truncate), write a stock BLIP-2 with K query tokens to OUT/export-K; repeatable."),
+    merge: bool = typer.Option(False, help="Also write the adapted model merged into a full checkpoint, OUT/merged."),
+    rank: int = typer.Option(8, min=1, help="LoRA rank."),
+    lm_lora: bool = typer.Option(False, help="Also LoRA on the language model (frozen by default, as BLIP-2 keeps it)."),
+    query_tokens: bool = typer.Option(True, help="Train the query tokens (saved beside the adapter)."),
+    lr: float = typer.Option(5e-4, help="Peak learning rate (AdamW, warm-up, cosine decay)."),
+    batch_size: int = typer.Option(32, min=1, help="Questions per step."),
+    steps: int = typer.Option(1000, min=1, help="Optimisation steps."),
+    validate_every: int = typer.Option(250, min=1, help="Steps between validations; the best state is kept."),
+    seed: int = typer.Option(0, help="Seed of the data order, the keeps drawn and the LoRA init."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help=f"One of {', '.join(DTYPES)} (train in float32 unless memory forces otherwise)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train an adapter (LoRA on the Q-Former, the projection and the query tokens) with the pruning method in the loop."""
+    import torch
+
+    from catp.adapt import AdaptSettings, export_truncated, load_adapter, train_adapter
+    from catp.evaluation.datasets import VALIDATION_SPLITS, load_dataset, split_by_image
+    from catp.evaluation.harness import order_questions
+    from catp.models import check_device, load_config, load_model, resolve_dtype
+    from catp.reference import reference_model_path
+
+    with user_input(param="--device"):
+        check_device(device)
+    with user_input(param="--dtype"):
+        dtype = resolve_dtype(dtype, device)
+    with user_input(param="--method"):
+        names = parse_methods(method)
+        if len(names) != 1:
+            raise ValueError(f"give one method, got {method!r}; train one adapter per method and compare them on validation")
+    method_name = names[0]
+    with user_input(param="--keep"):
+        keep_values = parse_keep(keep, budgets=False)
+    if split == "test" or split.startswith("test"):
+        raise typer.BadParameter(f"catp adapt trains on a training split, never on {split!r}: test splits are for catp eval only",
+                                 param_hint="--split")
+    if export and not truncate:
+        raise typer.BadParameter("--export writes a checkpoint with fewer query tokens, which only a --truncate adapter is "
+                                 "trained for", param_hint="--export")
+    with user_input(param="--out"):
+        output_dir(out, make=False)
+    name = model or str(reference_model_path())
+    with user_input(param="--model"):
+        config = load_config(name)
+    q = int(config.num_query_tokens)
+    with user_input(param="--keep"):
+        keeps = tuple(int(k) for k in resolve_keeps(keep_values, q))
+    with user_input(param="--export"):
+        for k in export:
+            if not 1 <= k <= q:
+                raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
+    settings = AdaptSettings(method=method_name, keeps=keeps, truncate=truncate, rank=rank, lm_lora=lm_lora, query_tokens=query_tokens,
+                             lr=lr, batch_size=batch_size, steps=steps, validate_every=min(validate_every, steps), seed=seed)
+    with user_input():
+        settings.check(q)
+    train, val, sources = [], [], []
+    with user_input(param="--dataset"):
+        files = dict(questions=questions, annotations=annotations, images=images)
+        for data in dataset:
+            part = load_dataset(data, split=split, **files)
+            if not part:
+                raise ValueError(f"dataset {data!r} has no {split!r} questions: nothing to train on")
+            if data in VALIDATION_SPLITS:
+                held = load_dataset(data, split=VALIDATION_SPLITS[data], **files)
+                source = f"{data}: split {VALIDATION_SPLITS[data]!r}"
+            else:
+                part, held = split_by_image(part, val_fraction, seed)
+                source = f"{data}: {val_fraction:.0%} of the {split!r} images, held out by image (seed {seed})"
+            held = order_questions(held, seed)[:val_limit]
+            train += part
+            val += held
+            sources.append({"dataset": data, "train": f"split {split!r}", "train_questions": len(part), "validation": source,
+                            "validation_questions": len(held)})
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+        net, processor = load_model(name, dtype, device)
+    output_dir(out)
+    started = time.perf_counter()
+    result = train_adapter(net, processor, train, val, settings, out, show_progress=progress,
+                           data={"model": name, "sources": sources}, log=typer.echo)
+    best = result.best
+    typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min of training; best validation at step {best['step']}: "
+               + ", ".join(f"keep {k}: {a:.1f}%" for k, a in best["accuracy"].items()))
+    typer.echo(f"wrote the adapter to {out} ({time.perf_counter() - started:.0f} s in this call)")
+    if merge or export:
+        for target in ([out / "merged"] if merge else []) + [out / f"export-{k}" for k in export]:
+            fresh, fresh_processor = load_model(name, dtype, device)
+            adapted = load_adapter(fresh, out, merge=True)
+            if target.name == "merged":
+                adapted.save_pretrained(str(target))
+                fresh_processor.save_pretrained(str(target))
+            else:
+                export_truncated(adapted, fresh_processor, int(target.name.split("-")[1]), target)
+            typer.echo(f"wrote {target}")

@@ -1,0 +1,58 @@
+"""The README quotes what is measured now: its results block is what the committed summaries give,
+and its code example runs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+from tiny_models import tiny_inputs, tiny_model
+
+import catp
+from catp import methods as methods_module
+from tools.readme_results import load_summaries, readme_block, results_block
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_results_block_is_what_the_summaries_give():
+    assert readme_block(README.read_text(encoding="utf-8")) == results_block(load_summaries()), (
+        "README.md's results block is stale: run python tools/readme_results.py")
+
+
+def test_a_changed_figure_or_winner_changes_the_block():
+    """The check above can fail: a figure changed in a summary changes the block, and so does a new winner."""
+    summaries = load_summaries()
+    block = results_block(summaries)
+    changed = copy.deepcopy(summaries)
+    row = next(r for r in changed["easy-vqa"]["rows"] if r["config"] == "catp@8")
+    row["accuracy"] += 0.3
+    assert results_block(changed) != block
+    winner = copy.deepcopy(summaries)
+    row = next(r for r in winner["scenes"]["rows"] if r["config"] == "first@4")
+    row["accuracy"], row["ci_high"] = 99.0, 99.5
+    new = results_block(winner)
+    assert "`first` 99.0" in new and "`first` 99.0" not in block
+    verdicts = copy.deepcopy(summaries)
+    for comparison in verdicts["budgets-easy-vqa"]["budget_comparisons"]:
+        comparison["verdict"] = "win"
+    assert "9 wins, 0 ties, 0 losses in 9" in results_block(verdicts)
+
+
+def test_the_readme_example_of_a_method_runs():
+    code = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+                if "class Central" in block)
+    saved = dict(methods_module._REGISTRY)
+    try:
+        namespace: dict = {}
+        exec(code, namespace)
+        assert "central" in catp.METHODS
+        model = tiny_model("blip2-opt")
+        with catp.pruned(model, method="central", keep=3) as session, torch.no_grad():
+            model.generate(**tiny_inputs("blip2-opt"), max_new_tokens=2)
+        assert session.keep_counts.tolist() == [3] * session.keep_counts.shape[0]
+    finally:
+        methods_module._REGISTRY.clear()
+        methods_module._REGISTRY.update(saved)
