@@ -109,13 +109,13 @@ class AdaptSettings:
     truncate: bool = False
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     lm_lora: bool = False
     query_tokens: bool = True
     lr: float = 5e-4
     batch_size: int = 32
-    steps: int = 1000
-    validate_every: int = 250
+    steps: int = 1200
+    validate_every: int = 300
     checkpoint_every: int = 50
     seed: int = 0
     prompt: str = PAPER_PROMPT
