@@ -312,3 +312,14 @@ def test_budget_comparison_is_a_paired_mix_of_the_bracketing_counts():
     assert versus["fixed_accuracy"] == pytest.approx(50.0) and versus["difference"] == pytest.approx(50.0)
     row = next(r for r in summary["rows"] if r["budget"])
     assert (row["kept_mean"], row["kept_min"], row["kept_median"], row["kept_max"]) == (3.0, 2, 3.0, 4)
+
+
+def test_methods_none_measures_the_unpruned_model_alone(model_dir, jsonl_dataset, tmp_path):
+    out = tmp_path / "alone"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(out),
+                                      "--methods", "none", *FAST])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["config"] for r in summary["rows"]] == ["unpruned"] and summary["rows"][0]["n"] == 10
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0] == "| model | accuracy |" and table[2].startswith("| unpruned (8 tokens) |")

@@ -51,6 +51,7 @@ from catp.evaluation.questions import Question
 from catp.hf import base_model, check_model, placeholder_token_id, pruned, select_queries
 from catp.layout import kept_positions, take_positions
 from catp.methods import Captures, PruningMethod, get_method, method_class, options_of
+from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
 from catp.protocol import PAPER_PROMPT
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
 
@@ -68,10 +69,6 @@ __all__ = [
     "validate",
 ]
 
-#: The query tokens of an adapted model, beside peft's adapter files.
-QUERY_TOKENS_FILE = "query_tokens.safetensors"
-#: The adapter's settings, its training data and its validation figures.
-ADAPTER_SETTINGS_FILE = "catp_adapter.json"
 _CHECKPOINT = "checkpoint"
 
 # Q-Former linear layers that see the query tokens: self-attention, cross-attention (both with
@@ -179,40 +176,6 @@ def save_adapter(model: nn.Module, out: Path, info: dict[str, Any]) -> None:
     model.save_pretrained(str(out))
     save_file({"query_tokens": base_model(model).query_tokens.detach().float().cpu().contiguous()}, str(out / QUERY_TOKENS_FILE))
     (out / ADAPTER_SETTINGS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
-def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
-    """Put a saved adapter (:func:`save_adapter`) on ``model``: its LoRA weights, projection and query tokens.
-
-    Args:
-        merge: fold the LoRA weights into the base weights and return the plain transformers
-            model (what the command line's ``--adapter`` does); else the ``PeftModel``.
-
-    Raises:
-        ValueError: not an adapter directory, or one for a model of another shape.
-    """
-    from peft import PeftModel
-
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path} is not an adapter directory: it has no adapter_config.json (write one with catp adapt)")
-    adapted = PeftModel.from_pretrained(model, str(path))
-    tokens_file = path / QUERY_TOKENS_FILE
-    if tokens_file.is_file():
-        tokens = load_file(str(tokens_file))["query_tokens"]
-        target = base_model(adapted).query_tokens
-        if tokens.shape != target.shape:
-            raise ValueError(f"{path}: query tokens of shape {tuple(tokens.shape)}, the model's are {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tokens.to(target.dtype))
-    adapted.eval()
-    return adapted.merge_and_unload() if merge else adapted
-
-
-def adapter_info(path: str | Path) -> dict[str, Any]:
-    """The settings and figures saved with an adapter (:data:`ADAPTER_SETTINGS_FILE`)."""
-    file = Path(path) / ADAPTER_SETTINGS_FILE
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
 
 # -- choosing and truncating ------------------------------------------------------------------

@@ -8,12 +8,16 @@ batched generation needs. transformers is imported on first use, not with ``impo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
-__all__ = ["DTYPES", "MODEL_TYPES", "check_device", "dtype_bytes", "load_config", "load_model", "model_class", "resolve_dtype"]
+__all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_device", "dtype_bytes",
+           "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
 
 #: ``config.model_type`` -> the ``*ForConditionalGeneration`` class catp prunes.
 MODEL_TYPES: dict[str, str] = {
@@ -21,6 +25,10 @@ MODEL_TYPES: dict[str, str] = {
     "instructblip": "InstructBlipForConditionalGeneration",
     "instructblipvideo": "InstructBlipVideoForConditionalGeneration",
 }
+#: The query tokens of a ``catp adapt`` adapter, beside peft's adapter files.
+QUERY_TOKENS_FILE = "query_tokens.safetensors"
+#: A ``catp adapt`` adapter's settings, its training data and its validation figures.
+ADAPTER_SETTINGS_FILE = "catp_adapter.json"
 #: The dtype names every command takes (``auto``: float16 on CUDA, float32 otherwise).
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 
@@ -129,8 +137,6 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
     config = load_config(name)
     model = model_class(config.model_type).from_pretrained(str(name), dtype=getattr(torch, dtype)).to(device).eval()
     if adapter is not None:
-        from catp.adapt import load_adapter  # peft is an optional extra
-
         model = load_adapter(model, adapter, merge=True)
     processor = AutoProcessor.from_pretrained(str(name))
     if model.config.use_decoder_only_language_model:
@@ -140,3 +146,37 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
         # but Blip2Processor.__call__ reads image_token.content.
         processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
     return model, processor
+
+
+def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
+    """Put a saved adapter (:func:`save_adapter`) on ``model``: its LoRA weights, projection and query tokens.
+
+    Args:
+        merge: fold the LoRA weights into the base weights and return the plain transformers
+            model (what the command line's ``--adapter`` does); else the ``PeftModel``.
+
+    Raises:
+        ValueError: not an adapter directory, or one for a model of another shape.
+    """
+    from peft import PeftModel  # an optional extra: catp[adapt]
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{path} is not an adapter directory: it has no adapter_config.json (write one with catp adapt)")
+    adapted = PeftModel.from_pretrained(model, str(path))
+    tokens_file = path / QUERY_TOKENS_FILE
+    if tokens_file.is_file():
+        tokens = load_file(str(tokens_file))["query_tokens"]
+        target = adapted.get_base_model().query_tokens
+        if tokens.shape != target.shape:
+            raise ValueError(f"{path}: query tokens of shape {tuple(tokens.shape)}, the model's are {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tokens.to(target.dtype))
+    adapted.eval()
+    return adapted.merge_and_unload() if merge else adapted
+
+
+def adapter_info(path: str | Path) -> dict[str, Any]:
+    """The settings and figures saved with an adapter (:data:`ADAPTER_SETTINGS_FILE`)."""
+    file = Path(path) / ADAPTER_SETTINGS_FILE
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from catp.adapt import load_adapter
 from catp.bench.archs import build_arch, check_fits
 from catp.bench.report import checks_table, plot, results_table
 from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
@@ -27,7 +26,7 @@ from catp.cli.options import (
     parse_methods,
     resolve_keeps,
 )
-from catp.models import DTYPES, check_device, dtype_bytes, load_config, model_class, resolve_dtype
+from catp.models import DTYPES, check_device, dtype_bytes, load_adapter, load_config, model_class, resolve_dtype
 from catp.reference import reference_model_path
 
 __all__ = ["bench_command", "load_bench_model", "parse_batches"]

@@ -40,7 +40,7 @@ def eval_command(
     config: Optional[str] = typer.Option(None, help="Config (subset) of an hf: dataset that has several."),
     columns: Optional[str] = typer.Option(None, help="Columns of an hf: dataset as role=column pairs, e.g. "
                                           "image=img,answers=labels. Default: " + describe_default_columns() + "."),
-    methods: str = typer.Option("all", help=METHODS_HELP + "."),
+    methods: str = typer.Option("all", help=METHODS_HELP + "; 'none': the unpruned model alone."),
     compare: str = typer.Option("", help="Also give every method's paired differences against these methods (e.g. catp,random). "
                                 "Built in, by each method's kind: CATP variants vs the baselines; selectors vs the CATP variants "
                                 "and the baselines."),
@@ -70,7 +70,7 @@ def eval_command(
         with user_input(param="--device"):
             check_device(device)
     with user_input(param="--methods"):
-        chosen = parse_methods(methods)
+        chosen = [] if methods.strip() == "none" else parse_methods(methods)
     with user_input(param="--compare"):
         baselines = parse_methods(compare) if compare.strip() else []
     with user_input(param="--keep"):

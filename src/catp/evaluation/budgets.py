@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-import catp
 from catp.budget import Budget
 from catp.evaluation.report import kept_distribution
+from catp.hf import select_queries
 from catp.reference import load
 from catp.reference.data import easy_vqa_images
 
@@ -41,7 +41,7 @@ def budget_counts_table(model: Any, pixel_values: torch.Tensor, methods: Sequenc
         for budget in budgets:
             counts: list[int] = []
             for start in range(0, pixel_values.shape[0], batch_size):
-                kept = catp.select_queries(model, pixel_values[start:start + batch_size], method=method, keep=budget)
+                kept = select_queries(model, pixel_values[start:start + batch_size], method=method, keep=budget)
                 counts += (kept >= 0).sum(dim=1).tolist()
             at_min = sum(c == budget.min for c in counts) / len(counts)
             rows.append({"method": method, "budget": str(budget), "images": len(counts), "at_min": at_min,

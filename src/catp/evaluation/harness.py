@@ -76,8 +76,11 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     Counts come first, largest first, then budgets in the given order. A budget is skipped
     for methods that cannot carry one (``first``, ``random``, the selectors).
 
+    With no methods, only the unpruned model runs (a checkpoint measured as it is, e.g. one
+    exported with fewer query tokens).
+
     Raises:
-        ValueError: an unknown method or a bad keep; nothing left to run.
+        ValueError: an unknown method or a bad keep; methods given but none left to run.
     """
     counts = sorted({resolve_keep(k, num_query_tokens) for k in keeps if not isinstance(k, Budget)}, reverse=True)
     budgets = list(dict.fromkeys(k for k in keeps if isinstance(k, Budget)))
@@ -86,7 +89,7 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     resolved = {m: get_method(m) for m in methods}
     pruned = [Config(m, k) for m in methods for k in counts]
     pruned += [Config(m, b) for m in methods for b in budgets if budget_refusal(resolved[m]) is None]
-    if not pruned:
+    if methods and not pruned:
         why = "; ".join(filter(None, (budget_refusal(method) for method in resolved.values()))) or "no method or keep given"
         raise ValueError(f"nothing to run: no method runs at any of the keeps ({why})")
     return [Config(None, num_query_tokens), *pruned]

@@ -198,6 +198,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for budgets, the kept tokens and the comparison with a fixed ``k`` at the same mean."""
     rows = summary["rows"]
     keeps = _keep_columns(rows)
+    if not keeps:  # the unpruned model alone (catp eval --methods none)
+        return "\n".join(["| model | accuracy |", "|---|---|"] + [f"| unpruned ({r['keep']} tokens) | {r['accuracy']:.2f} ± {r['ci95']:.2f} |"
+                                                                 for r in rows if r["method"] == UNPRUNED]) + "\n"
     lines = ["| method | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
     for r in rows:
         if r["method"] == UNPRUNED:
