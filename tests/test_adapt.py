@@ -15,10 +15,8 @@ import catp
 from catp.adapt import (
     QUERY_TOKENS_FILE,
     AdaptSettings,
-    _Chosen,
     _loss,
     add_adapter,
-    choose_for_training,
     export_truncated,
     load_adapter,
     shorten_placeholders,
@@ -84,40 +82,27 @@ def test_the_trainable_parameters_are_exactly_lora_on_the_qformer_the_projection
     assert "base_model.model.query_tokens" not in frozen
 
 
-def test_training_chooses_the_set_inference_chooses(loaded, questions):
-    """The kept set in the loop is the eval-mode set; a choice in training mode (after dropout) is not."""
+def test_training_chooses_the_set_inference_chooses_and_the_loss_is_prunings_own(loaded, questions):
+    """The loop's loss is model(**inputs, labels) inside pruned(), with dropout off: its kept set is the
+    inference-time set. With dropout on (training mode), the choice would change from call to call."""
     model, processor = loaded
-    adapted = add_adapter(model, AdaptSettings(method="catp"))
+    settings = AdaptSettings(method="catp", keeps=(3,))
+    adapted = add_adapter(model, settings)
     batch = _batch(processor, questions)
-    base_model(adapted).train()
-    chosen = choose_for_training(adapted, batch["pixel_values"], "catp", 3)
-    assert base_model(adapted).training  # restored
-    base_model(adapted).eval()
-    assert torch.equal(chosen, catp.select_queries(adapted, batch["pixel_values"], method="catp", keep=3))
+    inference = catp.select_queries(adapted, batch["pixel_values"], method="catp", keep=3)
+    base_model(adapted).eval()  # as train_adapter trains: dropout off, gradients on
+    with catp.pruned(adapted, method="catp", keep=3) as session:
+        loss = adapted(**batch).loss
+    assert loss.requires_grad and torch.equal(session.keep_indices, inference)
+    assert torch.allclose(_loss(adapted, batch, settings, 3, NUM_QUERY, {}), loss)
+    assert torch.allclose(_loss(adapted, batch, settings, NUM_QUERY, NUM_QUERY, {}), adapted(**batch).loss)  # all tokens: unpruned
     base_model(adapted).train()
     in_training_mode = []
     for _ in range(4):
         with catp.pruned(adapted, method="catp", keep=3) as session, torch.no_grad():
-            base_model(adapted).get_image_features(batch["pixel_values"])
+            adapted(**batch)
         in_training_mode.append(session.keep_indices)
-    assert any(not torch.equal(s, chosen) for s in in_training_mode)  # dropout changes the choice: why the loop does not use it
-
-
-def test_the_loss_is_prunings_own_loss_on_the_chosen_tokens(loaded, questions):
-    model, processor = loaded
-    settings = AdaptSettings(method="catp", keeps=(3,))
-    adapted = add_adapter(model, settings)
-    base_model(adapted).eval()  # no dropout: the two computations must agree exactly
-    batch = _batch(processor, questions)
-    loss = _loss(adapted, batch, settings, 3, NUM_QUERY, {})
-    kept = catp.select_queries(adapted, batch["pixel_values"], method="catp", keep=3)
-    with catp.pruned(adapted, method=_Chosen(kept=kept), keep=3) as session:
-        expected = adapted(**batch).loss
-    assert torch.equal(session.keep_indices, kept)
-    assert torch.allclose(loss, expected)
-    with catp.pruned(adapted, method="catp", keep=3):
-        assert torch.allclose(adapted(**batch).loss, expected)
-    assert torch.allclose(_loss(adapted, batch, settings, NUM_QUERY, NUM_QUERY, {}), adapted(**batch).loss)
+    assert any(not torch.equal(s, inference) for s in in_training_mode)  # dropout changes the choice
 
 
 def test_pruned_takes_a_peft_model_and_restores_it(loaded, questions):

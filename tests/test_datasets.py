@@ -135,3 +135,17 @@ def test_a_new_dataset_is_a_few_lines(tmp_path):
         assert load_dataset("constant")[0].load_image().size == (4, 4)
     finally:
         del DATASETS["constant"]
+
+
+def test_a_validation_split_is_carved_by_image():
+    from catp.evaluation.datasets import split_by_image
+
+    questions = [Question(f"q{i}", "what?", ("a",), "x.png", f"img{i % 7}") for i in range(70)]
+    rest, held = split_by_image(questions, 0.3, seed=1)
+    assert len(rest) + len(held) == 70 and held and rest
+    assert not {q.image_key for q in rest} & {q.image_key for q in held}  # no image on both sides
+    assert split_by_image(questions, 0.3, seed=1) == (rest, held)
+    tiny = questions[:2]
+    assert [len(part) for part in split_by_image(tiny, 0.01)] == [1, 1]  # one image each side, even at a tiny share
+    with pytest.raises(ValueError, match="val fraction must be in"):
+        split_by_image(questions, 1.0)

@@ -5,12 +5,12 @@ never learnt to put what matters into the tokens a method keeps. A short fine-tu
 
 * **Method in the loop** (default). Each batch draws a keep ``k`` from ``keeps`` (elastic, as
   the Matryoshka Query Transformer trains, so one adapter serves every keep, all tokens
-  included). The adapted model itself chooses the kept set, in eval mode and without
-  gradients (HF's eager attention returns its probabilities after dropout in training mode,
-  so a training-mode choice would differ from the inference-time one), through
-  :func:`catp.select_queries`. The loss is ``model(**inputs, labels=...)`` inside
-  :func:`catp.pruned` with those tokens, on the answer and EOS only: exactly what inference
-  computes.
+  included). The loss is ``model(**inputs, labels=...)`` inside :func:`catp.pruned`, on the
+  answer and EOS only: exactly what inference computes, with the kept set the adapted model
+  itself chooses from the same forward pass. Training runs with dropout off (the modules in
+  eval mode, gradients on): HF's eager attention returns its probabilities after dropout in
+  training mode, so a choice made with dropout on would differ from the one made at
+  inference, call after call.
 * **Truncate** (MQT's own mode). The Q-Former runs on its first ``k`` query tokens only
   (:func:`truncated`), so its outputs no longer depend on the dropped queries; an adapter
   trained so is exported as a stock checkpoint with ``num_query_tokens=K``
@@ -38,9 +38,9 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,9 +48,9 @@ from torch import nn
 
 from catp.evaluation.metric import vqa_accuracy
 from catp.evaluation.questions import Question
-from catp.hf import base_model, check_model, placeholder_token_id, pruned, select_queries
+from catp.hf import base_model, check_model, placeholder_token_id, pruned
 from catp.layout import kept_positions, take_positions
-from catp.methods import Captures, PruningMethod, get_method, method_class, options_of
+from catp.methods import get_method, method_class, options_of
 from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
 from catp.protocol import PAPER_PROMPT
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
@@ -60,7 +60,6 @@ __all__ = [
     "QUERY_TOKENS_FILE",
     "AdaptSettings",
     "add_adapter",
-    "choose_for_training",
     "export_truncated",
     "load_adapter",
     "train_adapter",
@@ -180,33 +179,6 @@ def save_adapter(model: nn.Module, out: Path, info: dict[str, Any]) -> None:
 
 # -- choosing and truncating ------------------------------------------------------------------
 
-@dataclass
-class _Chosen(PruningMethod):
-    """Kept tokens chosen beforehand: the training step replays the eval-mode choice (not registered)."""
-
-    name: ClassVar[str] = "chosen"
-    kind: ClassVar[str] = "selector"
-    kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
-
-    def select(self, captures: Captures, k: int) -> torch.Tensor:
-        return self.kept[:, :k]
-
-
-def choose_for_training(model: nn.Module, pixel_values: torch.Tensor, method: str, k: int, **options: Any) -> torch.Tensor:
-    """The kept set the adapted model chooses for these images at inference: eval mode, no dropout, no gradients.
-
-    Returns:
-        ``(B, k)`` kept indices, ascending (what :func:`catp.select_queries` returns).
-    """
-    inner = base_model(model)
-    was_training = inner.training
-    inner.eval()
-    try:
-        return select_queries(inner, pixel_values, method=method, keep=k, **options)
-    finally:
-        inner.train(was_training)
-
-
 @contextlib.contextmanager
 def truncated(model: nn.Module, k: int) -> Iterator[None]:
     """Run the Q-Former on its first ``k`` query tokens only (MQT), inside the block.
@@ -254,8 +226,7 @@ def _loss(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSett
     if settings.truncate:
         with truncated(model, k):
             return model(**shorten_placeholders(model, inputs, k)).loss
-    kept = choose_for_training(model, inputs["pixel_values"], settings.method, k, **options)
-    with pruned(model, method=_Chosen(kept=kept), keep=k):
+    with pruned(model, method=settings.method, keep=k, **options):
         return model(**inputs).loss
 
 
@@ -382,9 +353,9 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     start, seconds, history, best = state["step"], state["seconds"], state["validation"], state["best"]
     draw = random.Random(f"keeps:{settings.seed}")
     keeps = [draw.choice(settings.keeps) for _ in range(settings.steps)]
-    inner.train()
-    inner.vision_model.eval()  # frozen and without dropout, as BLIP-2 keeps it
-    inner.language_model.train(settings.lm_lora)
+    # Dropout off everywhere (gradients still flow): the kept set chosen in the loop is the one
+    # inference chooses (see the module docstring).
+    inner.eval()
     bar = progress(settings.steps, "adapt", show_progress)
     bar.update(start)
     dtype = next(inner.vision_model.parameters()).dtype

@@ -132,12 +132,18 @@ def split_by_image(questions: Sequence[Question], fraction: float, seed: int = 0
     """``(rest, held out)``: about ``fraction`` of the *images* held out with all their questions.
 
     An image is known by ``image_key`` (by the question id where the dataset gives none), so
-    no image has questions on both sides. Deterministic for ``seed``.
+    no image has questions on both sides. At least one image lands on each side when there
+    are two. Deterministic for ``seed``.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
         raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
-    held = [stable_hash(seed, "val:" + (q.image_key or q.id)) / 2**64 < fraction for q in questions]
-    return [q for q, h in zip(questions, held) if not h], [q for q, h in zip(questions, held) if h]
+    draw = {key: stable_hash(seed, "val:" + key) / 2**64 for key in dict.fromkeys(q.image_key or q.id for q in questions)}
+    held = {key for key, value in draw.items() if value < fraction}
+    if len(draw) >= 2 and not held:
+        held = {min(draw, key=draw.get)}
+    if len(draw) >= 2 and len(held) == len(draw):
+        held.discard(max(draw, key=draw.get))
+    return [q for q in questions if (q.image_key or q.id) not in held], [q for q in questions if (q.image_key or q.id) in held]
 
 
 def stable_hash(seed: int, key: str) -> int:
