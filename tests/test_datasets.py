@@ -103,7 +103,10 @@ def test_duplicate_ids(tmp_path):
 def test_easy_vqa_test_split():
     questions = load_dataset("easy-vqa")
     assert len(questions) == 9673
-    assert questions[0] == Question("test/0", questions[0].question, questions[0].answers, questions[0].image)
+    assert questions[0] == Question("test/0", questions[0].question, questions[0].answers, questions[0].image, "test/0")
+    assert questions[1].image_key == "test/0"  # about 10 questions per image
+    validation = load_dataset("easy-vqa", split="validation")
+    assert len(validation) == 3888 and {q.image_key for q in validation} == {f"validation/{i}" for i in range(3600, 4000)}
     assert len(questions[0].answers) == 1 and questions[0].load_image().size[0] > 0
 
 
