@@ -48,6 +48,7 @@ from torch import nn
 
 from catp.evaluation.metric import vqa_accuracy
 from catp.evaluation.questions import Question
+from catp.extras import import_extra
 from catp.hf import base_model, check_model, placeholder_token_id, pruned
 from catp.layout import kept_positions, take_positions
 from catp.methods import get_method, method_class, options_of
@@ -151,14 +152,13 @@ def add_adapter(model: nn.Module, settings: AdaptSettings) -> nn.Module:
     Every other parameter is frozen. Returns the ``PeftModel``; ``catp.pruned`` and
     :func:`catp.select_queries` take it as they take the model.
     """
-    from peft import LoraConfig, get_peft_model
-
+    peft = import_extra("peft", "adapt", "catp adapt")
     check_model(base_model(model))
     targets = _QFORMER_TARGETS + (f"|{_LM_TARGETS}" if settings.lm_lora else "")
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
                         modules_to_save=["language_projection"])
     torch.manual_seed(settings.seed)  # LoRA's A matrices start random
-    adapted = get_peft_model(model, config)
+    adapted = peft.get_peft_model(model, config)
     # peft trains LoRA and modules_to_save only; the query tokens are a top-level parameter it cannot wrap.
     base_model(adapted).query_tokens.requires_grad_(settings.query_tokens)
     return adapted

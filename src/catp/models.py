@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from catp.extras import import_extra
+
 __all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_device", "dtype_bytes",
            "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
 
@@ -158,7 +160,7 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.
     Raises:
         ValueError: not an adapter directory, or one for a model of another shape.
     """
-    from peft import PeftModel  # an optional extra: catp[adapt]
+    PeftModel = import_extra("peft", "adapt", "an adapter (--adapter, catp.adapt)").PeftModel
 
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
