@@ -19,3 +19,15 @@ def test_demo_rejects_unknown_method(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "x.png"), "--methods", "nope"])
     assert result.exit_code != 0
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_demo_shows_an_adapted_model_beside_the_pruned_ones():
+    import catp
+    from catp.demo import demo_examples, run_demo
+
+    model, processor = catp.reference.load()
+    examples = demo_examples(1, ("easy-vqa",))
+    result = run_demo(model, processor, examples, ("catp",), (4,), adapted=(model, "first"))
+    assert ("first+adapter", 4) in result.runs
+    assert result.kept[("first+adapter", 4)] == [[0, 1, 2, 3]]  # the adapted model runs the adapter's own method
+    assert result.answers[("first+adapter", 4)] == run_demo(model, processor, examples, ("first",), (4,)).answers[("first", 4)]

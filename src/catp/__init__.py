@@ -17,7 +17,7 @@ from catp.budget import Budget
 from catp.evaluation.metric import vqa_accuracy
 from catp.hf import PruningSession, pruned, select_queries
 from catp.methods import METHODS, PruningMethod, get_method, register_method
-from catp.reference import reference_model_path
+from catp.reference import reference_adapter_path, reference_model_path
 from catp.selection import choose, resolve_keep
 
 __version__ = "0.2.0"
@@ -33,6 +33,7 @@ __all__ = [
     "explain",
     "get_method",
     "pruned",
+    "reference_adapter_path",
     "reference_model_path",
     "register_method",
     "resolve_keep",

@@ -2,13 +2,16 @@
 
 For a handful of test questions (easy-VQA and, when the model knows it, the project's
 ``scenes`` task) it answers unpruned and, for several methods, with 8 and 4 of the 32 query
-tokens; prints a table of the answers and the kept token indices, and draws one PNG.
+tokens, and, with an adapter (``catp adapt``; the reference model's ships with it), the adapted
+model with its method beside them; prints a table of the answers and the kept token indices,
+and draws one PNG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from catp.reference.data import task_examples
 from catp.reference.evaluate import answer
@@ -52,18 +55,33 @@ def demo_examples(per_task: int, tasks: tuple[str, ...]) -> list:
     return out
 
 
-def run_demo(model, processor, examples: list, methods: tuple[str, ...] = DEFAULT_METHODS, keeps: tuple[int, ...] = DEFAULT_KEEPS) -> DemoResult:
-    """Answer ``examples`` unpruned and with every ``method`` x ``keep`` (greedy, one batch each)."""
+#: How the demo labels the runs of an adapted model: ``"first+adapter"``.
+ADAPTED = "+adapter"
+
+
+def run_demo(model, processor, examples: list, methods: tuple[str, ...] = DEFAULT_METHODS, keeps: tuple[int, ...] = DEFAULT_KEEPS,
+             adapted: tuple[Any, str] | None = None) -> DemoResult:
+    """Answer ``examples`` unpruned and with every ``method`` x ``keep`` (greedy, one batch each).
+
+    Args:
+        adapted: ``(adapted model, its method)``: its answers with that method at every keep are
+            shown beside the others, as ``"<method>+adapter"``.
+    """
     if not examples:
         raise ValueError("no examples to run")
     full = int(model.config.num_query_tokens)
     runs = [("unpruned", full)] + [(m, k) for k in keeps for m in methods]
+    if adapted is not None:
+        runs += [(adapted[1] + ADAPTED, k) for k in keeps]
     answers: dict[tuple[str, int], list[str]] = {}
     kept: dict[tuple[str, int], list[list[int] | None]] = {}
     for method, keep in runs:
         sessions: list = []
         pruned = method != "unpruned"
-        answers[(method, keep)] = answer(model, processor, examples, method if pruned else None, keep if pruned else None, batch_size=len(examples), sessions=sessions)
+        net = adapted[0] if method.endswith(ADAPTED) and adapted is not None else model
+        name = method.removesuffix(ADAPTED)
+        answers[(method, keep)] = answer(net, processor, examples, name if pruned else None, keep if pruned else None,
+                                         batch_size=len(examples), sessions=sessions)
         kept[(method, keep)] = sessions[0].tolist() if pruned else [None] * len(examples)
     return DemoResult(examples, runs, answers, kept)
 

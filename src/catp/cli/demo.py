@@ -11,12 +11,15 @@ import typer
 from catp.cli.errors import INPUT_ERRORS, user_input
 from catp.cli.options import KEEP_HELP, METHODS_HELP, check_figure_path, parse_keep, parse_methods, resolve_keeps
 from catp.demo import DEFAULT_KEEPS, DEFAULT_METHODS, demo_examples, draw_demo, print_demo, run_demo
-from catp.reference import load
+from catp.models import adapter_info
+from catp.reference import load, shipped_adapter
 
 
 def demo_command(
     model: str = typer.Option(None, help="Checkpoint dir or hub id (default: the embedded reference model)."),
-    adapter: Path | None = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
+    adapter: Path | None = typer.Option(None, help="A catp adapt adapter: its answers (with the method it was trained for) are "
+                                        "shown beside the others. Default: the shipped one, with the reference model."),
+    show_adapter: bool = typer.Option(True, "--show-adapter/--no-adapter", help="Show the adapted model's answers."),
     out: Path = typer.Option(Path("catp-demo.png"), help="Where to write the figure (.png, .pdf, .svg, ...)."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), help=METHODS_HELP + "."),
     keep: str = typer.Option(",".join(map(str, DEFAULT_KEEPS)), help=KEEP_HELP + "."),
@@ -33,11 +36,20 @@ def demo_command(
         check_figure_path(out)
     torch.set_num_threads(threads)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
-        net, processor = load(model, adapter=adapter)
+        net, processor = load(model)
     with user_input(param="--keep"):
         counts = tuple(resolve_keeps(keeps, int(net.config.num_query_tokens)))
+    if adapter is None and model is None and show_adapter:
+        adapter = shipped_adapter()
+    adapted = None
+    if adapter is not None and show_adapter:
+        with user_input(*INPUT_ERRORS, OSError, param="--adapter"):
+            info = adapter_info(adapter)
+            if info.get("settings", {}).get("truncate"):
+                raise ValueError(f"{adapter} was trained with --truncate: it runs exported (catp adapt --export K), not pruned")
+            adapted = (load(model, adapter=adapter)[0], info.get("settings", {}).get("method", "first"))
     tasks = tuple(getattr(net.config, "catp_reference_tasks", None) or ("easy-vqa",))
-    result = run_demo(net, processor, demo_examples(per_task, tasks), names, counts)
+    result = run_demo(net, processor, demo_examples(per_task, tasks), names, counts, adapted=adapted)
     print_demo(result)
     path = draw_demo(result, out)
     print(f"wrote {path} ({time.perf_counter() - started:.1f}s)")

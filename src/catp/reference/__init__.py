@@ -16,9 +16,29 @@ from typing import Any
 
 from catp.models import load_model
 
-__all__ = ["reference_model_path", "load"]
+__all__ = ["load", "reference_adapter_path", "reference_model_path", "shipped_adapter"]
 
 _CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+_ADAPTER = Path(__file__).resolve().parent / "adapter"
+
+
+def reference_adapter_path() -> Path:
+    """Directory of the adapter shipped for the reference model (``catp adapt``; a peft adapter directory).
+
+    Raises:
+        FileNotFoundError: this install has no adapter.
+    """
+    if not (_ADAPTER / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"the reference model's adapter is missing from {_ADAPTER}; train one with catp adapt")
+    return _ADAPTER
+
+
+def shipped_adapter() -> Path | None:
+    """:func:`reference_adapter_path`, or ``None`` where this install has none."""
+    try:
+        return reference_adapter_path()
+    except FileNotFoundError:
+        return None
 
 
 def reference_model_path() -> Path:
