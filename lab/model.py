@@ -113,7 +113,7 @@ def build_text_config(arch: str, vocab_size: int, width: int, layers: int, heads
 def build_config(size: ModelSize, tokenizer, qformer_text_input: bool = False, text_arch: str = "opt"):
     """The ``Blip2Config`` for ``size`` and ``tokenizer``, with a ``text_arch`` language model (:data:`TEXT_ARCHES`).
 
-    Fixes the from-scratch trap of SPEC §6: the vision config defaults to
+    Fixes a from-scratch trap of transformers: the vision config defaults to
     ``initializer_range=1e-10``, which leaves the ViT almost untrainable.
     ``qformer_text_input=True`` gives the Q-Former its text feed-forward blocks, for the
     stage-1 objectives (the shipped model, like a stock BLIP-2 for generation, has none).

@@ -71,7 +71,7 @@ class ProbeSettings:
     initializer_range: float | None = None
     query_std: float = 0.02
     #: Image features the Q-Former reads: the frozen ViT's outputs (the recipe), its patch
-    #: embeddings only (no mixing across patches), or a frozen random patch projection (SPEC §8).
+    #: embeddings only (no mixing across patches), or a frozen random patch projection.
     features: str = "vit"
     train_images: int = 8000
     eval_images: int = 200

@@ -1,4 +1,4 @@
-"""Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 itself is trained (SPEC §8).
+"""Train the reference BLIP-2 from scratch on the CPU, as BLIP-2 itself is trained (Li et al., 2023: frozen image encoder and LLM, two stages).
 
 BLIP-2 joins a *pretrained, frozen* image encoder and a *pretrained, frozen* language model
 with a Q-Former, trained in two stages. The miniature copies that:
@@ -622,7 +622,7 @@ def train_reference(out: str | Path, settings: TrainSettings = TrainSettings(), 
     config.catp_scenes_version = SCENES_VERSION
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():
-        # Zeros (the stock init) make all 32 queries identical (SPEC §6).
+        # Zeros (the stock init) make all 32 queries identical.
         model.query_tokens.normal_(0.0, 0.02)
         # A 16 x 16 grid learnt from random position embeddings left the ViT at chance on
         # shape after 300 steps: start from 2D sine-cosine positions (as MAE does) instead.

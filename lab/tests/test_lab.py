@@ -65,7 +65,7 @@ def test_train_reference_is_deterministic_resumable_and_loadable(tmp_path, tiny_
     lm = [k for k in a if k.startswith("language_model.")]
     assert any(not torch.equal(tuned[k], a[k]) for k in lm)
     assert "stage 2, LM unfrozen epoch 1" in (fallback / "train.log").read_text()
-    # The init traps of SPEC §6 are fixed: random distinct queries, a trainable ViT init.
+    # The init traps of a BLIP-2 built from a config are fixed: random distinct queries, a trainable ViT init.
     assert a["query_tokens"].std() > 1e-3
     log = (first / "train.log").read_text()
     for stage in ("vision coarse (", "vision full (", "language model epoch 1/1", "stage 1 epoch 1/1: ITC", "stage 2 epoch 1/1 done"):

@@ -60,7 +60,7 @@ __all__ = [
 
 #: Methods shown when none are asked for: the paper's method and its two baselines.
 DEFAULT_METHODS: tuple[str, ...] = ("catp", "l2norm", "selfattn")
-#: The paper's VQA prompt (SPEC §5), also the reference model's.
+#: The paper's VQA prompt, also the reference model's.
 DEFAULT_PROMPT = PAPER_PROMPT
 #: The question asked about the built-in sample image.
 SAMPLE_QUESTION = "what shape is in the image?"

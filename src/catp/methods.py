@@ -234,7 +234,7 @@ class CATPLayer(PruningMethod):
 
     Args:
         layer_weights: one non-negative weight per cross-attention layer. Default: the
-            authors' single-layer accuracies (SPEC §4) for the keep fraction nearest the
+            authors' single-layer accuracies (scoring.PAPER_LAYER_ACCURACY) for the keep fraction nearest the
             requested one, when the Q-Former has 6 cross-attention layers; equal weights
             (with a warning) otherwise.
     """

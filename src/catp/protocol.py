@@ -1,4 +1,4 @@
-"""The paper's VQA protocol (SPEC §5): the one place for its constants."""
+"""The paper's VQA protocol (BLIP-2's VQAv2 evaluation, as CATP ran it): the one place for its constants."""
 
 #: The prompt of BLIP-2's VQA evaluation; ``{}`` is the question. The reference model is trained with it.
 PAPER_PROMPT = "Question: {} Short answer:"

@@ -38,7 +38,7 @@ UNPRUNED = "unpruned"
 
 @dataclass(frozen=True)
 class Protocol:
-    """How answers are generated (SPEC §5 defaults)."""
+    """How answers are generated (the paper's protocol by default)."""
 
     prompt: str = PAPER_PROMPT
     num_beams: int = PAPER_NUM_BEAMS
