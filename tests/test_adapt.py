@@ -219,3 +219,25 @@ def test_adapt_command_trains_and_eval_takes_the_adapter(model_dir, jsonl_datase
                                       "--out", str(run), "--methods", "first", *FAST])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((run / "run.json").read_text())["adapter"] == str(out)
+
+
+def test_two_processes_train_the_adapter_one_trains(model_dir, jsonl_dataset, tmp_path):  # noqa: F811
+    """Under torchrun each process takes half of every batch; the summed gradients give the one-process adapter."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["--model", str(model_dir), "--dataset", str(jsonl_dataset), "--split", "train", "--val-fraction", "0.3",
+            "--method", "catp", "--keep", "2,8", "--steps", "3", "--batch-size", "4", "--validate-every", "3", "--no-progress"]
+    result = CliRunner().invoke(app, ["adapt", "--out", str(tmp_path / "one"), *args])
+    assert result.exit_code == 0, result.output
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               "-m", "catp", "adapt", "--out", str(tmp_path / "two"), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    assert json.loads((tmp_path / "two" / "catp_adapter.json").read_text())["best"] == \
+        json.loads((tmp_path / "one" / "catp_adapter.json").read_text())["best"]

@@ -244,6 +244,18 @@ def _batches(questions: Sequence[Question], batch_size: int, seed: int, step: in
     return [questions[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _process() -> tuple[int, int]:
+    """``(rank, world size)`` of a ``torch.distributed`` run (``accelerate launch``, ``torchrun``), else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _method_options(method: str, questions: Sequence[Question], seed: int) -> dict[str, Any]:
     # A seeded method draws per question, as the eval harness does.
     if "seed" in options_of(method_class(method)):
@@ -255,7 +267,12 @@ def _method_options(method: str, questions: Sequence[Question], seed: int) -> di
 
 def validate(model: nn.Module, processor: Any, questions: Sequence[Question], settings: AdaptSettings,
              batch_size: int = 64) -> dict[int, float]:
-    """Greedy VQA accuracy (%) on ``questions`` at every keep, as inference runs it (eval mode)."""
+    """Greedy VQA accuracy (%) on ``questions`` at every keep, as inference runs it (eval mode).
+
+    In a ``torch.distributed`` run each process answers its share and the sums are added up.
+    """
+    rank, world = _process()
+    mine = list(questions)[rank::world]
     inner = base_model(model)
     q = int(inner.config.num_query_tokens)
     was_training = inner.training
@@ -263,9 +280,9 @@ def validate(model: nn.Module, processor: Any, questions: Sequence[Question], se
     scores: dict[int, float] = {}
     try:
         for k in settings.keeps:
-            total = 0.0
-            for start in range(0, len(questions), batch_size):
-                chunk = questions[start:start + batch_size]
+            total = torch.zeros((), dtype=torch.float64)
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start:start + batch_size]
                 inputs = processor(images=[x.load_image() for x in chunk], text=[settings.prompt.format(x.question) for x in chunk],
                                    return_tensors="pt", padding=True).to(inner.device)
                 inputs["pixel_values"] = inputs["pixel_values"].to(next(inner.parameters()).dtype)
@@ -274,7 +291,9 @@ def validate(model: nn.Module, processor: Any, questions: Sequence[Question], se
                     out = inner.generate(**ready, **generate)
                 answers = processor.batch_decode(out[:, ready["input_ids"].shape[1]:], skip_special_tokens=True)
                 total += sum(vqa_accuracy(a.strip(), x.answers) for a, x in zip(answers, chunk))
-            scores[k] = 100 * total / len(questions)
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            scores[k] = float(100 * total / len(questions))
     finally:
         inner.train(was_training)
     return scores
@@ -359,15 +378,17 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     bar = progress(settings.steps, "adapt", show_progress)
     bar.update(start)
     dtype = next(inner.vision_model.parameters()).dtype
+    rank, world = _process()
     for step in range(start, settings.steps):
         started = time.perf_counter()
         batch = _batches(train, settings.batch_size, settings.seed, step)
-        inputs = answer_batch(processor, [x.load_image() for x in batch], [settings.prompt.format(x.question) for x in batch],
-                              [target_answer(x) for x in batch])
+        mine = batch[rank::world]  # each process its share; the gradients are summed
+        inputs = answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
+                              [target_answer(x) for x in mine])
         inputs = {name: value.to(inner.device) for name, value in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, batch, settings.seed))
-        optimization_step(loss, params, optimizer, scheduler)
+        loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, mine, settings.seed))
+        optimization_step(loss * len(mine) / len(batch), params, optimizer, scheduler, sum_gradients=world > 1)
         seconds += time.perf_counter() - started
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", k=keeps[step])
@@ -379,15 +400,20 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
             log(f"step {done}: validation accuracy " + ", ".join(f"keep {k}: {a:.1f}" for k, a in accuracy.items()))
             if best is None or entry["mean"] > best["mean"]:
                 best = entry
-                _save_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
+                if rank == 0:
+                    _save_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
+        if (done % settings.checkpoint_every == 0 or done == settings.steps) and rank == 0:
             _checkpoint(adapted, optimizer, scheduler, out, settings, done, seconds, history, best)
+        _barrier(world)
     bar.close()
     _load_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
     info = {"settings": settings.to_json(), "data": data or {}, "steps": settings.steps, "train_seconds": round(seconds, 1),
             "validation": history, "best": best, "trainable_parameters": sum(trainable_parameters(adapted).values())}
-    save_adapter(adapted, out, info)
-    shutil.rmtree(out / _CHECKPOINT)  # the adapter is whole: the resumable state is spent
+    _barrier(world)  # every process has read the best state
+    if rank == 0:
+        save_adapter(adapted, out, info)
+        shutil.rmtree(out / _CHECKPOINT)  # the adapter is whole: the resumable state is spent
+    _barrier(world)
     return AdaptResult(out=out, steps=settings.steps, seconds=seconds, validation=history, best=best, resumed_from=start)
 
 

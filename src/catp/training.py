@@ -38,14 +38,21 @@ def optimizer_and_schedule(
 
 def optimization_step(
     loss: torch.Tensor, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    max_norm: float = 1.0,
+    max_norm: float = 1.0, sum_gradients: bool = False,
 ) -> None:
     """Backpropagate the scalar ``loss``, clip the gradients of ``params`` to a total norm of ``max_norm``, step the optimizer and the schedule.
 
-    ``max_norm=math.inf`` leaves the gradients as they are.
+    ``max_norm=math.inf`` leaves the gradients as they are. ``sum_gradients``: add up the
+    gradients of every process of a ``torch.distributed`` run first (each process's loss is its
+    share of the batch's), so that every process takes the same step.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sum_gradients:
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     scheduler.step()

@@ -48,6 +48,7 @@ def adapt_command(
 ) -> None:
     """Train an adapter (LoRA on the Q-Former, the projection and the query tokens) with the pruning method in the loop."""
     import torch
+    from accelerate import PartialState
 
     from catp.adapt import AdaptSettings, export_truncated, load_adapter, train_adapter
     from catp.evaluation.datasets import VALIDATION_SPLITS, load_dataset, split_by_image
@@ -107,12 +108,20 @@ def adapt_command(
             sources.append({"dataset": data, "train": f"split {split!r}", "train_questions": len(part), "validation": source,
                             "validation_questions": len(held)})
     torch.set_num_threads(threads)
+    # Under accelerate launch / torchrun, each process takes its share of every batch.
+    state = PartialState(cpu=device == "cpu")
+    device = device if device == "cpu" else str(state.device)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         net, processor = load_model(name, dtype, device)
-    output_dir(out)
+    if state.is_main_process:
+        output_dir(out)
+    state.wait_for_everyone()
     started = time.perf_counter()
-    result = train_adapter(net, processor, train, val, settings, out, show_progress=progress,
-                           data={"model": name, "sources": sources}, log=typer.echo)
+    echo = typer.echo if state.is_main_process else (lambda _: None)
+    result = train_adapter(net, processor, train, val, settings, out, show_progress=progress and state.is_main_process,
+                           data={"model": name, "sources": sources}, log=echo)
+    if not state.is_main_process:
+        return
     best = result.best
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min of training; best validation at step {best['step']}: "
                + ", ".join(f"keep {k}: {a:.1f}%" for k, a in best["accuracy"].items()))
