@@ -119,7 +119,8 @@ def adapt_command(
     started = time.perf_counter()
     echo = typer.echo if state.is_main_process else (lambda _: None)
     result = train_adapter(net, processor, train, val, settings, out, show_progress=progress and state.is_main_process,
-                           data={"model": name, "sources": sources}, log=echo)
+                           data={"model": model or "the reference model (catp.reference_model_path())", "sources": sources},
+                           log=echo)
     if not state.is_main_process:
         return
     best = result.best
