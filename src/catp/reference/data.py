@@ -9,14 +9,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from PIL import Image, ImageDraw
-
-if TYPE_CHECKING:
-    import torch
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
 from catp.protocol import PAPER_PROMPT
 
