@@ -48,7 +48,7 @@ from typing import Any
 
 from catp.budget import Budget
 from catp.methods import PruningMethod, get_method
-from catp.pruning import resolve_keep
+from catp.selection import resolve_keep
 
 __all__ = [
     "ARCHITECTURE",

@@ -80,13 +80,11 @@ def kept_sets(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], s
 def _hf_reference(dtype: str, methods: Sequence[str], keep: int, images: Sequence[VQAExample],
                   questions: Sequence[VQAExample]) -> dict[str, dict[str, list[Any]]]:
     """Kept sets (one tuple per image) and answers of the Hugging Face path at ``dtype``."""
-    import torch
-
     import catp
     import catp.reference
     from catp.reference.evaluate import answer
 
-    model, processor = catp.reference.load(dtype=getattr(torch, dtype))
+    model, processor = catp.reference.load(dtype=dtype)
     pixel_values = processor.image_processor([e.image for e in images], return_tensors="pt")["pixel_values"]
     pixel_values = pixel_values.to(model.dtype)
     out: dict[str, dict[str, list[Any]]] = {}

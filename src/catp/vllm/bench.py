@@ -110,7 +110,7 @@ def _run(llm: Any, images: Sequence[Any], keep: int, params: Any) -> dict[str, A
 def measure_throughput(
     model: str | Path | None = None,
     arch: str | None = None,
-    keeps: Sequence[int] = KEEPS,
+    keeps: Sequence[int | float] = KEEPS,
     requests: int = 32,
     new_tokens: int = 10,
     method: str = "catp",
@@ -124,7 +124,8 @@ def measure_throughput(
     Args:
         model: a BLIP-2 directory or hub id (default: the shipped reference model).
         arch: instead, a paper-shaped arch with random weights (:func:`paper_model_dir`).
-        keeps: counts to compare; ``Q`` (all tokens, the reference) is added when missing.
+        keeps: counts or fractions to compare (as :func:`catp.resolve_keep`); ``Q`` (all tokens, the
+            reference) is added when missing.
         requests: requests per keep (distinct images).
         new_tokens: forced new tokens per request.
         method: the pruning method.
@@ -145,6 +146,7 @@ def measure_throughput(
     from catp.bench.flops import Workload, llm_prefill_flops, stage_flops
     from catp.bench.runner import machine_info
     from catp.reference import reference_model_path
+    from catp.selection import resolve_keep
 
     if model is not None and arch is not None:
         raise ValueError("give model or arch, not both")
@@ -165,9 +167,7 @@ def measure_throughput(
     try:
         config = AutoConfig.from_pretrained(source)
         q = int(config.num_query_tokens)
-        keeps = sorted({q, *(int(k) for k in keeps)}, reverse=True)
-        if keeps[-1] < 1 or keeps[0] > q:
-            raise ValueError(f"keeps must be counts in 1..{q}, got {keeps}")
+        keeps = sorted({q, *(resolve_keep(k, q) for k in keeps)}, reverse=True)
         overrides(method=method, keep=q)  # checks the method before the engine starts
         gib = kv_cache_gib if kv_cache_gib is not None else (4.0 if arch else 0.25)
         start = time.perf_counter()

@@ -43,6 +43,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, PromptUpdate
 
 from catp.methods import Captures, Needs, PruningMethod
+from catp.selection import choose
 from catp.vllm import (
     ARCHITECTURE,
     CONFIG_KEY,
@@ -269,58 +270,24 @@ class QFormerCapture:
     def _on_projection(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.query_output = self._argument(args, kwargs, 0, "input")
 
-    def captures(self, needs: Needs, rows: torch.Tensor, projected: torch.Tensor) -> Captures:
-        """The :class:`~catp.methods.Captures` of some rows, with what a method with ``needs`` reads.
+    def captures(self, needs: Needs, projected: torch.Tensor) -> Captures:
+        """The batch's :class:`~catp.methods.Captures`, with what a method with ``needs`` reads.
 
         Args:
             needs: the method's needs (a subset of what was captured).
-            rows: ``(R,)`` row indices into the batch.
             projected: the batch's ``language_projection`` output ``(B, Q, D_llm)``.
         """
         assert self.query_output is not None, "the language projection did not run inside the capture"
-
-        def take(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.index_select(0, rows.to(tensor.device))
-
-        cross = {"none": [], "last": self.cross[-1:], "all": self.cross}[needs.cross_attention]
         return Captures(
             num_queries=projected.shape[1],
-            batch_size=int(rows.numel()),
+            batch_size=projected.shape[0],
             device=projected.device,
-            cross_attentions=[take(a) for a in cross],
-            self_attentions=[take(a) for a in self.self_attn] if needs.self_attention else [],
-            vision_attention=take(self.vision) if needs.vision_last_block and self.vision is not None else None,
-            query_output=take(self.query_output),
-            projected=take(projected),
+            cross_attentions={"none": [], "last": self.cross[-1:], "all": self.cross}[needs.cross_attention],
+            self_attentions=self.self_attn if needs.self_attention else [],
+            vision_attention=self.vision if needs.vision_last_block else None,
+            query_output=self.query_output,
+            projected=projected,
         )
-
-
-def _take_rows(captures: Captures, rows: torch.Tensor) -> Captures:
-    """Stand-in for ``Captures.take_rows`` until catp.selection lands."""
-    import dataclasses
-
-    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.index_select(0, rows.to(tensor.device))
-
-    return dataclasses.replace(
-        captures, batch_size=int(rows.numel()), cross_attentions=[take(a) for a in captures.cross_attentions],
-        self_attentions=[take(a) for a in captures.self_attentions], vision_attention=take(captures.vision_attention),
-        query_output=take(captures.query_output), projected=take(captures.projected),
-    )
-
-
-def choose(method: PruningMethod, captures: Captures, keep: torch.Tensor) -> torch.Tensor:
-    """Stand-in for ``catp.selection.choose(method, captures, keep).keep_indices`` with per-row counts:
-    ``(B, K)`` ascending, ``-1`` padded."""
-    from catp.methods import choose as choose_fixed
-
-    keep = keep.to(torch.long).cpu()
-    kept = torch.full((captures.batch_size, int(keep.max())), -1, dtype=torch.long, device=captures.device)
-    for count in keep.unique().tolist():
-        rows = (keep == count).nonzero().flatten()
-        part = captures if rows.numel() == captures.batch_size else _take_rows(captures, rows)
-        kept[rows.to(kept.device), :count] = choose_fixed(method, part, count).keep_indices
-    return kept
 
 
 @MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)
@@ -368,9 +335,11 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
         kept: list[torch.Tensor | None] = [None] * len(requests)
         for key, rows in groups.items():
             method = methods[key]
-            index = torch.tensor(rows, device=projected.device)
-            counts = torch.tensor([requests[r].keep for r in rows])
-            indices = choose(method, capture.captures(method.needs, index, projected), counts)
+            captures = capture.captures(method.needs, projected)
+            if len(rows) < len(requests):
+                captures = captures.take_rows(torch.tensor(rows, device=projected.device))
+            counts = torch.tensor([requests[r].keep for r in rows], device=projected.device)
+            indices = choose(method, captures, counts).keep_indices
             for i, row in enumerate(rows):
                 kept[row] = indices[i, : requests[row].keep]
         if self._record is not None:
