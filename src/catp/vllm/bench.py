@@ -94,16 +94,25 @@ def _run(llm: Any, images: Sequence[Any], keep: int, params: Any) -> dict[str, A
     start = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
     wall = time.perf_counter() - start
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None) is not None]
+    return {"wall_s": wall, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs) / len(outputs),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None}
+
+
+def _summary(keep: int, runs: Sequence[dict[str, Any]], requests: int) -> dict[str, Any]:
+    """One keep's row from its repeated runs: medians (wall time, mean TTFT) and the spread of the wall time."""
+    walls = [r["wall_s"] for r in runs]
+    wall = statistics.median(walls)
+    ttfts = [r["ttft_mean_s"] for r in runs if r["ttft_mean_s"] is not None]
+    prompt_tokens = runs[0]["prompt_tokens"]
     return {
         "keep": keep,
         "wall_s": wall,
-        "requests_per_s": len(outputs) / wall,
-        "prompt_tokens": prompt_tokens / len(outputs),
-        "prompt_tokens_per_s": prompt_tokens / wall,
-        "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
-        "new_tokens": sum(len(o.outputs[0].token_ids) for o in outputs) / len(outputs),
+        "wall_spread": (max(walls) - min(walls)) / wall,
+        "requests_per_s": requests / wall,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_s": requests * prompt_tokens / wall,
+        "ttft_mean_s": statistics.median(ttfts) if ttfts else None,
     }
 
 
@@ -116,6 +125,7 @@ def measure_throughput(
     method: str = "catp",
     dtype: str | None = None,
     warmup: int = 4,
+    repeats: int = 1,
     kv_cache_gib: float | None = None,
     max_model_len: int = 128,
 ) -> dict[str, Any]:
@@ -131,6 +141,8 @@ def measure_throughput(
         method: the pruning method.
         dtype: vLLM dtype (default: bfloat16 for ``arch``, float32 otherwise).
         warmup: requests per keep run before timing (other images).
+        repeats: timed rounds; each runs every keep once, the order rotated by one keep per round.
+            A keep's figures are medians over the rounds.
         kv_cache_gib: KV-cache space (default: 4 GiB for ``arch``, 0.25 GiB otherwise).
         max_model_len: the engine's context length.
 
@@ -152,8 +164,9 @@ def measure_throughput(
         raise ValueError("give model or arch, not both")
     if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
         raise ValueError(f"requests must be a positive int, got {requests!r}")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
+    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     dtype = dtype or ("bfloat16" if arch else "float32")
     engine: dict[str, Any] = {}
     workdir = None
@@ -181,7 +194,11 @@ def measure_throughput(
             for keep in keeps:
                 if spare:
                     _run(llm, spare, keep, params)
-            results = [_run(llm, timed, keep, params) for keep in keeps]
+            runs: dict[int, list[dict[str, Any]]] = {keep: [] for keep in keeps}
+            for round_ in range(repeats):
+                for keep in keeps[round_ % len(keeps):] + keeps[:round_ % len(keeps)]:
+                    runs[keep].append(_run(llm, timed, keep, params))
+            results = [_summary(keep, runs[keep], requests) for keep in keeps]
         finally:
             llm.llm_engine.engine_core.shutdown()
     finally:
@@ -201,7 +218,7 @@ def measure_throughput(
     info["vllm"] = vllm.__version__
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "model": name, "dtype": dtype, "method": method, "requests": requests, "new_tokens": new_tokens,
+        "model": name, "dtype": dtype, "method": method, "requests": requests, "new_tokens": new_tokens, "repeats": repeats,
         "text_tokens": text_tokens, "engine_start_s": round(engine_start, 1), "machine": info, "results": results,
     }
 
@@ -214,17 +231,17 @@ def markdown_table(report: dict[str, Any]) -> str:
 
     lines = [
         f"{report['model']}, {report['dtype']}, method {report['method']}: {report['requests']} requests per keep "
-        f"({report['text_tokens']} text tokens + kept query tokens, {report['new_tokens']} forced new tokens); "
-        f"engine start {report['engine_start_s']:.0f} s",
+        f"({report['text_tokens']} text tokens + kept query tokens, {report['new_tokens']} forced new tokens), "
+        f"median of {report['repeats']} round(s); engine start {report['engine_start_s']:.0f} s",
         "",
-        "| keep | prompt tokens | wall s | requests/s | ratio | prompt tokens/s | ratio | TTFT mean s | ratio "
+        "| keep | prompt tokens | wall s (spread) | requests/s | ratio | prompt tokens/s | ratio | TTFT mean s | ratio "
         "| prefill FLOPs ratio | total FLOPs ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         ttft = "-" if row["ttft_mean_s"] is None else f"{row['ttft_mean_s']:.2f}"
         lines.append(
-            f"| {row['keep']} | {row['prompt_tokens']:.0f} | {row['wall_s']:.2f} | {row['requests_per_s']:.2f} "
+            f"| {row['keep']} | {row['prompt_tokens']:.0f} | {row['wall_s']:.2f} ({row['wall_spread']:.0%}) | {row['requests_per_s']:.2f} "
             f"| {ratio(row['requests_ratio'])} | {row['prompt_tokens_per_s']:.0f} | {ratio(row['prompt_tokens_ratio'])} "
             f"| {ttft} | {ratio(row['ttft_ratio'])} | {row['prefill_flops_ratio']:.2f} | {row['total_flops_ratio']:.2f} |"
         )
