@@ -149,3 +149,22 @@ def test_task_examples_name_each_task_split_and_reject_other_tasks(reference):
     assert [e.question for e in task_examples("easy-vqa", "test", 3)] == [e.question for e in easy_vqa_split("test", 3)]
     with pytest.raises(ValueError, match="unknown task 'vqa'"):
         task_examples("vqa", "test")
+
+
+def test_the_shipped_adapter_answers_from_the_first_four_tokens():
+    """The shipped adapter (catp adapt --method first) on 48 easy-VQA validation questions (never test ones):
+    with its first 4 query tokens the adapted model answers as the unadapted one does with all 32."""
+    from catp.models import adapter_info
+    from catp.reference.data import easy_vqa_split
+
+    path = catp.reference_adapter_path()
+    info = adapter_info(path)
+    assert info["settings"]["method"] == "first" and info["settings"]["keeps"] == [32, 16, 8, 4]
+    assert not info["settings"]["truncate"] and info["trainable_parameters"] < 400_000
+    examples = easy_vqa_split("validation", 48)
+    base, processor = load()
+    adapted, _ = load(adapter=path)
+    unpruned = exact_match(answer(base, processor, examples), examples)
+    pruned_base = exact_match(answer(base, processor, examples, "first", 4), examples)
+    pruned_adapted = exact_match(answer(adapted, processor, examples, "first", 4), examples)
+    assert pruned_adapted >= unpruned - 1 / 48 and pruned_adapted > pruned_base + 0.2, (unpruned, pruned_base, pruned_adapted)
