@@ -323,3 +323,18 @@ def test_methods_none_measures_the_unpruned_model_alone(model_dir, jsonl_dataset
     assert [r["config"] for r in summary["rows"]] == ["unpruned"] and summary["rows"][0]["n"] == 10
     table = (out / "summary.md").read_text().splitlines()
     assert table[0] == "| model | accuracy |" and table[2].startswith("| unpruned (8 tokens) |")
+
+
+def test_paired_difference_across_two_runs(tmp_path):
+    from tools.paired import paired
+
+    for name, accuracies, answers in (("a", [1, 1, 0, 1], ["red", "2", "no", "x"]), ("b", [1, 0, 0, 0], ["red", "two", "yes", "y"])):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"config": "c", "id": f"q{i}", "accuracy": float(acc), "prediction": ans})
+                 for i, (acc, ans) in enumerate(zip(accuracies, answers))]
+        (tmp_path / name / "predictions-0.jsonl").write_text("\n".join(lines) + "\n")
+    result = paired(tmp_path / "a", "c", tmp_path / "b", "c")
+    assert result["n"] == 4 and result["difference"] == pytest.approx(50.0)
+    assert result["accuracy_a"] == 75.0 and result["same_pct"] == 50.0  # "2" = "two" after normalisation
+    with pytest.raises(ValueError, match="no question answered by both"):
+        paired(tmp_path / "a", "c", tmp_path / "b", "other")
