@@ -85,7 +85,7 @@ def eval_command(
     with user_input(param="--model"):
         num_query_tokens = int(load_config(model_name).num_query_tokens)
     with user_input(param="--keep"):
-        keeps = resolve_keeps(keeps, num_query_tokens)
+        keeps = resolve_keeps(keeps, num_query_tokens) if chosen else []  # the unpruned model alone needs no keep
     with user_input():
         configs = harness.build_configs(chosen, keeps, num_query_tokens)
         selected = load_dataset(dataset, questions=questions, annotations=annotations, images=images, split=split,
