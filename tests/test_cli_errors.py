@@ -52,6 +52,7 @@ CASES = [
     (["bench", "--model", "{tmp}/bert"], "a 'bert' model has no Q-Former"),
     (["bench", "--batch", "0"], "--batch must be positive integers"),
     (["bench", "--plot", "{tmp}/p.txt"], "cannot write a figure to"),
+    (["bench", "--engine", "vllm", "--adapter", "{tmp}/adapter"], "--adapter: not used by --engine vllm"),
     (["bench", "--engine", "trt"], "--engine must be one of hf, vllm"),
     (["bench", "--requests", "8"], "--requests applies to --engine vllm"),
     (["bench", "--engine", "vllm", "--beams", "3"], "--beams: not used by --engine vllm"),

@@ -46,14 +46,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from catp.evaluation.harness import on_model, prepare_batch, question_seed
 from catp.evaluation.metric import vqa_accuracy
 from catp.evaluation.questions import Question
 from catp.extras import import_extra
 from catp.hf import base_model, check_model, placeholder_token_id, pruned
 from catp.layout import kept_positions, take_positions
-from catp.methods import get_method, method_class, options_of
+from catp.methods import get_method, seed_options
 from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
 from catp.protocol import PAPER_PROMPT
+from catp.selection import resolve_keep
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
 
 __all__ = [
@@ -125,8 +127,9 @@ class AdaptSettings:
         if not self.keeps:
             raise ValueError("give at least one keep")
         for k in self.keeps:
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_query_tokens:
-                raise ValueError(f"keep={k!r} is out of range: the model has {num_query_tokens} query tokens, keep 1..{num_query_tokens}")
+            if isinstance(k, float):
+                raise ValueError(f"keeps are counts of query tokens, got the fraction {k!r} (resolve it with catp.resolve_keep)")
+            resolve_keep(k, num_query_tokens)
         for name in ("rank", "batch_size", "steps", "validate_every", "checkpoint_every", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -138,10 +141,6 @@ class AdaptSettings:
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "keeps": list(self.keeps)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AdaptSettings:
-        return cls(**{**data, "keeps": tuple(data["keeps"])})
 
 
 # -- the adapter ------------------------------------------------------------------------------
@@ -191,9 +190,7 @@ def truncated(model: nn.Module, k: int) -> Iterator[None]:
     inner = base_model(model)
     if type(inner).__name__ != "Blip2ForConditionalGeneration":
         raise ValueError(f"truncation runs on BLIP-2 (Blip2ForConditionalGeneration), not {type(inner).__name__}")
-    q = int(inner.config.num_query_tokens)
-    if not 1 <= k <= q:
-        raise ValueError(f"keep={k} is out of range: the model has {q} query tokens, keep 1..{q}")
+    resolve_keep(k, int(inner.config.num_query_tokens))
 
     def cut(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs["query_embeds"] = kwargs["query_embeds"][:, :k]
@@ -221,13 +218,8 @@ def shorten_placeholders(model: nn.Module, inputs: dict[str, torch.Tensor], k: i
 def _loss(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSettings, k: int, q: int,
           options: dict[str, Any]) -> torch.Tensor:
     """The language-modelling loss on the answers with ``k`` query tokens, as inference would feed them."""
-    if k == q:
-        return model(**inputs).loss
-    if settings.truncate:
-        with truncated(model, k):
-            return model(**shorten_placeholders(model, inputs, k)).loss
-    with pruned(model, method=settings.method, keep=k, **options):
-        return model(**inputs).loss
+    with _inference(model, inputs, settings, k, q, options) as ready:
+        return model(**ready).loss
 
 
 def target_answer(question: Question) -> str:
@@ -258,11 +250,7 @@ def _process() -> tuple[int, int]:
 
 def _method_options(method: str, questions: Sequence[Question], seed: int) -> dict[str, Any]:
     # A seeded method draws per question, as the eval harness does.
-    if "seed" in options_of(method_class(method)):
-        from catp.evaluation.harness import question_seed
-
-        return {"seed": [question_seed(seed, q.id) for q in questions]}
-    return {}
+    return seed_options(method, [question_seed(seed, q.id) for q in questions])
 
 
 def validate(model: nn.Module, processor: Any, questions: Sequence[Question], settings: AdaptSettings,
@@ -277,39 +265,37 @@ def validate(model: nn.Module, processor: Any, questions: Sequence[Question], se
     q = int(inner.config.num_query_tokens)
     was_training = inner.training
     inner.eval()
-    scores: dict[int, float] = {}
+    totals = torch.zeros(len(settings.keeps), dtype=torch.float64)
+    generate = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1)
     try:
-        for k in settings.keeps:
-            total = torch.zeros((), dtype=torch.float64)
-            for start in range(0, len(mine), batch_size):
-                chunk = mine[start:start + batch_size]
-                inputs = processor(images=[x.load_image() for x in chunk], text=[settings.prompt.format(x.question) for x in chunk],
-                                   return_tensors="pt", padding=True).to(inner.device)
-                inputs["pixel_values"] = inputs["pixel_values"].to(next(inner.parameters()).dtype)
-                generate = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1)
-                with torch.no_grad(), _inference(inner, inputs, settings, k, q, chunk) as ready:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            inputs = prepare_batch(processor, chunk, settings.prompt, inner)
+            options = _method_options(settings.method, chunk, settings.seed)
+            for i, k in enumerate(settings.keeps):
+                with torch.no_grad(), _inference(inner, inputs, settings, k, q, options) as ready:
                     out = inner.generate(**ready, **generate)
                 answers = processor.batch_decode(out[:, ready["input_ids"].shape[1]:], skip_special_tokens=True)
-                total += sum(vqa_accuracy(a.strip(), x.answers) for a, x in zip(answers, chunk))
-            if world > 1:
-                torch.distributed.all_reduce(total)
-            scores[k] = float(100 * total / len(questions))
+                totals[i] += sum(vqa_accuracy(a.strip(), x.answers) for a, x in zip(answers, chunk))
     finally:
         inner.train(was_training)
-    return scores
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    return {k: float(100 * total / len(questions)) for k, total in zip(settings.keeps, totals)}
 
 
 @contextlib.contextmanager
 def _inference(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSettings, k: int, q: int,
-               questions: Sequence[Question]) -> Iterator[dict[str, torch.Tensor]]:
-    """The inputs and context of an inference call at keep ``k``: unpruned, truncated or pruned."""
+               options: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """The inputs and context of a call at keep ``k``, in training and at inference alike: unpruned
+    (all ``q`` tokens), truncated or pruned (``options``: the method's)."""
     if k == q:
         yield inputs
     elif settings.truncate:
         with truncated(model, k):
             yield shorten_placeholders(model, inputs, k)
     else:
-        with pruned(model, method=settings.method, keep=k, **_method_options(settings.method, questions, settings.seed)):
+        with pruned(model, method=settings.method, keep=k, **options):
             yield inputs
 
 
@@ -377,16 +363,13 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     inner.eval()
     bar = progress(settings.steps, "adapt", show_progress)
     bar.update(start)
-    dtype = next(inner.vision_model.parameters()).dtype
     rank, world = _process()
     for step in range(start, settings.steps):
         started = time.perf_counter()
         batch = _batches(train, settings.batch_size, settings.seed, step)
         mine = batch[rank::world]  # each process its share; the gradients are summed
-        inputs = answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
-                              [target_answer(x) for x in mine])
-        inputs = {name: value.to(inner.device) for name, value in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = on_model(answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
+                                       [target_answer(x) for x in mine]), inner)
         loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, mine, settings.seed))
         optimization_step(loss * len(mine) / len(batch), params, optimizer, scheduler, sum_gradients=world > 1)
         seconds += time.perf_counter() - started

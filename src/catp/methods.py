@@ -523,6 +523,12 @@ def get_method(method: str | PruningMethod, **options: object) -> PruningMethod:
     return cls(**options)
 
 
+def seed_options(method: str, seeds: Sequence[int]) -> dict[str, list[int]]:
+    """``{"seed": seeds}`` for a method that takes a ``seed`` option (``random``), else ``{}``: one
+    draw per row, so results do not depend on batching, sharding or resuming."""
+    return {"seed": list(seeds)} if "seed" in options_of(method_class(method)) else {}
+
+
 def compared_with(method: str, present: Sequence[str] = (), extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The methods ``method`` is compared with in reports: those of :data:`COMPARED_WITH` its kind,
     in registry order, then ``extra``; ``method`` itself excepted.

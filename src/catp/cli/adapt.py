@@ -127,13 +127,13 @@ def adapt_command(
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min of training; best validation at step {best['step']}: "
                + ", ".join(f"keep {k}: {a:.1f}%" for k, a in best["accuracy"].items()))
     typer.echo(f"wrote the adapter to {out} ({time.perf_counter() - started:.0f} s in this call)")
-    if merge or export:
-        for target in ([out / "merged"] if merge else []) + [out / f"export-{k}" for k in export]:
-            fresh, fresh_processor = load_model(name, dtype, device)
-            adapted = load_adapter(fresh, out, merge=True)
-            if target.name == "merged":
-                adapted.save_pretrained(str(target))
-                fresh_processor.save_pretrained(str(target))
-            else:
-                export_truncated(adapted, fresh_processor, int(target.name.split("-")[1]), target)
-            typer.echo(f"wrote {target}")
+    # Each from a fresh copy: an export cuts the query tokens of the model it is given.
+    for target, k in ([(out / "merged", None)] if merge else []) + [(out / f"export-{k}", k) for k in export]:
+        fresh, fresh_processor = load_model(name, dtype, device)
+        adapted = load_adapter(fresh, out, merge=True)
+        if k is None:
+            adapted.save_pretrained(str(target))
+            fresh_processor.save_pretrained(str(target))
+        else:
+            export_truncated(adapted, fresh_processor, k, target)
+        typer.echo(f"wrote {target}")

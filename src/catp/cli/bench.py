@@ -106,7 +106,7 @@ def bench_command(
     if engine not in ENGINES:
         raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "vllm":
-        _refuse_hf_only_options(device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
+        _refuse_hf_only_options(adapter=adapter, device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
                                 instruction_tokens=instruction_tokens, frames=frames, check=check,
                                 threads=threads, check_stat=check_stat, plot_path=plot_path)
         _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests, new_tokens, warmup, repeats, out)
@@ -177,7 +177,7 @@ def bench_command(
 
 
 #: Options of the Hugging Face benchmark and their defaults; ``--engine vllm`` refuses any other value.
-_HF_ONLY = {"device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4,
+_HF_ONLY = {"adapter": None, "device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4,
             "check": False, "threads": None, "check_stat": "min", "plot_path": None}
 
 

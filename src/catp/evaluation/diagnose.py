@@ -41,7 +41,7 @@ from torch import nn
 
 from catp.evaluation.questions import open_image
 from catp.hf import capture_qformer, check_model, select_queries
-from catp.methods import METHODS, get_method, method_class, options_of
+from catp.methods import METHODS, get_method, seed_options
 from catp.reference.data import SCENE_SPLITS, scenes_with_questions
 from catp.scoring import cosine_similarity_matrix
 from catp.selection import resolve_keep
@@ -286,8 +286,7 @@ def diagnose(
         cross.append(torch.stack(captured["cross"]))  # (L, B, H, Q, N)
         for name in names:
             # One seed per image: one seed for all would draw the same set for every image.
-            options = {"seed": list(range(start, start + len(chunk)))} if "seed" in options_of(method_class(name)) else {}
-            rows = select_queries(model, pixels, method=name, keep=k, **extra, **options)
+            rows = select_queries(model, pixels, method=name, keep=k, **extra, **seed_options(name, range(start, start + len(chunk))))
             kept[name].extend(tuple(r) for r in rows.tolist())
     query_outputs = torch.cat(outputs)
     maps = torch.cat(cross, dim=1)  # (L, images, H, Q, N)

@@ -27,11 +27,12 @@ from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
 from catp.hf import pruned as pruned_model
-from catp.methods import budget_refusal, get_method, method_class, options_of
+from catp.methods import budget_refusal, get_method, seed_options
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
 from catp.selection import resolve_keep
 
-__all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "read_predictions", "run_sweep"]
+__all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "on_model", "prepare_batch", "read_predictions",
+           "run_sweep"]
 
 UNPRUNED = "unpruned"
 
@@ -235,7 +236,7 @@ def run_sweep(
     bar = tqdm(total=todo, desc=f"eval[{rank}]" if world_size > 1 else "eval", unit="answer", disable=not progress, dynamic_ncols=True)
     try:
         for batch in batches:
-            inputs = _prepare(processor, batch, protocol, model)
+            inputs = prepare_batch(processor, batch, protocol.prompt, model)
             text_tokens = (inputs["attention_mask"].sum(dim=1) - model.config.num_query_tokens).tolist()
             for config in configs:
                 missing = [i for i, q in enumerate(batch) if (config.name, q.id) not in done]
@@ -258,10 +259,14 @@ def run_sweep(
     return state
 
 
-def _prepare(processor: Any, batch: Sequence[Question], protocol: Protocol, model: Any) -> dict[str, Any]:
-    """Processor outputs for a batch, on the model's device; pixel values in the model's dtype."""
-    prompts = [protocol.prompt.format(q.question.strip()) for q in batch]
-    inputs = processor(images=[q.load_image() for q in batch], text=prompts, return_tensors="pt", padding=True)
+def prepare_batch(processor: Any, batch: Sequence[Question], prompt: str, model: Any) -> dict[str, Any]:
+    """Processor outputs for a batch of questions (``prompt`` with ``{}`` for the question), on the model's device."""
+    prompts = [prompt.format(q.question.strip()) for q in batch]
+    return on_model(processor(images=[q.load_image() for q in batch], text=prompts, return_tensors="pt", padding=True), model)
+
+
+def on_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    """``inputs`` on the model's device, pixel values in the model's dtype."""
     dtype = next(model.parameters()).dtype
     return {k: (v.to(model.device, dtype=dtype) if k == "pixel_values" else v.to(model.device)) for k, v in inputs.items()}
 
@@ -280,9 +285,7 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config
         output = model.generate(**inputs, **settings)
         kept = [int(model.config.num_query_tokens)] * batch
     else:
-        # A seeded method draws per question, so results do not depend on batching or sharding.
-        options = {"seed": seeds} if "seed" in options_of(method_class(config.method)) else {}
-        with pruned_model(model, method=config.method, keep=config.keep, **options) as session:
+        with pruned_model(model, method=config.method, keep=config.keep, **seed_options(config.method, seeds)) as session:
             output = model.generate(**inputs, **settings)
         kept = session.keep_counts.tolist()
     if model.config.use_decoder_only_language_model:
