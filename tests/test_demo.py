@@ -31,3 +31,14 @@ def test_the_demo_shows_an_adapted_model_beside_the_pruned_ones():
     assert ("first+adapter", 4) in result.runs
     assert result.kept[("first+adapter", 4)] == [[0, 1, 2, 3]]  # the adapted model runs the adapter's own method
     assert result.answers[("first+adapter", 4)] == run_demo(model, processor, examples, ("first",), (4,)).answers[("first", 4)]
+
+
+def test_the_demo_runs_without_peft_and_says_so(tmp_path, monkeypatch):
+    """`pip install -e . && catp demo` (no adapt extra) must still work: the shipped adapter is skipped with a note."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d.png"), "--methods", "first", "--keep", "4", "--per-task", "1"])
+    assert result.exit_code == 0, result.output
+    assert "needs peft" in result.output and "+adapter" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def demo_command(
         counts = tuple(resolve_keeps(keeps, int(net.config.num_query_tokens)))
     if adapter is None and model is None and show_adapter:
         adapter = shipped_adapter()
+        if adapter is not None and importlib.util.find_spec("peft") is None:
+            # The plain install has no peft: the demo runs without the adapter rather than fail.
+            typer.echo('note: the shipped adapter needs peft (pip install "catp[adapt]"); showing the pruned answers only')
+            adapter = None
     adapted = None
     if adapter is not None and show_adapter:
         with user_input(*INPUT_ERRORS, OSError, param="--adapter"):
