@@ -236,8 +236,21 @@ def test_benchmark_runs_a_video_model_and_budgets():
     assert results[("none", FRAMES * NUM_QUERY)]["flops"]["vision"] == flops.vision_flops(model.config.vision_config, 2 * FRAMES)
 
 
+def cpu_runs_bf16_attention() -> bool:
+    """Whether this torch runs bfloat16 SDPA at 64+ tokens here. torch 2.13 picks its packed
+    bf16 kernel from what the CPU has, so on an AMX machine forced down to
+    ``ATEN_CPU_CAPABILITY=default`` it raises "pack_vnni2 is only supported when avx512 is supported"."""
+    q = torch.zeros(1, 1, 64, 8, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_video_arch_builds_and_benchmarks_when_shrunk(monkeypatch):
-    """The instructblip-video-vicuna-7b path end to end (meta build, random fill, video inputs, a budget) at toy size."""
+    """The instructblip-video-vicuna-7b path end to end (meta build, random fill, video inputs, a budget) at toy size,
+    in bfloat16 (the paper shape's dtype) where this CPU's torch can run it."""
     import catp.bench.archs as archs
 
     monkeypatch.setattr(archs, "_VISION", dict(archs._VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -247,7 +260,7 @@ def test_video_arch_builds_and_benchmarks_when_shrunk(monkeypatch):
     small_llama = dict(archs._VICUNA_7B, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4)
     monkeypatch.setitem(archs._SPECS, "instructblip-video-vicuna-7b", ("instructblipvideo", small_llama, {"video_token_index": 32001}))
-    model = build_arch("instructblip-video-vicuna-7b", dtype="bfloat16")
+    model = build_arch("instructblip-video-vicuna-7b", dtype="bfloat16" if cpu_runs_bf16_attention() else "float32")
     assert type(model).__name__ == "InstructBlipVideoForConditionalGeneration"
     assert flops.parameter_count(model.config)["total"] == sum(p.numel() for p in model.parameters())
     settings = BenchSettings(prompt_tokens=3, new_tokens=2, beams=1, instruction_tokens=3, warmup=0, repeats=1, frames=2)
