@@ -54,7 +54,7 @@ from catp.hf import base_model, check_model, placeholder_token_id, pruned
 from catp.layout import kept_positions, take_positions
 from catp.methods import get_method, seed_options
 from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
-from catp.protocol import PAPER_PROMPT
+from catp.protocol import PAPER_PROMPT, check_prompt
 from catp.selection import resolve_keep
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
 
@@ -136,8 +136,7 @@ class AdaptSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (self.lr > 0 and self.alpha > 0 and 0 <= self.dropout < 1):
             raise ValueError(f"need lr > 0, alpha > 0 and 0 <= dropout < 1, got lr={self.lr}, alpha={self.alpha}, dropout={self.dropout}")
-        if "{}" not in self.prompt:
-            raise ValueError(f"prompt must contain '{{}}' where the question goes, got {self.prompt!r}")
+        check_prompt(self.prompt)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "keeps": list(self.keeps)}
