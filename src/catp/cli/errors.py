@@ -6,7 +6,7 @@ A leaf module: the commands import it, it imports nothing of theirs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -49,15 +49,17 @@ def user_input(*errors: type[Exception], param: str | None = None) -> Iterator[N
 
 
 @contextlib.contextmanager
-def interruptible(resume: str | None = None) -> Iterator[None]:
+def interruptible(resume: str | Callable[[], str] | None = None) -> Iterator[None]:
     """Report a Ctrl-C inside as one line on stderr (how to resume, where the command can), exit status 130.
 
     Args:
         resume: how to continue where the work stopped (``"rerun the same command to resume
-            from runs/x"``); ``None`` for a command that starts over.
+            from runs/x"``), or a function that says it once stopped (whether a checkpoint
+            was written); ``None`` for a command that starts over.
     """
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo("interrupted" + (f": {resume}" if resume else ""), err=True)
+        how = resume() if callable(resume) else resume
+        typer.echo("interrupted" + (f": {how}" if how else ""), err=True)
         raise typer.Exit(INTERRUPTED) from None
