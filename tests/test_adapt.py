@@ -206,7 +206,7 @@ def test_adapt_bad_input_is_one_usage_error(args, named, tmp_path):
 
 def test_adapt_command_trains_and_eval_takes_the_adapter(model_dir, jsonl_dataset, tmp_path):  # noqa: F811
     out = tmp_path / "adapter"
-    result = CliRunner().invoke(app, ["adapt", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--split", "train",
+    result = CliRunner().invoke(app, ["adapt", "--model", str(model_dir), "--dataset", str(jsonl_dataset),
                                       "--val-fraction", "0.3", "--out", str(out), "--method", "first", "--keep", "2,8",
                                       "--steps", "2", "--batch-size", "4", "--no-progress", "--merge"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -229,7 +229,7 @@ def test_two_processes_train_the_adapter_one_trains(model_dir, jsonl_dataset, tm
 
     from safetensors.torch import load_file
 
-    args = ["--model", str(model_dir), "--dataset", str(jsonl_dataset), "--split", "train", "--val-fraction", "0.3",
+    args = ["--model", str(model_dir), "--dataset", str(jsonl_dataset), "--val-fraction", "0.3",
             "--method", "catp", "--keep", "2,8", "--steps", "3", "--batch-size", "4", "--validate-every", "3", "--no-progress"]
     result = CliRunner().invoke(app, ["adapt", "--out", str(tmp_path / "one"), *args])
     assert result.exit_code == 0, result.output

@@ -82,7 +82,7 @@ def adapt_command(
     if truncate:
         refuse_unused("--truncate keeps the first k query tokens, by position, with no pruning method", method=method)
     with user_input(param="--method"):
-        names = parse_methods(method or "first")
+        names = parse_methods("first" if method is None else method)
         if len(names) != 1:
             raise ValueError(f"give one method, got {method!r}; train one adapter per method and compare them on validation")
     method_name = names[0]
@@ -92,7 +92,7 @@ def adapt_command(
     for option, value in given.items():
         if not any(option in dataset_options(data) for data in dataset):
             refuse_unused(f"no dataset of {', '.join(dataset)} reads it", **{option: value})
-    split = given["split"] = split or "train"
+    split = given["split"] = "train" if split is None else split
     if split.startswith("test"):
         raise typer.BadParameter(f"catp adapt trains on a training split, never on {split!r}: test splits are for catp eval only",
                                  param_hint="--split")
@@ -102,6 +102,8 @@ def adapt_command(
     with user_input(param="--val-fraction"):
         val_fraction = check_range("--val-fraction", DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, 0, 1,
                                    low_open=True, high_open=True)
+    if not lr > 0:
+        raise typer.BadParameter(f"--lr must be > 0, got {lr:g}", param_hint="--lr")
     if export and not truncate:
         raise typer.BadParameter("--export writes a checkpoint with fewer query tokens, which only a --truncate adapter is "
                                  "trained for", param_hint="--export")

@@ -116,13 +116,13 @@ def bench_command(
                                 instruction_tokens=instruction_tokens, frames=frames, check=check,
                                 threads=threads, check_stat=check_stat, plot_path=plot_path)
         with interruptible():
-            _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests or 32, new_tokens, warmup, repeats, out)
+            _bench_vllm(console, model, arch, dtype, "catp" if methods is None else methods, keep, 32 if requests is None else requests, new_tokens, warmup, repeats, out)
         return
     refuse_unused("it applies to --engine vllm", requests=requests)
     if not check:
         refuse_unused("it applies to --check", check_stat=check_stat)
-    check_stat = check_stat or "min"
-    methods = methods or "catp,first"
+    check_stat = "min" if check_stat is None else check_stat
+    methods = "catp,first" if methods is None else methods
     with user_input(param="--device"):
         check_device(device)
     with user_input(param="--dtype"):

@@ -58,7 +58,8 @@ def diagnose_command(
         refuse_unused("--images gives the images", dataset=dataset, split=split)
         with user_input(param="--images"):  # before the model loads
             pictures = folder_images(images, limit)
-    dataset, split = dataset or "easy-vqa", split or "test"
+    dataset = "easy-vqa" if dataset is None else dataset
+    split = "test" if split is None else split
     if images is None and dataset not in DATASETS:
         raise typer.BadParameter(f"--dataset must be one of {', '.join(DATASETS)} (or give --images), got {dataset!r}")
     if adapter is not None:

@@ -91,7 +91,7 @@ def eval_command(
     with user_input(param="--compare"):
         baselines = parse_methods(compare) if compare.strip() else []
     with user_input(param="--keep"):
-        keeps = parse_keep(keep or ",".join(map(str, PAPER_KEEPS)))
+        keeps = parse_keep(",".join(map(str, PAPER_KEEPS)) if keep is None else keep)
     if not any(isinstance(k, Budget) for k in keeps):
         refuse_unused("it matches per-sample budgets (mass:0.8, fence:1.5) in --keep, and there are none", match_budgets=match_budgets)
     with user_input(param="--fraction"):
