@@ -342,3 +342,85 @@ def test_output_paths_are_checked_and_their_folders_made(tmp_path):
         output_dir(tmp_path / "f")
     with pytest.raises(ValueError, match="is a folder"):
         output_file(tmp_path / "run")
+
+
+# -- through the real console script: nothing but the one line reaches stderr -------------------------
+
+_WITHOUT_PEFT = "import sys; sys.modules['peft'] = None; sys.argv[0] = 'catp'; from catp.cli.app import main; main()"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["-m", "catp", "eval", "--out", "/proc/catp-x"], "Invalid value for --out: cannot write in '/proc/catp-x'"),
+    (["-m", "catp", "bench", "--out", "/proc/catp-x/bench.json"], "Invalid value for --out: cannot write in '/proc/catp-x'"),
+    (["-m", "catp", "adapt", "--out", "{tmp}/never", "--val-fraction", "1.5", "--dataset", "{tmp}/q.jsonl"],
+     "Invalid value for --val-fraction: --val-fraction must be in (0, 1), got 1.5"),
+    (["-c", _WITHOUT_PEFT, "adapt", "--out", "{tmp}/never"], "catp adapt needs the 'peft' package: pip install \"catp[adapt]\""),
+    (["-c", _WITHOUT_PEFT, "eval", "--adapter", "{tmp}/adapter"], "Invalid value for --adapter: an adapter (--adapter) needs the 'peft' package"),
+], ids=["eval-proc", "bench-proc", "adapt-val-fraction", "adapt-without-peft", "eval-adapter-without-peft"])
+def test_the_console_script_prints_one_usage_error(argv, named, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "q.jsonl").write_text("")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, *(a.replace("{tmp}", str(tmp_path)) for a in argv)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said(done.stderr, named.replace("{tmp}", str(tmp_path))), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "Error:" not in done.stderr.replace("─ Error ─", "")
+    assert not (tmp_path / "never").exists()
+
+
+# -- Ctrl-C: one line, exit 130, how to resume where the command can ----------------------------------
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("args", "target", "resume"), [
+    (["eval", "--model", "{model}", "--dataset", "{data}", "--out", "{tmp}/run", *FAST], ("catp.evaluation.harness", "run_sweep"),
+     "interrupted: rerun the same command to resume from {tmp}/run"),
+    (["explain", "--out", "{tmp}/e.png"], ("catp.cli.explain", "explain"), "interrupted"),
+    (["diagnose", "--model", "{model}", "--limit", "2"], ("catp.cli.diagnose", "diagnose"), "interrupted"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(args, target, resume, model_dir, jsonl_dataset, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(importlib.import_module(target[0]), target[1], _interrupt)
+    values = {"{model}": str(model_dir), "{data}": str(jsonl_dataset), "{tmp}": str(tmp_path)}
+
+    def fill(text: str) -> str:
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return text
+
+    result = CliRunner().invoke(app, [fill(a) for a in args])
+    assert result.exit_code == 130, result.output + repr(result.exception)
+    assert result.output.strip().splitlines()[-1] == fill(resume) and "Traceback" not in result.output
+
+
+# -- the smaller things: --version, whole tables off a terminal ---------------------------------------
+
+def test_version():
+    import catp
+    from catp.cli.app import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"catp {version()}\n"
+    assert version() == catp.__version__  # the installed metadata and the package agree
+
+
+def test_tables_are_whole_when_the_output_is_not_a_terminal():
+    """A log or a pipe gets every cell in full, not cut to 80 columns (CliRunner's output is not a terminal)."""
+    from catp.cli.app import plain_text
+    from catp.methods import METHODS, method_class
+
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for name in METHODS:
+        first = plain_text((method_class(name).__doc__ or "").strip().splitlines()[0])
+        assert any(first in line for line in lines), first
+    assert max(map(len, lines)) > 80
