@@ -424,3 +424,27 @@ def test_tables_are_whole_when_the_output_is_not_a_terminal():
         first = plain_text((method_class(name).__doc__ or "").strip().splitlines()[0])
         assert any(first in line for line in lines), first
     assert max(map(len, lines)) > 80
+
+
+def test_a_missing_reference_checkpoint_names_the_command_that_trains_one(tmp_path, monkeypatch):
+    import catp.reference as reference
+
+    monkeypatch.setattr(reference, "_CHECKPOINT", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match=r"python -m lab\.train --out DIR") as error:
+        reference.reference_model_path()
+    assert "train-reference" not in str(error.value)
+    assert Path("lab/train.py").is_file() or (Path(__file__).parents[1] / "lab" / "train.py").is_file()
+
+
+def test_output_checks_probe_and_leave_nothing_behind(tmp_path):
+    from catp.cli.options import output_dir, output_file
+
+    output_dir(tmp_path / "a" / "b", make=False)
+    assert not (tmp_path / "a").exists()  # checked, made, written to, and removed again
+    assert output_dir(tmp_path / "c").is_dir() and not list((tmp_path / "c").iterdir())
+    (tmp_path / "f").write_text("x")
+    for check in (lambda: output_file(tmp_path / "f" / "x.json"), lambda: output_dir(tmp_path / "f" / "d", make=False)):
+        with pytest.raises(ValueError, match="a file is in the way"):
+            check()
+    with pytest.raises(ValueError, match="cannot write in '/proc/catp-x'"):
+        output_file(Path("/proc/catp-x/out.json"))

@@ -244,9 +244,9 @@ def _legend(summary: dict[str, Any], full: str) -> list[str]:
         lines.append("* `[low, high]` instead of `±`: every question scored the same (all right or all wrong), where the normal "
                      "interval has no width; the 95% Wilson score interval for that many questions is shown instead.")
     if any("retention_pct" in r for r in rows):
-        lines.append(f"* `(R%, S% same)`: R is the retention, the accuracy as a share of the {full} accuracy ({full} row); S is the "
-                     f"share of questions answered the same as the {full} model answers them (after the VQA answer normalisation), "
-                     "which accuracy alone can hide.")
+        lines.append(f"* `(R%, S% same)`: R is the retention, the accuracy as a share of the accuracy in the `{full}` row; S is "
+                     f"the share of questions answered as in the `{full}` row (after the VQA answer normalisation), which "
+                     "accuracy alone can hide.")
     if any(r["budget"] for r in rows):
         lines.append("* `N tokens` (budgets): the mean query tokens a per-sample budget fed to the language model per question.")
     if summary["comparisons"]:
