@@ -68,7 +68,7 @@ def diagnose_command(
     if out is not None:
         with user_input(param="--out"):
             output_file(out)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+    with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, dtype, device, adapter=adapter)
     with user_input(param="--keep"):
         resolve_keep(keep_value, int(loaded.config.num_query_tokens))

@@ -75,7 +75,7 @@ def explain_command(
     if adapter is not None:
         with user_input(param="--adapter"):
             check_adapter(adapter)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+    with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, adapter=adapter)
     if (frames is not None) != (loaded.config.model_type == "instructblipvideo"):
         raise typer.BadParameter("a video model takes --frames; an image model takes --image")
