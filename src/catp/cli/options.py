@@ -224,15 +224,14 @@ def refuse_unused(reason: str, **given: object) -> None:
     for name, value in given.items():
         if value is not None and value is not False and value != []:
             option = "--" + name.rstrip("_").replace("_", "-")
-            raise typer.BadParameter(f"{option} {_shown(value)} would be ignored: {reason}", param_hint=option)
+            raise typer.BadParameter(f"{_shown(option, value)} would be ignored: {reason}", param_hint=option)
 
 
-def _shown(value: object) -> str:
+def _shown(option: str, value: object) -> str:
+    """The option as typed: ``--merge``, ``--split train``, ``--export 4 8``."""
     if value is True:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    return str(value)
+        return option
+    return f"{option} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
 
 def make_console() -> Any:
