@@ -443,7 +443,7 @@ def test_output_checks_probe_and_leave_nothing_behind(tmp_path):
     from catp.cli.options import output_dir, output_file
 
     output_dir(tmp_path / "a" / "b", make=False)
-    assert not (tmp_path / "a").exists()  # checked, made, written to, and removed again
+    assert not (tmp_path / "a").exists()  # checked in the nearest existing folder; nothing made
     assert output_dir(tmp_path / "c").is_dir() and not list((tmp_path / "c").iterdir())
     (tmp_path / "f").write_text("x")
     for check in (lambda: output_file(tmp_path / "f" / "x.json"), lambda: output_dir(tmp_path / "f" / "d", make=False)):

@@ -118,32 +118,38 @@ def output_file(path: Path) -> Path:
     """
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; give a file name")
-    _writable_folder(path.parent, keep=True)
+    _writable_folder(path.parent, make=True)
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"cannot write {str(path)!r}: permission denied")
     return path
 
 
 def output_dir(path: Path, make: bool = True) -> Path:
-    """An output folder that can be written: made and written to once; with ``make=False``
-    the folders this made are removed again (the command makes them once all else is checked).
+    """An output folder that can be written: made and written to once. With ``make=False``
+    nothing is made (the command makes it once all else is checked): the nearest folder that
+    exists on the way is written to instead, which is race-free when several processes
+    (``accelerate launch``) check the same path at once.
 
     Raises:
         ValueError: an existing file, or a folder that cannot be made or written to.
     """
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file; give a folder for the results")
-    _writable_folder(path, keep=make)
+    _writable_folder(path, make=make)
     return path
 
 
-def _writable_folder(folder: Path, keep: bool) -> None:
-    """Make ``folder`` (and its parents) and write a probe file in it; unless ``keep``, remove the folders made."""
+def _writable_folder(folder: Path, make: bool) -> None:
+    """Make ``folder`` (and its parents) and write a probe file in it; without ``make``, probe
+    the nearest existing folder on its way instead (the rest can then be made in it)."""
     folder = Path(os.path.abspath(folder))
-    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not existing.is_dir():
+            raise NotADirectoryError(str(existing))
+        with tempfile.TemporaryFile(dir=folder if make else existing):
             pass
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"cannot make folder {str(folder)!r}: a file is in the way") from None
@@ -151,11 +157,6 @@ def _writable_folder(folder: Path, keep: bool) -> None:
         raise ValueError(f"cannot write in {str(folder)!r}: permission denied") from None
     except OSError as error:  # /proc/..., a read-only or full file system
         raise ValueError(f"cannot write in {str(folder)!r}: {error.strerror or error}") from None
-    finally:
-        if not keep:
-            for made_folder in made:  # deepest first
-                if made_folder.is_dir():
-                    made_folder.rmdir()
 
 
 def input_file(path: Path, what: str = "file") -> Path:
