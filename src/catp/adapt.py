@@ -247,6 +247,16 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def _any_process(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is set in any process: all of them stop after the same step (one that
+    went on alone would wait for the others' gradients forever)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _process() -> tuple[int, int]:
     """``(rank, world size)`` of a ``torch.distributed`` run (``accelerate launch``, ``torchrun``), else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -390,7 +400,7 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
                     best = entry
                     if rank == 0:
                         _save_tensors(adapted, out / CHECKPOINT_DIR / "best.safetensors")
-            stopping = stop.is_set()
+            stopping = _any_process(stop.is_set(), world, params[0].device)
             if (done % settings.checkpoint_every == 0 or done == settings.steps or stopping) and rank == 0:
                 _checkpoint(adapted, optimizer, scheduler, out, settings, done, seconds, history, best)
             _barrier(world)
