@@ -206,7 +206,7 @@ def test_adapt_bad_input_is_one_usage_error(args, named, tmp_path):
 
 def test_adapt_command_trains_and_eval_takes_the_adapter(model_dir, jsonl_dataset, tmp_path):  # noqa: F811
     out = tmp_path / "adapter"
-    result = CliRunner().invoke(app, ["adapt", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--split", "train",
+    result = CliRunner().invoke(app, ["adapt", "--model", str(model_dir), "--dataset", str(jsonl_dataset),
                                       "--val-fraction", "0.3", "--out", str(out), "--method", "first", "--keep", "2,8",
                                       "--steps", "2", "--batch-size", "4", "--no-progress", "--merge"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -229,7 +229,7 @@ def test_two_processes_train_the_adapter_one_trains(model_dir, jsonl_dataset, tm
 
     from safetensors.torch import load_file
 
-    args = ["--model", str(model_dir), "--dataset", str(jsonl_dataset), "--split", "train", "--val-fraction", "0.3",
+    args = ["--model", str(model_dir), "--dataset", str(jsonl_dataset), "--val-fraction", "0.3",
             "--method", "catp", "--keep", "2,8", "--steps", "3", "--batch-size", "4", "--validate-every", "3", "--no-progress"]
     result = CliRunner().invoke(app, ["adapt", "--out", str(tmp_path / "one"), *args])
     assert result.exit_code == 0, result.output
@@ -241,3 +241,66 @@ def test_two_processes_train_the_adapter_one_trains(model_dir, jsonl_dataset, tm
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
     assert json.loads((tmp_path / "two" / "catp_adapter.json").read_text())["best"] == \
         json.loads((tmp_path / "one" / "catp_adapter.json").read_text())["best"]
+
+
+def _adapt_args(model_dir, jsonl_dataset, out, *extra):  # noqa: F811
+    return ["adapt", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--val-fraction", "0.3", "--out", str(out),
+            "--method", "first", "--keep", "2,8", "--steps", "4", "--batch-size", "4", "--validate-every", "4", "--no-progress", *extra]
+
+
+def test_checkpoint_every_sets_where_a_killed_run_resumes(model_dir, jsonl_dataset, tmp_path, monkeypatch):  # noqa: F811
+    """A run that dies in step 4 (no chance to save, as with SIGKILL) resumes from the last --checkpoint-every step."""
+    import catp.adapt as adapt_module
+
+    real, calls = adapt_module._loss, []
+
+    def dies_in_step_four(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # raised inside the step: nothing is written for it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "_loss", dies_in_step_four)
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, _adapt_args(model_dir, jsonl_dataset, out, "--checkpoint-every", "2"))
+    assert result.exit_code == 130, result.output + repr(result.exception)
+    assert result.output.strip().splitlines()[-1] == (f"interrupted: the checkpoint in {out / 'checkpoint'} resumes it: "
+                                                       "rerun the same command")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(adapt_module, "_loss", real)
+    result = CliRunner().invoke(app, _adapt_args(model_dir, jsonl_dataset, out, "--checkpoint-every", "2"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"resuming {out} at step 2 of 4" in result.output  # not at step 0
+
+
+def test_ctrl_c_checkpoints_the_step_under_way(model_dir, jsonl_dataset, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C before the first periodic checkpoint: the step under way finishes, is checkpointed, and a rerun
+    (with another --checkpoint-every, which does not change the result) resumes after it instead of at step 0."""
+    import os
+    import signal
+    import threading
+
+    import catp.adapt as adapt_module
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    real, calls = adapt_module._loss, []
+
+    def ctrl_c_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "_loss", ctrl_c_in_step_two)
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, _adapt_args(model_dir, jsonl_dataset, out, "--checkpoint-every", "100"))
+    assert result.exit_code == 130, result.output + repr(result.exception)
+    assert "interrupted: the checkpoint in" in result.output.strip().splitlines()[-1] and "Traceback" not in result.output
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's own again
+    monkeypatch.setattr(adapt_module, "_loss", real)
+    result = CliRunner().invoke(app, _adapt_args(model_dir, jsonl_dataset, out, "--checkpoint-every", "1"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"resuming {out} at step 2 of 4" in result.output
+    assert json.loads((out / "catp_adapter.json").read_text())["steps"] == 4

@@ -268,3 +268,16 @@ def test_video_arch_builds_and_benchmarks_when_shrunk(monkeypatch):
     results = bench.run(cases_for(["catp"], [16, catp.Budget(mass=0.8)], [1], bench.num_query_tokens))
     assert [(r["method"], r["keep"]) for r in results] == [("none", 64), ("catp", 16), ("catp", "mass:0.8")]
     assert all(r["frames"] == 2 and r["decode_steps"] == 1 for r in results)
+
+
+def test_bench_keeps_counts_by_default_as_eval_does():
+    """One default across the commands: counts of query tokens (the paper's 16, 8, 4), not fractions."""
+    import inspect
+
+    from catp.cli.bench import bench_command
+    from catp.cli.eval import eval_command
+    from catp.protocol import PAPER_KEEPS
+
+    default = ",".join(map(str, PAPER_KEEPS))
+    assert inspect.signature(bench_command).parameters["keep"].default == default
+    assert "Default: " + default in inspect.signature(eval_command).parameters["keep"].default.help

@@ -42,3 +42,20 @@ def test_the_demo_runs_without_peft_and_says_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d.png"), "--methods", "first", "--keep", "4", "--per-task", "1"])
     assert result.exit_code == 0, result.output
     assert "needs peft" in result.output and "+adapter" not in result.output
+
+
+def test_the_demo_figure_goes_to_a_temporary_folder_unless_out_is_given(tmp_path, monkeypatch):
+    """`catp demo` leaves the working folder as it was: the figure goes to a new temporary folder, whose path it prints."""
+    import catp.cli.demo as demo_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo_cli, "run_demo", lambda *args, **kwargs: "result")
+    monkeypatch.setattr(demo_cli, "print_demo", lambda *args, **kwargs: None)
+    drawn = []
+    monkeypatch.setattr(demo_cli, "draw_demo", lambda result, path: drawn.append(path) or path)
+    result = CliRunner().invoke(app, ["demo", "--no-adapter", "--methods", "first", "--keep", "4", "--per-task", "1"])
+    assert result.exit_code == 0, result.output
+    (path,) = drawn
+    assert path.name == "catp-demo.png" and path.parent.is_dir() and path.parent.parent != tmp_path
+    assert f"wrote {path}" in result.output and not list(tmp_path.iterdir())
+    path.parent.rmdir()

@@ -129,3 +129,14 @@ def test_cli_diagnose_on_reference_scenes(tmp_path):
     assert figures["num_images"] == 6 and figures["distinct_kept_sets"]["first"] == 1
     assert len(figures["object_share"]) == 32 and 0 < figures["object_patch_share"] < 1
     assert not math.isnan(figures["effective_rank"])
+
+
+def test_diagnose_shows_its_progress(capsys):
+    """A bar over the images (on a CPU the reference model's 500 images take over a minute), and none when asked."""
+    model, processor = tiny_model("blip2-opt"), tiny_processor()
+    images = [Image.new("RGB", (32, 32), color) for color in ("red", "green", "blue")]
+    diagnose(model, processor, images, methods=["first"], keep=3, batch_size=2, progress=True)
+    bar = capsys.readouterr().err
+    assert "diagnose" in bar and "3/3" in bar
+    diagnose(model, processor, images, methods=["first"], keep=3, batch_size=2, progress=False)
+    assert "diagnose" not in capsys.readouterr().err

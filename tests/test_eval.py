@@ -317,7 +317,7 @@ def test_budget_comparison_is_a_paired_mix_of_the_bracketing_counts():
 def test_methods_none_measures_the_unpruned_model_alone(model_dir, jsonl_dataset, tmp_path):
     out = tmp_path / "alone"
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", str(jsonl_dataset), "--out", str(out),
-                                      "--methods", "none", *FAST, "--keep", "99"])  # a keep is not used: not checked
+                                      "--methods", "none", *FAST[2:]])  # FAST without its --keep: the unpruned model takes none
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert [r["config"] for r in summary["rows"]] == ["unpruned"] and summary["rows"][0]["n"] == 10
@@ -338,3 +338,24 @@ def test_paired_difference_across_two_runs(tmp_path):
     assert result["accuracy_a"] == 75.0 and result["same_pct"] == 50.0  # "2" = "two" after normalisation
     with pytest.raises(ValueError, match="no question answered by both"):
         paired(tmp_path / "a", "c", tmp_path / "b", "other")
+
+
+def test_summary_legend_intervals_and_the_adapted_label():
+    """summary.md says what each figure is; an accuracy every question shares has a real interval, not ± 0.00;
+    with an adapter, the row of all tokens is the adapted model, not "unpruned"."""
+    full, pruned = harness.Config(None, 8), harness.Config("catp", 4)
+    right = [{"id": str(i), "accuracy": 1.0, "prediction": "red", "llm_tokens": 10} for i in range(40)]
+    mixed = [{"id": str(i), "accuracy": float(i % 5 != 0), "prediction": "red" if i % 5 else "blue", "llm_tokens": 6} for i in range(40)]
+    summary = report.summarize([(full, right), (pruned, mixed)], 40)
+    rows = {r["config"]: r for r in summary["rows"]}
+    assert rows["unpruned"]["ci_method"] == "wilson" and rows["catp@4"]["ci_method"] == "normal"
+    assert rows["unpruned"]["ci_low"] == pytest.approx(100 * 40 / (40 + 1.959964**2), abs=1e-3)  # Wilson at p = 1: n / (n + z^2)
+    assert rows["unpruned"]["ci_high"] == 100.0 and rows["unpruned"]["ci95"] > 8
+    table = report.markdown_table(summary)
+    assert "± 0.00" not in table and "| unpruned (8 tokens) | 100.00 [91.2, 100.0] |" in table
+    assert "(80.0%, 80% same)" in table
+    assert "How to read this" in table and "`(R%, S% same)`: R is the retention" in table and "Wilson" in table
+    summary["run"] = {"adapter": "runs/adapter"}
+    adapted = report.markdown_table(summary)
+    assert "| adapted, all tokens (8 tokens) |" in adapted and "unpruned" not in adapted
+    assert "the accuracy in the `adapted, all tokens` row" in adapted

@@ -25,7 +25,8 @@ keeps them; ``lm_lora`` adds LoRA on the language model's linear layers.
 
 The loop (:func:`train_adapter`) keeps the adapter state that does best on the validation
 questions (mean accuracy over the keeps), checkpoints every ``checkpoint_every`` steps and
-resumes from the last checkpoint when rerun with the same settings.
+on Ctrl-C (after the step under way), and resumes from the last checkpoint when rerun with
+the same settings (the checkpoint interval may differ).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import dataclasses
 import json
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -54,15 +57,17 @@ from catp.hf import base_model, check_model, placeholder_token_id, pruned
 from catp.layout import kept_positions, take_positions
 from catp.methods import get_method, seed_options
 from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
-from catp.protocol import PAPER_PROMPT
+from catp.protocol import PAPER_PROMPT, check_prompt
 from catp.selection import resolve_keep
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
 
 __all__ = [
     "ADAPTER_SETTINGS_FILE",
     "QUERY_TOKENS_FILE",
+    "CHECKPOINT_DIR",
     "AdaptSettings",
     "add_adapter",
+    "check_out",
     "export_truncated",
     "load_adapter",
     "train_adapter",
@@ -71,7 +76,8 @@ __all__ = [
     "validate",
 ]
 
-_CHECKPOINT = "checkpoint"
+#: The folder in an adapter directory that holds the resumable state while it trains.
+CHECKPOINT_DIR = "checkpoint"
 
 # Q-Former linear layers that see the query tokens: self-attention, cross-attention (both with
 # their output projection) and the query feed-forward block. The text-only branches of a
@@ -97,7 +103,8 @@ class AdaptSettings:
         batch_size: questions per step.
         steps: optimisation steps.
         validate_every: steps between validations (and at the end).
-        checkpoint_every: steps between resumable checkpoints.
+        checkpoint_every: steps between resumable checkpoints (not part of what a rerun must
+            match: a run may resume with another interval).
         seed: the data order, the keep drawn per step, the initial LoRA weights.
         prompt: the VQA prompt (``{}`` is the question).
         max_new_tokens: greedy answer length at validation.
@@ -136,8 +143,7 @@ class AdaptSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (self.lr > 0 and self.alpha > 0 and 0 <= self.dropout < 1):
             raise ValueError(f"need lr > 0, alpha > 0 and 0 <= dropout < 1, got lr={self.lr}, alpha={self.alpha}, dropout={self.dropout}")
-        if "{}" not in self.prompt:
-            raise ValueError(f"prompt must contain '{{}}' where the question goes, got {self.prompt!r}")
+        check_prompt(self.prompt)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "keeps": list(self.keeps)}
@@ -239,6 +245,16 @@ def _batches(questions: Sequence[Question], batch_size: int, seed: int, step: in
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def _any_process(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is set in any process: all of them stop after the same step (one that
+    went on alone would wait for the others' gradients forever)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _process() -> tuple[int, int]:
@@ -344,13 +360,11 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
         raise ValueError("catp adapt trains BLIP-2 / InstructBLIP with a decoder-only language model (OPT, LLaMA, Vicuna)")
     if not train or not val:
         raise ValueError(f"need training and validation questions, got {len(train)} and {len(val)}")
-    finished = adapter_info(out)
-    if finished.get("settings") == settings.to_json():
+    if check_out(out, settings):
+        finished = adapter_info(out)
         log(f"{out} already holds this adapter, trained to the end; nothing to do")
         return AdaptResult(out=out, steps=finished["steps"], seconds=finished["train_seconds"], validation=finished["validation"],
                            best=finished["best"], resumed_from=finished["steps"])
-    if finished:
-        raise ValueError(f"{out} holds an adapter trained with other settings; use another --out")
     adapted = add_adapter(model, settings)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, settings.lr, settings.steps)
@@ -364,38 +378,44 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     bar = progress(settings.steps, "adapt", show_progress)
     bar.update(start)
     rank, world = _process()
-    for step in range(start, settings.steps):
-        started = time.perf_counter()
-        batch = _batches(train, settings.batch_size, settings.seed, step)
-        mine = batch[rank::world]  # each process its share; the gradients are summed
-        inputs = on_model(answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
-                                       [target_answer(x) for x in mine]), inner)
-        loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, mine, settings.seed))
-        optimization_step(loss * len(mine) / len(batch), params, optimizer, scheduler, sum_gradients=world > 1)
-        seconds += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", k=keeps[step])
-        done = step + 1
-        if done % settings.validate_every == 0 or done == settings.steps:
-            accuracy = validate(adapted, processor, val, settings)
-            entry = {"step": done, "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy)}
-            history.append(entry)
-            log(f"step {done}: validation accuracy " + ", ".join(f"keep {k}: {a:.1f}" for k, a in accuracy.items()))
-            if best is None or entry["mean"] > best["mean"]:
-                best = entry
-                if rank == 0:
-                    _save_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
-        if (done % settings.checkpoint_every == 0 or done == settings.steps) and rank == 0:
-            _checkpoint(adapted, optimizer, scheduler, out, settings, done, seconds, history, best)
-        _barrier(world)
+    with _deferred_interrupt() as stop:
+        for step in range(start, settings.steps):
+            started = time.perf_counter()
+            batch = _batches(train, settings.batch_size, settings.seed, step)
+            mine = batch[rank::world]  # each process its share; the gradients are summed
+            inputs = on_model(answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
+                                           [target_answer(x) for x in mine]), inner)
+            loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, mine, settings.seed))
+            optimization_step(loss * len(mine) / len(batch), params, optimizer, scheduler, sum_gradients=world > 1)
+            seconds += time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", k=keeps[step])
+            done = step + 1
+            if done % settings.validate_every == 0 or done == settings.steps:
+                accuracy = validate(adapted, processor, val, settings)
+                entry = {"step": done, "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy)}
+                history.append(entry)
+                log(f"step {done}: validation accuracy " + ", ".join(f"keep {k}: {a:.1f}" for k, a in accuracy.items()))
+                if best is None or entry["mean"] > best["mean"]:
+                    best = entry
+                    if rank == 0:
+                        _save_tensors(adapted, out / CHECKPOINT_DIR / "best.safetensors")
+            stopping = _any_process(stop.is_set(), world, params[0].device)
+            if (done % settings.checkpoint_every == 0 or done == settings.steps or stopping) and rank == 0:
+                _checkpoint(adapted, optimizer, scheduler, out, settings, done, seconds, history, best)
+            _barrier(world)
+            if stopping:
+                bar.close()
+                log(f"stopped after step {done} of {settings.steps}; the checkpoint in {out / CHECKPOINT_DIR} resumes there")
+                raise KeyboardInterrupt
     bar.close()
-    _load_tensors(adapted, out / _CHECKPOINT / "best.safetensors")
+    _load_tensors(adapted, out / CHECKPOINT_DIR / "best.safetensors")
     info = {"settings": settings.to_json(), "data": data or {}, "steps": settings.steps, "train_seconds": round(seconds, 1),
             "validation": history, "best": best, "trainable_parameters": sum(trainable_parameters(adapted).values())}
     _barrier(world)  # every process has read the best state
     if rank == 0:
         save_adapter(adapted, out, info)
-        shutil.rmtree(out / _CHECKPOINT)  # the adapter is whole: the resumable state is spent
+        shutil.rmtree(out / CHECKPOINT_DIR)  # the adapter is whole: the resumable state is spent
     _barrier(world)
     return AdaptResult(out=out, steps=settings.steps, seconds=seconds, validation=history, best=best, resumed_from=start)
 
@@ -422,7 +442,7 @@ def _load_tensors(model: nn.Module, path: Path) -> None:
 def _checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, settings: AdaptSettings, step: int, seconds: float,
                 history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     """Everything a rerun needs to continue at ``step`` as if never stopped (the file written last marks it whole)."""
-    folder = out / _CHECKPOINT
+    folder = out / CHECKPOINT_DIR
     _save_tensors(model, folder / "weights.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
                folder / "optimizer.pt")
@@ -430,20 +450,70 @@ def _checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, set
     (folder / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
+#: Settings a rerun may change and still resume: how often it checkpoints does not change the result.
+_RESUMABLE_CHANGES = frozenset({"checkpoint_every"})
+
+
+def _changed(saved: dict[str, Any], settings: AdaptSettings) -> list[str]:
+    """The settings in which ``saved`` (a run's ``settings.to_json()``) differs from ``settings``."""
+    now = settings.to_json()
+    return sorted(k for k in saved.keys() | now.keys() if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+
+
+def check_out(out: Path, settings: AdaptSettings) -> bool:
+    """Whether ``out`` already holds the finished adapter of ``settings`` (``False``: empty, or a
+    checkpoint of the same settings to resume).
+
+    Raises:
+        ValueError: ``out`` holds an adapter or a checkpoint trained with other settings (named).
+    """
+    finished = adapter_info(out)
+    if finished:
+        changed = _changed(finished.get("settings", {}), settings)
+        if changed:
+            raise ValueError(f"{out} holds an adapter trained with other settings ({', '.join(changed)}); use another --out")
+        return True
+    state_file = out / CHECKPOINT_DIR / "state.json"
+    if state_file.is_file():
+        changed = _changed(json.loads(state_file.read_text(encoding="utf-8"))["settings"], settings)
+        if changed:
+            raise ValueError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings or use another --out")
+    return False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C while training: the first one sets the event (the loop finishes its step,
+    checkpoints and stops), a second one stops at once. Outside the main thread signals
+    cannot be caught: Ctrl-C is left alone there."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _resume(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, settings: AdaptSettings,
             log: Callable[[str], None]) -> dict[str, Any]:
-    """The state to start from: a fresh one, or the last checkpoint of a run with the same settings."""
+    """The state to start from: a fresh one, or the last checkpoint (of a run with the same settings: :func:`check_out`)."""
     fresh = {"step": 0, "seconds": 0.0, "validation": [], "best": None}
-    state_file = out / _CHECKPOINT / "state.json"
+    state_file = out / CHECKPOINT_DIR / "state.json"
     if not state_file.is_file():
         return fresh
     state = json.loads(state_file.read_text(encoding="utf-8"))
-    if state["settings"] != settings.to_json():
-        changed = sorted(k for k in state["settings"] if state["settings"][k] != settings.to_json().get(k))
-        raise ValueError(f"{out} holds an adapter run with other settings ({', '.join(changed)}); "
-                         "resume with the same settings or use another --out")
-    _load_tensors(model, out / _CHECKPOINT / "weights.safetensors")
-    saved = torch.load(out / _CHECKPOINT / "optimizer.pt", weights_only=False)
+    _load_tensors(model, out / CHECKPOINT_DIR / "weights.safetensors")
+    saved = torch.load(out / CHECKPOINT_DIR / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])

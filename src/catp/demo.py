@@ -86,12 +86,12 @@ def run_demo(model, processor, examples: list, methods: tuple[str, ...] = DEFAUL
     return DemoResult(examples, runs, answers, kept)
 
 
-def print_demo(result: DemoResult) -> None:
+def print_demo(result: DemoResult, console: Any = None) -> None:
     """One rich table per keep level: question, truth, unpruned, then each method's answer and kept indices."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = console or Console()
     keeps = sorted({k for m, k in result.runs if m != "unpruned"}, reverse=True)
     full = result.runs[0]
     for keep in keeps:

@@ -194,6 +194,8 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
     if not isinstance(image, (str, Path)):
         raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
     path = Path(image)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give an image file")
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
     try:

@@ -33,6 +33,7 @@ from typing import ClassVar, Literal
 import torch
 
 import catp.scoring as scoring
+from catp.budget import Budget
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,20 @@ def budget_refusal(method: PruningMethod) -> str | None:
         return (f"method {method.name!r} cannot carry a Budget: its scores say nothing about the image; "
                 "give it a fixed keep, or use a scoring method (catp, l2norm, ...)")
     return None
+
+
+def check_runnable(methods: Sequence[str | PruningMethod], keeps: Sequence[int | float | Budget]) -> None:
+    """That some method runs at some keep: a count or fraction runs with every method, a
+    :class:`~catp.budget.Budget` with the methods that can carry one (:func:`budget_refusal`).
+
+    Raises:
+        ValueError: "nothing to run", with why (no method or keep, or only budgets that no method carries).
+    """
+    resolved = [get_method(m) for m in methods]
+    if any(not isinstance(k, Budget) or budget_refusal(m) is None for m in resolved for k in keeps):
+        return
+    why = "; ".join(filter(None, (budget_refusal(m) for m in resolved))) if keeps else ""
+    raise ValueError(f"nothing to run: no method runs at any of the keeps ({why or 'no method or keep given'})")
 
 
 def method_class(method: str) -> type[PruningMethod]:

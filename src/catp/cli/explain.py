@@ -7,8 +7,18 @@ from typing import Any
 
 import typer
 
-from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import KEEP_HELP, METHODS_HELP, check_figure_path, output_file, parse_keep, parse_methods
+from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
+from catp.cli.options import (
+    KEEP_HELP,
+    METHODS_HELP,
+    check_adapter,
+    check_figure_path,
+    output_file,
+    parse_keep,
+    parse_methods,
+    refuse_unused,
+    split_list,
+)
 from catp.explanation import (
     DEFAULT_METHODS,
     SAMPLE_QUESTION,
@@ -20,13 +30,15 @@ from catp.explanation import (
     write_html,
 )
 from catp.reference import load
+from catp.selection import SCOPES
 
 
 def explain_command(
     out: Path = typer.Option(..., "--out", help="Where to write the figure (.png, .pdf, .svg, ...)."),
     image: Path | None = typer.Option(None, "--image", help="Image file. Default: the built-in sample image."),
     frames: str | None = typer.Option(None, "--frames", help="Video models (InstructBLIP-Video): comma-separated frame image files."),
-    scope: str | None = typer.Option(None, "--scope", help="Video models: keep counts over all frames' tokens (video, default) or per frame."),
+    scope: str | None = typer.Option(None, "--scope", help="Video models (with --frames): keep counts over all frames' tokens "
+                                     "(video, default) or per frame."),
     question: str | None = typer.Option(None, "--question", help=f"Question. Default with the sample image: {SAMPLE_QUESTION!r}."),
     model: str | None = typer.Option(None, "--model", help="Model directory or hub id. Default: the embedded reference model."),
     adapter: Path | None = typer.Option(None, help="A catp adapt adapter directory to put on the model (merged into its weights)."),
@@ -40,11 +52,17 @@ def explain_command(
         raise typer.BadParameter("give --image (an image model) or --frames (a video model), not both")
     with user_input(param="--image" if frames is None else "--frames"):
         if frames is not None:
-            picture: Any = [load_image(Path(f.strip())) for f in frames.split(",") if f.strip()]
+            picture: Any = [load_image(Path(f)) for f in split_list(frames)]
+            if not picture:
+                raise ValueError(f"--frames names no image file: {frames!r}")
         else:
             picture = sample_image() if image is None else load_image(image)
     if (image is not None or frames is not None) and question is None:
         raise typer.BadParameter("give the --question to ask about --image / --frames", param_hint="--question")
+    if frames is None:
+        refuse_unused("--scope applies to video models, which take --frames", scope=scope)
+    elif scope is not None and scope not in SCOPES:
+        raise typer.BadParameter(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}", param_hint="--scope")
     with user_input(param="--methods"):
         names = parse_methods(methods)
     with user_input(param="--keep"):
@@ -54,14 +72,18 @@ def explain_command(
     if html_out is not None:
         with user_input(param="--html"):
             output_file(html_out)
-    with user_input(*INPUT_ERRORS, OSError, param="--model"):
+    if adapter is not None:
+        with user_input(param="--adapter"):
+            check_adapter(adapter)
+    with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, adapter=adapter)
     if (frames is not None) != (loaded.config.model_type == "instructblipvideo"):
         raise typer.BadParameter("a video model takes --frames; an image model takes --image")
     with user_input():
         check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)
-    explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
-                          max_new_tokens=max_new_tokens, scope=scope)
+    with interruptible():
+        explanation = explain(loaded, processor, picture, question or SAMPLE_QUESTION, methods=names, keep=keep_value,
+                              max_new_tokens=max_new_tokens, scope=scope)
     figure = draw_explanation(explanation, out)
     typer.echo(f"unpruned: {explanation.answer!r}")
     for m in explanation.methods.values():

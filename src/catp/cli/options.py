@@ -8,14 +8,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from catp.budget import Budget
 from catp.methods import METHODS, method_class
 from catp.selection import check_keep_value, resolve_keep
 
-__all__ = ["check_figure_path", "output_dir", "output_file", "parse_keep", "parse_methods", "resolve_keeps", "split_list"]
+__all__ = ["check_adapter", "check_dataset_files", "check_figure_path", "check_range", "input_dir", "input_file", "make_console", "output_dir", "output_file",
+           "parse_keep", "parse_methods", "refuse_unused", "resolve_keeps", "split_list"]
 
 KEEP_HELP = "Kept query tokens, comma-separated: counts (16,8,4) or fractions of the query tokens (0.5,0.25)"
 BUDGET_HELP = ", or per-sample budgets (mass:0.8, fence:1.5, optionally :min=N:max=N)"
@@ -90,41 +95,169 @@ def parse_methods(text: str) -> list[str]:
 
 
 def check_figure_path(path: Path) -> Path:
-    """An output path for a matplotlib figure: its format checked and its folder created, before any work.
+    """An output path for a matplotlib figure: its format checked and its folder made and written to, before any work.
 
     Raises:
-        ValueError: a format matplotlib cannot write, a folder that cannot be made.
+        ValueError: a format matplotlib cannot write, a folder that cannot be made or written.
     """
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in formats:
-        raise ValueError(f"cannot write a figure to {str(path)!r}: use one of .{', .'.join(sorted(formats))}")
+        raise ValueError(f"cannot write a figure to {str(path)!r}: use one of .{', '.join(sorted(formats))}")
     return output_file(path)
 
 
 def output_file(path: Path) -> Path:
-    """An output file path whose folder exists (made if missing) and that is not a folder itself."""
+    """An output file path that can be written: not a folder, its folder made (if missing) and written to once.
+
+    Raises:
+        ValueError: a folder, a folder that cannot be made (a file in the way, no such
+            file system, no permission) or written to, a file that cannot be overwritten.
+    """
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; give a file name")
-    _make_folder(path.parent)
+    _writable_folder(path.parent, make=True)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {str(path)!r}: permission denied")
     return path
 
 
 def output_dir(path: Path, make: bool = True) -> Path:
-    """An output folder, made if missing (``make``); an existing file is refused."""
+    """An output folder that can be written: made and written to once. With ``make=False``
+    nothing is made (the command makes it once all else is checked): the nearest folder that
+    exists on the way is written to instead, which is race-free when several processes
+    (``accelerate launch``) check the same path at once.
+
+    Raises:
+        ValueError: an existing file, or a folder that cannot be made or written to.
+    """
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file; give a folder for the results")
-    if make:
-        _make_folder(path)
+    _writable_folder(path, make=make)
     return path
 
 
-def _make_folder(folder: Path) -> None:
+def _writable_folder(folder: Path, make: bool) -> None:
+    """Make ``folder`` (and its parents) and write a probe file in it; without ``make``, probe
+    the nearest existing folder on its way instead (the rest can then be made in it)."""
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not existing.is_dir():
+            raise NotADirectoryError(str(existing))
+        with tempfile.TemporaryFile(dir=folder if make else existing):
+            pass
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"cannot make folder {str(folder)!r}: a file is in the way") from None
     except PermissionError:
-        raise ValueError(f"cannot make folder {str(folder)!r}: permission denied") from None
+        raise ValueError(f"cannot write in {str(folder)!r}: permission denied") from None
+    except OSError as error:  # /proc/..., a read-only or full file system
+        raise ValueError(f"cannot write in {str(folder)!r}: {error.strerror or error}") from None
+
+
+def input_file(path: Path, what: str = "file") -> Path:
+    """An existing file (not a folder).
+
+    Raises:
+        ValueError: no such file, or a folder.
+    """
+    if not path.exists():
+        raise ValueError(f"{str(path)!r}: no such {what}")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is a folder; give a {what}")
+    return path
+
+
+def input_dir(path: Path, what: str = "folder") -> Path:
+    """An existing folder (not a file).
+
+    Raises:
+        ValueError: no such folder, or a file.
+    """
+    if not path.exists():
+        raise ValueError(f"{str(path)!r}: no such {what}")
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file; give a {what}")
+    return path
+
+
+def check_adapter(path: Path) -> Path:
+    """A ``catp adapt`` adapter folder that can be loaded: peft installed, and a readable
+    ``adapter_config.json`` with its ``peft_type`` (:func:`catp.models.check_adapter_dir`).
+
+    Raises:
+        ValueError: what is wrong with the folder; MissingExtraError: peft is not installed.
+    """
+    from catp.extras import import_extra
+    from catp.models import check_adapter_dir
+
+    check_adapter_dir(path)
+    import_extra("peft", "adapt", "an adapter (--adapter)")
+    return path
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` of option ``name`` within ``[low, high]`` (``(`` / ``)`` where open).
+
+    Raises:
+        ValueError: outside, with the interval named.
+    """
+    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value:g}")
+    return value
+
+
+def refuse_unused(reason: str, **given: object) -> None:
+    """Refuse options that would be ignored: each keyword is an option (``val_fraction`` is
+    ``--val-fraction``) whose value is ``None`` when the user did not give it.
+
+    Raises:
+        typer.BadParameter: naming the first option given, and ``reason``.
+    """
+    import typer
+
+    for name, value in given.items():
+        if value is not None and value is not False and value != []:
+            option = "--" + name.rstrip("_").replace("_", "-")
+            raise typer.BadParameter(f"{_shown(option, value)} would be ignored: {reason}", param_hint=option)
+
+
+def _shown(option: str, value: object) -> str:
+    """The option as typed: ``--merge``, ``--split train``, ``--export 4 8``."""
+    if value is True:
+        return option
+    return f"{option} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def make_console() -> Any:
+    """A rich console: the terminal's width, or, when the output is not a terminal (a log, a
+    pipe, a test), a wide one, so that tables print whole instead of cutting answers at 80 columns."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 1000)
+
+
+def check_dataset_files(datasets: Sequence[str], questions: Path | None, annotations: Path | None, images: Path | None) -> None:
+    """The files the ``--dataset`` options name, before anything loads: a ``.jsonl`` dataset and
+    ``--questions`` / ``--annotations`` are files, ``--images`` a folder; each message names its option.
+
+    Raises:
+        typer.BadParameter: a missing path, or a file where a folder is needed (or the reverse).
+    """
+    from catp.cli.errors import user_input
+
+    for name in datasets:
+        if name.endswith(".jsonl") and not name.startswith("hf:"):
+            with user_input(param="--dataset"):
+                input_file(Path(name), "JSONL file")
+    for option, path, check in (("--questions", questions, input_file), ("--annotations", annotations, input_file),
+                                ("--images", images, input_dir)):
+        if path is not None:
+            with user_input(param=option):
+                check(path)

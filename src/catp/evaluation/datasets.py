@@ -21,6 +21,7 @@ malformed row of an ``hf:`` dataset, or an image that cannot be read, a
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -32,8 +33,8 @@ from catp.evaluation.hf_datasets import load_hf_split
 from catp.evaluation.questions import DEFAULT_SPLIT, HF_PREFIX, DatasetError, Question
 from catp.reference import data as reference_data
 
-__all__ = ["DATASETS", "DEFAULT_SPLIT", "VALIDATION_SPLITS", "DatasetError", "Question", "load_dataset", "register_dataset", "resolve_split",
-           "split_by_image", "subsample"]
+__all__ = ["DATASETS", "DEFAULT_SPLIT", "VALIDATION_SPLITS", "DatasetError", "Question", "dataset_options", "load_dataset",
+           "register_dataset", "resolve_split", "split_by_image", "subsample"]
 
 Loader = Callable[..., list[Question]]
 #: Registered dataset loaders by name. Each takes keyword arguments ``questions``,
@@ -78,18 +79,24 @@ def load_dataset(
         catp.extras.MissingExtraError: ``hf:`` without the ``datasets`` package.
     """
     label = name
+    given = {"questions": questions, "annotations": annotations, "images": images, "split": split}
     split = resolve_split(name, split)
     options: dict[str, Any] = {}
     if name.startswith(HF_PREFIX):
         name, options = "hf", {"source": name[len(HF_PREFIX):], "config": config, "columns": columns}
     elif name.endswith(".jsonl") and questions is None:
         name, questions = "jsonl", name
+        given["questions"] = None  # the name is the file
     loader = DATASETS.get(name)
     if loader is None:
         names = ", ".join(f"{HF_PREFIX}NAME" if n == "hf" else n for n in sorted(DATASETS))
         raise ValueError(f"unknown dataset {name!r}; choose one of {names} or a .jsonl file")
     if name != "hf" and (config is not None or columns is not None):
         raise ValueError(f"--config and --columns apply to {HF_PREFIX}NAME datasets, not to {label!r}")
+    takes = _loader_options(loader)
+    for option, value in given.items():
+        if value is not None and option not in takes:  # silently ignored otherwise
+            raise ValueError(f"--{option} does not apply to dataset {label!r}, which would ignore it")
     paths = {key: Path(value) if value is not None else None for key, value in
              (("questions", questions), ("annotations", annotations), ("images", images))}
     loaded = loader(split=split, **paths, **options)
@@ -98,6 +105,21 @@ def load_dataset(
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"dataset {label!r} has duplicate question id {duplicate!r}")
     return loaded
+
+
+def dataset_options(name: str) -> frozenset[str]:
+    """Which of ``questions``, ``annotations``, ``images``, ``split`` dataset ``name`` reads (an
+    unknown name reads none): the parameters its loader names.
+
+    A path ending in ``.jsonl`` is the ``jsonl`` dataset with that file as its questions."""
+    file = name.endswith(".jsonl") and name not in DATASETS
+    loader = DATASETS.get("hf" if name.startswith(HF_PREFIX) else "jsonl" if file else name)
+    takes = frozenset() if loader is None else _loader_options(loader)
+    return takes - {"questions"} if file else takes
+
+
+def _loader_options(loader: Loader) -> frozenset[str]:
+    return frozenset(inspect.signature(loader).parameters) & {"questions", "annotations", "images", "split"}
 
 
 def resolve_split(name: str, split: str | None) -> str | None:
@@ -158,6 +180,10 @@ def _require(path: Path | None, what: str, dataset: str) -> Path:
         raise ValueError(f"dataset {dataset!r} needs --{what} (a path)")
     if not path.exists():
         raise ValueError(f"{path}: no such file or directory (--{what} of dataset {dataset!r})")
+    folder = what == "images"  # the images are a folder; questions and annotations are files
+    if path.is_dir() != folder:
+        raise ValueError(f"{path} is {'a file' if folder else 'a folder'}: --{what} of dataset {dataset!r} is a "
+                         f"{'folder' if folder else 'file'}")
     return path
 
 

@@ -45,6 +45,7 @@ from catp.methods import METHODS, get_method, seed_options
 from catp.reference.data import SCENE_SPLITS, scenes_with_questions
 from catp.scoring import cosine_similarity_matrix
 from catp.selection import resolve_keep
+from catp.training import progress as progress_bar
 
 __all__ = [
     "Diagnosis",
@@ -245,6 +246,7 @@ def diagnose(
     instruction: str | None = None,
     object_masks: Sequence[Any] | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> Diagnosis:
     """Measure how distinct ``model``'s query tokens are on ``images``.
 
@@ -258,6 +260,8 @@ def diagnose(
         object_masks: optional per-image ``(gh, gw)`` bool patch grids, true on object
             patches (the generated scenes have them); adds the object-attention figures.
         batch_size: images per forward pass.
+        progress: show a progress bar over the images (a forward pass and each method's
+            selection per batch take a while on a CPU).
 
     Returns:
         A :class:`Diagnosis` (means over images).
@@ -276,6 +280,7 @@ def diagnose(
     dtype = next(model.vision_model.parameters()).dtype
     outputs, cross = [], []
     kept: dict[str, list[tuple[int, ...]]] = {name: [] for name in names}
+    bar = progress_bar(len(images), "diagnose", progress)
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
         pixels = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
@@ -288,6 +293,8 @@ def diagnose(
             # One seed per image: one seed for all would draw the same set for every image.
             rows = select_queries(model, pixels, method=name, keep=k, **extra, **seed_options(name, range(start, start + len(chunk))))
             kept[name].extend(tuple(r) for r in rows.tolist())
+        bar.update(len(chunk))
+    bar.close()
     query_outputs = torch.cat(outputs)
     maps = torch.cat(cross, dim=1)  # (L, images, H, Q, N)
     pairwise, nearest = query_cosine(query_outputs)

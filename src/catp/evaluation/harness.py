@@ -27,8 +27,8 @@ from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
 from catp.hf import pruned as pruned_model
-from catp.methods import budget_refusal, get_method, seed_options
-from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
+from catp.methods import budget_refusal, check_runnable, get_method, seed_options
+from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT, check_prompt
 from catp.selection import resolve_keep
 
 __all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "on_model", "prepare_batch", "read_predictions",
@@ -47,8 +47,7 @@ class Protocol:
     min_new_tokens: int = PAPER_MIN_NEW_TOKENS
 
     def __post_init__(self) -> None:
-        if "{}" not in self.prompt:
-            raise ValueError(f"prompt must contain '{{}}' where the question goes, got {self.prompt!r}")
+        check_prompt(self.prompt)
         if self.num_beams < 1 or self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"bad generation settings: {self}")
 
@@ -87,12 +86,11 @@ def build_configs(methods: Sequence[str], keeps: Sequence[int | float | Budget],
     budgets = list(dict.fromkeys(k for k in keeps if isinstance(k, Budget)))
     for budget in budgets:
         budget.check_tokens(num_query_tokens)  # a min above the query tokens fails before anything runs
+    if methods:
+        check_runnable(methods, [*counts, *budgets])
     resolved = {m: get_method(m) for m in methods}
     pruned = [Config(m, k) for m in methods for k in counts]
     pruned += [Config(m, b) for m in methods for b in budgets if budget_refusal(resolved[m]) is None]
-    if methods and not pruned:
-        why = "; ".join(filter(None, (budget_refusal(method) for method in resolved.values()))) or "no method or keep given"
-        raise ValueError(f"nothing to run: no method runs at any of the keeps ({why})")
     return [Config(None, num_query_tokens), *pruned]
 
 

@@ -17,7 +17,8 @@ from catp.evaluation.harness import UNPRUNED, Config
 from catp.evaluation.metric import normalize_answer
 from catp.methods import compared_with
 
-__all__ = ["budget_comparisons", "kept_distribution", "summarize", "write_reports"]
+__all__ = ["accuracy_interval", "budget_comparisons", "full_model_label", "kept_distribution", "markdown_table", "summarize",
+           "write_reports"]
 
 _Z95 = 1.959963984540054
 
@@ -30,6 +31,34 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, _Z95 * math.sqrt(variance / n)
+
+
+def _wilson(proportion: float, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion in ``[0, 1]`` over ``n`` trials.
+
+    For scores in ``[0, 1]`` that are not 0/1 (VQA accuracy takes 0, 1/3, 2/3, 1) the variance
+    is at most ``p (1 - p)``, so this interval is the conservative one."""
+    z2 = _Z95**2
+    centre = (proportion + z2 / (2 * n)) / (1 + z2 / n)
+    half = _Z95 * math.sqrt(proportion * (1 - proportion) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean accuracy (values in percent) with its 95% CI: ``accuracy``, ``ci95`` (half-width),
+    ``ci_low``, ``ci_high``, ``ci_method``.
+
+    The normal approximation over the questions (``ci_method`` ``"normal"``, clipped to
+    ``[0, 100]``), unless every question scored the same (all right, all wrong) or there is one
+    question: that interval has no width then, which would claim certainty that ``n``
+    questions cannot give, so the Wilson score interval is used (``"wilson"``; ``ci95`` is its
+    larger side, for symmetric error bars)."""
+    accuracy, half = _mean_ci(values)
+    if half > 0:
+        return {"accuracy": accuracy, "ci95": half, "ci_low": max(0.0, accuracy - half), "ci_high": min(100.0, accuracy + half),
+                "ci_method": "normal"}
+    low, high = (100 * bound for bound in _wilson(accuracy / 100, len(values)))
+    return {"accuracy": accuracy, "ci95": max(accuracy - low, high - accuracy), "ci_low": low, "ci_high": high, "ci_method": "wilson"}
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -85,12 +114,12 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
     for config, records in by_name.values():
         if not records:
             continue
-        accuracy, half = _mean_ci([100 * r["accuracy"] for r in records.values()])
+        interval = accuracy_interval([100 * r["accuracy"] for r in records.values()])
+        accuracy = interval["accuracy"]
         row: dict[str, Any] = {
             "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep_label,
             "budget": isinstance(config.keep, Budget), "n": len(records),
-            "complete": len(records) == num_questions, "accuracy": accuracy, "ci95": half,
-            "ci_low": max(0.0, accuracy - half), "ci_high": min(100.0, accuracy + half),
+            "complete": len(records) == num_questions, **interval,
             "llm_tokens": sum(r["llm_tokens"] for r in records.values()) / len(records),
             **kept_distribution([_kept(config, r) for r in records.values()]),
         }
@@ -192,19 +221,56 @@ def _kept_text(row: dict[str, Any]) -> str:
             f"{row['kept_p75']:g} / {row['kept_max']})")
 
 
+def full_model_label(summary: dict[str, Any]) -> str:
+    """What the row of all query tokens is: the unpruned model, or, in a run with an adapter, the
+    adapted model with all its tokens (the adapter changes it: it is not the unpruned original)."""
+    return "adapted, all tokens" if summary.get("run", {}).get("adapter") else UNPRUNED
+
+
+def _accuracy_text(row: dict[str, Any]) -> str:
+    """``acc ± half`` (normal 95% CI), or ``acc [low, high]`` where the Wilson interval stands in (:func:`accuracy_interval`)."""
+    if row.get("ci_method") == "wilson":
+        return f"{row['accuracy']:.2f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+    return f"{row['accuracy']:.2f} ± {row['ci95']:.2f}"
+
+
+def _legend(summary: dict[str, Any], full: str) -> list[str]:
+    """How to read the tables: each figure of a cell, in words."""
+    rows = summary["rows"]
+    lines = ["", "How to read this:", "",
+             "* A cell is the VQA accuracy in % over the questions, ± the half-width of its 95% confidence interval (normal "
+             "approximation over the questions)."]
+    if any(r.get("ci_method") == "wilson" for r in rows):
+        lines.append("* `[low, high]` instead of `±`: every question scored the same (all right or all wrong), where the normal "
+                     "interval has no width; the 95% Wilson score interval for that many questions is shown instead.")
+    if any("retention_pct" in r for r in rows):
+        lines.append(f"* `(R%, S% same)`: R is the retention, the accuracy as a share of the accuracy in the `{full}` row; S is "
+                     f"the share of questions answered as in the `{full}` row (after the VQA answer normalisation), which "
+                     "accuracy alone can hide.")
+    if any(r["budget"] for r in rows):
+        lines.append("* `N tokens` (budgets): the mean query tokens a per-sample budget fed to the language model per question.")
+    if summary["comparisons"]:
+        lines.append("* Paired differences: method minus baseline on the same questions, in percentage points ± 95% CI; **win** / "
+                     "**loss**: the interval lies above / below 0, **tie**: it holds 0; `×`: the ratio of the two accuracies.")
+    return lines
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
-    """Accuracy (± 95% CI half-width) per method and keep, with retention of the unpruned accuracy and
-    the share of answers the same as unpruned;
-    for budgets, the kept tokens and the comparison with a fixed ``k`` at the same mean."""
+    """Accuracy (95% CI) per method and keep, with retention of the full model's accuracy and the
+    share of answers the same as it gives; for budgets, the kept tokens and the comparison with a
+    fixed ``k`` at the same mean; then a legend of the figures. The full model is the unpruned one,
+    or the adapted one with all its tokens in a run with an adapter (:func:`full_model_label`)."""
     rows = summary["rows"]
     keeps = _keep_columns(rows)
+    full = full_model_label(summary)
     if not keeps:  # the unpruned model alone (catp eval --methods none)
-        return "\n".join(["| model | accuracy |", "|---|---|"] + [f"| unpruned ({r['keep']} tokens) | {r['accuracy']:.2f} ± {r['ci95']:.2f} |"
-                                                                 for r in rows if r["method"] == UNPRUNED]) + "\n"
+        return "\n".join(["| model | accuracy |", "|---|---|"] + [f"| {full} ({r['keep']} tokens) | {_accuracy_text(r)} |"
+                                                                 for r in rows if r["method"] == UNPRUNED]
+                         + _legend(summary, full)) + "\n"
     lines = ["| method | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
     for r in rows:
         if r["method"] == UNPRUNED:
-            lines.append(f"| unpruned ({r['keep']} tokens) | {r['accuracy']:.2f} ± {r['ci95']:.2f} |" + " |" * (len(keeps) - 1))
+            lines.append(f"| {full} ({r['keep']} tokens) | {_accuracy_text(r)} |" + " |" * (len(keeps) - 1))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != UNPRUNED))
     cell = {(r["method"], r["keep"]): r for r in rows}
     for method in methods:
@@ -215,7 +281,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             if retention:
                 retention += f", {r['loyalty_pct']:.0f}% same)" if "loyalty_pct" in r else ")"
             mean = f", {r['kept_mean']:.1f} tokens" if r is not None and r["budget"] else ""
-            cells.append("" if r is None else f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{retention}{mean}")
+            cells.append("" if r is None else f"{_accuracy_text(r)}{retention}{mean}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
         lines += ["", "Paired differences, method minus baseline (percentage points, ± 95% CI), with the ratio (×):", "",
@@ -245,11 +311,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 mix = str(c["fixed_low"]) if c["fixed_low"] == c["fixed_high"] else f"{c['fixed_low']}–{c['fixed_high']} (w {c['weight_high']:.2f})"
                 fixed = f"{c['fixed_accuracy']:.2f} (k {mix})"
                 difference = f"{c['difference']:+.2f} ± {c['ci95']:.2f} **{c['verdict']}**"
-            lines.append(f"| {r['method']} | {r['keep']} | {_kept_text(r)} | {r['accuracy']:.2f} ± {r['ci95']:.2f} | {fixed} | {difference} |")
+            lines.append(f"| {r['method']} | {r['keep']} | {_kept_text(r)} | {_accuracy_text(r)} | {fixed} | {difference} |")
     incomplete = [r["config"] for r in rows if not r["complete"]]
     if incomplete:
         lines += ["", f"Incomplete (fewer than {summary['num_questions']} questions): {', '.join(incomplete)}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _legend(summary, full)) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path, title: str = "") -> None:
@@ -275,7 +341,7 @@ def plot(summary: dict[str, Any], path: Path, title: str = "") -> None:
                         color=color, label=f"{method} {r['keep']}")
     for r in rows:
         if r["method"] == UNPRUNED:
-            ax.axhline(r["accuracy"], color="black", linewidth=1, linestyle=":", label=f"unpruned ({r['keep']} tokens)")
+            ax.axhline(r["accuracy"], color="black", linewidth=1, linestyle=":", label=f"{full_model_label(summary)} ({r['keep']} tokens)")
     ax.set_xscale("log", base=2)
     keeps = sorted({r["keep"] for r in rows if not r["budget"]})
     ax.set_xticks(keeps, [str(k) for k in keeps])

@@ -44,7 +44,7 @@ def shipped_adapter() -> Path | None:
 def reference_model_path() -> Path:
     """Directory of the shipped reference checkpoint (loadable with ``from_pretrained``)."""
     if not (_CHECKPOINT / "config.json").is_file():
-        raise FileNotFoundError(f"the reference checkpoint is missing from {_CHECKPOINT}; reinstall catp or run `catp train-reference --out DIR`")
+        raise FileNotFoundError(f"the reference checkpoint is missing from {_CHECKPOINT}; reinstall catp, or train one from a checkout of the repository with `python -m lab.train --out DIR`")
     return _CHECKPOINT
 
 
