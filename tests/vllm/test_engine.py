@@ -19,8 +19,8 @@ import catp  # noqa: E402
 import catp.vllm  # noqa: E402
 from catp.reference.evaluate import answer  # noqa: E402
 from catp.vllm import ARCHITECTURE, image_tag, read_records  # noqa: E402
-from catp.vllm.agreement import kept_sets  # noqa: E402
-from catp.vllm.agreement import vqa_requests as requests  # noqa: E402
+from tools.vllm_agreement import kept_sets  # noqa: E402
+from tools.vllm_agreement import vqa_requests as requests  # noqa: E402
 from serving import ENGINE, ENGINE_KEEP, ENGINE_METHOD, greedy, model_path  # noqa: E402
 
 KEEPS = (4, 8, 16)
