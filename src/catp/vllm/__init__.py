@@ -58,10 +58,13 @@ __all__ = [
     "CONFIG_KEY",
     "RECORD_ENV",
     "REQUEST_KEEP",
+    "REQUEST_KEYS",
     "REQUEST_METHOD",
     "REQUEST_OPTIONS",
     "ImageRequest",
     "Settings",
+    "check_engine",
+    "engine_settings",
     "image_tag",
     "num_cross_attention_layers",
     "overrides",
@@ -78,7 +81,7 @@ REQUEST_METHOD = "catp_method"
 REQUEST_OPTIONS = "catp_options"
 #: The key of the engine's allowlist of import paths in ``config.catp`` (reserved: no method option has this name).
 ALLOW_KEY = "allow"
-_REQUEST_KEYS = (REQUEST_KEEP, REQUEST_METHOD, REQUEST_OPTIONS)
+REQUEST_KEYS = (REQUEST_KEEP, REQUEST_METHOD, REQUEST_OPTIONS)
 #: Environment variable: a file to which the engine appends one JSON line per pruned image.
 RECORD_ENV = "CATP_VLLM_RECORD"
 
@@ -205,11 +208,11 @@ class Settings:
             ValueError, TypeError: a bad value, a method the engine does not allow, or an unknown
                 ``catp*`` key (a misspelt ``catp_kep`` would otherwise be silently ignored).
         """
-        unknown = sorted(str(key) for key in mm_processor_kwargs if str(key).startswith("catp") and key not in _REQUEST_KEYS)
+        unknown = sorted(str(key) for key in mm_processor_kwargs if str(key).startswith("catp") and key not in REQUEST_KEYS)
         if unknown:
             raise ValueError(f"unknown catp request option(s) {', '.join(map(repr, unknown))} in mm_processor_kwargs; "
-                             f"the request keys are {', '.join(_REQUEST_KEYS)}")
-        given = {key: mm_processor_kwargs[key] for key in _REQUEST_KEYS if mm_processor_kwargs.get(key) is not None}
+                             f"the request keys are {', '.join(REQUEST_KEYS)}")
+        given = {key: mm_processor_kwargs[key] for key in REQUEST_KEYS if mm_processor_kwargs.get(key) is not None}
         if not given:
             return self
         method = given.get(REQUEST_METHOD, self.method)
@@ -281,6 +284,24 @@ def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[st
     """
     settings = Settings(method=method, keep=keep, options=options, allow=allow)  # type: ignore[arg-type]
     return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.config()}
+
+
+def engine_settings(hf_config: Any) -> Settings:
+    """The engine's settings from the model config (``config.catp``)."""
+    return Settings.from_config(getattr(hf_config, CONFIG_KEY, None))
+
+
+def check_engine(hf_config: Any, tensor_parallel_size: int = 1) -> Settings:
+    """Check the engine's settings (``config.catp``) against its model and parallelism; the :class:`Settings`.
+
+    vLLM runs it when it builds the engine's config, and ``catp serve`` before it starts vLLM.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "blip-2":
+        raise ValueError(f"{ARCHITECTURE} serves BLIP-2 models (model_type 'blip-2'), got {model_type!r}")
+    settings = engine_settings(hf_config)
+    settings.check(int(hf_config.num_query_tokens), num_cross_attention_layers(hf_config.qformer_config), tensor_parallel_size)
+    return settings
 
 
 def num_cross_attention_layers(qformer_config: Any) -> int:
