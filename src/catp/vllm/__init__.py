@@ -21,8 +21,8 @@ The settings travel in three forms:
 * the engine's, ``config.catp`` (from ``hf_overrides``): ``{"method": NAME, "keep": K, **options}``,
   :meth:`Settings.from_config`;
 * a request's, in ``mm_processor_kwargs``: ``catp_keep`` (int count or float fraction),
-  ``catp_method`` (a name) and ``catp_options`` (a dict of method options),
-  :meth:`Settings.with_request`. vLLM fixes a request's placeholder count before its
+  ``catp_method`` (a registered name, or an import path on the engine's ``allow`` list) and
+  ``catp_options`` (a dict of method options), :meth:`Settings.with_request`. vLLM fixes a request's placeholder count before its
   encoder runs, so the count must be known from the settings alone: a
   :class:`~catp.budget.Budget` is refused;
 * to the engine core process, per image: an :class:`ImageRequest` (method, options and the

@@ -73,7 +73,7 @@ class CatpBlip2Config(VerifyAndUpdateConfig):
     """Checks the engine's settings in the front end, when the engine's config is built.
 
     vLLM calls it for :data:`~catp.vllm.ARCHITECTURE` (``MODELS_CONFIG_MAP``) in the process
-    that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / ``vllm serve`` at
+    that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / the server (``catp serve``) at
     once with the message, before the engine core starts.
     """
 
