@@ -75,6 +75,7 @@ def test_command_is_the_server_module_with_the_overrides():
     expected = catp.vllm.overrides("catp-layer", 0.25, allow=["catp.methods:First"], layer_weights=[1, 0, 0, 0, 0, 1])
     assert json.loads(argv[argv.index("--hf-overrides") + 1]) == expected
     assert argv.count("--trust-request-mm-kwargs") == 1
+    assert argv[argv.index("--middleware") + 1] == "catp.cli.serve.refuse_misplaced_catp_keys"
     assert argv[-4:] == ["--port", "8123", "--dtype", "float32"]  # vLLM's own arguments, unchanged
 
 

