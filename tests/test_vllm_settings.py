@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import catp
 import catp.vllm
@@ -41,7 +42,18 @@ def test_overrides_takes_every_method(method):
         ({"keep": "mass:0.8"}, ValueError, "before the vision encoder"),
         ({"method": "catp", "layer_weights": [1.0]}, TypeError, "unknown option"),
         ({"method": "catp-layer", "layer_weight": [1.0]}, TypeError, "layer_weight"),
-        ({"method": "random", "seed": object()}, TypeError, "JSON values"),
+        ({"method": "random", "seed": object()}, TypeError, "seed must be an int"),
+        ({"method": "random", "seed": "x"}, TypeError, "seed must be an int"),
+        ({"method": "random", "seed": None}, TypeError, "seed must be an int"),
+        ({"method": "random", "seed": [1, 2]}, ValueError, "options for 2 rows"),
+        ({"method": "random", "seed": 2**64}, ValueError, "out of range"),
+        ({"method": "catp-layer", "layer_weights": torch.ones(6)}, TypeError, "JSON values"),
+        ({"method": "catp-layer", "layer_weights": "abc"}, TypeError, "list of numbers"),
+        ({"method": "catp-diverse", "lam": float("nan")}, ValueError, "finite"),
+        ({"method": "divprune", "features": ["projected"]}, ValueError, "features must be one of"),
+        ({"method": "catp", "allow": "x:Y"}, TypeError, "list of import paths"),
+        ({"method": "catp", "allow": ["catp"]}, ValueError, "import paths"),
+        ({"method": "catp", "allow": ["catp.methods:Nope"]}, ValueError, "no PruningMethod subclass"),
         ({"method": catp.get_method("catp")}, TypeError, "by name"),
         ({"method": "dart", "pivots": 0}, ValueError, "pivots=0"),
     ],
@@ -75,6 +87,53 @@ def test_missing_or_malformed_engine_settings():
     with pytest.raises(TypeError, match="must be a mapping"):
         Settings.from_config([8])
     assert Settings.from_config('{"method": "first", "keep": 4}') == Settings("first", 4)
+
+
+def test_whole_float_keep_is_a_count():
+    """JSON clients may send 8 as 8.0: a whole float above 1 is that count; 1.0 stays the fraction 1."""
+    assert overrides(keep=8.0)["catp"]["keep"] == 8
+    assert Settings("catp", 8).with_request({"catp_keep": 16.0}).count(32) == 16
+    assert Settings("catp", 8).with_request({"catp_keep": 1.0}).count(32) == 32
+    with pytest.raises(ValueError, match="keep=2.5"):
+        Settings("catp", 8).with_request({"catp_keep": 2.5})
+
+
+def test_null_request_keys_count_as_not_given():
+    engine = Settings("random", 8, {"seed": 3})
+    assert engine.with_request({"catp_keep": None, "catp_method": None, "catp_options": None}) is engine
+    assert engine.with_request({"catp_keep": 4, "catp_options": None}) == Settings("random", 4, {"seed": 3})
+
+
+ALLOWED = "catp.methods:First"  # an import path to a method class that exists
+
+
+def test_allowlist_travels_in_the_overrides():
+    got = overrides(method="catp", keep=8, allow=[ALLOWED])
+    assert got["catp"] == {"method": "catp", "keep": 8, "allow": [ALLOWED]}
+    engine = Settings.from_config(json.loads(json.dumps(got["catp"])))
+    assert engine.allow == (ALLOWED,)
+    assert engine.with_request({"catp_method": ALLOWED}).method == ALLOWED
+    assert engine.with_request({"catp_method": "divprune"}).method == "divprune"  # registered: always allowed
+
+
+def test_unlisted_import_path_is_refused_before_import(tmp_path):
+    """A request's import path that the engine does not list is refused, and its module is never imported."""
+    (tmp_path / "catp_side_effect.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    code = (
+        "import sys, catp.vllm\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        f"engine = catp.vllm.Settings('catp', 8, allow=({ALLOWED!r},))\n"
+        "for method in ('catp_side_effect:Method', 'this:Nothing'):\n"
+        "    try:\n"
+        "        engine.with_request({'catp_method': method})\n"
+        "    except ValueError as error:\n"
+        "        assert 'not allowed' in str(error) and method in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError(method + ' was accepted')\n"
+        "assert 'catp_side_effect' not in sys.modules and 'this' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert not (tmp_path / "catp_side_effect.ran").exists()
 
 
 def test_request_overrides():
@@ -117,6 +176,24 @@ def test_image_tag_depends_on_content():
     a = Image.new("RGB", (8, 8), (1, 2, 3))
     b = Image.new("RGB", (8, 8), (1, 2, 4))
     assert image_tag(a) == image_tag(a.copy()) != image_tag(b)
+
+
+def test_plugin_imports_neither_evaluation_nor_reference():
+    """catp.vllm holds only the plugin: its modules do not import the eval harness or the reference model."""
+    from pathlib import Path
+
+    modules = ["catp.vllm", "catp.vllm.plugin"]
+    try:
+        import vllm.entrypoints.llm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        modules.append("catp.vllm.model")
+    assert sorted(p.stem for p in Path(catp.vllm.__file__).parent.glob("*.py")) == ["__init__", "model", "plugin"]
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('catp.evaluation', 'catp.reference')))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_import_does_not_import_vllm():

@@ -14,10 +14,8 @@ first use, and the command line (:mod:`catp.cli`) its own.
 from typing import Any
 
 from catp.budget import Budget
-from catp.evaluation.metric import vqa_accuracy
 from catp.hf import PruningSession, pruned, select_queries
 from catp.methods import METHODS, PruningMethod, get_method, register_method
-from catp.reference import reference_adapter_path, reference_model_path
 from catp.selection import choose, resolve_keep
 
 __version__ = "0.2.0"
@@ -41,13 +39,21 @@ __all__ = [
     "vqa_accuracy",
 ]
 
-_EXPLAIN = ("Explanation", "draw_explanation", "explain")
+#: Loaded on first use, not with ``import catp``: catp.explanation draws with matplotlib, and the
+#: reference model and the VQA metric are not needed to prune (the vLLM plugin imports neither).
+_LAZY = {
+    "Explanation": "catp.explanation",
+    "draw_explanation": "catp.explanation",
+    "explain": "catp.explanation",
+    "reference_adapter_path": "catp.reference",
+    "reference_model_path": "catp.reference",
+    "vqa_accuracy": "catp.evaluation.metric",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # catp.explanation draws with matplotlib: loaded on first use, not with ``import catp``.
-    if name in _EXPLAIN:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module("catp.explanation"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'catp' has no attribute {name!r}")

@@ -137,7 +137,13 @@ class PruningMethod:
     def validate(self, num_cross_layers: int, keep: int | None) -> None:
         """Check options against the model and the kept count before anything runs (default: nothing to check).
 
-        ``keep`` is ``None`` where the count is only known per call (a video's ``T*Q``, a Budget)."""
+        ``keep`` is ``None`` where the count is only known per call (a video's ``T*Q``, a Budget).
+        Options that need no model are checked by the constructor: a method object that exists
+        has options of the right types and ranges."""
+
+    def rows(self) -> int | None:
+        """How many rows the options are for (one seed per row), or ``None`` when they fit any batch (default)."""
+        return None
 
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
@@ -244,6 +250,10 @@ class CATPLayer(PruningMethod):
     needs: ClassVar[Needs] = Needs(cross_attention="all")
     layer_weights: Sequence[float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.layer_weights is not None:
+            scoring.check_layer_weights(self.layer_weights)  # types, signs; the length against the model in validate()
+
     def validate(self, num_cross_layers: int, keep: int | None) -> None:
         if self.layer_weights is not None:
             scoring.check_layer_weights(self.layer_weights, num_cross_layers)
@@ -334,14 +344,20 @@ class Random(PruningMethod):
     """Reference: ``k`` tokens drawn at random.
 
     Args:
-        seed: one seed for all rows, or one per row (the eval harness derives one per
-            question, so that results do not depend on batching).
+        seed: one seed for all rows, or a list of one per row (the eval harness derives one per
+            question, so that results do not depend on batching): ints in ``0..2**63-1``.
     """
 
     name: ClassVar[str] = "random"
     kind: ClassVar[str] = "baseline"
     carries_budget: ClassVar[bool] = False
     seed: int | Sequence[int] = 0
+
+    def __post_init__(self) -> None:
+        scoring.check_seeds(self.seed)
+
+    def rows(self) -> int | None:
+        return len(self.seed) if isinstance(self.seed, (list, tuple)) else None
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         # One draw per sample over all its frames, so that a seed (one per sample) picks
@@ -368,7 +384,7 @@ class _OnTokens(PruningMethod):
     features: str = "projected"
 
     def __post_init__(self) -> None:
-        if self.features not in FEATURES:
+        if not isinstance(self.features, str) or self.features not in FEATURES:
             raise ValueError(f"{self.name}: features must be one of {', '.join(map(repr, FEATURES))}, got {self.features!r}")
 
     def tokens(self, captures: Captures) -> torch.Tensor:

@@ -25,6 +25,7 @@ tokens, plus our own CATP vote with a diversity penalty (:func:`catp_diverse_sel
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -193,6 +194,44 @@ def first_scores(batch_size: int, num_queries: int, device: torch.device | str |
     return torch.arange(num_queries, 0, -1, device=device, dtype=torch.float32).expand(batch_size, -1).clone()
 
 
+#: Short reprs of user values in error messages (a request may send a list of a million entries).
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxtuple = 8
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+short_repr = _REPR.repr
+
+#: Seeds of the ``random`` method are ints in ``0..MAX_SEED`` (what ``torch.Generator.manual_seed`` takes, signed).
+MAX_SEED = 2**63 - 1
+
+
+def check_seeds(seed: object, batch_size: int | None = None) -> list[int]:
+    """Validate a ``random`` seed: an int in ``0..MAX_SEED``, or a non-empty list or tuple of them, one per row.
+
+    Returns one seed per row (``batch_size`` of them; a list's own length when ``batch_size`` is ``None``).
+
+    Raises:
+        TypeError: not an int or a list or tuple of ints (a bool, a str, a float, None).
+        ValueError: a seed out of range, an empty list, or a list whose length is not ``batch_size``.
+    """
+    def one(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"random: a seed must be an int, got {type(value).__name__} {short_repr(value)}")
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"random: seed={short_repr(value)} is out of range; a seed is an int in 0..2**63-1")
+        return int(value)
+
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise ValueError("random: seed=[] is empty; give an int or one int per row")
+        seeds = [one(s) for s in seed]
+        if batch_size is not None and len(seeds) != batch_size:
+            raise ValueError(f"random: got {len(seeds)} seeds for a batch of {batch_size} rows; give one int, or one per row")
+        return seeds
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"random: seed must be an int or a list of ints (one per row), got {type(seed).__name__} {short_repr(seed)}")
+    return [one(seed)] * (1 if batch_size is None else batch_size)
+
+
 def random_scores(batch_size: int, num_queries: int, seed: int | Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """``random`` reference: seeded uniform scores ``(B, Q)``.
 
@@ -200,9 +239,7 @@ def random_scores(batch_size: int, num_queries: int, seed: int | Sequence[int], 
         seed: one seed for every row, or one seed per row. Each row draws from its own
             generator, so a row's draw does not depend on batching.
     """
-    seeds = [int(seed)] * batch_size if isinstance(seed, int) else [int(s) for s in seed]
-    if len(seeds) != batch_size:
-        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
+    seeds = check_seeds(seed, batch_size)
     rows = [torch.rand(num_queries, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(rows).to(device)
 
@@ -224,13 +261,30 @@ def default_layer_weights(num_layers: int, keep_fraction: float) -> torch.Tensor
     return weights / weights.sum()
 
 
-def check_layer_weights(layer_weights: Sequence[float] | torch.Tensor, num_layers: int) -> torch.Tensor:
-    """Validate user layer weights: ``num_layers`` finite, non-negative, not all zero."""
-    weights = torch.as_tensor(layer_weights, dtype=torch.float32).flatten()
-    if weights.numel() != num_layers:
+def check_layer_weights(layer_weights: Sequence[float] | torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+    """Validate user layer weights: a list, tuple or 1-D tensor of ``num_layers`` finite, non-negative numbers,
+    not all zero (any length when ``num_layers`` is ``None``: the model is not known yet).
+
+    Raises:
+        TypeError: not a list, tuple or tensor of numbers (a bool or a str among them).
+        ValueError: the wrong length, a negative or non-finite weight, all zero.
+    """
+    if isinstance(layer_weights, torch.Tensor):
+        if layer_weights.dim() != 1 or layer_weights.is_complex():
+            raise ValueError(f"layer_weights must be a 1-D real tensor, got shape {tuple(layer_weights.shape)}")
+    elif not isinstance(layer_weights, (list, tuple)) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in layer_weights):
+        raise TypeError(f"layer_weights must be a list of numbers, one per cross-attention layer, got {short_repr(layer_weights)}")
+    try:
+        weights = torch.as_tensor(layer_weights, dtype=torch.float32).flatten()
+    except (OverflowError, RuntimeError):
+        raise ValueError(f"layer_weights must be finite and non-negative, got {short_repr(layer_weights)}") from None
+    if weights.numel() == 0:
+        raise ValueError("layer_weights is empty: give one weight per cross-attention layer")
+    if num_layers is not None and weights.numel() != num_layers:
         raise ValueError(f"layer_weights has {weights.numel()} entries but the Q-Former has {num_layers} cross-attention layers")
     if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError(f"layer_weights must be finite and non-negative, got {weights.tolist()}")
+        raise ValueError(f"layer_weights must be finite and non-negative, got {short_repr(weights.tolist())}")
     if weights.sum() <= 0:
         raise ValueError("layer_weights must not all be zero")
     return weights

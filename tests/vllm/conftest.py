@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def questions() -> list[Any]:
     """The first 64 easy-VQA test questions (7 images), then the first question of each of the first 64 test images."""
-    from catp.vllm.agreement import agreement_questions
+    from tools.vllm_agreement import agreement_questions
 
     return agreement_questions(64)
 
@@ -35,7 +35,7 @@ def questions() -> list[Any]:
 @pytest.fixture(scope="session")
 def images(questions: list[Any]) -> list[Any]:
     """One question per distinct image: 64 images."""
-    from catp.vllm.agreement import distinct_images
+    from tools.vllm_agreement import distinct_images
 
     return distinct_images(questions)
 
@@ -53,7 +53,7 @@ def stock_outputs(questions: list[Any]) -> list[Any]:
     """Stock vLLM's greedy outputs (5 tokens, top-3 log-probabilities) on ``questions``; the engine is shut down after."""
     from vllm import LLM
 
-    from catp.vllm.agreement import vqa_requests
+    from tools.vllm_agreement import vqa_requests
 
     llm = LLM(model=model_path(), **ENGINE)
     try:

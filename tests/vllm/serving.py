@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from catp.vllm.agreement import REFERENCE_ENGINE
+from tools.vllm_agreement import REFERENCE_ENGINE
 
 #: Engine arguments shared by every engine in these tests: the reference model in fp32.
 ENGINE: dict[str, Any] = {**REFERENCE_ENGINE, "dtype": "float32"}

@@ -19,8 +19,8 @@ import catp  # noqa: E402
 import catp.vllm  # noqa: E402
 from catp.reference.evaluate import answer  # noqa: E402
 from catp.vllm import ARCHITECTURE, image_tag, read_records  # noqa: E402
-from catp.vllm.agreement import kept_sets  # noqa: E402
-from catp.vllm.agreement import vqa_requests as requests  # noqa: E402
+from tools.vllm_agreement import kept_sets  # noqa: E402
+from tools.vllm_agreement import vqa_requests as requests  # noqa: E402
 from serving import ENGINE, ENGINE_KEEP, ENGINE_METHOD, greedy, model_path  # noqa: E402
 
 KEEPS = (4, 8, 16)
@@ -142,6 +142,9 @@ def test_bad_request_is_refused_alone(kwargs: dict, error: type, match: str, llm
         ({"method": "catp", "keep": 33}, "keep=33 is out of range"),
         ({"method": "catp", "keep": "mass:0.8"}, "before the vision encoder"),
         ({"method": "catp-layer", "keep": 8, "layer_weights": [1, 1]}, "layer_weights has 2 entries"),
+        ({"method": "random", "keep": 8, "seed": "x"}, "seed must be an int"),
+        ({"method": "random", "keep": 8, "seed": [1, 2]}, "options for 2 rows"),
+        ({"method": "catp", "keep": 8, "allow": ["catp.methods:Nope"]}, "no PruningMethod subclass named 'Nope'"),
         (None, "needs its settings"),
     ],
 )
@@ -150,7 +153,7 @@ def test_bad_engine_setting_fails_at_start(settings: Any, match: str) -> None:
     overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
     if settings is not None:
         overrides["catp"] = settings
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         vllm.LLM(model=model_path(), hf_overrides=overrides, **ENGINE)
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("vllm.entrypoints.llm", reason="needs vLLM: pip install catp
 
 from catp.adapt import export_truncated  # noqa: E402
 from catp.reference.evaluate import answer  # noqa: E402
-from catp.vllm.agreement import vqa_requests  # noqa: E402
+from tools.vllm_agreement import vqa_requests  # noqa: E402
 from serving import ENGINE, greedy, shutdown  # noqa: E402
 
 K = 8

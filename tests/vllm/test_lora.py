@@ -15,7 +15,7 @@ pytest.importorskip("vllm.entrypoints.llm", reason="needs vLLM: pip install catp
 import torch  # noqa: E402
 
 import catp.vllm  # noqa: E402
-from catp.vllm.agreement import vqa_requests  # noqa: E402
+from tools.vllm_agreement import vqa_requests  # noqa: E402
 from serving import ENGINE, greedy, model_path, shutdown  # noqa: E402
 
 

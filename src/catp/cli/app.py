@@ -17,6 +17,7 @@ from catp.cli.diagnose import diagnose_command
 from catp.cli.eval import eval_command
 from catp.cli.explain import explain_command
 from catp.cli.options import make_console
+from catp.cli.serve import SERVE_CONTEXT, serve_command
 from catp.methods import METHODS, method_class
 
 app = typer.Typer(
@@ -78,6 +79,7 @@ app.command("explain")(explain_command)
 app.command("diagnose")(diagnose_command)
 app.command("demo")(demo_command)
 app.command("adapt")(adapt_command)
+app.command("serve", context_settings=SERVE_CONTEXT)(serve_command)
 
 
 def main() -> None:

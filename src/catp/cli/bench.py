@@ -208,7 +208,7 @@ def _refuse_hf_only_options(**given: Any) -> None:
 
 def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, methods: str, keep: str, requests: int,
                 new_tokens: int, warmup: int, repeats: int, out: Path) -> None:
-    """``catp bench --engine vllm``: :func:`catp.vllm.bench.measure_throughput`, its table, JSON and Markdown.
+    """``catp bench --engine vllm``: :func:`catp.bench.vllm.measure_throughput`, its table, JSON and Markdown.
 
     Every option is checked before vLLM is imported, so bad input is a usage error with or without vLLM."""
     from catp.bench.archs import arch_config
@@ -217,7 +217,7 @@ def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, m
     from catp.models import load_config, resolve_dtype
     from catp.reference import reference_model_path
     from catp.vllm import BUDGET_REFUSAL
-    from catp.vllm.bench import markdown_table, measure_throughput
+    from catp.bench.vllm import markdown_table, measure_throughput
 
     if model and arch:
         raise typer.BadParameter("give --model or --arch, not both")

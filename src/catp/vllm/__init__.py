@@ -21,8 +21,8 @@ The settings travel in three forms:
 * the engine's, ``config.catp`` (from ``hf_overrides``): ``{"method": NAME, "keep": K, **options}``,
   :meth:`Settings.from_config`;
 * a request's, in ``mm_processor_kwargs``: ``catp_keep`` (int count or float fraction),
-  ``catp_method`` (a name) and ``catp_options`` (a dict of method options),
-  :meth:`Settings.with_request`. vLLM fixes a request's placeholder count before its
+  ``catp_method`` (a registered name, or an import path on the engine's ``allow`` list) and
+  ``catp_options`` (a dict of method options), :meth:`Settings.with_request`. vLLM fixes a request's placeholder count before its
   encoder runs, so the count must be known from the settings alone: a
   :class:`~catp.budget.Budget` is refused;
 * to the engine core process, per image: an :class:`ImageRequest` (method, options and the
@@ -41,25 +41,30 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catp.budget import Budget
-from catp.methods import PruningMethod, get_method
+from catp.methods import METHODS, PruningMethod, get_method, method_class
+from catp.scoring import short_repr as _short
 from catp.selection import resolve_keep
 
 __all__ = [
+    "ALLOW_KEY",
     "ARCHITECTURE",
     "BUDGET_REFUSAL",
     "CONFIG_KEY",
     "RECORD_ENV",
     "REQUEST_KEEP",
+    "REQUEST_KEYS",
     "REQUEST_METHOD",
     "REQUEST_OPTIONS",
     "ImageRequest",
     "Settings",
+    "check_engine",
+    "engine_settings",
     "image_tag",
     "num_cross_attention_layers",
     "overrides",
@@ -74,7 +79,9 @@ CONFIG_KEY = "catp"
 REQUEST_KEEP = "catp_keep"
 REQUEST_METHOD = "catp_method"
 REQUEST_OPTIONS = "catp_options"
-_REQUEST_KEYS = (REQUEST_KEEP, REQUEST_METHOD, REQUEST_OPTIONS)
+#: The key of the engine's allowlist of import paths in ``config.catp`` (reserved: no method option has this name).
+ALLOW_KEY = "allow"
+REQUEST_KEYS = (REQUEST_KEEP, REQUEST_METHOD, REQUEST_OPTIONS)
 #: Environment variable: a file to which the engine appends one JSON line per pruned image.
 RECORD_ENV = "CATP_VLLM_RECORD"
 
@@ -89,20 +96,26 @@ BUDGET_REFUSAL = (
 class Settings:
     """One pruning setting: a method, its options and how many query tokens to keep.
 
-    Checked when built: an unknown method or option, a bad ``keep`` and a
-    :class:`~catp.budget.Budget` are refused here. The upper bound of an int ``keep``
-    (the model's query count) is checked by :meth:`count` once the model is known.
+    Checked when built: an unknown method or option, an option of the wrong type or out of
+    range (each method's constructor checks its own), a bad ``keep`` and a
+    :class:`~catp.budget.Budget` are refused here. The upper bound of an int ``keep`` (the
+    model's query count) is checked by :meth:`count` once the model is known.
 
     Attributes:
-        method: a name from :data:`catp.METHODS`.
-        keep: an int count or a float fraction in ``(0, 1]``, as in :func:`catp.pruned`.
+        method: a name from :data:`catp.METHODS`, or ``"package.module:Class"``.
+        keep: an int count or a float fraction in ``(0, 1]``, as in :func:`catp.pruned`; a
+            float above 1 that is a whole number (``8.0``, as a JSON client may send 8) is that count.
         options: the method's options (``layer_weights``, ``seed``, ...); JSON values, since
             they travel through ``hf_overrides`` and ``--hf-overrides``.
+        allow: the engine's allowlist: import paths ``"package.module:Class"`` that a request may
+            name (registered methods and the engine's own method are always allowed). Imported
+            when the engine starts, in each of its processes.
     """
 
     method: str = "catp"
     keep: int | float = 8
     options: Mapping[str, Any] = field(default_factory=dict)
+    allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, Budget) or _reads_as_budget(self.keep):
@@ -110,10 +123,18 @@ class Settings:
         if isinstance(self.method, PruningMethod):
             raise TypeError(f"vLLM takes a method by name (settings must be JSON): pass method={self.method.name!r} "
                             "and its options as keyword arguments, not a PruningMethod instance")
+        _check_method_type(self.method)
         if not isinstance(self.options, Mapping):
-            raise TypeError(f"catp options must be a mapping of option names to values, got {type(self.options).__name__}")
+            raise TypeError(f"catp options must be a mapping of option names to values, got {type(self.options).__name__} "
+                            f"{_short(self.options)}")
+        object.__setattr__(self, "keep", _whole_count(self.keep))
+        object.__setattr__(self, "allow", _check_allow(self.allow))
         resolve_keep(self.keep, num_tokens=2**31)  # type and lower bound; the model's Q in count()
-        self.build()  # unknown method or option, bad option values
+        method = self.build()  # unknown method or option; the method's constructor checks the option values
+        rows = method.rows()
+        if rows is not None:
+            raise ValueError(f"method {method.name!r}: options for {rows} rows ({_short(dict(self.options))}) cannot be "
+                             "served: vLLM batches images itself; give one value for the request (e.g. one int seed)")
         try:
             json.dumps(dict(self.options), allow_nan=False)
         except (TypeError, ValueError) as error:
@@ -146,8 +167,9 @@ class Settings:
         return k
 
     def config(self) -> dict[str, Any]:
-        """The ``config.catp`` form: ``{"method": ..., "keep": ..., **options}``."""
-        return {"method": self.method, "keep": self.keep, **self.options}
+        """The ``config.catp`` form: ``{"method": ..., "keep": ..., "allow": [...], **options}`` (``allow`` when set)."""
+        allow = {ALLOW_KEY: list(self.allow)} if self.allow else {}
+        return {"method": self.method, "keep": self.keep, **allow, **self.options}
 
     @classmethod
     def from_config(cls, value: object) -> Settings:
@@ -159,36 +181,75 @@ class Settings:
                 "catp.vllm.overrides(method=..., keep=...) builds it" % ARCHITECTURE
             )
         if isinstance(value, str):  # the dotted --hf-overrides form may leave JSON text
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"hf_overrides[{CONFIG_KEY!r}] is not JSON: {_short(value)}") from None
         if not isinstance(value, Mapping):
             raise TypeError(f"hf_overrides[{CONFIG_KEY!r}] must be a mapping like "
-                            f'{{"method": "catp", "keep": 8}}, got {type(value).__name__} {value!r}')
+                            f'{{"method": "catp", "keep": 8}}, got {type(value).__name__} {_short(value)}')
         options = dict(value)
-        return cls(method=options.pop("method", cls.method), keep=options.pop("keep", cls.keep), options=options)
+        allow = options.pop(ALLOW_KEY, ())
+        if not isinstance(allow, (list, tuple)):
+            raise TypeError(f"hf_overrides[{CONFIG_KEY!r}][{ALLOW_KEY!r}] must be a list of import paths, got {_short(allow)}")
+        return cls(method=options.pop("method", cls.method), keep=options.pop("keep", cls.keep), options=options,
+                   allow=tuple(allow))
 
     def with_request(self, mm_processor_kwargs: Mapping[str, object]) -> Settings:
         """This setting overridden by a request's ``catp_keep`` / ``catp_method`` / ``catp_options``.
 
-        A request that names a method without ``catp_options`` gets the engine's options
-        when it is the engine's method, the method's defaults otherwise.
+        A key set to ``None`` (JSON ``null``) counts as not given. A request that names a method
+        without ``catp_options`` gets the engine's options when it is the engine's method, the
+        method's defaults otherwise. A request may name a registered method, the engine's method,
+        or an import path on the engine's :attr:`allow` list; any other import path is refused
+        before anything is imported.
 
         Raises:
-            ValueError, TypeError: a bad value, or an unknown ``catp*`` key (a misspelt
-                ``catp_kep`` would otherwise be silently ignored).
+            ValueError, TypeError: a bad value, a method the engine does not allow, or an unknown
+                ``catp*`` key (a misspelt ``catp_kep`` would otherwise be silently ignored).
         """
-        unknown = sorted(key for key in mm_processor_kwargs if key.startswith("catp") and key not in _REQUEST_KEYS)
+        unknown = sorted(str(key) for key in mm_processor_kwargs if str(key).startswith("catp") and key not in REQUEST_KEYS)
         if unknown:
             raise ValueError(f"unknown catp request option(s) {', '.join(map(repr, unknown))} in mm_processor_kwargs; "
-                             f"the request keys are {', '.join(_REQUEST_KEYS)}")
-        if not any(key in mm_processor_kwargs for key in _REQUEST_KEYS):
+                             f"the request keys are {', '.join(REQUEST_KEYS)}")
+        given = {key: mm_processor_kwargs[key] for key in REQUEST_KEYS if mm_processor_kwargs.get(key) is not None}
+        if not given:
             return self
-        method = mm_processor_kwargs.get(REQUEST_METHOD, self.method)
+        method = given.get(REQUEST_METHOD, self.method)
+        _check_method_type(method)
+        if method != self.method and ":" in method and method not in self.allow:
+            raise ValueError(f"method {_short(method)} is not allowed by this engine: a request may name a registered "
+                             f"method ({', '.join(METHODS)}) or an import path the operator allowed "
+                             f"({', '.join(self.allow) or 'none'}; catp.vllm.overrides(..., allow=[...]), catp serve --allow)")
         default_options = self.options if method == self.method else {}
-        options = mm_processor_kwargs.get(REQUEST_OPTIONS, default_options)
-        if options is None:
-            options = default_options
-        keep = mm_processor_kwargs.get(REQUEST_KEEP, self.keep)
-        return Settings(method=method, keep=keep, options=options)  # type: ignore[arg-type]
+        options = given.get(REQUEST_OPTIONS, default_options)
+        keep = given.get(REQUEST_KEEP, self.keep)
+        return Settings(method=method, keep=keep, options=options, allow=self.allow)  # type: ignore[arg-type]
+
+
+def _check_method_type(method: object) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name from catp.METHODS or an import path package.module:Class, "
+                        f"got {type(method).__name__} {_short(method)}")
+
+
+def _whole_count(keep: object) -> object:
+    """``8.0`` -> ``8``: a float above 1 that is a whole number is a count (JSON clients may send 8 as 8.0)."""
+    if isinstance(keep, float) and keep > 1 and keep.is_integer():
+        return int(keep)
+    return keep
+
+
+def _check_allow(allow: object) -> tuple[str, ...]:
+    """The allowlist as a tuple of import paths, each imported and checked to name a method class."""
+    if isinstance(allow, str) or not isinstance(allow, (list, tuple)):
+        raise TypeError(f"allow must be a list of import paths package.module:Class, got {_short(allow)}")
+    for path in allow:
+        if not isinstance(path, str) or ":" not in path:
+            raise ValueError(f"allow lists import paths package.module:Class (registered methods are always allowed), "
+                             f"got {_short(path)}")
+        method_class(path)  # the operator's list: imported now, so a bad entry fails at engine start
+    return tuple(allow)
 
 
 def _reads_as_budget(keep: object) -> bool:
@@ -202,25 +263,45 @@ def _reads_as_budget(keep: object) -> bool:
     return True
 
 
-def overrides(method: str = "catp", keep: int | float = 8, **options: Any) -> dict[str, Any]:
+def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[str] = (), **options: Any) -> dict[str, Any]:
     """The ``hf_overrides`` that serve a BLIP-2 with catp: ``LLM(model, hf_overrides=overrides(...))``.
 
     Example: ``overrides(method="catp", keep=8)`` is
     ``{"architectures": ["CatpBlip2ForConditionalGeneration"], "catp": {"method": "catp", "keep": 8}}``;
-    ``json.dumps`` of it is the ``vllm serve MODEL --hf-overrides '...'`` argument.
+    ``json.dumps`` of it is the server's ``--hf-overrides '...'`` argument (``catp serve`` builds it).
 
     Args:
-        method: a name from :data:`catp.METHODS`.
+        method: a name from :data:`catp.METHODS`, or ``"package.module:Class"``.
         keep: an int count (at most the model's query count, checked when the engine starts)
             or a float fraction in ``(0, 1]``. A :class:`~catp.budget.Budget` is refused.
+        allow: import paths ``"package.module:Class"`` that requests may name in ``catp_method``
+            (registered methods are always allowed; any other import path is refused).
         **options: the method's options, JSON values (``layer_weights=[...]``, ``seed=0``, ...).
 
     Raises:
-        ValueError: unknown method, keep out of range, a Budget.
-        TypeError: unknown option, keep of the wrong type, options that are not JSON values.
+        ValueError: unknown method, keep or an option out of range, a Budget, a bad allow entry.
+        TypeError: unknown option, keep or an option of the wrong type, options that are not JSON values.
     """
-    settings = Settings(method=method, keep=keep, options=options)
+    settings = Settings(method=method, keep=keep, options=options, allow=allow)  # type: ignore[arg-type]
     return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.config()}
+
+
+def engine_settings(hf_config: Any) -> Settings:
+    """The engine's settings from the model config (``config.catp``)."""
+    return Settings.from_config(getattr(hf_config, CONFIG_KEY, None))
+
+
+def check_engine(hf_config: Any, tensor_parallel_size: int = 1) -> Settings:
+    """Check the engine's settings (``config.catp``) against its model and parallelism; the :class:`Settings`.
+
+    vLLM runs it when it builds the engine's config, and ``catp serve`` before it starts vLLM.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "blip-2":
+        raise ValueError(f"{ARCHITECTURE} serves BLIP-2 models (model_type 'blip-2'), got {model_type!r}")
+    settings = engine_settings(hf_config)
+    settings.check(int(hf_config.num_query_tokens), num_cross_attention_layers(hf_config.qformer_config), tensor_parallel_size)
+    return settings
 
 
 def num_cross_attention_layers(qformer_config: Any) -> int:

@@ -45,10 +45,11 @@ from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, Prom
 from catp.methods import Captures, Needs, PruningMethod
 from catp.selection import choose
 from catp.vllm import (
-    ARCHITECTURE,
-    CONFIG_KEY,
+    REQUEST_KEYS,
     ImageRequest,
     Settings,
+    check_engine,
+    engine_settings,
     image_tag,
     num_cross_attention_layers,
     recording,
@@ -68,25 +69,11 @@ FIELD = "catp"
 _TP_KEY = "catp_tensor_parallel_size"
 
 
-def engine_settings(hf_config: Any) -> Settings:
-    """The engine's settings from the model config (``config.catp``)."""
-    return Settings.from_config(getattr(hf_config, CONFIG_KEY, None))
-
-
-def check_engine(hf_config: Any, tensor_parallel_size: int) -> Settings:
-    """Check the engine's settings against its model and parallelism; the :class:`Settings`."""
-    if getattr(hf_config, "model_type", None) != "blip-2":
-        raise ValueError(f"{ARCHITECTURE} serves BLIP-2 models (model_type 'blip-2'), got {getattr(hf_config, 'model_type', None)!r}")
-    settings = engine_settings(hf_config)
-    settings.check(int(hf_config.num_query_tokens), num_cross_attention_layers(hf_config.qformer_config), tensor_parallel_size)
-    return settings
-
-
 class CatpBlip2Config(VerifyAndUpdateConfig):
     """Checks the engine's settings in the front end, when the engine's config is built.
 
     vLLM calls it for :data:`~catp.vllm.ARCHITECTURE` (``MODELS_CONFIG_MAP``) in the process
-    that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / ``vllm serve`` at
+    that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / the server (``catp serve``) at
     once with the message, before the engine core starts.
     """
 
@@ -102,9 +89,20 @@ class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
     """BLIP-2's processing info, with each request's kept count as its image token count."""
 
     def catp_request(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> tuple[Settings, int]:
-        """A request's settings (the engine's, overridden by its ``mm_processor_kwargs``), checked; and its count."""
+        """A request's settings (the engine's, overridden by its ``mm_processor_kwargs``), checked; and its count.
+
+        A request may set only the catp keys (and keys the engine's own ``mm_processor_kwargs`` set):
+        ``--trust-request-mm-kwargs`` would otherwise let it pass any option to the image processor,
+        whose output (pixel values of another size) the engine process would fail on.
+        """
         config = self.get_hf_config()
-        merged = self.ctx.get_merged_mm_kwargs(mm_processor_kwargs or {})  # + the engine's mm_processor_kwargs
+        request = mm_processor_kwargs or {}
+        engine_keys = set(self.ctx.model_config.get_multimodal_config().mm_processor_kwargs or {})
+        foreign = sorted(str(key) for key in request if key not in REQUEST_KEYS and key not in engine_keys)
+        if foreign:
+            raise ValueError(f"mm_processor_kwargs {', '.join(map(repr, foreign))}: this engine takes only "
+                             f"{', '.join(REQUEST_KEYS)} per request")
+        merged = self.ctx.get_merged_mm_kwargs(request)  # + the engine's mm_processor_kwargs
         settings = engine_settings(config).with_request(merged)
         tp = int(getattr(config, _TP_KEY, 1))
         k = settings.check(int(config.num_query_tokens), num_cross_attention_layers(config.qformer_config), tp)

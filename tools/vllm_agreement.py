@@ -1,6 +1,6 @@
 """How closely catp in vLLM follows the Hugging Face path: kept sets and answers, per method.
 
-    python -m catp.vllm.agreement --dtype bfloat16 --keep 8
+    python tools/vllm_agreement.py --dtype bfloat16 --keep 8
 
 Starts one catp engine on the shipped reference model at ``--dtype`` with the kept-index
 record on (:data:`catp.vllm.RECORD_ENV`), asks every method per request, and compares
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m catp.vllm.agreement", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/vllm_agreement.py", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--keep", type=int, default=8)
     parser.add_argument("--images", type=int, default=64)
