@@ -340,6 +340,19 @@ def test_paired_difference_across_two_runs(tmp_path):
         paired(tmp_path / "a", "c", tmp_path / "b", "other")
 
 
+def test_a_paired_difference_every_question_shares_has_a_real_interval():
+    """Two configs that score alike on all 40 questions differ by 0, but not by 0 ± 0.00: the interval bounds what
+    the share of questions not seen (at most the Wilson upper bound for 0 of 40) could move."""
+    from catp.evaluation.report import paired_difference
+
+    mean, half = paired_difference([0.0] * 40)
+    assert mean == 0.0 and half == pytest.approx(100 * 1.959963984540054**2 / (40 + 1.959963984540054**2))  # 8.76
+    assert paired_difference([0.0] * 600)[1] < 1.0  # shrinks with n
+    assert paired_difference([100.0] * 40)[1] == pytest.approx(2 * half)  # a shared difference of 100 can move by up to 200
+    mean, half = paired_difference([100.0, 0.0, 0.0, 100.0])  # the normal interval where the differences vary
+    assert mean == 50.0 and half == pytest.approx(1.959963984540054 * (100 / 3**0.5) / 2)
+
+
 def test_summary_legend_intervals_and_the_adapted_label():
     """summary.md says what each figure is; an accuracy every question shares has a real interval, not ± 0.00;
     with an adapter, the row of all tokens is the adapted model, not "unpruned"."""

@@ -3,22 +3,20 @@
     python tools/paired.py RUN_A CONFIG_A RUN_B CONFIG_B
     python tools/paired.py out/adapted-first-scenes first@8 out/unadapted-scenes unpruned
 
-Prints each accuracy, the difference A - B in points with its 95% CI (normal approximation on
-the per-question differences) and the share of questions answered the same (after the VQA
-answer normalisation). For comparisons across models (an adapted model against the
+Prints each accuracy, the difference A - B in points with its 95% CI (``catp eval``'s paired
+interval, :func:`catp.evaluation.report.paired_difference`) and the share of questions
+answered the same (after the VQA answer normalisation). For comparisons across models (an adapted model against the
 unadapted one), which one ``catp eval`` run cannot hold.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 from catp.evaluation.harness import read_predictions
 from catp.evaluation.metric import normalize_answer
-
-Z95 = 1.959963984540054
+from catp.evaluation.report import paired_difference
 
 
 def paired(run_a: Path, config_a: str, run_b: Path, config_b: str) -> dict[str, float]:
@@ -28,13 +26,11 @@ def paired(run_a: Path, config_a: str, run_b: Path, config_b: str) -> dict[str, 
     shared = sorted(set(a) & set(b))
     if not shared:
         raise ValueError(f"no question answered by both {run_a}:{config_a} and {run_b}:{config_b}")
-    diffs = [100 * (a[i]["accuracy"] - b[i]["accuracy"]) for i in shared]
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    mean, half = paired_difference([100 * (a[i]["accuracy"] - b[i]["accuracy"]) for i in shared])
     same = sum(normalize_answer(a[i]["prediction"]) == normalize_answer(b[i]["prediction"]) for i in shared)
     return {"n": len(shared), "accuracy_a": 100 * sum(a[i]["accuracy"] for i in shared) / len(shared),
             "accuracy_b": 100 * sum(b[i]["accuracy"] for i in shared) / len(shared),
-            "difference": mean, "ci95": Z95 * math.sqrt(var / len(diffs)), "same_pct": 100 * same / len(shared)}
+            "difference": mean, "ci95": half, "same_pct": 100 * same / len(shared)}
 
 
 def main(argv: list[str]) -> int:

@@ -17,8 +17,8 @@ from catp.evaluation.harness import UNPRUNED, Config
 from catp.evaluation.metric import normalize_answer
 from catp.methods import compared_with
 
-__all__ = ["accuracy_interval", "budget_comparisons", "full_model_label", "kept_distribution", "markdown_table", "summarize",
-           "write_reports"]
+__all__ = ["accuracy_interval", "budget_comparisons", "full_model_label", "kept_distribution", "markdown_table", "paired_difference",
+           "summarize", "write_reports"]
 
 _Z95 = 1.959963984540054
 
@@ -42,6 +42,21 @@ def _wilson(proportion: float, n: int) -> tuple[float, float]:
     centre = (proportion + z2 / (2 * n)) / (1 + z2 / n)
     half = _Z95 * math.sqrt(proportion * (1 - proportion) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(differences: Sequence[float]) -> tuple[float, float]:
+    """The mean of per-question differences of two configs (points) and the half-width of its 95% CI.
+
+    The normal approximation over the questions, unless every question differs by the same
+    amount (most often 0: the two score alike on every question) or there is one question:
+    that interval has no width, which ``n`` questions cannot warrant. The half-width then
+    bounds what the questions not seen could do: a share of them at most the Wilson upper
+    bound for 0 of ``n`` could differ otherwise, each moving the mean by at most
+    ``100 + |mean|`` points (per-question scores lie in ``[0, 1]``)."""
+    mean, half = _mean_ci(differences)
+    if half > 0:
+        return mean, half
+    return mean, _wilson(0.0, len(differences))[1] * (100 + abs(mean))
 
 
 def accuracy_interval(values: Sequence[float]) -> dict[str, Any]:
@@ -150,7 +165,7 @@ def summarize(per_config: Sequence[tuple[Config, list[dict[str, Any]]]], num_que
             shared = sorted(set(records) & set(other[1]))
             if not shared:
                 continue
-            diff, half = _mean_ci([100 * (records[i]["accuracy"] - other[1][i]["accuracy"]) for i in shared])
+            diff, half = paired_difference([100 * (records[i]["accuracy"] - other[1][i]["accuracy"]) for i in shared])
             comparisons.append({"method": config.method, "baseline": baseline, "keep": config.keep_label, "n": len(shared),
                                 "difference": diff, "ci95": half, "verdict": _verdict(diff, half)})
     return {"num_questions": num_questions, "rows": rows, "comparisons": comparisons, "compare": list(compare),
@@ -200,7 +215,7 @@ def budget_comparisons(per_config: Sequence[tuple[Config, dict[str, dict[str, An
             continue
         diffs = [100 * (records[i]["accuracy"] - (1 - weight) * lo_records[i]["accuracy"] - weight * hi_records[i]["accuracy"])
                  for i in shared]
-        difference, half = _mean_ci(diffs)
+        difference, half = paired_difference(diffs)
         fixed_accuracy = sum(100 * ((1 - weight) * lo_records[i]["accuracy"] + weight * hi_records[i]["accuracy"])
                              for i in shared) / len(shared)
         out.append({"method": config.method, "budget": config.keep_label, "n": len(shared), "kept_mean": mean,
