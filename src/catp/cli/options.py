@@ -19,7 +19,7 @@ from catp.budget import Budget
 from catp.methods import METHODS, method_class
 from catp.selection import check_keep_value, resolve_keep
 
-__all__ = ["check_adapter", "check_dataset_files", "check_figure_path", "check_range", "input_dir", "input_file", "make_console", "output_dir", "output_file",
+__all__ = ["check_adapter", "check_dataset_files", "check_figure_path", "check_range", "input_path", "make_console", "output_dir", "output_file",
            "parse_keep", "parse_methods", "refuse_unused", "resolve_keeps", "split_list"]
 
 KEEP_HELP = "Kept query tokens, comma-separated: counts (16,8,4) or fractions of the query tokens (0.5,0.25)"
@@ -159,29 +159,16 @@ def _writable_folder(folder: Path, make: bool) -> None:
         raise ValueError(f"cannot write in {str(folder)!r}: {error.strerror or error}") from None
 
 
-def input_file(path: Path, what: str = "file") -> Path:
-    """An existing file (not a folder).
+def input_path(path: Path, folder: bool, what: str) -> Path:
+    """An existing folder (``folder``) or file (not ``folder``), called ``what`` in the messages.
 
     Raises:
-        ValueError: no such file, or a folder.
+        ValueError: no such path, or a file where a folder is needed (or the reverse).
     """
     if not path.exists():
         raise ValueError(f"{str(path)!r}: no such {what}")
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is a folder; give a {what}")
-    return path
-
-
-def input_dir(path: Path, what: str = "folder") -> Path:
-    """An existing folder (not a file).
-
-    Raises:
-        ValueError: no such folder, or a file.
-    """
-    if not path.exists():
-        raise ValueError(f"{str(path)!r}: no such {what}")
-    if not path.is_dir():
-        raise ValueError(f"{str(path)!r} is a file; give a {what}")
+    if not (path.is_dir() if folder else path.is_file()):
+        raise ValueError(f"{str(path)!r} is {'a file' if folder else 'a folder'}; give a {what}")
     return path
 
 
@@ -255,9 +242,8 @@ def check_dataset_files(datasets: Sequence[str], questions: Path | None, annotat
     for name in datasets:
         if name.endswith(".jsonl") and not name.startswith("hf:"):
             with user_input(param="--dataset"):
-                input_file(Path(name), "JSONL file")
-    for option, path, check in (("--questions", questions, input_file), ("--annotations", annotations, input_file),
-                                ("--images", images, input_dir)):
+                input_path(Path(name), folder=False, what="JSONL file")
+    for option, path, folder in (("--questions", questions, False), ("--annotations", annotations, False), ("--images", images, True)):
         if path is not None:
             with user_input(param=option):
-                check(path)
+                input_path(path, folder, "folder" if folder else "file")
