@@ -95,6 +95,9 @@ class AdaptSettings:
         method: the pruning method in the loop (a name of :data:`catp.METHODS`); ignored with ``truncate``.
         keeps: the keeps a batch draws from, counts of query tokens (all of them included for an
             adapter that never hurts the full model).
+        full_every_step: each step also takes the loss with all query tokens and trains on the
+            mean of the two (the "sandwich rule" of slimmable networks): the full model is
+            anchored at every step, however many small keeps ``keeps`` lists.
         truncate: MQT's mode: the Q-Former runs on its first ``k`` query tokens.
         rank, alpha, dropout: LoRA's rank, scale and dropout.
         lm_lora: also LoRA on the language model's linear layers.
@@ -112,6 +115,7 @@ class AdaptSettings:
 
     method: str = "first"
     keeps: tuple[int, ...] = (4, 8, 16, 32)
+    full_every_step: bool = False
     truncate: bool = False
     rank: int = 8
     alpha: float = 16.0
@@ -223,9 +227,13 @@ def shorten_placeholders(model: nn.Module, inputs: dict[str, torch.Tensor], k: i
 
 def _loss(model: nn.Module, inputs: dict[str, torch.Tensor], settings: AdaptSettings, k: int, q: int,
           options: dict[str, Any]) -> torch.Tensor:
-    """The language-modelling loss on the answers with ``k`` query tokens, as inference would feed them."""
+    """The language-modelling loss on the answers with ``k`` query tokens, as inference would feed them
+    (with ``settings.full_every_step``, the mean of that and the loss with all ``q`` tokens)."""
     with _inference(model, inputs, settings, k, q, options) as ready:
-        return model(**ready).loss
+        loss = model(**ready).loss
+    if settings.full_every_step and k != q:
+        loss = (loss + model(**inputs).loss) / 2
+    return loss
 
 
 def target_answer(question: Question) -> str:
@@ -457,7 +465,8 @@ _RESUMABLE_CHANGES = frozenset({"checkpoint_every"})
 def _changed(saved: dict[str, Any], settings: AdaptSettings) -> list[str]:
     """The settings in which ``saved`` (a run's ``settings.to_json()``) differs from ``settings``."""
     now = settings.to_json()
-    return sorted(k for k in saved.keys() | now.keys() if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    default = AdaptSettings().to_json()  # a setting added after ``saved`` was written had its default then
+    return sorted(k for k in saved.keys() | now.keys() if k not in _RESUMABLE_CHANGES and saved.get(k, default.get(k)) != now.get(k))
 
 
 def check_out(out: Path, settings: AdaptSettings) -> bool:

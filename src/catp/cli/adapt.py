@@ -32,6 +32,8 @@ def adapt_command(
     method: Optional[str] = typer.Option(None, help="The pruning method in the loop (a name from `catp methods`, or "
                                          "package.module:Class). Default: first. Not with --truncate, which prunes by position."),
     keep: str = typer.Option("4,8,16,32", help=KEEP_HELP + "; each batch draws one (elastic), so one adapter serves them all."),
+    full_every_step: bool = typer.Option(False, help="Each step also trains with all query tokens (the mean of the two "
+                                         "losses), so that small keeps do not cost the full model."),
     dataset: list[str] = typer.Option(["easy-vqa", "scenes"], help="Training data, repeatable: easy-vqa, scenes, a .jsonl file, "
                                       "hf:NAME, or vqav2 / ok-vqa with --questions/--annotations/--images."),
     questions: Optional[Path] = typer.Option(None, help="Questions file of a vqav2 / ok-vqa / jsonl dataset."),
@@ -122,7 +124,7 @@ def adapt_command(
         for k in export:
             if not 1 <= k <= q:
                 raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
-    settings = AdaptSettings(method=method_name, keeps=keeps, truncate=truncate, rank=rank, lm_lora=lm_lora, query_tokens=query_tokens,
+    settings = AdaptSettings(method=method_name, keeps=keeps, full_every_step=full_every_step, truncate=truncate, rank=rank, lm_lora=lm_lora, query_tokens=query_tokens,
                              lr=lr, batch_size=batch_size, steps=steps, validate_every=min(validate_every, steps),
                              checkpoint_every=checkpoint_every, seed=seed)
     with user_input():
