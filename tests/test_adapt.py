@@ -105,6 +105,33 @@ def test_training_chooses_the_set_inference_chooses_and_the_loss_is_prunings_own
     assert any(not torch.equal(s, inference) for s in in_training_mode)  # dropout changes the choice
 
 
+def test_full_every_step_trains_on_the_mean_of_the_pruned_and_the_full_loss(loaded, questions):
+    """The sandwich rule: at a keep below all, the loss is the mean of the pruned loss and the loss
+    with every query token; at all tokens it is that loss alone."""
+    model, processor = loaded
+    settings = AdaptSettings(method="first", keeps=(1, NUM_QUERY), full_every_step=True)
+    adapted = add_adapter(model, settings)
+    base_model(adapted).eval()
+    batch = _batch(processor, questions)
+    full = adapted(**batch).loss
+    with catp.pruned(adapted, method="first", keep=1):
+        one = adapted(**batch).loss
+    assert not torch.allclose(one, full)  # the two terms differ, so the mean is a real mix
+    assert torch.allclose(_loss(adapted, batch, settings, 1, NUM_QUERY, {}), (one + full) / 2)
+    assert torch.allclose(_loss(adapted, batch, settings, NUM_QUERY, NUM_QUERY, {}), full)
+    plain = AdaptSettings(method="first", keeps=(1, NUM_QUERY))
+    assert torch.allclose(_loss(adapted, batch, plain, 1, NUM_QUERY, {}), one)
+
+
+def test_a_setting_added_later_compares_at_its_default():
+    """An adapter saved before ``full_every_step`` existed is the same run as one with it off, not another."""
+    from catp.adapt import _changed
+
+    older = {k: v for k, v in AdaptSettings().to_json().items() if k != "full_every_step"}
+    assert _changed(older, AdaptSettings()) == []
+    assert _changed(older, AdaptSettings(full_every_step=True)) == ["full_every_step"]
+
+
 def test_pruned_takes_a_peft_model_and_restores_it(loaded, questions):
     model, processor = loaded
     adapted = add_adapter(model, AdaptSettings())
