@@ -11,6 +11,7 @@ in ``catp eval``'s order (seed 0), so ``catp eval --dataset easy-vqa --limit N``
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 from pathlib import Path
 
@@ -29,18 +30,28 @@ def questions(limit: int, seed: int = 0) -> list[Question]:
     return order_questions(load_dataset("easy-vqa", split="test"), seed)[:limit]
 
 
+@functools.cache
+def _answers_by_kind() -> dict[str, tuple[str, ...]]:
+    answers: dict[str, set[str]] = {}
+    for q in load_dataset("easy-vqa", split="test"):
+        answers.setdefault(easy_vqa_kind(q.question), set()).add(q.answers[0])
+    return {kind: tuple(sorted(found)) for kind, found in answers.items()}
+
+
+def choices(question: Question) -> list[str]:
+    """The multiple-choice task's choices for a question: the answers of its kind (colours, shapes, or yes / no)."""
+    return list(_answers_by_kind()[easy_vqa_kind(question.question)])
+
+
 def write_task(folder: Path, limit: int) -> list[Question]:
     """The parquet file and the task files in ``folder``; returns the questions, in the file's row order."""
     from datasets import Dataset, Features, Image, Sequence, Value
 
     chosen = questions(limit)
-    answers: dict[str, set[str]] = {}
-    for q in load_dataset("easy-vqa", split="test"):
-        answers.setdefault(easy_vqa_kind(q.question), set()).add(q.answers[0])
     features = Features({"id": Value("string"), "question": Value("string"), "answer": Value("string"),
                          "choices": Sequence(Value("string")), "image": Image()})
     rows = {"id": [q.id for q in chosen], "question": [q.question for q in chosen], "answer": [q.answers[0] for q in chosen],
-            "choices": [sorted(answers[easy_vqa_kind(q.question)]) for q in chosen], "image": [q.load_image() for q in chosen]}
+            "choices": [choices(q) for q in chosen], "image": [q.load_image() for q in chosen]}
     folder.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict(rows, features=features).to_parquet(str(folder / "easy_vqa.parquet"))
     for file in TASK_FILES.iterdir():

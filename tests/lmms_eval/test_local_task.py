@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("lmms_eval.api.model", reason='needs lmms-eval: pip install -e ".[lmms-eval]" && pip install --no-deps lmms-eval==0.7.3')
 
 import torch  # noqa: E402
-from conftest import BATCH, OFFLINE, QUESTIONS, lmms_eval_command  # noqa: E402
+from lmms_runs import BATCH, OFFLINE, QUESTIONS, lmms_eval_command  # noqa: E402
+from local_task import choices  # noqa: E402
 
 import catp  # noqa: E402
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT  # noqa: E402
@@ -99,24 +100,14 @@ def test_multiple_choice_scores_the_choices_by_log_likelihood(lmms_run, referenc
 
     run = lmms_run("method=catp,keep=8", tasks=CHOICE)
     runner = Runner(*reference, parse_model_args(method="catp", keep=8))
-    from local_task import write_task  # noqa: F401  (the choices: the answers of each question's kind)
-    from catp.reference.data import easy_vqa_kind
-    from catp.evaluation.datasets import load_dataset
-
-    kinds: dict[str, set[str]] = {}
-    for q in load_dataset("easy-vqa", split="test"):
-        kinds.setdefault(easy_vqa_kind(q.question), set()).add(q.answers[0])
-    correct = 0
     for doc_id, q in enumerate(questions[:6]):
-        choices = sorted(kinds[easy_vqa_kind(q.question)])
-        requests = [Request(q.question, [q.load_image()], CHOICE, doc_id)] * len(choices)
+        options = choices(q)
+        requests = [Request(q.question, [q.load_image()], CHOICE, doc_id)] * len(options)
         with torch.no_grad():
-            scores, _ = runner.loglikelihood(requests, [" " + c for c in choices])
-        logged = [pair[0] for pair in run.answers[CHOICE][doc_id]] if isinstance(run.answers[CHOICE][doc_id][0], list) else None
-        if logged is not None:
-            assert logged == pytest.approx([s for s, _ in scores], abs=1e-3)
-        correct += choices[max(range(len(choices)), key=lambda i: scores[i][0])] == q.answers[0]
-    assert 0 <= run.results["results"][CHOICE]["acc,none"] <= 1
+            scores, _ = runner.loglikelihood(requests, [" " + c for c in options])
+        logged = run.answers[CHOICE][doc_id]  # lmms-eval's log: one [log-likelihood, is greedy] per choice
+        assert [pair[0] for pair in logged] == pytest.approx([s for s, _ in scores], abs=1e-3)
+        assert [pair[1] for pair in logged] == [g for _, g in scores]
     # One continuation by hand: the loss of the forward pass with labels, inside pruned().
     model, processor = reference
     prompt = PAPER_PROMPT.format(questions[0].question)
