@@ -105,9 +105,9 @@ def test_multiple_choice_scores_the_choices_by_log_likelihood(lmms_run, referenc
         requests = [Request(q.question, [q.load_image()], CHOICE, doc_id)] * len(options)
         with torch.no_grad():
             scores, _ = runner.loglikelihood(requests, [" " + c for c in options])
-        logged = run.answers[CHOICE][doc_id]  # lmms-eval's log: one [log-likelihood, is greedy] per choice
-        assert [pair[0] for pair in logged] == pytest.approx([s for s, _ in scores], abs=1e-3)
-        assert [pair[1] for pair in logged] == [g for _, g in scores]
+        logged = run.answers[CHOICE][doc_id]  # lmms-eval's log: one [log-likelihood, is greedy] per choice, as text
+        assert [float(pair[0]) for pair in logged] == pytest.approx([s for s, _ in scores], abs=1e-3)
+        assert [str(pair[1]) for pair in logged] == [str(g) for _, g in scores]
     # One continuation by hand: the loss of the forward pass with labels, inside pruned().
     model, processor = reference
     prompt = PAPER_PROMPT.format(questions[0].question)
