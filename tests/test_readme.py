@@ -59,17 +59,19 @@ def test_the_readme_example_of_a_method_runs():
 
 
 def test_ci_runs_the_readme_test_command_and_the_readme_states_the_declared_range():
-    """`.ci/run` runs the README's test command word for word, and the transformers range the
-    README states is the one pyproject.toml declares (and .ci/run tests at its bottom)."""
+    """`.ci/run` runs the README's test command word for word and installs with its lmms-eval recipe,
+    and the transformers range the README states is the one pyproject.toml declares (and .ci/run tests at its bottom)."""
     import tomllib
 
     root = README.parent
     readme = README.read_text(encoding="utf-8")
     commands = re.findall(r"```bash\n(pip install torch[^\n]*)\n```", readme)
-    assert len(commands) == 2 and all("download.pytorch.org/whl/cpu" in c for c in commands)  # the CPU build
+    assert len(commands) == 3 and all("download.pytorch.org/whl/cpu" in c for c in commands)  # the CPU build
     test_command = next(c for c in commands if "pytest" in c)
     ci = (root / ".ci" / "run").read_text(encoding="utf-8")
     assert test_command in ci.splitlines()
+    lmms_recipe = next(c for c in commands if "lmms-eval" in c)
+    assert "--no-deps lmms-eval==" in lmms_recipe and lmms_recipe in ci.splitlines()
     declared = next(d for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
                     if d.startswith("transformers"))
     low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", declared).groups()

@@ -3,11 +3,13 @@
 * ``--keep``: counts (``16,8,4``), fractions of the query tokens (``0.5``) and, where a
   command takes them, per-sample budgets (``mass:0.8``, ``fence:1.5:min=2:max=16``);
 * ``--methods``: registered names, ``all``, or a user's class as ``package.module:Class``;
+* method options (``--option``): ``NAME=VALUE`` pairs, the value read as JSON where it is JSON;
 * output paths: checked (format, parent folder) before any model runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from catp.methods import METHODS, method_class
 from catp.selection import check_keep_value, resolve_keep
 
 __all__ = ["check_adapter", "check_dataset_files", "check_figure_path", "check_range", "input_path", "make_console", "output_dir", "output_file",
-           "parse_keep", "parse_methods", "refuse_unused", "resolve_keeps", "split_list"]
+           "parse_keep", "parse_methods", "parse_options", "refuse_unused", "resolve_keeps", "split_list"]
 
 KEEP_HELP = "Kept query tokens, comma-separated: counts (16,8,4) or fractions of the query tokens (0.5,0.25)"
 BUDGET_HELP = ", or per-sample budgets (mass:0.8, fence:1.5, optionally :min=N:max=N)"
@@ -92,6 +94,29 @@ def parse_methods(text: str) -> list[str]:
     if not names:
         raise ValueError(f"no method given ({text!r}); choose from {', '.join(METHODS)}")
     return list(dict.fromkeys(names))
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["seed=3", "layer_weights=[1,0,0,0,0,1]"]`` -> ``{"seed": 3, "layer_weights": [1, 0, 0, 0, 0, 1]}``.
+
+    A value is read as JSON when it is JSON, else kept as text (``features=qformer``).
+
+    Raises:
+        ValueError: an item without ``=``, or an option given twice.
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--option takes NAME=VALUE (e.g. seed=3, layer_weights=[1,0,0,0,0,1]), got {item!r}")
+        if name in options:
+            raise ValueError(f"--option {name} is given twice")
+        try:
+            options[name] = json.loads(text)
+        except ValueError:
+            options[name] = text
+    return options
 
 
 def check_figure_path(path: Path) -> Path:

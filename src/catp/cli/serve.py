@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from catp.cli.errors import INPUT_ERRORS, user_input
-from catp.cli.options import parse_keep, split_list
+from catp.cli.options import parse_keep, parse_options, split_list
 from catp.extras import MissingExtraError
 
 __all__ = ["SERVE_CONTEXT", "SERVER_MODULE", "check_vllm", "parse_options", "refuse_misplaced_catp_keys", "serve_command",
@@ -39,29 +39,6 @@ SERVE_CONTEXT: dict[str, Any] = {"allow_extra_args": True, "ignore_unknown_optio
 MIDDLEWARE = f"{__name__}.refuse_misplaced_catp_keys"
 #: vLLM arguments that ``catp serve`` sets itself.
 _OWN = ("--hf-overrides", "--model")
-
-
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["seed=3", "layer_weights=[1,0,0,0,0,1]"]`` -> ``{"seed": 3, "layer_weights": [1, 0, 0, 0, 0, 1]}``.
-
-    A value is read as JSON when it is JSON, else kept as text (``features=qformer``).
-
-    Raises:
-        ValueError: an item without ``=``, or an option given twice.
-    """
-    options: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ValueError(f"--option takes NAME=VALUE (e.g. seed=3, layer_weights=[1,0,0,0,0,1]), got {item!r}")
-        if name in options:
-            raise ValueError(f"--option {name} is given twice")
-        try:
-            options[name] = json.loads(text)
-        except ValueError:
-            options[name] = text
-    return options
 
 
 def check_vllm() -> None:
