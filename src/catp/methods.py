@@ -38,7 +38,14 @@ from catp.budget import Budget
 
 @dataclass(frozen=True)
 class Needs:
-    """What a method must see of one vision + Q-Former run."""
+    """What a method must see of one vision + connector run (a Q-Former, a perceiver resampler).
+
+    Attributes:
+        cross_attention: which cross-attention layers' probabilities: ``"none"``, the ``"last"``, ``"all"``.
+        self_attention: the queries' attention to each other (``selfattn``).
+        vision_last_block: the last vision block's self-attention (``catp-image``).
+        query_output: the connector output before the LLM projection (``l2norm``).
+    """
 
     cross_attention: Literal["none", "last", "all"] = "none"
     self_attention: bool = False
@@ -46,8 +53,8 @@ class Needs:
     query_output: bool = False
 
     @property
-    def eager_qformer(self) -> bool:
-        """Attention probabilities are only returned by the eager implementation."""
+    def eager_connector(self) -> bool:
+        """Whether the connector must run eager: attention probabilities are only returned by the eager implementation."""
         return self.cross_attention != "none" or self.self_attention
 
 
