@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from catp.hf import capture_qformer, check_model, cross_attention_layers, is_video_model, placeholder_token_id, pruned
+from catp.hf import capture_connector, check_model, cross_attention_layers, is_video_model, placeholder_token_id, pruned
 from catp.methods import PruningMethod, get_method
 from catp.protocol import PAPER_PROMPT
 from catp.selection import resolve_keep
@@ -319,7 +319,7 @@ def explain(
         return processor.batch_decode(output, skip_special_tokens=True)[0].strip()
 
     with torch.no_grad():
-        with capture_qformer(model) as captured:
+        with capture_connector(model) as captured:
             unpruned = answer(model.generate(**inputs, **generate_kwargs))
         captured = captured["cross"]
         num_layers = len(cross_attention_layers(model))

@@ -1,11 +1,12 @@
-"""Attach pruning methods to stock Hugging Face BLIP-2 / InstructBLIP / InstructBLIP-Video models.
+"""Attach pruning methods to stock Hugging Face models of every family in :mod:`catp.families`.
 
-Nothing here forks model code. Inside :func:`pruned`:
+Nothing here forks model code, and no model class is named: every fact about a model comes
+from its family (:func:`catp.families.family_of`). Inside :func:`pruned`:
 
-* forward hooks on the Q-Former's attention modules (and, for ``catp-image``, a
-  pre-hook on the last vision block) capture what the method needs while the stock
-  code runs the vision tower and the Q-Former once (once per frame for video);
-* a forward hook on ``language_projection`` lets the method choose which queries to keep
+* forward hooks on the connector's attention modules (and, for ``catp-image``, a
+  pre-hook on the last vision block) capture what the method needs (:mod:`catp.capture`)
+  while the stock code runs the vision tower and the connector once (once per frame for video);
+* a forward hook on the family's output module (BLIP-2: ``language_projection``) lets the method choose which queries to keep
   (a scorer's top ``k`` or per-sample :class:`~catp.budget.Budget`; a selector's picks),
   through :func:`catp.selection.choose`, the one path every engine takes. It leaves the output
   alone, so the stock code writes every query row into its placeholder as usual (for
@@ -22,7 +23,7 @@ Nothing here forks model code. Inside :func:`pruned`:
   logits at the caller's positions (pruned placeholder positions hold zeros) and the loss
   of the shortened sequence.
 
-The language model keeps its attention implementation; only the Q-Former is switched
+The language model keeps its attention implementation; only the connector is switched
 to eager (for methods that read its probabilities) and switched back on exit.
 """
 
@@ -38,61 +39,55 @@ import torch
 from torch import nn
 
 from catp.budget import Budget
+from catp.capture import Recorder, watch
+from catp.families import Family, family_of
 from catp.layout import kept_positions, put_positions, take_positions
-from catp.methods import Captures, PruningMethod, budget_refusal, get_method
-from catp.selection import SCOPES, Keep, check_keep_type, check_keep_value, choose, resolve_keep
+from catp.methods import PruningMethod, budget_refusal, get_method
+from catp.selection import SAMPLE_SCOPES, SCOPES, Choice, Keep, check_keep_type, check_keep_value, choose, resolve_keep, selector_refusal
 
 __all__ = [
     "PruningSession",
     "base_model",
-    "capture_qformer",
+    "capture_connector",
     "cross_attention_layers",
-    "eager_qformer",
+    "eager_connector",
     "is_video_model",
     "placeholder_token_id",
     "pruned",
     "select_queries",
 ]
 
-_IMAGE_MODELS = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
-_VIDEO_MODELS = ("InstructBlipVideoForConditionalGeneration",)
-_SUPPORTED = _IMAGE_MODELS + _VIDEO_MODELS
-_MODEL_INPUT_KWARGS = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
-
-
 def is_video_model(model: nn.Module) -> bool:
-    """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
-    return any(c.__name__ in _VIDEO_MODELS for c in type(model).__mro__)
+    """Whether a sample of ``model`` holds several groups of query tokens (video frames), so that ``scope=`` applies."""
+    return family_of(model).has_groups(model)
 
 
 def placeholder_token_id(model: nn.Module) -> int:
-    """The id of the placeholder token that stands for one query token in ``input_ids``.
+    """The id of the placeholder token that stands for one query token in ``input_ids``
+    (:meth:`~catp.families.base.Family.placeholder_token_id`; a ``ValueError`` when the config leaves it unset)."""
+    return family_of(model).placeholder_token_id(model)
 
-    ``config.image_token_index`` for images, ``config.video_token_index`` for video (which
-    is ``None`` in a video config built from an image model's: then a ``ValueError``).
+
+def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, num_queries: int, groups: torch.Tensor,
+                       group: str | None = None) -> None:
+    """Raise unless each row ``b`` of ``input_ids`` ``(B, L)`` holds exactly ``groups[b] * num_queries`` placeholders.
+
+    Args:
+        groups: ``(B,)`` groups per sample (frames, crops; 1 for an image).
+        group: what a group is called (``"frame"``), where a sample holds several; ``None`` for images.
     """
-    name = "video_token_index" if is_video_model(model) else "image_token_index"
-    token = getattr(model.config, name, None)
-    if token is None:
-        raise ValueError(
-            f"{type(model).__name__}.config.{name} is None: catp finds the query tokens' placeholders in input_ids "
-            f"by that id; set it to the placeholder token's id (the processor's {name.split('_')[0]} token)"
-        )
-    return int(token)
-
-
-def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, expected: int, frames: int | None = None) -> None:
-    """Raise unless every row of ``input_ids`` ``(B, L)`` holds exactly ``expected`` placeholders."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
     counts = (input_ids == placeholder_id).sum(dim=1)
+    expected = groups.to(counts.device) * num_queries
     bad = (counts != expected).nonzero().flatten().tolist()
     if bad:
-        kind = "image" if frames is None else "video"
-        per = "" if frames is None else f" ({frames} frames x {expected // frames} query tokens)"
+        b = bad[0]
+        kind = "video" if group == "frame" else "image"
+        per = "" if group is None else f" ({int(groups[b])} {group}s x {num_queries} query tokens)"
         raise ValueError(
-            f"input_ids must hold exactly {expected} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
-            f"as the processor inserts them; sample {bad[0]} has {int(counts[bad[0]])}"
+            f"input_ids must hold exactly {int(expected[b])} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
+            f"as the processor inserts them; sample {b} has {int(counts[b])}"
         )
 
 
@@ -102,7 +97,7 @@ class _Call:
 
     Attributes:
         input_ids: the caller's ``(B, L)`` (``None`` when only the features are computed).
-        frames: ``T`` (1 for images).
+        groups: ``(B,)`` groups per sample: frames, crops (1 for an image).
         mode: which entry point made the call.
         labels: a decoder-only forward's labels, taken out of the stock call: the loss
             is computed on the shortened sequence.
@@ -111,7 +106,7 @@ class _Call:
     """
 
     input_ids: torch.Tensor | None
-    frames: int
+    groups: torch.Tensor
     mode: Literal["generate", "forward", "features"]
     labels: torch.Tensor | None = None
     scored: bool = False
@@ -123,22 +118,24 @@ class PruningSession:
     """The state of one :func:`pruned` context; yielded to the caller.
 
     Query indices are flat over a video's ``T*Q`` tokens, frame-major: index ``i`` is query
-    ``i % Q`` of frame ``i // Q``. For an image ``T = 1``.
+    ``i % Q`` of frame ``i // Q``. For an image ``T = 1``. The same holds for a sample's crops and
+    images where a family splits them (Idefics2): group ``i // Q``, in the order of the placeholders.
 
     Attributes:
         method: the pruning method.
         keep: what the caller asked for: a count (resolved from a fraction where the number
             of tokens is known up front), a fraction (``scope="video"``: resolved per call,
             once ``T`` is known) or a :class:`~catp.budget.Budget`.
-        scope: ``"video"`` or ``"frame"`` on a video model, ``None`` on an image model.
+        scope: on a model whose samples hold several groups: ``"video"``/``"sample"`` (``keep`` counts over a
+            sample) or ``"frame"``/``"group"`` (over each group); ``None`` on an image model.
         keep_indices: ``(B, K)`` indices kept by the most recent call, ascending, padded with
             ``-1`` where a sample keeps fewer than the batch's largest ``K``.
         keep_counts: ``(B,)`` tokens each sample kept in the most recent call (all frames).
         pick_order: ``(B, K)`` the same indices in the order the method picked them (a
             selector's greedy order, frame by frame on video; a scorer's by descending score),
             padded with ``-1`` like ``keep_indices``.
-        scores: ``(B, T*Q)`` scores of the most recent call; ``None`` for a selector.
-        num_frames: ``T`` of the most recent call.
+        scores: ``(B, T*Q)`` scores of the most recent call (NaN past a sample's own groups); ``None`` for a selector.
+        num_frames: ``T`` of the most recent call (the largest, where samples hold different numbers of groups).
     """
 
     model: nn.Module = field(repr=False)
@@ -150,128 +147,156 @@ class PruningSession:
     pick_order: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     num_frames: int = 1
-    _captures: dict[str, Any] = field(default_factory=dict, repr=False)
+    _recorder: Recorder = field(default_factory=Recorder, repr=False)
     _handles: list[Any] = field(default_factory=list, repr=False)
     _call: _Call | None = field(default=None, repr=False)
 
     @property
+    def family(self) -> Family:
+        """The model's family (:mod:`catp.families`)."""
+        return family_of(self.model)
+
+    @property
     def num_query_tokens(self) -> int:
-        return int(self.model.config.num_query_tokens)
+        return self.family.num_queries(self.model.config)
 
     @property
     def is_video(self) -> bool:
+        """Whether samples hold several groups (``scope=`` applies)."""
         return self.scope is not None
 
     @property
+    def per_sample(self) -> bool:
+        """Whether ``keep`` counts over a whole sample's groups."""
+        return self.scope in SAMPLE_SCOPES
+
+    @property
     def decoder_only(self) -> bool:
-        return bool(self.model.config.use_decoder_only_language_model)
+        return self.family.decoder_only(self.model)
 
     # -- capture hooks -------------------------------------------------------------
     def _install_hooks(self) -> None:
-        needs = self.method.needs
-        layers = cross_attention_layers(self.model)
-        watched = layers[-1:] if needs.cross_attention == "last" else layers if needs.cross_attention == "all" else []
-        for layer in watched:
-            self._handles.append(layer.crossattention.attention.register_forward_hook(self._capture("cross")))
-        if needs.self_attention:
-            for layer in self.model.qformer.encoder.layer:
-                self._handles.append(layer.attention.attention.register_forward_hook(self._capture("self")))
-        if needs.vision_last_block:
-            block = self.model.vision_model.encoder.layers[-1].self_attn
-            self._handles.append(block.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
-        self._handles.append(self.model.vision_model.register_forward_pre_hook(self._reset))
-        self._handles.append(self.model.language_projection.register_forward_hook(self._select))
-        self._handles.append(self.model.language_model.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._forward_hook, with_kwargs=True))
+        family, model = self.family, self.model
+        watched = watch(family, model, self.method.needs)
+        for module in watched.cross:
+            self._handles.append(module.register_forward_hook(self._capture_cross))
+        for module in watched.self_attention:
+            self._handles.append(module.register_forward_hook(self._capture_self))
+        if watched.vision is not None:
+            self._handles.append(watched.vision.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
+        self._handles.append(family.vision_tower(model).register_forward_pre_hook(self._reset))
+        self._handles.append(family.output_module(model).register_forward_hook(self._select))
+        if watched.image_mask is not None:
+            self._handles.append(watched.image_mask.register_forward_pre_hook(self._capture_image_mask, with_kwargs=True))
+        if not family.encodes_first:
+            llm = family.language_model(model)
+            self._handles.append(llm.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._forward_hook, with_kwargs=True))
 
     def _reset(self, module: nn.Module, args: tuple) -> None:
-        self._captures = {"cross": [], "self": [], "vision": None}
+        self._recorder.reset()
 
-    def _capture(self, kind: str):
-        def hook(module: nn.Module, args: tuple, output: tuple) -> None:
-            probs = output[1]
-            if probs is None:
-                raise RuntimeError(
-                    "the Q-Former attention returned no probabilities; catp needs its eager attention "
-                    f"(current: {self.model.qformer.config._attn_implementation!r})"
-                )
-            self._captures.setdefault(kind, []).append(probs.detach())
+    def _probabilities(self, output: tuple) -> torch.Tensor:
+        """The probabilities an attention module returned, ``(rows, H, Q, K)``; an error where it returned none."""
+        probs = output[1]
+        if probs is None:
+            raise RuntimeError(
+                f"the {self.family.connector}' attention returned no probabilities; catp needs the connector's eager "
+                "attention (it is switched inside pruned(); was the attention implementation changed meanwhile?)"
+            )
+        return probs.detach()
 
-        return hook
+    def _capture_cross(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self._recorder.cross.append(self.family.image_probabilities(self._probabilities(output)))
+
+    def _capture_self(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        block = self.family.latent_probabilities(self._probabilities(output), self.num_query_tokens)
+        self._recorder.self_attention.append(block)
 
     def _capture_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._captures["vision"] = vision_block_probabilities(module, hidden)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self._recorder.vision = self.family.vision_probabilities(module, hidden, mask)
+
+    def _capture_image_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._recorder.image_mask = self.family.image_mask(args, kwargs)
 
     # -- choosing the kept queries ---------------------------------------------------
     def _group_size(self, frames: int) -> int:
         """How many tokens one ``keep`` counts over: a sample's ``T*Q`` (``scope="video"``) or ``Q``."""
-        return frames * self.num_query_tokens if self.scope == "video" else self.num_query_tokens
+        return frames * self.num_query_tokens if self.per_sample else self.num_query_tokens
 
     def _group_keep(self, frames: int) -> int | Budget:
         """``keep`` for one group of :meth:`_group_size` tokens: a count, or the Budget."""
         if isinstance(self.keep, Budget):
             return self.keep
         n = self._group_size(frames)
-        of = f"the video has {frames} frames x {self.num_query_tokens} query tokens" if self.scope == "video" else None
+        group = self.family.group
+        of = f"the sample has {frames} {group}s x {self.num_query_tokens} query tokens" if self.per_sample else None
+        if of is not None and group == "frame":
+            of = f"the video has {frames} frames x {self.num_query_tokens} query tokens"
         return resolve_keep(self.keep, n, of=of)
 
     def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         query_output = args[0]
         rows, num_queries = query_output.shape[:2]
         if num_queries != self.num_query_tokens:
-            raise ValueError(f"language_projection got {num_queries} tokens per image, expected num_query_tokens={self.num_query_tokens}")
+            raise ValueError(f"{type(module).__name__} got {num_queries} tokens per image, expected "
+                             f"{self.num_query_tokens} {self.family.connector}")
         if self._call is None and self.is_video:
             raise RuntimeError(
-                "inside pruned(), run a video model through model.generate(...), model(...) or catp.select_queries(...): "
-                "they tell the pruning layer the number of frames"
+                "inside pruned(), run the model through model.generate(...), model(...) or catp.select_queries(...): "
+                f"they tell the pruning layer the number of {self.family.group}s"
             )
-        frames = self._call.frames if self._call is not None else 1
-        if rows % frames:
-            raise ValueError(f"language_projection got {rows} rows, not a multiple of the {frames} frames of the call")
-        captures = Captures(
-            num_queries=num_queries,
-            batch_size=rows,
-            num_frames=frames,
-            device=query_output.device,
-            cross_attentions=self._captures.get("cross", []),
-            self_attentions=self._captures.get("self", []),
-            vision_attention=self._captures.get("vision"),
-            query_output=query_output.detach(),
-            projected=output.detach(),
-        )
+        groups = self._call.groups if self._call is not None else torch.ones(rows, dtype=torch.long)
+        if int(groups.sum()) != rows:
+            raise ValueError(f"{type(module).__name__} got {rows} rows, but the call's samples hold {int(groups.sum())} "
+                             f"{self.family.group}s")
+        uniform = bool((groups == groups[0]).all())
+        if not uniform and self.per_sample:
+            raise ValueError(f"scope={self.scope!r} counts over a whole sample, which needs the same number of "
+                             f"{self.family.group}s in every sample of a batch (got {groups.tolist()}); "
+                             f"use scope='group', or batch samples with equal counts")
+        frames = int(groups[0]) if uniform else 1
+        captures = self._recorder.captures(self.method.needs, output, frames, query_output=query_output,
+                                           published_layer_weights=self.family.published_layer_weights)
         try:
             choice = choose(self.method, captures, self._group_keep(frames), scope=self.scope)
         finally:
             self._reset(module, ())
+        if not uniform:
+            choice = _by_sample(choice, groups, num_queries)
         self.keep_indices, self.pick_order, self.keep_counts, self.scores = (
             choice.keep_indices, choice.pick_order, choice.counts, choice.scores)
-        self.num_frames = frames
+        self.num_frames = int(groups.max())
         if self._call is not None:
             self._call.scored = True
 
     # -- calls: input checks, shortening before the LLM, outputs back ----------------
-    def _frames(self, pixel_values: torch.Tensor) -> int:
-        """``T`` of a call, after checking the rank of ``pixel_values``."""
-        if self.is_video:
-            if pixel_values.dim() != 5:
-                raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "
-                                 f"got {tuple(pixel_values.shape)}")
-            return int(pixel_values.shape[1])
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        return 1
-
     def _start(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, mode: str, **extra: Any) -> None:
         """Check a call's inputs and remember it until the language model runs."""
         if pixel_values is None:
             raise ValueError(f"{mode}() needs pixel_values")
-        frames = self._frames(pixel_values)
+        groups = self.family.groups_per_sample(self.model, pixel_values)
         if input_ids is not None:
-            frames_named = frames if self.is_video else None
-            check_placeholders(input_ids, placeholder_token_id(self.model), frames * self.num_query_tokens, frames_named)
-        self._call = _Call(input_ids=input_ids, frames=frames, mode=mode, **extra)  # type: ignore[arg-type]
+            check_placeholders(input_ids, placeholder_token_id(self.model), self.num_query_tokens, groups,
+                               self.family.group if self.is_video else None)
+        self._call = _Call(input_ids=input_ids, groups=groups, mode=mode, **extra)  # type: ignore[arg-type]
+
+    def _encode_first(self, call: dict[str, Any]) -> dict[str, Any]:
+        """For a family that encodes its images first (:attr:`~catp.families.base.Family.encodes_first`):
+        encode them (the hooks choose the kept queries), shorten ``input_ids`` / ``attention_mask``, and
+        hand the stock call the kept rows in place of the images."""
+        images = {name: call.pop(name) for name in self.family.image_inputs if name in call}
+        encoded = self.family.encode(self.model, **images)
+        if self._call is None or not self._call.scored or self.keep_indices is None:
+            raise RuntimeError(f"encoding the images did not reach the {self.family.connector}' output: nothing was scored")
+        if call.get("attention_mask") is None:
+            call["attention_mask"] = torch.ones_like(call["input_ids"])
+        call.update(self._shorten({"input_ids": call["input_ids"], "attention_mask": call["attention_mask"]}))
+        call.update(self.family.pruned_inputs(encoded, self.keep_indices))
+        return call
 
     def _shorten(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Shorten the language model's inputs of the call in flight (once per call)."""
@@ -299,15 +324,13 @@ class PruningSession:
             raise ValueError("pruned generate() locates the placeholders in input_ids; pass input_ids, not inputs_embeds")
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and pixel_values is not None:
-            # The stock default prompt (placeholders and BOS), with the call's own frame count
-            # (the stock video generate() assumes 4 frames).
-            config = self.model.config
-            start = [placeholder_token_id(self.model)] * (self._frames(pixel_values) * config.num_query_tokens)
-            input_ids = torch.tensor([start + [config.text_config.bos_token_id]], device=pixel_values.device)
-            input_ids = input_ids.repeat(pixel_values.shape[0], 1)
+            input_ids = self.family.default_input_ids(self.model, pixel_values)
         self._start(input_ids, pixel_values, "generate")
         try:
-            outputs = original_generate(pixel_values=pixel_values, input_ids=input_ids, **kwargs)
+            kwargs.update(pixel_values=pixel_values, input_ids=input_ids)
+            if self.family.encodes_first:
+                kwargs = self._encode_first(kwargs)
+            outputs = original_generate(**kwargs)
             call = self._call
         finally:
             self._call = None
@@ -315,7 +338,9 @@ class PruningSession:
             outputs = _restore_prompt(outputs, input_ids, call.positions.shape[1])
         return outputs
 
-    def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._call is not None and self._call.mode == "generate":
+            return None  # a step of a pruned generate() (a family that encodes first): already shortened
         call = _bind_call(inspect.signature(module.forward), args, kwargs)
         if call.get("inputs_embeds") is not None:
             raise ValueError("pruned forward() locates the placeholders in input_ids; pass input_ids, not inputs_embeds")
@@ -324,9 +349,17 @@ class PruningSession:
         # A decoder-only loss must be taken on the shortened sequence: computed in _forward_hook.
         labels = call.pop("labels", None) if self.decoder_only else None
         self._start(call["input_ids"], call.get("pixel_values"), "forward", labels=labels)
+        if self.family.encodes_first:
+            try:
+                call = self._encode_first(call)
+            except BaseException:
+                self._call = None
+                raise
         return (), call
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._call is None or self._call.mode != "forward":
+            return output  # a step of a pruned generate()
         call, self._call = self._call, None
         logits = getattr(output, "logits", None)
         if call is None or call.positions is None or logits is None or not self.decoder_only:
@@ -341,6 +374,41 @@ class PruningSession:
                                                    vocab_size=self.model.config.text_config.vocab_size)
         output.logits = put_positions(logits, call.positions, call.input_ids.shape[1])
         return output
+
+
+def _by_sample(choice: Choice, groups: torch.Tensor, num_queries: int) -> Choice:
+    """A per-group :class:`~catp.selection.Choice` (one row per group) regrouped per sample, where samples
+    hold different numbers of groups: indices flat over each sample's ``groups[b] * Q`` tokens, group after
+    group, padded with ``-1``; scores padded with NaN.
+
+    Args:
+        choice: ``keep_indices`` / ``pick_order`` ``(R, K)``, ``scores`` ``(R, Q)``, ``R = groups.sum()``.
+        groups: ``(B,)`` groups per sample.
+    """
+    device = choice.keep_indices.device
+    offsets = torch.arange(len(choice.keep_indices), device=device)
+    sample_of = torch.repeat_interleave(torch.arange(len(groups), device=device), groups.to(device))
+    first_row = torch.cumsum(groups.to(device), 0) - groups.to(device)
+    flat_base = ((offsets - first_row[sample_of]) * num_queries)[:, None]  # (R, 1): the group's first flat index
+
+    def per_sample(rows: torch.Tensor) -> torch.Tensor:
+        """``(R, K)`` row-local indices (``-1`` padded) -> ``(B, K')`` flat, in row order, ``-1`` padded."""
+        flat = torch.where(rows >= 0, rows + flat_base, rows)
+        parts = [flat[sample_of == b].flatten() for b in range(len(groups))]
+        parts = [p[p >= 0] for p in parts]
+        width = max(len(p) for p in parts)
+        return torch.stack([torch.cat([p, p.new_full((width - len(p),), -1)]) for p in parts])
+
+    scores = None
+    if choice.scores is not None:
+        width = int(groups.max()) * num_queries
+        scores = torch.full((len(groups), width), float("nan"), device=device)
+        for b in range(len(groups)):
+            rows = choice.scores[sample_of == b].flatten()
+            scores[b, : len(rows)] = rows
+    keep = per_sample(choice.keep_indices)
+    counts = (keep >= 0).sum(dim=1)
+    return Choice(keep_indices=keep, pick_order=per_sample(choice.pick_order), counts=counts, scores=scores)
 
 
 def _bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -365,68 +433,52 @@ def _restore_prompt(outputs: Any, caller_ids: torch.Tensor, short_length: int) -
 
 
 def vision_block_probabilities(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Recompute one ViT block's self-attention probabilities from its input.
+    """Recompute the last vision block's self-attention probabilities ``(B, H, N, N)`` (fp32) from its input
+    ``(B, N, D)``, for a BLIP-2-family model (:meth:`catp.families.blip2.Blip2Family.vision_probabilities`).
 
-    Lets ``catp-image`` read the last block's probabilities while the vision tower stays
-    on SDPA. Works for the BLIP-2 / InstructBLIP attention (a fused ``qkv`` projection).
-
-    Args:
-        attention: the block's ``self_attn`` module.
-        hidden_states: its input ``(B, N, D)`` (after ``layer_norm1``).
-
-    Returns:
-        ``(B, H, N, N)`` probabilities in fp32.
+    Lets ``catp-image`` read the last block's probabilities while the vision tower stays on SDPA.
     """
-    batch, tokens, width = hidden_states.shape
-    heads = attention.num_heads
-    qkv = attention.qkv(hidden_states).reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    logits = torch.matmul(qkv[0].float(), qkv[1].float().transpose(-1, -2)) * attention.scale
-    return logits.softmax(dim=-1)
+    from catp.families.blip2 import BLIP2
+
+    return BLIP2.vision_probabilities(attention, hidden_states)
 
 
 def cross_attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The Q-Former layers that have a cross-attention block, in order."""
-    return [layer for layer in model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
+    """The connector's cross-attention modules, in layer order (one per cross-attention layer)."""
+    return family_of(model).cross_attention_modules(model)
+
+
+def eager_connector(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Run only the connector on the eager attention (SDPA returns no probabilities) and restore it on exit."""
+    return family_of(model).eager_connector(model, enabled)
 
 
 @contextlib.contextmanager
-def eager_qformer(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run the Q-Former on the eager attention (SDPA returns no probabilities) and restore it on exit."""
-    saved = model.qformer.config._attn_implementation
-    try:
-        if enabled and saved != "eager":
-            model.qformer.set_attn_implementation("eager")
-        yield
-    finally:
-        if model.qformer.config._attn_implementation != saved:
-            model.qformer.set_attn_implementation(saved)
+def capture_connector(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect what each connector run inside the block computes, for inspection (not for pruning).
 
-
-@contextlib.contextmanager
-def capture_qformer(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Collect what each Q-Former run inside the block computes, for inspection (not for pruning).
-
-    The Q-Former runs eager meanwhile (SDPA returns no probabilities); hooks and the
+    The connector runs eager meanwhile (SDPA returns no probabilities); hooks and the
     attention implementation are restored on exit, also when the block raises.
 
     Yields:
-        ``{"outputs": [...], "cross": [...]}``: per run, the query outputs ``(B, Q, D)``, and per
-        run and cross-attention layer, in order, the probabilities ``(B, H, Q, N)``; float32, on the CPU.
+        ``{"outputs": [...], "cross": [...]}``: per run, the connector outputs before the LLM projection
+        ``(B, Q, D)``, and per run and cross-attention layer, in order, the image columns of the probabilities
+        ``(B, H, Q, N)``; float32, on the CPU.
     """
+    family = family_of(model)
     captured: dict[str, list[torch.Tensor]] = {"outputs": [], "cross": []}
-    q = int(model.config.num_query_tokens)
 
-    def on_qformer(module: nn.Module, args: tuple, output: Any) -> None:
-        captured["outputs"].append(output[0][:, :q].detach().float().cpu())
+    def on_output(module: nn.Module, args: tuple) -> None:
+        captured["outputs"].append(args[0].detach().float().cpu())
 
     def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
-        captured["cross"].append(output[1].detach().float().cpu())
+        captured["cross"].append(family.image_probabilities(output[1].detach()).float().cpu())
 
     handles = []
-    with eager_qformer(model):
+    with family.eager_connector(model):
         try:
-            handles.append(model.qformer.register_forward_hook(on_qformer))
-            handles += [layer.crossattention.attention.register_forward_hook(on_cross) for layer in cross_attention_layers(model)]
+            handles.append(family.output_module(model).register_forward_pre_hook(on_output))
+            handles += [module.register_forward_hook(on_cross) for module in family.cross_attention_modules(model)]
             yield captured
         finally:
             for handle in handles:
@@ -443,26 +495,21 @@ def base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) and isinstance(model, nn.Module) else model
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise a clear error unless ``model`` is a supported Q-Former model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
-    if not all(hasattr(model, name) for name in ("qformer", "query_tokens", "language_projection", "vision_model")):
-        raise ValueError(
-            f"{type(model).__name__} has no Q-Former: catp prunes the query tokens of BLIP-2-family models "
-            f"({', '.join(_SUPPORTED)})"
-        )
-    if not any(c.__name__ in _SUPPORTED for c in type(model).__mro__):
-        raise ValueError(f"{type(model).__name__} is not supported yet; supported: {', '.join(_SUPPORTED)}")
+def check_model(model: nn.Module) -> Family:
+    """The family of ``model``; a clear error unless it is a supported model (:func:`catp.families.family_of`)."""
+    return family_of(model)
 
 
 def _check_scope(model: nn.Module, scope: str | None) -> str | None:
-    """The scope of a call: ``"video"`` by default on a video model; ``None`` (and none allowed) on an image model."""
-    if not is_video_model(model):
+    """The scope of a call: ``"video"`` by default on a model whose samples hold several groups; ``None``
+    (and none allowed) on an image model."""
+    family = family_of(model)
+    if not family.has_groups(model):
         if scope is not None:
-            raise TypeError(f"scope= applies to video models ({', '.join(_VIDEO_MODELS)}); {type(model).__name__} takes images")
+            raise TypeError(f"scope= applies to video models (and others whose samples hold several groups of "
+                            f"{family.connector}); {type(model).__name__} takes images")
         return None
-    scope = "video" if scope is None else scope
+    scope = family.default_scope if scope is None else scope
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
     return scope
@@ -505,8 +552,8 @@ def pruned(
         session.keep_indices  # (batch, 8): which query tokens the last call kept
 
     Args:
-        model: a ``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration`` or
-            ``InstructBlipVideoForConditionalGeneration``.
+        model: a model of a supported family (:data:`catp.families.MODEL_TYPES`): ``Blip2ForConditionalGeneration``,
+            ``InstructBlipForConditionalGeneration``, ``InstructBlipVideoForConditionalGeneration``, ...
         method: a name from :data:`catp.METHODS` or a :class:`~catp.methods.PruningMethod`.
         keep: an int count, a float fraction in ``(0, 1]`` of the tokens it counts over, or a
             :class:`~catp.budget.Budget` (a per-sample count from the sample's scores).
@@ -520,29 +567,29 @@ def pruned(
     Yields:
         A :class:`PruningSession` whose ``keep_indices`` / ``keep_counts`` / ``pick_order`` / ``scores`` describe the last call.
 
-    On exit (also when the body raises) every hook is removed and the Q-Former's
+    On exit (also when the body raises) every hook is removed and the connector's
     attention implementation is restored. A ``peft.PeftModel`` is pruned through its base
     model (:func:`base_model`); call ``generate`` / ``forward`` on either.
     """
     model = base_model(model)
-    check_model(model)
+    family = check_model(model)
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
     check_keep_type(keep)
-    if method.selects() and scope == "video":
-        raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
+    if method.selects() and scope in SAMPLE_SCOPES:
+        raise ValueError(selector_refusal(method.name))
     if isinstance(keep, Budget):
         refusal = budget_refusal(method)
         if refusal is not None:
             raise ValueError(refusal)
-        if scope != "video":
-            keep.check_tokens(int(model.config.num_query_tokens))  # a min above Q fails here, not mid-call
-    elif scope == "video":
+        if scope not in SAMPLE_SCOPES:
+            keep.check_tokens(family.num_queries(model.config))  # a min above Q fails here, not mid-call
+    elif scope in SAMPLE_SCOPES:
         check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
     else:
-        keep = resolve_keep(keep, int(model.config.num_query_tokens))
-    method.validate(len(cross_attention_layers(model)), keep if isinstance(keep, int) else None)
-    placeholder_token_id(model)
+        keep = resolve_keep(keep, family.num_queries(model.config))
+    method.validate(family.num_cross_layers(model.config), keep if isinstance(keep, int) else None)
+    family.placeholder_token_id(model)
     if getattr(model, "_catp_session", None) is not None:
         raise ValueError("pruned() is already active on this model; nesting it on the same model is not supported")
 
@@ -550,12 +597,13 @@ def pruned(
     model._catp_session = session
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(eager_qformer(model, enabled=method.needs.eager_qformer))
+            stack.enter_context(family.eager_connector(model, enabled=method.needs.eager_connector))
             session._reset(model, ())
             session._install_hooks()
             stack.enter_context(_patched(model, "generate", _wrap(session._generate, model.generate)))
-            llm = model.language_model
-            stack.enter_context(_patched(llm, "generate", _wrap(session._language_model_generate, llm.generate)))
+            if not family.encodes_first:
+                llm = family.language_model(model)
+                stack.enter_context(_patched(llm, "generate", _wrap(session._language_model_generate, llm.generate)))
             yield session
     finally:
         for handle in session._handles:
@@ -576,10 +624,11 @@ def select_queries(
     """Indices of the query tokens a method keeps, without running the language model.
 
     Args:
-        model: a BLIP-2 / InstructBLIP / InstructBLIP-Video model.
+        model: a model of a supported family, as in :func:`pruned`.
         pixel_values: ``(B, C, H, W)``, or ``(B, T, C, H, W)`` for video.
         method, keep, scope: as in :func:`pruned`.
-        **kwargs: ``qformer_input_ids`` / ``qformer_attention_mask`` (InstructBLIP) and
+        **kwargs: the family's encoder inputs (:attr:`~catp.families.base.Family.model_inputs`:
+            ``qformer_input_ids`` / ``qformer_attention_mask`` for InstructBLIP) and
             method options (``layer_weights=...``, ``seed=...``).
 
     Returns:
@@ -587,15 +636,12 @@ def select_queries(
         fewer (a Budget). Video indices are flat over ``T*Q``, frame-major.
     """
     model = base_model(model)
-    model_inputs = {name: kwargs.pop(name) for name in _MODEL_INPUT_KWARGS if name in kwargs}
+    family = check_model(model)
+    model_inputs = {name: kwargs.pop(name) for name in family.model_inputs if name in kwargs}
     with pruned(model, method=method, keep=keep, scope=scope, **kwargs) as session, torch.no_grad():
-        features = model.get_video_features if session.is_video else model.get_image_features
-        if "qformer_input_ids" in inspect.signature(features).parameters:
-            if model_inputs.get("qformer_input_ids") is None:
-                raise ValueError(f"{type(model).__name__} needs qformer_input_ids (the instruction for its Q-Former)")
         session._start(None, pixel_values, "features")
         try:
-            features(pixel_values, **model_inputs)
+            family.encode(model, pixel_values, **model_inputs)
         finally:
             session._call = None
         assert session.keep_indices is not None

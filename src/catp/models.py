@@ -1,4 +1,4 @@
-"""Loading BLIP-2-family models: the one place for the model classes, the dtype names and
+"""Loading the models catp prunes (:mod:`catp.families`): the one place for the model classes, the dtype names and
 the loader every command uses.
 
 ``load_model("Salesforce/blip2-opt-2.7b", dtype="float16", device="cuda")`` is
@@ -17,16 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from catp.extras import import_extra
+from catp.families import MODEL_TYPES, family_of_type
 
 __all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_adapter_dir", "check_device",
            "dtype_bytes", "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
 
-#: ``config.model_type`` -> the ``*ForConditionalGeneration`` class catp prunes.
-MODEL_TYPES: dict[str, str] = {
-    "blip-2": "Blip2ForConditionalGeneration",
-    "instructblip": "InstructBlipForConditionalGeneration",
-    "instructblipvideo": "InstructBlipVideoForConditionalGeneration",
-}
 #: The query tokens of a ``catp adapt`` adapter, beside peft's adapter files.
 QUERY_TOKENS_FILE = "query_tokens.safetensors"
 #: A ``catp adapt`` adapter's settings, its training data and its validation figures.
@@ -36,14 +31,13 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 
 
 def model_class(model_type: str) -> Any:
-    """The transformers class for a BLIP-2-family ``config.model_type``.
+    """The transformers class for a ``config.model_type`` of a supported family (:data:`MODEL_TYPES`,
+    read from :mod:`catp.families`).
 
     Raises:
-        ValueError: a model type catp does not prune.
+        ValueError: a model type catp does not prune, with the supported classes named.
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"a {model_type!r} model has no Q-Former that catp prunes; "
-                         f"catp supports {', '.join(MODEL_TYPES)} models")
+    family_of_type(model_type)
     import transformers
 
     return getattr(transformers, MODEL_TYPES[model_type])
@@ -91,7 +85,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_config(name: str | Path) -> Any:
-    """The config of a model directory or hub id, checked to be a BLIP-2-family one.
+    """The config of a model directory or hub id, checked to be of a supported family.
 
     Raises:
         ValueError: no such directory, a directory without a model, a hub id that cannot be
@@ -141,7 +135,7 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
     if adapter is not None:
         model = load_adapter(model, adapter, merge=True)
     processor = AutoProcessor.from_pretrained(str(name))
-    if model.config.use_decoder_only_language_model:
+    if family_of_type(config.model_type).decoder_only(model):
         processor.tokenizer.padding_side = "left"
     if isinstance(getattr(processor, "image_token", None), str):
         # A tokenizer that declares its image token in extra_special_tokens reloads it as a str,

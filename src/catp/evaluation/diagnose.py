@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from catp.evaluation.questions import open_image
-from catp.hf import capture_qformer, check_model, select_queries
+from catp.hf import capture_connector, check_model, select_queries
 from catp.methods import METHODS, get_method, seed_options
 from catp.reference.data import SCENE_SPLITS, scenes_with_questions
 from catp.scoring import cosine_similarity_matrix
@@ -285,7 +285,7 @@ def diagnose(
         chunk = list(images[start : start + batch_size])
         pixels = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
         extra = qformer_inputs(model, processor, len(chunk), instruction, device)
-        with torch.no_grad(), capture_qformer(model) as captured:
+        with torch.no_grad(), capture_connector(model) as captured:
             model.get_image_features(pixels, **extra)
         outputs.append(captured["outputs"][0])
         cross.append(torch.stack(captured["cross"]))  # (L, B, H, Q, N)

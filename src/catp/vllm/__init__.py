@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from catp.budget import Budget
+from catp.families import FAMILIES, Family
+from catp.families.blip2 import cross_attention_layer_count as num_cross_attention_layers
 from catp.methods import METHODS, PruningMethod, get_method, method_class
 from catp.scoring import short_repr as _short
 from catp.selection import resolve_keep
@@ -69,6 +71,7 @@ __all__ = [
     "num_cross_attention_layers",
     "overrides",
     "read_records",
+    "served_family",
 ]
 
 #: The architecture the plugin registers: vLLM's ``Blip2ForConditionalGeneration`` with pruning.
@@ -291,22 +294,28 @@ def engine_settings(hf_config: Any) -> Settings:
     return Settings.from_config(getattr(hf_config, CONFIG_KEY, None))
 
 
+def served_family(model_type: object) -> Family:
+    """The family whose vLLM model (:mod:`catp.vllm.model`) serves ``config.model_type`` (:attr:`Family.vllm_model_types`).
+
+    Raises:
+        ValueError: a model type the plugin does not serve.
+    """
+    for family in FAMILIES:
+        if model_type in family.vllm_model_types:
+            return family
+    served = [t for family in FAMILIES for t in family.vllm_model_types]
+    raise ValueError(f"{ARCHITECTURE} serves {', '.join(map(repr, served))} models (model_type), got {model_type!r}")
+
+
 def check_engine(hf_config: Any, tensor_parallel_size: int = 1) -> Settings:
     """Check the engine's settings (``config.catp``) against its model and parallelism; the :class:`Settings`.
 
     vLLM runs it when it builds the engine's config, and ``catp serve`` before it starts vLLM.
     """
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "blip-2":
-        raise ValueError(f"{ARCHITECTURE} serves BLIP-2 models (model_type 'blip-2'), got {model_type!r}")
+    family = served_family(getattr(hf_config, "model_type", None))
     settings = engine_settings(hf_config)
-    settings.check(int(hf_config.num_query_tokens), num_cross_attention_layers(hf_config.qformer_config), tensor_parallel_size)
+    settings.check(family.num_queries(hf_config), family.num_cross_layers(hf_config), tensor_parallel_size)
     return settings
-
-
-def num_cross_attention_layers(qformer_config: Any) -> int:
-    """How many Q-Former layers have a cross-attention block (layer ``i`` does when ``i % frequency == 0``)."""
-    return len(range(0, int(qformer_config.num_hidden_layers), int(qformer_config.cross_attention_frequency)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ vLLM's BLIP-2 ones and change only
   :class:`~catp.vllm.ImageRequest` rides along as the multimodal field ``catp``;
 * the model (engine core process): :meth:`~CatpBlip2ForConditionalGeneration.embed_multimodal`
   runs vLLM's own vision tower, Q-Former and projection under forward pre-hooks that
-  capture what the methods need (:class:`QFormerCapture`), hands them to the same method
+  capture what the methods need (:class:`ConnectorCapture`, with :mod:`catp.capture` and the
+  model's family, :mod:`catp.families`), hands them to the same method
   objects and :func:`choose` as the Hugging Face path, and returns each image's kept rows in
   ascending order. Images that keep all ``Q`` tokens take the stock path, unscored.
 
@@ -21,7 +22,7 @@ would stop the engine, not just the request.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItem, 
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, PromptUpdate
 
+from catp.capture import Recorder, union, watch
+from catp.families import Family
 from catp.methods import Captures, Needs, PruningMethod
 from catp.selection import choose
 from catp.vllm import (
@@ -51,8 +54,8 @@ from catp.vllm import (
     check_engine,
     engine_settings,
     image_tag,
-    num_cross_attention_layers,
     recording,
+    served_family,
 )
 
 __all__ = [
@@ -60,7 +63,7 @@ __all__ = [
     "CatpBlip2ForConditionalGeneration",
     "CatpBlip2MultiModalProcessor",
     "CatpBlip2ProcessingInfo",
-    "QFormerCapture",
+    "ConnectorCapture",
 ]
 
 #: The multimodal field that carries each image's :class:`ImageRequest` (JSON bytes, uint8).
@@ -105,7 +108,8 @@ class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
         merged = self.ctx.get_merged_mm_kwargs(request)  # + the engine's mm_processor_kwargs
         settings = engine_settings(config).with_request(merged)
         tp = int(getattr(config, _TP_KEY, 1))
-        k = settings.check(int(config.num_query_tokens), num_cross_attention_layers(config.qformer_config), tp)
+        family = served_family(config.model_type)
+        k = settings.check(family.num_queries(config), family.num_cross_layers(config), tp)
         return settings, k
 
     def get_num_image_tokens(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> int:
@@ -113,7 +117,8 @@ class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         # A request may keep up to all Q tokens, whatever the engine's default.
-        return {"image": int(self.get_hf_config().num_query_tokens)}
+        config = self.get_hf_config()
+        return {"image": served_family(config.model_type).num_queries(config)}
 
 
 class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
@@ -134,7 +139,8 @@ class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
                                 processed_data: BatchFeature) -> BatchFeature:
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         settings, k = self.info.catp_request(hf_processor_mm_kwargs)
-        q = int(self.info.get_hf_config().num_query_tokens)
+        config = self.info.get_hf_config()
+        q = served_family(config.model_type).num_queries(config)
         embeds = processed_data.get("image_embeds")
         if embeds is not None and k != q:
             raise ValueError(f"precomputed image_embeds skip the Q-Former, so catp cannot prune them: they need keep={q} "
@@ -164,70 +170,37 @@ def _decode_requests(data: torch.Tensor | Sequence[torch.Tensor]) -> list[ImageR
     return [ImageRequest.decode(bytes(row.flatten().tolist()).rstrip(b"\0")) for row in rows]
 
 
-def _union(needs: Iterable[Needs]) -> Needs:
-    """What a batch must capture so that each of its methods gets what it needs."""
-    needs = list(needs)
-    order = ("none", "last", "all")
-    return Needs(
-        cross_attention=max((n.cross_attention for n in needs), key=order.index, default="none"),
-        self_attention=any(n.self_attention for n in needs),
-        vision_last_block=any(n.vision_last_block for n in needs),
-        query_output=any(n.query_output for n in needs),
-    )
-
-
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q·kᵀ·scale)`` in fp32, as an eager attention with no mask computes it.
-
-    Args:
-        query: ``(B, H, S, d)``.
-        key: ``(B, H, N, d)``.
-
-    Returns:
-        ``(B, H, S, N)`` fp32.
-    """
-    return (torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale).softmax(dim=-1)
-
-
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-
-
 @dataclass
-class QFormerCapture:
-    """Forward pre-hooks that record, during one stock vision + Q-Former + projection run,
+class ConnectorCapture:
+    """Forward pre-hooks that record, during one stock vision + connector + projection run,
     what methods with ``needs`` read, as the Hugging Face path captures it.
 
-    The Q-Former's attention runs SDPA with no mask and returns no probabilities: its
-    probabilities are recomputed as ``softmax(q·kᵀ·scaling)`` from the inputs of the layers
-    a method needs, with the ``query``/``key`` projections in fp32. ``catp-image``'s last
-    ViT block is recomputed likewise from its fused ``qkv`` (tensor-parallel size 1: all heads
-    on this rank). The stock computation is not changed.
+    vLLM's connector attention runs SDPA and returns no probabilities: they are recomputed
+    (:meth:`~catp.families.blip2.Blip2Family.recomputed_probabilities`, in fp32) from the inputs of
+    the modules a method needs (:func:`catp.capture.watch`). ``catp-image``'s last ViT block is
+    recomputed likewise from its fused ``qkv`` (tensor-parallel size 1: all heads on this rank).
+    The stock computation is not changed.
 
     Use as a context manager around the run; then :meth:`captures`.
     """
 
     model: Blip2ForConditionalGeneration
+    family: Family
     needs: Needs
-    cross: list[torch.Tensor] = field(default_factory=list)
-    self_attn: list[torch.Tensor] = field(default_factory=list)
-    vision: torch.Tensor | None = None
-    query_output: torch.Tensor | None = None
+    recorder: Recorder = field(default_factory=Recorder)
     _handles: list[Any] = field(default_factory=list)
 
-    def __enter__(self) -> QFormerCapture:
-        layers = self.model.qformer.encoder.layer
-        cross_layers = [layer for layer in layers if layer.has_cross_attention]
-        watched = {"none": [], "last": cross_layers[-1:], "all": cross_layers}[self.needs.cross_attention]
-        hook = self._register
-        for layer in watched:
-            hook(layer.crossattention.attention, self._on_qformer_attention(self.cross))
-        if self.needs.self_attention:
-            for layer in layers:
-                hook(layer.attention.attention, self._on_qformer_attention(self.self_attn))
-        if self.needs.vision_last_block:
-            hook(self.model.vision_model.encoder.layers[-1].self_attn, self._on_vision_attention)
-        hook(self.model.language_projection, self._on_projection)
+    def __enter__(self) -> ConnectorCapture:
+        watched = watch(self.family, self.model, self.needs)
+        for module in watched.cross:
+            self._register(module, self._on_connector_attention(self.recorder.cross, self.family.image_probabilities))
+        for module in watched.self_attention:
+            q = self.family.num_queries(self.model.config)
+            self._register(module, self._on_connector_attention(
+                self.recorder.self_attention, lambda probs: self.family.latent_probabilities(probs, q)))
+        if watched.vision is not None:
+            self._register(watched.vision, self._on_vision_attention)
+        self._register(self.family.output_module(self.model), self._on_projection)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -242,31 +215,19 @@ class QFormerCapture:
     def _argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
         return args[position] if len(args) > position else kwargs.get(name)
 
-    def _on_qformer_attention(self, into: list[torch.Tensor]):
+    def _on_connector_attention(self, into: list[torch.Tensor], part: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = self._argument(args, kwargs, 0, "hidden_states")
             encoder = self._argument(args, kwargs, 1, "encoder_hidden_states")
-            source = hidden if encoder is None else encoder
-            query = module.transpose_for_scores(_linear_fp32(module.query, hidden))
-            key = module.transpose_for_scores(_linear_fp32(module.key, source))
-            into.append(attention_probabilities(query, key, module.scaling))
+            into.append(part(self.family.recomputed_probabilities(module, hidden, encoder)))
 
         return hook
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = self._argument(args, kwargs, 0, "hidden_states")
-        qkv, _ = module.qkv(hidden)
-        query, key, _ = qkv.chunk(3, dim=-1)
-        batch, tokens = hidden.shape[:2]
-        heads = module.num_heads_per_partition
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(batch, tokens, heads, -1).transpose(1, 2)
-
-        self.vision = attention_probabilities(split(query), split(key), module.scale)
+        self.recorder.vision = self.family.vision_probabilities(module, self._argument(args, kwargs, 0, "hidden_states"))
 
     def _on_projection(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.query_output = self._argument(args, kwargs, 0, "input")
+        self.recorder.query_output = self._argument(args, kwargs, 0, "input")
 
     def captures(self, needs: Needs, projected: torch.Tensor) -> Captures:
         """The batch's :class:`~catp.methods.Captures`, with what a method with ``needs`` reads.
@@ -275,17 +236,8 @@ class QFormerCapture:
             needs: the method's needs (a subset of what was captured).
             projected: the batch's ``language_projection`` output ``(B, Q, D_llm)``.
         """
-        assert self.query_output is not None, "the language projection did not run inside the capture"
-        return Captures(
-            num_queries=projected.shape[1],
-            batch_size=projected.shape[0],
-            device=projected.device,
-            cross_attentions={"none": [], "last": self.cross[-1:], "all": self.cross}[needs.cross_attention],
-            self_attentions=self.self_attn if needs.self_attention else [],
-            vision_attention=self.vision if needs.vision_last_block else None,
-            query_output=self.query_output,
-            projected=projected,
-        )
+        assert self.recorder.query_output is not None, "the language projection did not run inside the capture"
+        return self.recorder.captures(needs, projected, published_layer_weights=self.family.published_layer_weights)
 
 
 @MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)
@@ -314,7 +266,7 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        q = int(self.config.num_query_tokens)
+        q = served_family(self.config.model_type).num_queries(self.config)
         requests = _decode_requests(field_data) if field_data is not None else []
         if image_input.type == "image_embeds" or all(r.keep == q for r in requests):
             return self._process_image_input(image_input)  # stock: nothing pruned, nothing scored
@@ -322,13 +274,14 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
 
     def _pruned_embeddings(self, image_input: Blip2ImageInputs, requests: list[ImageRequest]) -> list[torch.Tensor]:
         """Each image's kept rows of the projected query tokens, ascending."""
-        q = int(self.config.num_query_tokens)
+        family = served_family(self.config.model_type)
+        q = family.num_queries(self.config)
         groups: dict[str, list[int]] = {}
         for row, request in enumerate(requests):
             if request.keep < q:
                 groups.setdefault(request.method_key, []).append(row)
         methods = {key: self._method(requests[rows[0]]) for key, rows in groups.items()}
-        with torch.no_grad(), QFormerCapture(self, _union(m.needs for m in methods.values())) as capture:
+        with torch.no_grad(), ConnectorCapture(self, family, union(m.needs for m in methods.values())) as capture:
             projected = self._process_image_input(image_input)
         kept: list[torch.Tensor | None] = [None] * len(requests)
         for key, rows in groups.items():
@@ -365,4 +318,4 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
         if num_mm_embeds <= 0:
             return 0, 0
         images = 1 if mm_kwargs is not None else num_mm_embeds
-        return images * self._vision_tokens_per_image, images * int(self.config.num_query_tokens)
+        return images * self._vision_tokens_per_image, images * served_family(self.config.model_type).num_queries(self.config)

@@ -1,0 +1,58 @@
+"""The model families catp prunes, one module each, registered in :data:`FAMILIES`.
+
+Adding a family is one new module with a :class:`~catp.families.base.Family` object, and one
+entry in :data:`FAMILIES`; model loading (:mod:`catp.models`), the Hugging Face hooks
+(:mod:`catp.hf`) and the vLLM plugin (:mod:`catp.vllm`) read every family fact from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from catp.families.base import Family
+from catp.families.blip2 import BLIP2
+from catp.families.idefics2 import IDEFICS2
+
+__all__ = ["FAMILIES", "Family", "MODEL_TYPES", "family_of", "family_of_type", "supported_classes"]
+
+#: Every supported family, in the order messages list them.
+FAMILIES: tuple[Family, ...] = (BLIP2, IDEFICS2)
+
+#: ``config.model_type`` -> the transformers class catp prunes, over all families.
+MODEL_TYPES: dict[str, str] = {t: c for family in FAMILIES for t, c in family.model_classes.items()}
+
+
+def supported_classes() -> str:
+    """The supported transformers classes, comma-separated, for messages."""
+    return ", ".join(MODEL_TYPES.values())
+
+
+def family_of_type(model_type: Any) -> Family:
+    """The family of a ``config.model_type``.
+
+    Raises:
+        ValueError: a model type no family prunes, with the supported classes named.
+    """
+    for family in FAMILIES:
+        if model_type in family.model_classes:
+            return family
+    raise ValueError(f"a {model_type!r} model has no Q-Former or other cross-attention connector that catp prunes; "
+                     f"catp supports {', '.join(MODEL_TYPES)} models ({supported_classes()})")
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a transformers model (by its class).
+
+    Raises:
+        TypeError: not a torch module.
+        ValueError: a model of no supported family, with the supported classes named.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    for family in FAMILIES:
+        if family.recognises(model):
+            return family
+    raise ValueError(f"{type(model).__name__} has no Q-Former or other cross-attention connector that catp prunes; "
+                     f"catp supports {supported_classes()}")

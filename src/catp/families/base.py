@@ -1,0 +1,218 @@
+"""The contract every model family states: :class:`Family`.
+
+A *family* is a set of transformers models that share one cross-attention connector: a
+fixed set of ``Q`` learned queries (BLIP-2's Q-Former query tokens, Idefics2's perceiver
+latents) that cross-attend to the image and hand ``Q`` tokens per image (or per frame, per
+crop) to the language model. Everything the pruning engines (:mod:`catp.hf`,
+:mod:`catp.vllm`) need to know about a family is stated here, in one small module per
+family; the engines never name a model class.
+
+Notation: ``rows`` connector runs in a batch (images, frames or crops), ``H`` heads, ``Q``
+queries, ``K`` keys of the connector's attention, ``N`` image tokens among them, ``D`` width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Family(ABC):
+    """One model family: how to recognise it, where its connector is, what a method reads.
+
+    A family object is stateless; every method takes the model (or its config). Subclasses
+    set the class attributes and implement the abstract methods; the defaults fit a family
+    whose connector runs once per image.
+
+    Attributes:
+        name: a short name (``"blip2"``).
+        model_classes: ``config.model_type`` -> the transformers class catp prunes.
+        connector: what is pruned, for messages (``"Q-Former query tokens"``).
+        group: what one connector run of a sample is called where a sample has several
+            (``"frame"``, ``"crop"``); ``"image"`` otherwise.
+        model_inputs: keyword arguments of :func:`catp.select_queries` that go to the model's
+            image encoder (:meth:`encode`) rather than to the method.
+        vllm_model_types: the model types catp's vLLM plugin serves (empty: none).
+        encodes_first: the model encodes its images before its language model runs, in a call of
+            its own (:meth:`encode`; in ``generate`` before the prefill, as transformers 5.25 does for
+            a ``forward`` that takes ``mm_encoder_outputs``). The engine then encodes first, shortens
+            ``input_ids`` and hands the kept rows to the stock call (:meth:`pruned_inputs`). Otherwise
+            (BLIP-2) the stock call encodes and the engine shortens the language model's inputs.
+        image_inputs: the call's keyword arguments that carry the images (replaced by
+            :meth:`pruned_inputs` where :attr:`encodes_first`).
+        published_layer_weights: whether the paper's layer-importance measurements (``catp-layer``'s default
+            weights) are of this family's connector (only BLIP-2's Q-Former).
+        default_scope: what ``keep`` counts over where a sample holds several groups
+            (:data:`catp.selection.SCOPES`): a whole sample, or each group.
+    """
+
+    name: ClassVar[str]
+    model_classes: ClassVar[Mapping[str, str]]
+    connector: ClassVar[str]
+    group: ClassVar[str] = "image"
+    model_inputs: ClassVar[tuple[str, ...]] = ()
+    vllm_model_types: ClassVar[tuple[str, ...]] = ()
+    encodes_first: ClassVar[bool] = False
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    default_scope: ClassVar[str] = "sample"
+    published_layer_weights: ClassVar[bool] = False
+
+    # -- recognising ------------------------------------------------------------------
+    def recognises(self, model: nn.Module) -> bool:
+        """Whether ``model`` is (a subclass of) one of :attr:`model_classes`."""
+        names = set(self.model_classes.values())
+        return any(c.__name__ in names for c in type(model).__mro__)
+
+    # -- sizes ------------------------------------------------------------------------
+    @abstractmethod
+    def num_queries(self, config: Any) -> int:
+        """``Q``: the connector's tokens per image (per frame, per crop) before pruning."""
+
+    @abstractmethod
+    def num_cross_layers(self, config: Any) -> int:
+        """How many connector layers cross-attend to the image (what ``catp-layer`` weights)."""
+
+    # -- the connector's attention ----------------------------------------------------
+    @abstractmethod
+    def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The attention modules whose probabilities are voted on, in layer order (one per cross layer).
+
+        Each returns ``(output, probabilities)`` and, run eager, probabilities ``(rows, H, Q, K)``.
+        """
+
+    @abstractmethod
+    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose probabilities ``selfattn`` reads (empty where the queries never attend to each other)."""
+
+    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The image columns of a cross-attention module's probabilities.
+
+        Args:
+            probabilities: ``(rows, H, Q, K)``.
+
+        Returns:
+            ``(rows, H, Q, N)`` (default: every key is an image token).
+        """
+        return probabilities
+
+    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """The block of a self-attention module's probabilities that ``selfattn`` sums.
+
+        Args:
+            probabilities: ``(rows, H, S, S')`` from a :meth:`self_attention_modules` module.
+
+        Returns:
+            ``(rows, H, Q, Q)``: attention from each query to each query (default: the leading block).
+        """
+        return probabilities[:, :, :num_queries, :num_queries]
+
+    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """The probabilities of a connector attention module ``(rows, H, Q, K)``, recomputed in fp32 from its
+        inputs, for an engine whose attention returns none (vLLM's SDPA).
+
+        Args:
+            hidden_states: the query side ``(rows, Q, D)``.
+            encoder_hidden_states: the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``.
+        """
+        raise NotImplementedError(f"{self.name}: no engine recomputes this family's connector attention")
+
+    def vision_block(self, model: nn.Module) -> nn.Module | None:
+        """The last vision block's attention, whose probabilities ``catp-image`` reads; ``None`` where
+        catp cannot recompute them (then :meth:`vision_refusal` says why)."""
+        return None
+
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(rows, H, N, N)`` fp32 probabilities of :meth:`vision_block`, recomputed from its input ``(rows, N, D)``
+        and the mask it got (additive or bool, broadcastable to ``(rows, H, N, N)``; ``None``: none)."""
+        raise NotImplementedError(f"{self.name}: no vision block to recompute")
+
+    def image_mask_module(self, model: nn.Module) -> nn.Module | None:
+        """A module whose forward pre-hook sees which image tokens are real (:meth:`image_mask`); ``None``
+        where every image token is real."""
+        return None
+
+    def image_mask(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``(rows, N)`` bool, ``True`` for a real image token, from the arguments of :meth:`image_mask_module`."""
+        raise NotImplementedError(f"{self.name}: every image token is real")
+
+    def vision_refusal(self) -> str | None:
+        """Why ``catp-image`` cannot run on this family, or ``None`` when it can."""
+        return None
+
+    @abstractmethod
+    def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        """A context that runs only the connector on the eager attention (SDPA returns no probabilities)
+        and restores its setting on exit; the vision tower and the language model keep theirs."""
+
+    # -- the connector's output -------------------------------------------------------
+    @abstractmethod
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The module that starts each connector run (a forward pre-hook on it starts a new capture)."""
+
+    @abstractmethod
+    def output_module(self, model: nn.Module) -> nn.Module:
+        """The module whose input is the connector output before the LLM projection ``(rows, Q, D)``
+        (what ``l2norm`` reads) and whose output is the tokens the LLM receives ``(rows, Q, D_llm)``."""
+
+    @abstractmethod
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model the kept tokens go to."""
+
+    def decoder_only(self, model: nn.Module) -> bool:
+        """Whether the language model is decoder-only (left fillers) rather than an encoder-decoder (right fillers)."""
+        return True
+
+    # -- placeholders -----------------------------------------------------------------
+    @abstractmethod
+    def placeholder_token_id(self, model: nn.Module) -> int:
+        """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""
+
+    @abstractmethod
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` long: how many connector runs (frames, crops, images) each sample of ``pixel_values``
+        makes, after checking its shape (``ValueError``); 1 for a single image."""
+
+    def has_groups(self, model: nn.Module) -> bool:
+        """Whether a sample may hold several groups, so that ``scope=`` applies."""
+        return False
+
+    @abstractmethod
+    def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The prompt stock ``generate()`` builds when it gets no ``input_ids``: ``(B, L)``."""
+
+    # -- running the connector alone --------------------------------------------------
+    @abstractmethod
+    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
+        """Run the stock vision tower and connector (and projection) on ``pixel_values``, as the model
+        does before its language model; ``inputs``: :attr:`model_inputs` (``ValueError`` when one is missing)."""
+
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+        """Where :attr:`encodes_first`: the stock call's keyword arguments that replace :attr:`image_inputs`,
+        with only the kept rows of :meth:`encode`'s output.
+
+        Args:
+            encoded: what :meth:`encode` returned.
+            keep_indices: ``(B, K)`` kept indices, flat over each sample's placeholders, ascending, ``-1`` padded.
+        """
+        raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
+
+
+@contextlib.contextmanager
+def sub_config_attention(module: nn.Module, implementation: str, enabled: bool = True) -> Iterator[None]:
+    """Set ``module``'s attention implementation (its own sub-config) to ``implementation`` inside the
+    block, and restore it on exit, also when the block raises."""
+    saved = module.config._attn_implementation
+    try:
+        if enabled and saved != implementation:
+            module.set_attn_implementation(implementation)
+        yield
+    finally:
+        if module.config._attn_implementation != saved:
+            module.set_attn_implementation(saved)

@@ -1,0 +1,164 @@
+"""BLIP-2, InstructBLIP and InstructBLIP-Video: the Q-Former family.
+
+* Connector: the Q-Former (``model.qformer``). Its ``Q = config.num_query_tokens`` query
+  tokens cross-attend to the vision tokens in every ``cross_attention_frequency``-th layer
+  (``layer.crossattention.attention``); every key is an image token. Its self-attention
+  (``layer.attention.attention``) spans the queries (and, in InstructBLIP, the instruction
+  tokens after them): ``selfattn`` sums the leading ``Q x Q`` block.
+* Output: ``language_projection``'s input (the Q-Former output, ``(rows, Q, D)``) and output
+  (the LLM's tokens, ``(rows, Q, D_llm)``).
+* Placeholders: ``config.image_token_index`` (``video_token_index`` for video), ``Q`` per image,
+  ``T x Q`` per video of ``T`` frames; each frame is one group.
+* ``catp-image``: the last ViT block's fused ``qkv``, recomputed from its input.
+
+The module attributes are the same in vLLM's BLIP-2 (:mod:`catp.vllm.model`), so the same
+family object serves both engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from catp.capture import attention_probabilities, linear_fp32, qkv_probabilities
+from catp.families.base import Family, sub_config_attention
+
+__all__ = ["BLIP2", "Blip2Family", "cross_attention_layer_count"]
+
+_VIDEO_CLASS = "InstructBlipVideoForConditionalGeneration"
+
+
+def cross_attention_layer_count(qformer_config: Any) -> int:
+    """How many Q-Former layers have a cross-attention block (layer ``i`` does when ``i % frequency == 0``)."""
+    return len(range(0, int(qformer_config.num_hidden_layers), int(qformer_config.cross_attention_frequency)))
+
+
+class Blip2Family(Family):
+    """The Q-Former family (see the module docstring)."""
+
+    name: ClassVar[str] = "blip2"
+    model_classes: ClassVar[dict[str, str]] = {
+        "blip-2": "Blip2ForConditionalGeneration",
+        "instructblip": "InstructBlipForConditionalGeneration",
+        "instructblipvideo": _VIDEO_CLASS,
+    }
+    connector: ClassVar[str] = "Q-Former query tokens"
+    group: ClassVar[str] = "frame"
+    model_inputs: ClassVar[tuple[str, ...]] = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
+    vllm_model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
+    default_scope: ClassVar[str] = "video"
+    published_layer_weights: ClassVar[bool] = True
+
+    def is_video(self, model: nn.Module) -> bool:
+        """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
+        return any(c.__name__ == _VIDEO_CLASS for c in type(model).__mro__)
+
+    # -- sizes --------------------------------------------------------------------------
+    def num_queries(self, config: Any) -> int:
+        return int(config.num_query_tokens)
+
+    def num_cross_layers(self, config: Any) -> int:
+        return cross_attention_layer_count(config.qformer_config)
+
+    # -- attention ----------------------------------------------------------------------
+    def cross_attention_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The Q-Former layers that have a cross-attention block, in order."""
+        return [layer for layer in model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
+
+    def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.crossattention.attention for layer in self.cross_attention_layers(model)]
+
+    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.attention.attention for layer in model.qformer.encoder.layer]
+
+    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """A Q-Former attention's probabilities ``(rows, H, S, K)`` recomputed in fp32 from its inputs
+        (``softmax(q·kᵀ·scaling)``, no mask), for an attention that returns none (vLLM's SDPA).
+
+        Args:
+            hidden_states: the query side ``(rows, S, D)``.
+            encoder_hidden_states: the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``.
+        """
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = module.transpose_for_scores(linear_fp32(module.query, hidden_states))
+        key = module.transpose_for_scores(linear_fp32(module.key, source))
+        return attention_probabilities(query, key, module.scaling)
+
+    def vision_block(self, model: nn.Module) -> nn.Module | None:
+        return model.vision_model.encoder.layers[-1].self_attn
+
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Recomputed from the block's fused ``qkv``: HF's returns a tensor; vLLM's a tuple, with the heads of
+        this tensor-parallel rank (``num_heads_per_partition``)."""
+        qkv = block.qkv(hidden_states)
+        qkv = qkv[0] if isinstance(qkv, tuple) else qkv
+        heads = int(getattr(block, "num_heads_per_partition", block.num_heads))
+        return qkv_probabilities(qkv, heads, block.scale)
+
+    def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        return sub_config_attention(model.qformer, "eager", enabled)
+
+    # -- output -------------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def output_module(self, model: nn.Module) -> nn.Module:
+        return model.language_projection
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.language_model
+
+    def decoder_only(self, model: nn.Module) -> bool:
+        return bool(model.config.use_decoder_only_language_model)
+
+    # -- placeholders -------------------------------------------------------------------
+    def placeholder_token_id(self, model: nn.Module) -> int:
+        """``config.image_token_index`` for images, ``config.video_token_index`` for video (which is ``None``
+        in a video config built from an image model's: then a ``ValueError``)."""
+        name = "video_token_index" if self.is_video(model) else "image_token_index"
+        token = getattr(model.config, name, None)
+        if token is None:
+            raise ValueError(
+                f"{type(model).__name__}.config.{name} is None: catp finds the query tokens' placeholders in input_ids "
+                f"by that id; set it to the placeholder token's id (the processor's {name.split('_')[0]} token)"
+            )
+        return int(token)
+
+    def has_groups(self, model: nn.Module) -> bool:
+        return self.is_video(model)
+
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.is_video(model):
+            if pixel_values.dim() != 5:
+                raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "
+                                 f"got {tuple(pixel_values.shape)}")
+            frames = int(pixel_values.shape[1])
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        else:
+            frames = 1
+        return torch.full((pixel_values.shape[0],), frames, dtype=torch.long)
+
+    def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The stock default prompt (placeholders, then BOS), with the call's own frame count (the stock
+        video ``generate()`` assumes 4 frames)."""
+        placeholders = int(self.groups_per_sample(model, pixel_values)[0]) * self.num_queries(model.config)
+        start = [self.placeholder_token_id(model)] * placeholders + [model.config.text_config.bos_token_id]
+        return torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)
+
+    # -- running the connector alone ----------------------------------------------------
+    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
+        features = model.get_video_features if self.is_video(model) else model.get_image_features
+        if "qformer_input_ids" in inspect.signature(features).parameters and inputs.get("qformer_input_ids") is None:
+            raise ValueError(f"{type(model).__name__} needs qformer_input_ids (the instruction for its Q-Former)")
+        return features(pixel_values, **inputs)
+
+
+#: The family object.
+BLIP2 = Blip2Family()
