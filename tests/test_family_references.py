@@ -21,15 +21,27 @@ from family_references import (
     reference_votes,
     top_k,
 )
-from tiny_families import ARIA_SMALL_QUERY, FAMILIES, NUM_QUERY, connector_latents, save_tiny_checkpoint, tiny_inputs, tiny_model
+from tiny_families import (
+    ARIA_LARGE_IMAGE_SIZE,
+    ARIA_LARGE_QUERY,
+    FAMILIES,
+    NUM_QUERY,
+    connector_latents,
+    placeholder_mask,
+    save_tiny_checkpoint,
+    saved_num_queries,
+    tiny_inputs,
+    tiny_model,
+    tiny_processor,
+)
 
 #: Per family, a batch with left padding and the family's traps: two images in a sample and a
 #: padded image (Idefics2, Aria); Kosmos-2 takes one image per sample. The pixel seeds are the
 #: first whose images all keep different top-4 sets, raw and renormalised (measured).
 BATCHES: dict[str, dict] = {
-    "idefics2": dict(images_per_sample=(1, 2, 1), padded=((1, 1),), seed=2),
-    "kosmos2": dict(images_per_sample=(1, 1, 1), seed=0),
-    "aria": dict(images_per_sample=(1, 2, 1), padded=((0, 0),), seed=1),
+    "idefics2": dict(images_per_sample=(1, 2, 1), padded=((1, 1),), seed=0),
+    "kosmos2": dict(images_per_sample=(1, 1, 1), seed=3),
+    "aria": dict(images_per_sample=(1, 2, 1), padded=((0, 0),), seed=4),
 }
 GREEDY = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
@@ -130,7 +142,7 @@ def test_padding_columns_get_no_probability_and_do_not_vote(family, model, input
     columns = image_columns(model, inputs)
     n = columns.shape[1]
     # Idefics2 (all pixels real) loses two rows of 4 patches of the 20 px image; Aria (any pixel) one.
-    assert columns.sum(dim=1).tolist() == ([16, 16, 8, 16] if family == "idefics2" else [12, 16, 16, 16])
+    assert columns.sum(dim=1).tolist() == ([16, 16, 8, 16] if family == "idefics2" else [42, 49, 49, 49])
     padding = ~columns
     assert torch.equal(probabilities[..., :n].permute(0, 3, 1, 2)[padding], torch.zeros_like(probabilities[..., :n].permute(0, 3, 1, 2)[padding]))
     # A padding column of zeros ranks the queries by index (stable sort): with it, the vote would
@@ -180,12 +192,12 @@ def test_aria_per_head_weights_average_to_the_module_weights():
     assert torch.allclose(per_head.mean(dim=1), averaged[0], atol=1e-6)
 
 
-def test_aria_smaller_images_get_the_prefix_queries():
+def test_aria_larger_images_get_more_queries():
     model = tiny_model("aria")
-    inputs = tiny_inputs("aria", images_per_sample=(1, 1), image_sizes={(0, 0): 16, (1, 0): 16})
+    inputs = tiny_inputs("aria", images_per_sample=(1, 1), image_sizes={(0, 0): ARIA_LARGE_IMAGE_SIZE, (1, 0): ARIA_LARGE_IMAGE_SIZE})
     rows = connector_rows(model, inputs)
-    assert [r.shape[0] for r in rows] == [ARIA_SMALL_QUERY] * 2
-    assert connector_probabilities(model, inputs)[-1].shape[2] == ARIA_SMALL_QUERY
+    assert [r.shape[0] for r in rows] == [ARIA_LARGE_QUERY] * 2
+    assert connector_probabilities(model, inputs)[-1].shape[2] == ARIA_LARGE_QUERY
     reference = reference_generate(model, inputs, all_rows(model, inputs), **GREEDY)
     assert all(torch.equal(a, b) for a, b in zip(reference.scores, stock_generate(model, inputs, **GREEDY).scores))
 
@@ -200,12 +212,35 @@ def test_the_references_leave_the_model_as_it_was(family, model, inputs):
     assert not model.training
 
 
-def test_a_saved_tiny_checkpoint_loads_and_generates_the_same(family, model, inputs, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+PROMPT = "Question: what color is the shape? Short answer:"
+#: The text a user gives each family's processor for one image.
+PROCESSOR_TEXT = {"idefics2": f"<image> {PROMPT}", "kosmos2": PROMPT, "aria": f"<|img|> {PROMPT}"}
+
+
+def an_image(height: int = 24, width: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((height, width, 3)) * 255).astype("uint8"))
+
+
+def test_the_processor_lays_out_what_tiny_inputs_builds(family):
+    """The hand-built inputs are the stock processor's (same ids, same placeholder positions)."""
+    extra = {"max_image_size": 490} if family == "aria" else {}
+    out = tiny_processor(family)(text=[PROCESSOR_TEXT[family]], images=[an_image()], return_tensors="pt", **extra)
+    built = tiny_inputs(family, images_per_sample=(1,), prompts=(PROMPT,))
+    assert out["input_ids"].tolist() == built["input_ids"].tolist()
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in built.items()}
+
+
+def test_a_saved_tiny_checkpoint_loads_with_its_processor_and_generates_the_same(family, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = save_tiny_checkpoint(family, tmp_path / family)
     loaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    model = tiny_model(family, num_queries=saved_num_queries(family))
     assert type(loaded) is type(model)
-    assert AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(inputs["input_ids"][0, -3:].tolist()) == ["Short", "answer", ":"]
+    inputs = AutoProcessor.from_pretrained(folder)(text=[PROCESSOR_TEXT[family]], images=[an_image()], return_tensors="pt")
+    assert int(placeholder_mask(family, inputs).sum()) == (2 * NUM_QUERY if family == "aria" else saved_num_queries(family))
     assert torch.equal(stock_generate(loaded, inputs, max_new_tokens=3, do_sample=False),
                        stock_generate(model, inputs, max_new_tokens=3, do_sample=False))
