@@ -12,8 +12,8 @@ and avoids the stock initialisation traps of §10.4:
 
 Sizes (all three): vision width 32, 2 blocks, 4 heads; language models of width 32 with 2
 layers (Aria's: width 64 in 2 heads of 32, the smallest head vLLM's CPU attention takes, and 2
-experts of which each token takes 1, plus 1 shared expert); ``NUM_QUERY`` = 8 latents per image. Idefics2 and Kosmos-2 take 32 px images in 8 px
-patches (16 patches; Kosmos-2's CLIP tower adds a CLS token: 17 image columns). Aria's image
+experts of which each token takes 1, plus 1 shared expert); ``NUM_QUERY`` = 8 latents per
+image. Idefics2 and Kosmos-2 take 32 px images in 8 px patches (16 patches; Kosmos-2's CLIP tower adds a CLS token: 17 image columns). Aria's image
 processor only takes its two real resolutions, 490 and 980 px, so its tower has 70 px patches:
 490 px gives 7 x 7 = 49 patches and 8 queries, 980 px 14 x 14 = 196 patches and 16 queries (the
 prefix rule of its ``projector_patch_to_query_dict``, as 128 of Aria's 256).
@@ -33,14 +33,13 @@ Inputs are built by hand, as each family's processor lays them out (``SPEC.md`` 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 FAMILIES: tuple[str, ...] = ("idefics2", "kosmos2", "aria")
 
-#: Latents (queries) per image of a 32 px image.
+#: Latents (queries) per image (Aria: per 490 px image).
 NUM_QUERY = 8
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -133,8 +132,7 @@ def tiny_config(family: str, num_queries: int = NUM_QUERY):
     if family == "kosmos2":
         text = dict(vocab_size=VOCAB, max_position_embeddings=256, embed_dim=32, layers=2, ffn_dim=64, attention_heads=4,
                     dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **special)
-        vision = {k: v for k, v in VISION.items()}
-        return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=num_queries, tie_word_embeddings=False)
+        return Kosmos2Config(text_config=text, vision_config=dict(VISION), latent_query_num=num_queries, tie_word_embeddings=False)
     if family == "aria":
         # Heads of 32: vLLM's CPU attention takes head sizes 32, 64, 80, ... only.
         text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -160,10 +158,9 @@ def tiny_model(family: str, seed: int | None = None, num_queries: int = NUM_QUER
     The connector's latents and attention projections are redrawn so that votes neither tie
     nor follow a near-uniform map (module docstring). ``seed`` defaults to :data:`DEFAULT_SEED`.
     """
-    seed = DEFAULT_SEED[family] if seed is None else seed
     from transformers import AriaForConditionalGeneration, Idefics2ForConditionalGeneration, Kosmos2ForConditionalGeneration
 
-    torch.manual_seed(seed)
+    torch.manual_seed(DEFAULT_SEED[family] if seed is None else seed)
     classes = {"idefics2": Idefics2ForConditionalGeneration, "kosmos2": Kosmos2ForConditionalGeneration,
                "aria": AriaForConditionalGeneration}
     model = classes[family](tiny_config(family, num_queries))
@@ -325,11 +322,6 @@ def placeholder_mask(family: str, inputs: dict[str, torch.Tensor]) -> torch.Tens
     if family == "kosmos2":
         return inputs["image_embeds_position_mask"].bool()
     return inputs["input_ids"] == (IDS[IMAGE] if family == "idefics2" else IDS[ARIA_IMAGE])
-
-
-def independent_copy(model) -> torch.nn.Module:
-    """A deep copy with its own config objects (``_from_config`` shares them, §10.4)."""
-    return copy.deepcopy(model)
 
 
 def saved_num_queries(family: str) -> int:
