@@ -372,3 +372,29 @@ def test_summary_legend_intervals_and_the_adapted_label():
     adapted = report.markdown_table(summary)
     assert "| adapted, all tokens (8 tokens) |" in adapted and "unpruned" not in adapted
     assert "the accuracy in the `adapted, all tokens` row" in adapted
+
+
+def test_adapter_targets_pair_each_keep_with_the_unadapted_model_and_judge_its_target(tmp_path):
+    """tools/adapter_targets.py: each ``first@k`` and ``unpruned`` row of a run, paired per question
+    against the unadapted run's ``unpruned``, with retention and the issue's target for that keep."""
+    from tools.adapter_targets import measure
+
+    def run(name: str, configs: dict[str, list[float]]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        lines = [json.dumps({"config": c, "id": str(i), "accuracy": a, "prediction": "x" if a else "y"})
+                 for c, accs in configs.items() for i, a in enumerate(accs)]
+        (out / "predictions-0.jsonl").write_text("\n".join(lines) + "\n")
+        rows = [{"config": c, "method": c.split("@")[0], "keep": int(c.split("@")[1]) if "@" in c else 32, "budget": False}
+                for c in configs]
+        (out / "summary.json").write_text(json.dumps({"rows": rows}))
+        return out
+
+    base = run("unadapted", {"unpruned": [1.0] * 100})
+    adapted = run("adapted", {"unpruned": [1.0] * 100, "first@8": [1.0] * 99 + [0.0], "first@1": [1.0] * 80 + [0.0] * 20})
+    rows = {r["keep"]: r for r in measure({"scenes": base}, [("adapted", "scenes", adapted, None)])["rows"]}
+    assert rows[32]["difference"] == 0 and rows[32]["met"] is True  # within 0.5 points
+    assert rows[8]["retention_pct"] == 99.0 and rows[8]["met"] is True  # scenes keep 8: at least 99%
+    assert rows[1]["retention_pct"] == 80.0 and rows[1]["met"] is False  # scenes keep 1: at least 90%
+    export = measure({"easy-vqa": base}, [("export", "easy-vqa", base, 4)])["rows"]
+    assert [(r["keep"], r["met"]) for r in export] == [(4, True)]  # an exported checkpoint at K=4: its unpruned row
