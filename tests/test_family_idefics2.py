@@ -87,7 +87,7 @@ def stock_probabilities(model, inputs) -> tuple[torch.Tensor, torch.Tensor, list
     return seen["probs"].float(), seen["mask"].bool(), rows
 
 
-def hand_vote(probs: torch.Tensor, mask: torch.Tensor, k: int, renormalise: bool = False) -> torch.Tensor:
+def hand_vote(probs: torch.Tensor, mask: torch.Tensor, k: int, renormalise: bool = True) -> torch.Tensor:
     """The CATP vote written out: per (head, real image column), rank the queries (stable), sum; top k ascending."""
     n = probs.shape[-1] - probs.shape[-2]
     image = probs[..., :n]

@@ -7,10 +7,8 @@
   ``(rows, H, Q, N + Q)`` from the eager attention only; the image is the first ``N`` columns.
   Only the resampler is switched to eager (its own sub-config); vision and LLM keep theirs.
 * What the vote reads (:attr:`Idefics2Family.renormalise`): each query's image probabilities
-  share its ``1/Z``, and ``Z`` also sums the image-independent latent block. By default the vote
-  ranks them as the softmax gave them (raw): on a trained tiny Kosmos-2, whose softmax has the same
-  shape, renormalising over the image columns kept the most diffuse queries and did worse than
-  raw, and worse than the queries it dropped (docs/families.md, ``lab/family_vote.py``).
+  share its ``1/Z``, and ``Z`` also sums the image-independent latent block; by default the image
+  columns are renormalised to sum 1 per (head, query) before the vote.
 * Padded patches (batch padding: a patch is real only if all its pixels are) get probability 0
   from every query; the connector's ``attention_mask`` says which, and they cast no vote.
 * Output: the input of ``norm`` (what ``l2norm`` reads: with ``norm.weight`` at 1, every output
@@ -47,11 +45,10 @@ class Idefics2Family(Family):
 
     Attributes:
         renormalise: the vote ranks each query's image probabilities renormalised over the image
-            columns (``True``), or as the softmax over ``[image ; latents]`` gave them (``False``, the
-            default; see the module docstring).
+            columns (``True``, the default), or as the softmax over ``[image ; latents]`` gave them.
     """
 
-    renormalise: bool = False
+    renormalise: bool = True
 
     name: ClassVar[str] = "idefics2"
     model_classes: ClassVar[dict[str, str]] = {"idefics2": "Idefics2ForConditionalGeneration"}
