@@ -72,6 +72,8 @@ class Kosmos2Family(Family):
     model_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "interpolate_pos_encoding")
+    #: Fillers (left, where a Budget keeps fewer in some samples) are marked as image positions: they take the
+    #: zero rows :meth:`pruned_inputs` puts first in those samples.
     position_inputs: ClassVar[Mapping[str, int]] = {POSITION_MASK: 1}
 
     @staticmethod
