@@ -125,6 +125,17 @@ class Family(ABC):
         """
         return probabilities[:, :, :num_queries, :num_queries]
 
+    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """The probabilities of a connector attention module ``(rows, H, Q, K)``, recomputed in fp32 from its
+        inputs, for an engine whose attention returns none (vLLM's SDPA).
+
+        Args:
+            hidden_states: the query side ``(rows, Q, D)``.
+            encoder_hidden_states: the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``.
+        """
+        raise NotImplementedError(f"{self.name}: no engine recomputes this family's connector attention")
+
     def vision_block(self, model: nn.Module) -> nn.Module | None:
         """The last vision block's attention, whose probabilities ``catp-image`` reads; ``None`` where
         catp cannot recompute them (then :meth:`vision_refusal` says why)."""
