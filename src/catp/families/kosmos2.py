@@ -96,15 +96,28 @@ class Kosmos2Family(Family):
         return self.cross_attention_modules(model)  # the latent block of the same softmax
 
     def probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
-        """``x_attn``'s probabilities ``(rows, H, Q, N + Q)``, recomputed in fp32 from its ``q_proj`` / ``k_proj``
-        (no mask: the projection passes none), whatever attention implementation it ran on."""
+        """``x_attn``'s probabilities ``(rows, H, Q, N + Q)``, recomputed (:meth:`recomputed_probabilities`) from
+        the call's inputs, whatever attention implementation it ran on."""
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        keys = kwargs.get("encoder_hidden_states")
-        if keys is None:
+        return self.recomputed_probabilities(module, latents, kwargs.get("encoder_hidden_states"))
+
+    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q·kᵀ·scaling)`` in fp32 from ``x_attn``'s ``q_proj`` / ``k_proj`` (no mask: the projection
+        passes none).
+
+        Args:
+            hidden_states: the latent queries ``(rows, Q, D)``.
+            encoder_hidden_states: ``[dense(image tokens) ; latent queries]`` ``(rows, N + Q, D)``.
+
+        Returns:
+            ``(rows, H, Q, N + Q)`` fp32.
+        """
+        if encoder_hidden_states is None:
             raise ValueError("Kosmos-2's x_attn ran without encoder_hidden_states: not the image-to-text projection's call")
         heads = int(module.num_heads)
-        return attention_probabilities(_heads(linear_fp32(module.q_proj, latents), heads),
-                                       _heads(linear_fp32(module.k_proj, keys), heads), module.scaling)
+        return attention_probabilities(_heads(linear_fp32(module.q_proj, hidden_states), heads),
+                                       _heads(linear_fp32(module.k_proj, encoder_hidden_states), heads), module.scaling)
 
     def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
         """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)`` (CLS first), renormalised per
