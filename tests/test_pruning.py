@@ -184,7 +184,7 @@ def test_forward_logits_and_labels(model, family):
     assert out.loss is not None and torch.isfinite(out.loss)
     if decoder_only(model):
         assert out.logits.shape[:2] == inputs["input_ids"].shape  # the caller's positions
-        positions = kept_positions(inputs["input_ids"], IMAGE_TOKEN, session.keep_indices, "left")
+        positions = kept_positions(inputs["input_ids"] == IMAGE_TOKEN, session.keep_indices, "left")
         assert positions.shape == (2, inputs["input_ids"].shape[1] - NUM_QUERY + 3) and torch.all(positions >= 0)
         dropped = torch.ones_like(inputs["input_ids"], dtype=torch.bool).scatter(1, positions, False)
         assert torch.all(out.logits[dropped] == 0)  # pruned placeholder positions hold zeros

@@ -218,7 +218,7 @@ def shorten_placeholders(model: nn.Module, inputs: dict[str, torch.Tensor], k: i
     inner = base_model(model)
     ids = inputs["input_ids"]
     first = torch.arange(k, device=ids.device).expand(ids.shape[0], -1)
-    positions = kept_positions(ids, placeholder_token_id(inner), first, "left")
+    positions = kept_positions(ids == placeholder_token_id(inner), first, "left")
     fills = {"input_ids": inner.config.text_config.pad_token_id or 0, "attention_mask": 0, "labels": -100}
     return {name: take_positions(value, positions, fills[name]) if name in fills else value for name, value in inputs.items()}
 

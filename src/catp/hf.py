@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,23 +62,27 @@ def is_video_model(model: nn.Module) -> bool:
     return family_of(model).has_groups(model)
 
 
-def placeholder_token_id(model: nn.Module) -> int:
+def placeholder_token_id(model: nn.Module) -> int | None:
     """The id of the placeholder token that stands for one query token in ``input_ids``
-    (:meth:`~catp.families.base.Family.placeholder_token_id`; a ``ValueError`` when the config leaves it unset)."""
+    (:meth:`~catp.families.base.Family.placeholder_token_id`; a ``ValueError`` when the config leaves it unset;
+    ``None`` where the family marks the positions otherwise, as Kosmos-2's ``image_embeds_position_mask``)."""
     return family_of(model).placeholder_token_id(model)
 
 
-def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, num_queries: int, groups: torch.Tensor,
-                       group: str | None = None) -> None:
+def check_placeholders(input_ids: torch.Tensor, is_placeholder: torch.Tensor, num_queries: int, groups: torch.Tensor,
+                       group: str | None = None, placeholder_id: int | None = None) -> None:
     """Raise unless each row ``b`` of ``input_ids`` ``(B, L)`` holds exactly ``groups[b] * num_queries`` placeholders.
 
     Args:
+        is_placeholder: ``(B, L)`` bool, the placeholder positions
+            (:meth:`~catp.families.base.Family.placeholder_mask`).
         groups: ``(B,)`` groups per sample (frames, crops; 1 for an image).
         group: what a group is called (``"frame"``), where a sample holds several; ``None`` for images.
+        placeholder_id: the placeholder token's id, for the message (``None``: marked otherwise).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-    counts = (input_ids == placeholder_id).sum(dim=1)
+    counts = is_placeholder.sum(dim=1)
     expected = groups.to(counts.device) * num_queries
     bad = (counts != expected).nonzero().flatten().tolist()
     if bad:
@@ -86,7 +90,8 @@ def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, num_queries
         kind = "video" if group == "frame" else "image"
         per = "" if group is None else f" ({int(groups[b])} {group}s x {num_queries} query tokens)"
         raise ValueError(
-            f"input_ids must hold exactly {int(expected[b])} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
+            f"input_ids must hold exactly {int(expected[b])} {kind} placeholder tokens"
+            f"{'' if placeholder_id is None else f' (id {placeholder_id})'} per sample{per}, "
             f"as the processor inserts them; sample {b} has {int(counts[b])}"
         )
 
@@ -97,6 +102,7 @@ class _Call:
 
     Attributes:
         input_ids: the caller's ``(B, L)`` (``None`` when only the features are computed).
+        placeholders: ``(B, L)`` bool, where ``input_ids`` holds the placeholders (``None`` with it).
         groups: ``(B,)`` groups per sample: frames, crops (1 for an image).
         mode: which entry point made the call.
         labels: a decoder-only forward's labels, taken out of the stock call: the loss
@@ -106,6 +112,7 @@ class _Call:
     """
 
     input_ids: torch.Tensor | None
+    placeholders: torch.Tensor | None
     groups: torch.Tensor
     mode: Literal["generate", "forward", "features"]
     labels: torch.Tensor | None = None
@@ -179,13 +186,13 @@ class PruningSession:
         family, model = self.family, self.model
         watched = watch(family, model, self.method.needs)
         for module in watched.cross:
-            self._handles.append(module.register_forward_hook(self._capture_cross))
+            self._handles.append(module.register_forward_hook(self._capture_cross, with_kwargs=True))
         for module in watched.self_attention:
-            self._handles.append(module.register_forward_hook(self._capture_self))
+            self._handles.append(module.register_forward_hook(self._capture_self, with_kwargs=True))
         if watched.vision is not None:
             self._handles.append(watched.vision.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
         self._handles.append(family.vision_tower(model).register_forward_pre_hook(self._reset))
-        self._handles.append(family.output_module(model).register_forward_hook(self._select))
+        self._handles.append(family.output_module(model).register_forward_hook(self._select, with_kwargs=True))
         if watched.image_mask is not None:
             self._handles.append(watched.image_mask.register_forward_pre_hook(self._capture_image_mask, with_kwargs=True))
         if not family.encodes_first:
@@ -197,9 +204,10 @@ class PruningSession:
     def _reset(self, module: nn.Module, args: tuple) -> None:
         self._recorder.reset()
 
-    def _probabilities(self, output: tuple) -> torch.Tensor:
-        """The probabilities an attention module returned, ``(rows, H, Q, K)``; an error where it returned none."""
-        probs = output[1]
+    def _probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> torch.Tensor:
+        """The probabilities of an attention module's call, ``(rows, H, Q, K)``
+        (:meth:`~catp.families.base.Family.probabilities`); an error where it returned none."""
+        probs = self.family.probabilities(module, args, kwargs, output)
         if probs is None:
             raise RuntimeError(
                 f"the {self.family.connector}' attention returned no probabilities; catp needs the connector's eager "
@@ -207,11 +215,12 @@ class PruningSession:
             )
         return probs.detach()
 
-    def _capture_cross(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        self._recorder.cross.append(self.family.image_probabilities(self._probabilities(output)))
+    def _capture_cross(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        self._recorder.cross.append(self.family.image_probabilities(self._probabilities(module, args, kwargs, output)))
 
-    def _capture_self(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        block = self.family.latent_probabilities(self._probabilities(output), self.num_query_tokens)
+    def _capture_self(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        probabilities = self._probabilities(module, args, kwargs, output)
+        block = self.family.latent_probabilities(probabilities, self.num_query_tokens)
         self._recorder.self_attention.append(block)
 
     def _capture_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -238,8 +247,8 @@ class PruningSession:
             of = f"the video has {frames} frames x {self.num_query_tokens} query tokens"
         return resolve_keep(self.keep, n, of=of)
 
-    def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        query_output = args[0]
+    def _select(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        query_output, output = self.family.output_tokens(args, kwargs, output)
         rows, num_queries = query_output.shape[:2]
         if num_queries != self.num_query_tokens:
             raise ValueError(f"{type(module).__name__} got {num_queries} tokens per image, expected "
@@ -274,15 +283,18 @@ class PruningSession:
             self._call.scored = True
 
     # -- calls: input checks, shortening before the LLM, outputs back ----------------
-    def _start(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, mode: str, **extra: Any) -> None:
-        """Check a call's inputs and remember it until the language model runs."""
+    def _start(self, inputs: Mapping[str, Any], pixel_values: torch.Tensor | None, mode: str, **extra: Any) -> None:
+        """Check a call's inputs (``input_ids`` and the family's :attr:`~catp.families.base.Family.position_inputs`,
+        by name; no ``input_ids`` when only the features are computed) and remember it until the language model runs."""
         if pixel_values is None:
             raise ValueError(f"{mode}() needs pixel_values")
         groups = self.family.groups_per_sample(self.model, pixel_values)
+        input_ids, placeholders = inputs.get("input_ids"), None
         if input_ids is not None:
-            check_placeholders(input_ids, placeholder_token_id(self.model), self.num_query_tokens, groups,
-                               self.family.group if self.is_video else None)
-        self._call = _Call(input_ids=input_ids, groups=groups, mode=mode, **extra)  # type: ignore[arg-type]
+            placeholders = self.family.placeholder_mask(self.model, inputs)
+            check_placeholders(input_ids, placeholders, self.num_query_tokens, groups,
+                               self.family.group if self.is_video else None, placeholder_token_id(self.model))
+        self._call = _Call(input_ids=input_ids, placeholders=placeholders, groups=groups, mode=mode, **extra)  # type: ignore[arg-type]
 
     def _encode_first(self, call: dict[str, Any]) -> dict[str, Any]:
         """For a family that encodes its images first (:attr:`~catp.families.base.Family.encodes_first`):
@@ -294,7 +306,8 @@ class PruningSession:
             raise RuntimeError(f"encoding the images did not reach the {self.family.connector}' output: nothing was scored")
         if call.get("attention_mask") is None:
             call["attention_mask"] = torch.ones_like(call["input_ids"])
-        call.update(self._shorten({"input_ids": call["input_ids"], "attention_mask": call["attention_mask"]}))
+        sequence = ("input_ids", "attention_mask", *self.family.position_inputs)
+        call.update(self._shorten({name: call[name] for name in sequence if call.get(name) is not None}))
         call.update(self.family.pruned_inputs(encoded, self.keep_indices))
         return call
 
@@ -305,9 +318,12 @@ class PruningSession:
             return inputs  # not a call of ours, or already shortened
         assert self.keep_indices is not None
         fillers = "left" if self.decoder_only else "right"
-        call.positions = kept_positions(call.input_ids, placeholder_token_id(self.model), self.keep_indices, fillers)
+        assert call.placeholders is not None
+        call.positions = kept_positions(call.placeholders, self.keep_indices, fillers)
         pad = self.model.config.text_config.pad_token_id
-        fills = {"inputs_embeds": 0.0, "attention_mask": 0, "input_ids": placeholder_token_id(self.model) if pad is None else pad}
+        fill_id = placeholder_token_id(self.model) if pad is None else pad
+        fills = {"inputs_embeds": 0.0, "attention_mask": 0, "input_ids": 0 if fill_id is None else fill_id,
+                 **self.family.position_inputs}
         return {name: take_positions(value, call.positions, fills[name]) if name in fills and value is not None else value
                 for name, value in inputs.items()}
 
@@ -325,7 +341,7 @@ class PruningSession:
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and pixel_values is not None:
             input_ids = self.family.default_input_ids(self.model, pixel_values)
-        self._start(input_ids, pixel_values, "generate")
+        self._start({**kwargs, "input_ids": input_ids}, pixel_values, "generate")
         try:
             kwargs.update(pixel_values=pixel_values, input_ids=input_ids)
             if self.family.encodes_first:
@@ -348,7 +364,7 @@ class PruningSession:
             raise ValueError("forward() needs input_ids with the placeholder tokens")
         # A decoder-only loss must be taken on the shortened sequence: computed in _forward_hook.
         labels = call.pop("labels", None) if self.decoder_only else None
-        self._start(call["input_ids"], call.get("pixel_values"), "forward", labels=labels)
+        self._start(call, call.get("pixel_values"), "forward", labels=labels)
         if self.family.encodes_first:
             try:
                 call = self._encode_first(call)
@@ -468,17 +484,19 @@ def capture_connector(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]
     family = family_of(model)
     captured: dict[str, list[torch.Tensor]] = {"outputs": [], "cross": []}
 
-    def on_output(module: nn.Module, args: tuple) -> None:
-        captured["outputs"].append(args[0].detach().float().cpu())
+    def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        captured["outputs"].append(family.output_tokens(args, kwargs, output)[0].detach().float().cpu())
 
-    def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
-        captured["cross"].append(family.image_probabilities(output[1].detach()).float().cpu())
+    def on_cross(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        probabilities = family.probabilities(module, args, kwargs, output)
+        captured["cross"].append(family.image_probabilities(probabilities.detach()).float().cpu())
 
     handles = []
     with family.eager_connector(model):
         try:
-            handles.append(family.output_module(model).register_forward_pre_hook(on_output))
-            handles += [module.register_forward_hook(on_cross) for module in family.cross_attention_modules(model)]
+            handles.append(family.output_module(model).register_forward_hook(on_output, with_kwargs=True))
+            handles += [module.register_forward_hook(on_cross, with_kwargs=True)
+                        for module in family.cross_attention_modules(model)]
             yield captured
         finally:
             for handle in handles:
@@ -639,7 +657,7 @@ def select_queries(
     family = check_model(model)
     model_inputs = {name: kwargs.pop(name) for name in family.model_inputs if name in kwargs}
     with pruned(model, method=method, keep=keep, scope=scope, **kwargs) as session, torch.no_grad():
-        session._start(None, pixel_values, "features")
+        session._start({}, pixel_values, "features")
         try:
             family.encode(model, pixel_values, **model_inputs)
         finally:

@@ -15,7 +15,7 @@ import torch
 
 
 def kept_positions(
-    input_ids: torch.Tensor, placeholder_id: int, keep_indices: torch.Tensor, fillers: Literal["left", "right"]
+    is_placeholder: torch.Tensor, keep_indices: torch.Tensor, fillers: Literal["left", "right"]
 ) -> torch.Tensor:
     """Where each token of the shortened sequence comes from in the caller's.
 
@@ -25,24 +25,24 @@ def kept_positions(
     batch's longest row with fillers on the ``fillers`` side.
 
     Args:
-        input_ids: ``(B, L)``, each row with the same number ``P`` of placeholders.
+        is_placeholder: ``(B, L)`` bool, the placeholder positions of ``input_ids`` (``input_ids == id``, or a
+            family's own mask), each row with at most ``P`` of them.
         keep_indices: ``(B, K)`` kept query indices in ``0..P-1``, padded with ``-1``.
         fillers: ``"left"`` (decoder-only LLMs) or ``"right"`` (T5).
 
     Returns:
         ``(B, L')`` long: the caller's position of each token, ``-1`` for a filler.
     """
-    is_placeholder = input_ids == placeholder_id
     num_placeholders = int(is_placeholder.sum(dim=1).max())
     # kept[b, i]: query i of sample b is kept (the -1 padding lands in a spare column).
-    kept = torch.zeros(input_ids.shape[0], num_placeholders + 1, dtype=torch.bool, device=input_ids.device)
-    kept.scatter_(1, keep_indices.to(input_ids.device).masked_fill(keep_indices < 0, num_placeholders), True)
+    kept = torch.zeros(is_placeholder.shape[0], num_placeholders + 1, dtype=torch.bool, device=is_placeholder.device)
+    kept.scatter_(1, keep_indices.to(is_placeholder.device).masked_fill(keep_indices < 0, num_placeholders), True)
     rank = (is_placeholder.cumsum(dim=1) - 1).clamp(min=0)
     keep = ~is_placeholder | kept[:, :num_placeholders].gather(1, rank.clamp(max=num_placeholders - 1))
     # Kept positions first, ascending (a stable sort of "dropped").
     order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
     lengths = keep.sum(dim=1, keepdim=True)
-    slots = torch.arange(int(lengths.max()), device=input_ids.device).expand(input_ids.shape[0], -1)
+    slots = torch.arange(int(lengths.max()), device=is_placeholder.device).expand(is_placeholder.shape[0], -1)
     if fillers == "left":
         source = slots - (slots.shape[1] - lengths)
     elif fillers == "right":

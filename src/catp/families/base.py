@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +46,9 @@ class Family(ABC):
             (BLIP-2) the stock call encodes and the engine shortens the language model's inputs.
         image_inputs: the call's keyword arguments that carry the images (replaced by
             :meth:`pruned_inputs` where :attr:`encodes_first`).
+        position_inputs: per-position inputs of the call besides ``input_ids`` and ``attention_mask``
+            (Kosmos-2's ``image_embeds_position_mask``), shortened with them, and the value their
+            fillers get.
         published_layer_weights: whether the paper's layer-importance measurements (``catp-layer``'s default
             weights) are of this family's connector (only BLIP-2's Q-Former).
         default_scope: what ``keep`` counts over where a sample holds several groups
@@ -59,6 +63,7 @@ class Family(ABC):
     vllm_model_types: ClassVar[tuple[str, ...]] = ()
     encodes_first: ClassVar[bool] = False
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    position_inputs: ClassVar[Mapping[str, int]] = MappingProxyType({})
     default_scope: ClassVar[str] = "sample"
     published_layer_weights: ClassVar[bool] = False
 
@@ -88,6 +93,15 @@ class Family(ABC):
     @abstractmethod
     def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules whose probabilities ``selfattn`` reads (empty where the queries never attend to each other)."""
+
+    def probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
+        """The probabilities ``(rows, H, S, K)`` of one call of a :meth:`cross_attention_modules` or
+        :meth:`self_attention_modules` module, from its arguments and output (a forward hook's view).
+
+        Default: the second output, which an eager attention returns (``None`` on SDPA). A family whose
+        connector cannot go eager alone recomputes them from the module's projections instead.
+        """
+        return output[1]
 
     def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The image columns of a cross-attention module's probabilities.
@@ -158,8 +172,16 @@ class Family(ABC):
 
     @abstractmethod
     def output_module(self, model: nn.Module) -> nn.Module:
-        """The module whose input is the connector output before the LLM projection ``(rows, Q, D)``
-        (what ``l2norm`` reads) and whose output is the tokens the LLM receives ``(rows, Q, D_llm)``."""
+        """The module a forward hook on which sees the connector's output (:meth:`output_tokens`); BLIP-2: the
+        LLM projection, whose input is the connector output ``(rows, Q, D)`` and whose output the LLM's tokens."""
+
+    def output_tokens(self, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a forward hook on :meth:`output_module`: the connector output before the LLM projection
+        ``(rows, Q, D)`` (what ``l2norm`` reads) and the tokens the LLM receives ``(rows, Q, D_llm)``.
+
+        Default: the module's first positional input and its output.
+        """
+        return args[0], output
 
     @abstractmethod
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -171,8 +193,22 @@ class Family(ABC):
 
     # -- placeholders -----------------------------------------------------------------
     @abstractmethod
-    def placeholder_token_id(self, model: nn.Module) -> int:
-        """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""
+    def placeholder_token_id(self, model: nn.Module) -> int | None:
+        """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset);
+        ``None`` where the call marks the positions otherwise (:meth:`placeholder_mask`)."""
+
+    def placeholder_mask(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``(B, L)`` bool: the positions of a call's sequence that the connector rows fill.
+
+        Args:
+            inputs: the call's arguments by name (``input_ids``, and the family's :attr:`position_inputs`).
+
+        Default: ``input_ids == placeholder_token_id``. ``ValueError`` when the call lacks what marks them.
+        """
+        token = self.placeholder_token_id(model)
+        if token is None:
+            raise NotImplementedError(f"{self.name}: placeholder_token_id is None, so placeholder_mask must be stated")
+        return inputs["input_ids"] == token
 
     @abstractmethod
     def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

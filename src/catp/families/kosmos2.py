@@ -1,0 +1,214 @@
+"""Kosmos-2: the image-to-text projection family (``Kosmos2ForConditionalGeneration``).
+
+* Connector: ``model.image_to_text_projection``. ``dense`` maps the normalised vision tokens
+  (CLS and patches, ``N`` of them) to the text width; ``Q = config.latent_query_num`` learned
+  ``latent_query`` rows attend, in one ``x_attn`` (a ``KosmosTextAttention``), to
+  ``[N image tokens ; Q latents]``. Its output is the LLM's input: nothing projects after it.
+* Probabilities ``(rows, H, Q, N + Q)``, the image in the first ``N`` columns. CLS (column 0)
+  votes: the latents attend to it as to any patch, as BLIP-2's Q-Former attends to its ViT's CLS.
+* ``x_attn`` is built on ``config.text_config``, the very object the language model uses, so it
+  cannot go eager alone: the LLM would go eager with it. catp leaves every attention setting as it
+  is and recomputes ``x_attn``'s probabilities in fp32 from its ``q_proj`` / ``k_proj`` in a hook
+  (as the vLLM engine does for BLIP-2), on whatever implementation the model runs.
+* What the vote reads (:attr:`Kosmos2Family.renormalise`): each query's image probabilities share
+  its ``1/Z``, and ``Z`` also sums the image-independent latent block; by default the image columns
+  are renormalised to sum 1 per (head, query) before the vote (``docs/families.md``).
+* ``selfattn``: the latent block ``A[..., N:]`` of the same softmax. ``l2norm``: ``x_attn``'s output.
+* ``catp-image``: the last CLIP-like vision block's probabilities, recomputed from its
+  ``q_proj`` / ``k_proj`` (its ``N`` tokens are the connector's image columns, CLS first).
+* Placeholders: there is no image token id. The processor writes ``Q`` distinct ids after
+  ``<image>`` and marks their positions in ``image_embeds_position_mask``, which is what catp reads.
+  Pruning drops the dropped queries' positions from ``input_ids``, ``attention_mask`` and
+  ``image_embeds_position_mask``, and keeps the kept queries' own ids. Which ids stay does not
+  matter: the stock model overwrites the embeddings at the marked positions, and its sinusoidal
+  positions count the non-pad tokens of ``input_ids``, so they follow from the shortened ids.
+* Generate: the stock ``generate`` encodes the image once (``get_image_features``) and hands
+  ``image_embeds`` to ``text_model.generate``; ``forward`` takes ``image_embeds`` in place of
+  pixels too. So the engine encodes first and hands the kept rows over as ``image_embeds``
+  (:attr:`~catp.families.base.Family.encodes_first`).
+* Left padding: stock Kosmos-2 counts the pads in the positions of its decode steps, so a batch is
+  not its samples run one by one; a pruned batch keeps every sample's pads, and so equals the stock
+  model given the kept rows in the same batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from catp.capture import attention_probabilities, linear_fp32
+from catp.families.base import Family
+
+__all__ = ["KOSMOS2", "Kosmos2Family"]
+
+#: The input that marks the image positions.
+POSITION_MASK = "image_embeds_position_mask"
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(rows, S, heads * d)`` -> ``(rows, heads, S, d)``."""
+    return x.reshape(*x.shape[:2], heads, -1).transpose(1, 2)
+
+
+@dataclass
+class Kosmos2Family(Family):
+    """The Kosmos-2 family (see the module docstring).
+
+    Attributes:
+        renormalise: the vote ranks each query's image probabilities renormalised over the image
+            columns (``True``, the default), or as the softmax over ``[image ; latents]`` gave them.
+    """
+
+    renormalise: bool = True
+
+    name: ClassVar[str] = "kosmos2"
+    model_classes: ClassVar[dict[str, str]] = {"kosmos-2": "Kosmos2ForConditionalGeneration"}
+    connector: ClassVar[str] = "Kosmos-2 latent queries"
+    model_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
+    encodes_first: ClassVar[bool] = True
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "interpolate_pos_encoding")
+    #: Fillers (left, where a Budget keeps fewer in some samples) are marked as image positions: they take the
+    #: zero rows :meth:`pruned_inputs` puts first in those samples.
+    position_inputs: ClassVar[Mapping[str, int]] = {POSITION_MASK: 1}
+
+    @staticmethod
+    def projection(model: nn.Module) -> nn.Module:
+        """The image-to-text projection (``dense``, ``latent_query``, ``x_attn``)."""
+        return model.image_to_text_projection
+
+    # -- sizes --------------------------------------------------------------------------
+    def num_queries(self, config: Any) -> int:
+        return int(config.latent_query_num)
+
+    def num_cross_layers(self, config: Any) -> int:
+        return 1
+
+    # -- attention ----------------------------------------------------------------------
+    def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [self.projection(model).x_attn]
+
+    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return self.cross_attention_modules(model)  # the latent block of the same softmax
+
+    def probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        """``x_attn``'s probabilities ``(rows, H, Q, N + Q)``, recomputed (:meth:`recomputed_probabilities`) from
+        the call's inputs, whatever attention implementation it ran on."""
+        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return self.recomputed_probabilities(module, latents, kwargs.get("encoder_hidden_states"))
+
+    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q·kᵀ·scaling)`` in fp32 from ``x_attn``'s ``q_proj`` / ``k_proj`` (no mask: the projection
+        passes none).
+
+        Args:
+            hidden_states: the latent queries ``(rows, Q, D)``.
+            encoder_hidden_states: ``[dense(image tokens) ; latent queries]`` ``(rows, N + Q, D)``.
+
+        Returns:
+            ``(rows, H, Q, N + Q)`` fp32.
+        """
+        if encoder_hidden_states is None:
+            raise ValueError("Kosmos-2's x_attn ran without encoder_hidden_states: not the image-to-text projection's call")
+        heads = int(module.num_heads)
+        return attention_probabilities(_heads(linear_fp32(module.q_proj, hidden_states), heads),
+                                       _heads(linear_fp32(module.k_proj, encoder_hidden_states), heads), module.scaling)
+
+    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)`` (CLS first), renormalised per
+        (head, query) over them where :attr:`renormalise`."""
+        image = probabilities[..., : probabilities.shape[-1] - probabilities.shape[-2]].float()
+        if not self.renormalise:
+            return image
+        return image / image.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(image.dtype).tiny)
+
+    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the latent block ``A[..., N:]``, ``(rows, H, Q, Q)``."""
+        return probabilities[..., -num_queries:]
+
+    def vision_block(self, model: nn.Module) -> nn.Module | None:
+        return model.vision_model.model.encoder.layers[-1].self_attn
+
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Recomputed in fp32 from the CLIP-like block's ``q_proj`` / ``k_proj`` ``(rows, H, N, N)``; every token
+        is real (the tower gets no mask)."""
+        heads = int(block.num_heads)
+        return attention_probabilities(_heads(linear_fp32(block.q_proj, hidden_states), heads),
+                                       _heads(linear_fp32(block.k_proj, hidden_states), heads), block.scale, attention_mask)
+
+    def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Nothing to switch: :meth:`probabilities` recomputes them (``x_attn`` shares the LLM's setting)."""
+        return contextlib.nullcontext()
+
+    # -- output -------------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def output_module(self, model: nn.Module) -> nn.Module:
+        return self.projection(model).x_attn
+
+    def output_tokens(self, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_attn``'s output ``(rows, Q, D)``, twice: what ``l2norm`` reads and what the LLM receives."""
+        return output[0], output[0]
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.text_model
+
+    # -- placeholders -------------------------------------------------------------------
+    def placeholder_token_id(self, model: nn.Module) -> int | None:
+        """``None``: the image positions are marked by ``image_embeds_position_mask`` (:meth:`placeholder_mask`)."""
+        return None
+
+    def placeholder_mask(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``image_embeds_position_mask`` as a bool ``(B, L)`` (a ``ValueError`` when it is missing or
+        does not match ``input_ids``)."""
+        marks, input_ids = inputs.get(POSITION_MASK), inputs.get("input_ids")
+        if marks is None:
+            raise ValueError(f"Kosmos-2 has no image token id: pass {POSITION_MASK} (1 on the {self.connector}' "
+                             "positions) with input_ids, as the processor returns them")
+        if input_ids is not None and tuple(marks.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{POSITION_MASK} must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(marks.shape)}")
+        return marks.bool()
+
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4:
+            raise ValueError(f"Kosmos-2 takes pixel_values of shape (batch, channels, height, width), "
+                             f"got {tuple(pixel_values.shape)}")
+        return torch.ones(pixel_values.shape[0], dtype=torch.long)
+
+    def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"pruned generate() on Kosmos-2 needs input_ids and {POSITION_MASK}, as the processor "
+                         "writes them")
+
+    # -- running the connector alone ----------------------------------------------------
+    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
+        return model.get_image_features(pixel_values, return_dict=True, **inputs)
+
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+        """``image_embeds`` ``(B, K, D)``: each sample's kept rows, in ascending order.
+
+        A sample that keeps ``k_b < K`` (a Budget) gets ``K - k_b`` zero rows first: its left fillers are
+        marked as image positions (:attr:`position_inputs`) so that every row of the position mask
+        holds ``K``, as the stock model's ``(B, K, D)`` assignment needs; the fillers are masked out
+        of attention.
+        """
+        rows = encoded.pooler_output  # (B, Q, D)
+        keep = keep_indices.to(rows.device)
+        counts = (keep >= 0).sum(dim=1, keepdim=True)
+        # Row b: its K - k_b padding slots first, then its kept indices (kept ascending, -1 padding last).
+        slot = torch.arange(keep.shape[1], device=rows.device).expand_as(keep)
+        source = keep.gather(1, (slot - (keep.shape[1] - counts)).clamp(min=0))
+        filler = slot < keep.shape[1] - counts
+        kept = rows.gather(1, source.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+        return {"image_embeds": kept.masked_fill(filler[..., None], 0.0)}
+
+
+#: The family object.
+KOSMOS2 = Kosmos2Family()
