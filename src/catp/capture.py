@@ -61,11 +61,14 @@ class Watch:
         cross: the connector's cross-attention modules the methods read, in layer order.
         self_attention: the modules whose probabilities ``selfattn`` reads.
         vision: the last vision block's attention (``catp-image``), else ``None``.
+        image_mask: the module whose inputs say which image tokens are real, where the vote needs to know
+            (:meth:`~catp.families.base.Family.image_mask_module`), else ``None``.
     """
 
     cross: list[nn.Module]
     self_attention: list[nn.Module]
     vision: nn.Module | None
+    image_mask: nn.Module | None = None
 
 
 def watch(family: Family, model: nn.Module, needs: Needs) -> Watch:
@@ -74,6 +77,7 @@ def watch(family: Family, model: nn.Module, needs: Needs) -> Watch:
         cross=layers_for(family.cross_attention_modules(model), needs.cross_attention),
         self_attention=family.self_attention_modules(model) if needs.self_attention else [],
         vision=family.vision_block(model) if needs.vision_last_block else None,
+        image_mask=family.image_mask_module(model) if needs.cross_attention != "none" else None,
     )
 
 
@@ -89,13 +93,16 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float
     Args:
         query: ``(B, H, S, d)``.
         key: ``(B, H, K, d)``.
-        mask: an additive mask broadcastable to ``(B, H, S, K)``, or ``None``.
+        mask: broadcastable to ``(B, H, S, K)``: additive (float), or bool with ``True`` where a
+            query may attend; ``None``: no mask.
 
     Returns:
         ``(B, H, S, K)`` fp32.
     """
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
         logits = logits + mask.float()
     return logits.softmax(dim=-1)
 
@@ -123,19 +130,21 @@ class Recorder:
         self_attention: the query-to-query block of each self-attention ``selfattn`` reads, ``(rows, H, Q, Q)``.
         vision: the last vision block's probabilities ``(rows, H, N, N)``.
         query_output: the connector output before the LLM projection ``(rows, Q, D)``.
+        image_mask: ``(rows, N)`` bool, the real image tokens (``None``: all are real).
     """
 
     cross: list[torch.Tensor] = field(default_factory=list)
     self_attention: list[torch.Tensor] = field(default_factory=list)
     vision: torch.Tensor | None = None
     query_output: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget the previous run."""
-        self.cross, self.self_attention, self.vision, self.query_output = [], [], None, None
+        self.cross, self.self_attention, self.vision, self.query_output, self.image_mask = [], [], None, None, None
 
     def captures(self, needs: Needs, projected: torch.Tensor, num_frames: int = 1,
-                 query_output: torch.Tensor | None = None) -> Captures:
+                 query_output: torch.Tensor | None = None, published_layer_weights: bool = True) -> Captures:
         """The :class:`~catp.methods.Captures` a method with ``needs`` reads (a subset of what was recorded).
 
         Args:
@@ -143,6 +152,7 @@ class Recorder:
             num_frames: groups per sample (``T`` consecutive rows).
             query_output: the connector output before the projection, when the caller has it at hand
                 (else the recorded one).
+            published_layer_weights: see :attr:`~catp.families.base.Family.published_layer_weights`.
         """
         before = self.query_output if query_output is None else query_output
         return Captures(
@@ -155,4 +165,6 @@ class Recorder:
             vision_attention=self.vision if needs.vision_last_block else None,
             query_output=None if before is None else before.detach(),
             projected=projected.detach(),
+            image_mask=self.image_mask,
+            published_layer_weights=published_layer_weights,
         )

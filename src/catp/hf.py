@@ -43,7 +43,7 @@ from catp.capture import Recorder, watch
 from catp.families import Family, family_of
 from catp.layout import kept_positions, put_positions, take_positions
 from catp.methods import PruningMethod, budget_refusal, get_method
-from catp.selection import SCOPES, Keep, check_keep_type, check_keep_value, choose, resolve_keep
+from catp.selection import SAMPLE_SCOPES, SCOPES, Choice, Keep, check_keep_type, check_keep_value, choose, resolve_keep, selector_refusal
 
 __all__ = [
     "PruningSession",
@@ -68,18 +68,26 @@ def placeholder_token_id(model: nn.Module) -> int:
     return family_of(model).placeholder_token_id(model)
 
 
-def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, expected: int, frames: int | None = None) -> None:
-    """Raise unless every row of ``input_ids`` ``(B, L)`` holds exactly ``expected`` placeholders."""
+def check_placeholders(input_ids: torch.Tensor, placeholder_id: int, num_queries: int, groups: torch.Tensor,
+                       group: str | None = None) -> None:
+    """Raise unless each row ``b`` of ``input_ids`` ``(B, L)`` holds exactly ``groups[b] * num_queries`` placeholders.
+
+    Args:
+        groups: ``(B,)`` groups per sample (frames, crops; 1 for an image).
+        group: what a group is called (``"frame"``), where a sample holds several; ``None`` for images.
+    """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
     counts = (input_ids == placeholder_id).sum(dim=1)
+    expected = groups.to(counts.device) * num_queries
     bad = (counts != expected).nonzero().flatten().tolist()
     if bad:
-        kind = "image" if frames is None else "video"
-        per = "" if frames is None else f" ({frames} frames x {expected // frames} query tokens)"
+        b = bad[0]
+        kind = "video" if group == "frame" else "image"
+        per = "" if group is None else f" ({int(groups[b])} {group}s x {num_queries} query tokens)"
         raise ValueError(
-            f"input_ids must hold exactly {expected} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
-            f"as the processor inserts them; sample {bad[0]} has {int(counts[bad[0]])}"
+            f"input_ids must hold exactly {int(expected[b])} {kind} placeholder tokens (id {placeholder_id}) per sample{per}, "
+            f"as the processor inserts them; sample {b} has {int(counts[b])}"
         )
 
 
@@ -89,7 +97,7 @@ class _Call:
 
     Attributes:
         input_ids: the caller's ``(B, L)`` (``None`` when only the features are computed).
-        frames: ``T`` (1 for images).
+        groups: ``(B,)`` groups per sample: frames, crops (1 for an image).
         mode: which entry point made the call.
         labels: a decoder-only forward's labels, taken out of the stock call: the loss
             is computed on the shortened sequence.
@@ -98,7 +106,7 @@ class _Call:
     """
 
     input_ids: torch.Tensor | None
-    frames: int
+    groups: torch.Tensor
     mode: Literal["generate", "forward", "features"]
     labels: torch.Tensor | None = None
     scored: bool = False
@@ -110,22 +118,24 @@ class PruningSession:
     """The state of one :func:`pruned` context; yielded to the caller.
 
     Query indices are flat over a video's ``T*Q`` tokens, frame-major: index ``i`` is query
-    ``i % Q`` of frame ``i // Q``. For an image ``T = 1``.
+    ``i % Q`` of frame ``i // Q``. For an image ``T = 1``. The same holds for a sample's crops and
+    images where a family splits them (Idefics2): group ``i // Q``, in the order of the placeholders.
 
     Attributes:
         method: the pruning method.
         keep: what the caller asked for: a count (resolved from a fraction where the number
             of tokens is known up front), a fraction (``scope="video"``: resolved per call,
             once ``T`` is known) or a :class:`~catp.budget.Budget`.
-        scope: ``"video"`` or ``"frame"`` on a video model, ``None`` on an image model.
+        scope: on a model whose samples hold several groups: ``"video"``/``"sample"`` (``keep`` counts over a
+            sample) or ``"frame"``/``"group"`` (over each group); ``None`` on an image model.
         keep_indices: ``(B, K)`` indices kept by the most recent call, ascending, padded with
             ``-1`` where a sample keeps fewer than the batch's largest ``K``.
         keep_counts: ``(B,)`` tokens each sample kept in the most recent call (all frames).
         pick_order: ``(B, K)`` the same indices in the order the method picked them (a
             selector's greedy order, frame by frame on video; a scorer's by descending score),
             padded with ``-1`` like ``keep_indices``.
-        scores: ``(B, T*Q)`` scores of the most recent call; ``None`` for a selector.
-        num_frames: ``T`` of the most recent call.
+        scores: ``(B, T*Q)`` scores of the most recent call (NaN past a sample's own groups); ``None`` for a selector.
+        num_frames: ``T`` of the most recent call (the largest, where samples hold different numbers of groups).
     """
 
     model: nn.Module = field(repr=False)
@@ -152,7 +162,13 @@ class PruningSession:
 
     @property
     def is_video(self) -> bool:
+        """Whether samples hold several groups (``scope=`` applies)."""
         return self.scope is not None
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether ``keep`` counts over a whole sample's groups."""
+        return self.scope in SAMPLE_SCOPES
 
     @property
     def decoder_only(self) -> bool:
@@ -170,8 +186,11 @@ class PruningSession:
             self._handles.append(watched.vision.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
         self._handles.append(family.vision_tower(model).register_forward_pre_hook(self._reset))
         self._handles.append(family.output_module(model).register_forward_hook(self._select))
-        llm = family.language_model(model)
-        self._handles.append(llm.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True))
+        if watched.image_mask is not None:
+            self._handles.append(watched.image_mask.register_forward_pre_hook(self._capture_image_mask, with_kwargs=True))
+        if not family.encodes_first:
+            llm = family.language_model(model)
+            self._handles.append(llm.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._forward_hook, with_kwargs=True))
 
@@ -197,19 +216,26 @@ class PruningSession:
 
     def _capture_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._recorder.vision = self.family.vision_probabilities(module, hidden)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self._recorder.vision = self.family.vision_probabilities(module, hidden, mask)
+
+    def _capture_image_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._recorder.image_mask = self.family.image_mask(args, kwargs)
 
     # -- choosing the kept queries ---------------------------------------------------
     def _group_size(self, frames: int) -> int:
         """How many tokens one ``keep`` counts over: a sample's ``T*Q`` (``scope="video"``) or ``Q``."""
-        return frames * self.num_query_tokens if self.scope == "video" else self.num_query_tokens
+        return frames * self.num_query_tokens if self.per_sample else self.num_query_tokens
 
     def _group_keep(self, frames: int) -> int | Budget:
         """``keep`` for one group of :meth:`_group_size` tokens: a count, or the Budget."""
         if isinstance(self.keep, Budget):
             return self.keep
         n = self._group_size(frames)
-        of = f"the video has {frames} frames x {self.num_query_tokens} query tokens" if self.scope == "video" else None
+        group = self.family.group
+        of = f"the sample has {frames} {group}s x {self.num_query_tokens} query tokens" if self.per_sample else None
+        if of is not None and group == "frame":
+            of = f"the video has {frames} frames x {self.num_query_tokens} query tokens"
         return resolve_keep(self.keep, n, of=of)
 
     def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -220,37 +246,57 @@ class PruningSession:
                              f"{self.num_query_tokens} {self.family.connector}")
         if self._call is None and self.is_video:
             raise RuntimeError(
-                "inside pruned(), run a video model through model.generate(...), model(...) or catp.select_queries(...): "
-                "they tell the pruning layer the number of frames"
+                "inside pruned(), run the model through model.generate(...), model(...) or catp.select_queries(...): "
+                f"they tell the pruning layer the number of {self.family.group}s"
             )
-        frames = self._call.frames if self._call is not None else 1
-        if rows % frames:
-            raise ValueError(f"{type(module).__name__} got {rows} rows, not a multiple of the {frames} frames of the call")
-        captures = self._recorder.captures(self.method.needs, output, frames, query_output=query_output)
+        groups = self._call.groups if self._call is not None else torch.ones(rows, dtype=torch.long)
+        if int(groups.sum()) != rows:
+            raise ValueError(f"{type(module).__name__} got {rows} rows, but the call's samples hold {int(groups.sum())} "
+                             f"{self.family.group}s")
+        uniform = bool((groups == groups[0]).all())
+        if not uniform and self.per_sample:
+            raise ValueError(f"scope={self.scope!r} counts over a whole sample, which needs the same number of "
+                             f"{self.family.group}s in every sample of a batch (got {groups.tolist()}); "
+                             f"use scope='group', or batch samples with equal counts")
+        frames = int(groups[0]) if uniform else 1
+        captures = self._recorder.captures(self.method.needs, output, frames, query_output=query_output,
+                                           published_layer_weights=self.family.published_layer_weights)
         try:
             choice = choose(self.method, captures, self._group_keep(frames), scope=self.scope)
         finally:
             self._reset(module, ())
+        if not uniform:
+            choice = _by_sample(choice, groups, num_queries)
         self.keep_indices, self.pick_order, self.keep_counts, self.scores = (
             choice.keep_indices, choice.pick_order, choice.counts, choice.scores)
-        self.num_frames = frames
+        self.num_frames = int(groups.max())
         if self._call is not None:
             self._call.scored = True
 
     # -- calls: input checks, shortening before the LLM, outputs back ----------------
-    def _frames(self, pixel_values: torch.Tensor) -> int:
-        """``T`` of a call, after checking the shape of ``pixel_values``."""
-        return self.family.groups_per_sample(self.model, pixel_values)
-
     def _start(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, mode: str, **extra: Any) -> None:
         """Check a call's inputs and remember it until the language model runs."""
         if pixel_values is None:
             raise ValueError(f"{mode}() needs pixel_values")
-        frames = self._frames(pixel_values)
+        groups = self.family.groups_per_sample(self.model, pixel_values)
         if input_ids is not None:
-            frames_named = frames if self.is_video else None
-            check_placeholders(input_ids, placeholder_token_id(self.model), frames * self.num_query_tokens, frames_named)
-        self._call = _Call(input_ids=input_ids, frames=frames, mode=mode, **extra)  # type: ignore[arg-type]
+            check_placeholders(input_ids, placeholder_token_id(self.model), self.num_query_tokens, groups,
+                               self.family.group if self.is_video else None)
+        self._call = _Call(input_ids=input_ids, groups=groups, mode=mode, **extra)  # type: ignore[arg-type]
+
+    def _encode_first(self, call: dict[str, Any]) -> dict[str, Any]:
+        """For a family that encodes its images first (:attr:`~catp.families.base.Family.encodes_first`):
+        encode them (the hooks choose the kept queries), shorten ``input_ids`` / ``attention_mask``, and
+        hand the stock call the kept rows in place of the images."""
+        images = {name: call.pop(name) for name in self.family.image_inputs if name in call}
+        encoded = self.family.encode(self.model, **images)
+        if self._call is None or not self._call.scored or self.keep_indices is None:
+            raise RuntimeError(f"encoding the images did not reach the {self.family.connector}' output: nothing was scored")
+        if call.get("attention_mask") is None:
+            call["attention_mask"] = torch.ones_like(call["input_ids"])
+        call.update(self._shorten({"input_ids": call["input_ids"], "attention_mask": call["attention_mask"]}))
+        call.update(self.family.pruned_inputs(encoded, self.keep_indices))
+        return call
 
     def _shorten(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Shorten the language model's inputs of the call in flight (once per call)."""
@@ -281,7 +327,10 @@ class PruningSession:
             input_ids = self.family.default_input_ids(self.model, pixel_values)
         self._start(input_ids, pixel_values, "generate")
         try:
-            outputs = original_generate(pixel_values=pixel_values, input_ids=input_ids, **kwargs)
+            kwargs.update(pixel_values=pixel_values, input_ids=input_ids)
+            if self.family.encodes_first:
+                kwargs = self._encode_first(kwargs)
+            outputs = original_generate(**kwargs)
             call = self._call
         finally:
             self._call = None
@@ -289,7 +338,9 @@ class PruningSession:
             outputs = _restore_prompt(outputs, input_ids, call.positions.shape[1])
         return outputs
 
-    def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._call is not None and self._call.mode == "generate":
+            return None  # a step of a pruned generate() (a family that encodes first): already shortened
         call = _bind_call(inspect.signature(module.forward), args, kwargs)
         if call.get("inputs_embeds") is not None:
             raise ValueError("pruned forward() locates the placeholders in input_ids; pass input_ids, not inputs_embeds")
@@ -298,9 +349,17 @@ class PruningSession:
         # A decoder-only loss must be taken on the shortened sequence: computed in _forward_hook.
         labels = call.pop("labels", None) if self.decoder_only else None
         self._start(call["input_ids"], call.get("pixel_values"), "forward", labels=labels)
+        if self.family.encodes_first:
+            try:
+                call = self._encode_first(call)
+            except BaseException:
+                self._call = None
+                raise
         return (), call
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._call is None or self._call.mode != "forward":
+            return output  # a step of a pruned generate()
         call, self._call = self._call, None
         logits = getattr(output, "logits", None)
         if call is None or call.positions is None or logits is None or not self.decoder_only:
@@ -315,6 +374,41 @@ class PruningSession:
                                                    vocab_size=self.model.config.text_config.vocab_size)
         output.logits = put_positions(logits, call.positions, call.input_ids.shape[1])
         return output
+
+
+def _by_sample(choice: Choice, groups: torch.Tensor, num_queries: int) -> Choice:
+    """A per-group :class:`~catp.selection.Choice` (one row per group) regrouped per sample, where samples
+    hold different numbers of groups: indices flat over each sample's ``groups[b] * Q`` tokens, group after
+    group, padded with ``-1``; scores padded with NaN.
+
+    Args:
+        choice: ``keep_indices`` / ``pick_order`` ``(R, K)``, ``scores`` ``(R, Q)``, ``R = groups.sum()``.
+        groups: ``(B,)`` groups per sample.
+    """
+    device = choice.keep_indices.device
+    offsets = torch.arange(len(choice.keep_indices), device=device)
+    sample_of = torch.repeat_interleave(torch.arange(len(groups), device=device), groups.to(device))
+    first_row = torch.cumsum(groups.to(device), 0) - groups.to(device)
+    flat_base = ((offsets - first_row[sample_of]) * num_queries)[:, None]  # (R, 1): the group's first flat index
+
+    def per_sample(rows: torch.Tensor) -> torch.Tensor:
+        """``(R, K)`` row-local indices (``-1`` padded) -> ``(B, K')`` flat, in row order, ``-1`` padded."""
+        flat = torch.where(rows >= 0, rows + flat_base, rows)
+        parts = [flat[sample_of == b].flatten() for b in range(len(groups))]
+        parts = [p[p >= 0] for p in parts]
+        width = max(len(p) for p in parts)
+        return torch.stack([torch.cat([p, p.new_full((width - len(p),), -1)]) for p in parts])
+
+    scores = None
+    if choice.scores is not None:
+        width = int(groups.max()) * num_queries
+        scores = torch.full((len(groups), width), float("nan"), device=device)
+        for b in range(len(groups)):
+            rows = choice.scores[sample_of == b].flatten()
+            scores[b, : len(rows)] = rows
+    keep = per_sample(choice.keep_indices)
+    counts = (keep >= 0).sum(dim=1)
+    return Choice(keep_indices=keep, pick_order=per_sample(choice.pick_order), counts=counts, scores=scores)
 
 
 def _bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -415,7 +509,7 @@ def _check_scope(model: nn.Module, scope: str | None) -> str | None:
             raise TypeError(f"scope= applies to video models (and others whose samples hold several groups of "
                             f"{family.connector}); {type(model).__name__} takes images")
         return None
-    scope = "video" if scope is None else scope
+    scope = family.default_scope if scope is None else scope
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
     return scope
@@ -482,15 +576,15 @@ def pruned(
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
     check_keep_type(keep)
-    if method.selects() and scope == "video":
-        raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
+    if method.selects() and scope in SAMPLE_SCOPES:
+        raise ValueError(selector_refusal(method.name))
     if isinstance(keep, Budget):
         refusal = budget_refusal(method)
         if refusal is not None:
             raise ValueError(refusal)
-        if scope != "video":
+        if scope not in SAMPLE_SCOPES:
             keep.check_tokens(family.num_queries(model.config))  # a min above Q fails here, not mid-call
-    elif scope == "video":
+    elif scope in SAMPLE_SCOPES:
         check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
     else:
         keep = resolve_keep(keep, family.num_queries(model.config))
@@ -507,8 +601,9 @@ def pruned(
             session._reset(model, ())
             session._install_hooks()
             stack.enter_context(_patched(model, "generate", _wrap(session._generate, model.generate)))
-            llm = family.language_model(model)
-            stack.enter_context(_patched(llm, "generate", _wrap(session._language_model_generate, llm.generate)))
+            if not family.encodes_first:
+                llm = family.language_model(model)
+                stack.enter_context(_patched(llm, "generate", _wrap(session._language_model_generate, llm.generate)))
             yield session
     finally:
         for handle in session._handles:

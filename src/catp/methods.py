@@ -60,22 +60,26 @@ class Needs:
 
 @dataclass
 class Captures:
-    """What one vision + Q-Former run exposed.
+    """What one vision + connector run exposed (a Q-Former, a perceiver resampler: :mod:`catp.families`).
 
     A video is captured frame by frame: its ``T`` frames are ``T`` consecutive rows
-    (frame-major per sample), each scored as an image is.
+    (frame-major per sample), each scored as an image is; so are an image's crops.
 
     Attributes:
         num_queries: ``Q``.
         batch_size: the number of rows: images, or samples x frames.
         num_frames: ``T``, frames per sample (1 for images).
-        cross_attentions: captured cross-attention maps, each ``(rows, H, Q, N)``, in layer
+        cross_attentions: captured cross-attention maps over the image tokens, each ``(rows, H, Q, N)``, in layer
             order (only the last one when the method needs only the last).
-        self_attentions: Q-Former self-attention maps, each ``(rows, H, S, S)``.
+        self_attentions: the connector's self-attention maps, each ``(rows, H, S, S)`` whose leading
+            ``Q x Q`` block is the queries' attention to each other.
         vision_attention: last vision block's self-attention ``(rows, H, N, N)``.
-        query_output: Q-Former output for the query tokens ``(rows, Q, D)``.
-        projected: ``language_projection`` output for the query tokens ``(rows, Q, D_llm)``:
-            the tokens the LLM receives.
+        query_output: connector output for the query tokens before the LLM projection ``(rows, Q, D)``.
+        projected: the tokens the LLM receives ``(rows, Q, D_llm)`` (BLIP-2: ``language_projection``'s output).
+        image_mask: ``(rows, N)`` bool, ``True`` for a real image token (``None``: all are real);
+            padded tokens cast no vote.
+        published_layer_weights: whether the paper's layer-importance measurements (``catp-layer``'s
+            default weights) are of this connector: BLIP-2's Q-Former.
         device: where scores should live.
     """
 
@@ -88,6 +92,8 @@ class Captures:
     vision_attention: torch.Tensor | None = None
     query_output: torch.Tensor | None = None
     projected: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None
+    published_layer_weights: bool = True
 
     def take_rows(self, rows: torch.Tensor, num_frames: int = 1) -> Captures:
         """The captures of some rows only (``rows``: 1-D indices), ``num_frames`` rows per sample."""
@@ -98,6 +104,7 @@ class Captures:
             self, batch_size=int(rows.numel()), num_frames=num_frames,
             cross_attentions=[take(a) for a in self.cross_attentions], self_attentions=[take(a) for a in self.self_attentions],
             vision_attention=take(self.vision_attention), query_output=take(self.query_output), projected=take(self.projected),
+            image_mask=take(self.image_mask),
         )
 
 
@@ -226,7 +233,7 @@ class CATP(PruningMethod):
     needs: ClassVar[Needs] = Needs(cross_attention="last")
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
-        return scoring.catp_scores(captures.cross_attentions)
+        return scoring.catp_scores(captures.cross_attentions, captures.image_mask)
 
 
 @register_method
@@ -238,7 +245,7 @@ class CATPAll(PruningMethod):
     needs: ClassVar[Needs] = Needs(cross_attention="all")
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
-        return scoring.catp_all_scores(captures.cross_attentions)
+        return scoring.catp_all_scores(captures.cross_attentions, captures.image_mask)
 
 
 @register_method
@@ -268,23 +275,25 @@ class CATPLayer(PruningMethod):
     def depends_on_keep(self) -> bool:
         return self.layer_weights is None  # the default weights follow the keep fraction
 
-    def weights_for(self, num_cross_layers: int, keep_fraction: float) -> torch.Tensor:
-        """The layer weights used for a model with ``num_cross_layers`` at ``keep_fraction``."""
+    def weights_for(self, num_cross_layers: int, keep_fraction: float, published: bool = True) -> torch.Tensor:
+        """The layer weights used for a model with ``num_cross_layers`` at ``keep_fraction``.
+
+        ``published``: whether the paper's measurements are of this connector (BLIP-2's Q-Former,
+        :attr:`Captures.published_layer_weights`); where not, equal weights, said in a warning."""
         if self.layer_weights is not None:
             return scoring.check_layer_weights(self.layer_weights, num_cross_layers)
-        weights = scoring.default_layer_weights(num_cross_layers, keep_fraction)
+        weights = scoring.default_layer_weights(num_cross_layers, keep_fraction) if published else None
         if weights is None:
-            warnings.warn(
-                f"catp-layer: no published layer-importance weights for a Q-Former with {num_cross_layers} "
-                "cross-attention layers (the paper's table has 6); using equal weights. Pass layer_weights=[...] to choose.",
-                stacklevel=2,
-            )
+            why = (f"no published layer-importance weights for a Q-Former with {num_cross_layers} cross-attention "
+                   "layers (the paper's table has 6)") if published else (
+                   "the published layer-importance weights are BLIP-2's Q-Former's, not this connector's")
+            warnings.warn(f"catp-layer: {why}; using equal weights. Pass layer_weights=[...] to choose.", stacklevel=2)
             weights = torch.full((num_cross_layers,), 1.0 / num_cross_layers)
         return weights
 
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
-        weights = self.weights_for(len(captures.cross_attentions), keep_fraction)
-        return scoring.catp_layer_scores(captures.cross_attentions, weights)
+        weights = self.weights_for(len(captures.cross_attentions), keep_fraction, captures.published_layer_weights)
+        return scoring.catp_layer_scores(captures.cross_attentions, weights, captures.image_mask)
 
 
 @register_method
@@ -298,7 +307,7 @@ class CATPImage(PruningMethod):
     def score(self, captures: Captures, keep_fraction: float) -> torch.Tensor:
         assert captures.vision_attention is not None, "the vision block's attention was not captured"
         weights = scoring.image_token_weights(captures.vision_attention)
-        return scoring.catp_image_scores(captures.cross_attentions, weights.to(captures.device))
+        return scoring.catp_image_scores(captures.cross_attentions, weights.to(captures.device), captures.image_mask)
 
 
 @register_method
@@ -478,7 +487,7 @@ class CATPDiverse(_OnTokens):
         scoring.check_diversity_weight(self.lam)
 
     def select(self, captures: Captures, k: int) -> torch.Tensor:
-        votes = scoring.catp_scores(captures.cross_attentions)
+        votes = scoring.catp_scores(captures.cross_attentions, captures.image_mask)
         return scoring.catp_diverse_select(votes, self.tokens(captures), k, self.lam)
 
 

@@ -62,13 +62,16 @@ def rank_votes(attn: torch.Tensor) -> torch.Tensor:
     return ranks.transpose(2, 3).to(torch.float32)
 
 
-def vote_scores(attn: torch.Tensor, voter_weights: torch.Tensor | None = None) -> torch.Tensor:
+def vote_scores(attn: torch.Tensor, voter_weights: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of rank points each query gets from all (head, image token) voters.
 
     Args:
         attn: cross-attention probabilities ``(B, H, Q, N)``.
         voter_weights: optional per-image-token weights ``(B, N)`` multiplying each
             voter's points.
+        image_mask: optional ``(B, N)`` bool, ``True`` for a real image token: a padded token
+            (probability 0 for every query, so its ranks would follow the query index) casts no vote.
 
     Returns:
         ``(B, Q)`` scores.
@@ -76,16 +79,24 @@ def vote_scores(attn: torch.Tensor, voter_weights: torch.Tensor | None = None) -
     ranks = rank_votes(attn)
     if voter_weights is not None:
         ranks = ranks * voter_weights.to(ranks.dtype)[:, None, None, :]
+    if image_mask is not None:
+        if image_mask.shape != (attn.shape[0], attn.shape[-1]):
+            raise ValueError(f"image mask of shape {tuple(image_mask.shape)} does not match the cross-attention's "
+                             f"(batch, image_tokens) = {(attn.shape[0], attn.shape[-1])}")
+        ranks = ranks * image_mask.to(ranks.device, ranks.dtype)[:, None, None, :]
     return ranks.sum(dim=(1, 3))
 
 
-def catp_scores(cross_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``catp``: rank vote on the last cross-attention layer. Returns ``(B, Q)``."""
+def catp_scores(cross_attentions: Sequence[torch.Tensor], image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``catp``: rank vote on the last cross-attention layer. Returns ``(B, Q)``.
+
+    ``image_mask``: optional ``(B, N)`` bool, the real image tokens (see :func:`vote_scores`); the same in every function below.
+    """
     _check_layers(cross_attentions)
-    return vote_scores(cross_attentions[-1])
+    return vote_scores(cross_attentions[-1], image_mask=image_mask)
 
 
-def catp_all_scores(cross_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+def catp_all_scores(cross_attentions: Sequence[torch.Tensor], image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``catp-all``: probabilities summed over all cross-attention layers, then one vote.
 
     Args:
@@ -96,10 +107,11 @@ def catp_all_scores(cross_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     _check_layers(cross_attentions)
     summed = torch.stack([a.float() for a in cross_attentions]).sum(dim=0)
-    return vote_scores(summed)
+    return vote_scores(summed, image_mask=image_mask)
 
 
-def catp_layer_scores(cross_attentions: Sequence[torch.Tensor], layer_weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def catp_layer_scores(cross_attentions: Sequence[torch.Tensor], layer_weights: Sequence[float] | torch.Tensor,
+                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``catp-layer``: per-layer rank votes, weighted by layer importance.
 
     ``score(q) = sum_l w_l * sum_h sum_j rank_{l,h,j}(q)``
@@ -115,7 +127,7 @@ def catp_layer_scores(cross_attentions: Sequence[torch.Tensor], layer_weights: S
     weights = check_layer_weights(layer_weights, len(cross_attentions))
     total = None
     for w, attn in zip(weights.tolist(), cross_attentions):
-        part = w * vote_scores(attn)
+        part = w * vote_scores(attn, image_mask=image_mask)
         total = part if total is None else total + part
     return total
 
@@ -138,7 +150,8 @@ def image_token_weights(vision_attn: torch.Tensor) -> torch.Tensor:
     return received / received.sum(dim=-1, keepdim=True)
 
 
-def catp_image_scores(cross_attentions: Sequence[torch.Tensor], image_weights: torch.Tensor) -> torch.Tensor:
+def catp_image_scores(cross_attentions: Sequence[torch.Tensor], image_weights: torch.Tensor,
+                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``catp-image``: the last-layer vote with each image token's points weighted.
 
     ``score(q) = sum_h sum_j w_j * rank_{last,h,j}(q)``. The weight multiplies the rank
@@ -159,7 +172,7 @@ def catp_image_scores(cross_attentions: Sequence[torch.Tensor], image_weights: t
             f"image weights of shape {tuple(image_weights.shape)} do not match the cross-attention's "
             f"(batch, image_tokens) = {(last.shape[0], last.shape[-1])}"
         )
-    return vote_scores(last, image_weights)
+    return vote_scores(last, image_weights, image_mask)
 
 
 def l2norm_scores(query_output: torch.Tensor) -> torch.Tensor:

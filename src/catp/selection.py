@@ -10,8 +10,10 @@ Rows and groups. :class:`~catp.methods.Captures` hold one row per image, or per 
 video (``T`` consecutive rows per sample). A *group* is what one count counts over:
 
 * an image's ``Q`` query tokens (``T = 1``);
-* a video sample's ``T*Q`` tokens (``scope="video"``): one top-k over all its frames;
-* one frame's ``Q`` tokens (``scope="frame"``).
+* a video sample's ``T*Q`` tokens (``scope="video"``, or ``"sample"``): one top-k over all its frames;
+* one frame's ``Q`` tokens (``scope="frame"``, or ``"group"``).
+
+The same holds for an image split into crops (Idefics2): each crop is a group, as a frame is.
 
 Also here: :func:`resolve_keep` (what an ``int`` / ``float`` ``keep`` means) and the index
 helpers :func:`keep_mask`, :func:`mask_indices` and :func:`pick_order`.
@@ -27,8 +29,11 @@ import torch
 from catp.budget import Budget
 from catp.methods import Captures, PruningMethod, budget_refusal
 
-#: What ``keep`` counts on a video model: each sample's ``T*Q`` tokens, or each frame's ``Q``.
-SCOPES: tuple[str, ...] = ("video", "frame")
+#: What ``keep`` counts where a sample holds several groups (video frames, image crops): each sample's
+#: ``T*Q`` tokens (``"sample"``, or ``"video"``), or each group's ``Q`` (``"group"``, or ``"frame"``).
+SCOPES: tuple[str, ...] = ("video", "frame", "sample", "group")
+#: The scopes that count over a whole sample.
+SAMPLE_SCOPES: tuple[str, ...] = ("video", "sample")
 
 Keep = int | float | Budget
 
@@ -122,11 +127,11 @@ def choose(method: PruningMethod, captures: Captures, keep: int | torch.Tensor |
     if captures.batch_size % frames:
         raise ValueError(f"captures hold {captures.batch_size} rows, not a multiple of their {frames} frames")
     scope = _check_scope(scope, frames)
-    per_sample = scope == "video"
+    per_sample = scope in SAMPLE_SCOPES
     samples = captures.batch_size // frames
     groups, size = (samples, frames * q) if per_sample else (captures.batch_size, q)
     if method.selects() and per_sample:
-        raise ValueError(f"method {method.name!r} is a selector: on a video it picks within each frame; use scope='frame'")
+        raise ValueError(selector_refusal(method.name))
     if isinstance(keep, Budget):
         refusal = budget_refusal(method)
         if refusal is not None:
@@ -146,6 +151,12 @@ def choose(method: PruningMethod, captures: Captures, keep: int | torch.Tensor |
         kept, rank = _selections(method, captures, counts)
         kept, rank = kept.reshape(samples, frames * q), rank.reshape(samples, frames * q)
     return Choice(keep_indices=mask_indices(kept), pick_order=pick_order(rank, kept), counts=kept.sum(dim=1), scores=scores)
+
+
+def selector_refusal(name: str) -> str:
+    """Why a selector cannot count over a whole sample of several groups."""
+    return (f"method {name!r} is a selector: on a video it picks within each frame; use scope='frame' "
+            "(scope='group' for an image's crops)")
 
 
 def _check_scope(scope: str | None, frames: int) -> str:

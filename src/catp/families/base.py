@@ -38,6 +38,17 @@ class Family(ABC):
         model_inputs: keyword arguments of :func:`catp.select_queries` that go to the model's
             image encoder (:meth:`encode`) rather than to the method.
         vllm_model_types: the model types catp's vLLM plugin serves (empty: none).
+        encodes_first: the model encodes its images before its language model runs, in a call of
+            its own (:meth:`encode`; in ``generate`` before the prefill, as transformers 5.25 does for
+            a ``forward`` that takes ``mm_encoder_outputs``). The engine then encodes first, shortens
+            ``input_ids`` and hands the kept rows to the stock call (:meth:`pruned_inputs`). Otherwise
+            (BLIP-2) the stock call encodes and the engine shortens the language model's inputs.
+        image_inputs: the call's keyword arguments that carry the images (replaced by
+            :meth:`pruned_inputs` where :attr:`encodes_first`).
+        published_layer_weights: whether the paper's layer-importance measurements (``catp-layer``'s default
+            weights) are of this family's connector (only BLIP-2's Q-Former).
+        default_scope: what ``keep`` counts over where a sample holds several groups
+            (:data:`catp.selection.SCOPES`): a whole sample, or each group.
     """
 
     name: ClassVar[str]
@@ -46,6 +57,10 @@ class Family(ABC):
     group: ClassVar[str] = "image"
     model_inputs: ClassVar[tuple[str, ...]] = ()
     vllm_model_types: ClassVar[tuple[str, ...]] = ()
+    encodes_first: ClassVar[bool] = False
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    default_scope: ClassVar[str] = "sample"
+    published_layer_weights: ClassVar[bool] = False
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -101,9 +116,20 @@ class Family(ABC):
         catp cannot recompute them (then :meth:`vision_refusal` says why)."""
         return None
 
-    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``(rows, H, N, N)`` fp32 probabilities of :meth:`vision_block`, recomputed from its input ``(rows, N, D)``."""
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(rows, H, N, N)`` fp32 probabilities of :meth:`vision_block`, recomputed from its input ``(rows, N, D)``
+        and the mask it got (additive or bool, broadcastable to ``(rows, H, N, N)``; ``None``: none)."""
         raise NotImplementedError(f"{self.name}: no vision block to recompute")
+
+    def image_mask_module(self, model: nn.Module) -> nn.Module | None:
+        """A module whose forward pre-hook sees which image tokens are real (:meth:`image_mask`); ``None``
+        where every image token is real."""
+        return None
+
+    def image_mask(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``(rows, N)`` bool, ``True`` for a real image token, from the arguments of :meth:`image_mask_module`."""
+        raise NotImplementedError(f"{self.name}: every image token is real")
 
     def vision_refusal(self) -> str | None:
         """Why ``catp-image`` cannot run on this family, or ``None`` when it can."""
@@ -138,9 +164,9 @@ class Family(ABC):
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""
 
     @abstractmethod
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> int:
-        """How many connector runs (``T``: frames, crops) one sample of ``pixel_values`` makes, after
-        checking its shape (``ValueError``); 1 for a single image."""
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` long: how many connector runs (frames, crops, images) each sample of ``pixel_values``
+        makes, after checking its shape (``ValueError``); 1 for a single image."""
 
     def has_groups(self, model: nn.Module) -> bool:
         """Whether a sample may hold several groups, so that ``scope=`` applies."""
@@ -155,6 +181,16 @@ class Family(ABC):
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
         """Run the stock vision tower and connector (and projection) on ``pixel_values``, as the model
         does before its language model; ``inputs``: :attr:`model_inputs` (``ValueError`` when one is missing)."""
+
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+        """Where :attr:`encodes_first`: the stock call's keyword arguments that replace :attr:`image_inputs`,
+        with only the kept rows of :meth:`encode`'s output.
+
+        Args:
+            encoded: what :meth:`encode` returned.
+            keep_indices: ``(B, K)`` kept indices, flat over each sample's placeholders, ascending, ``-1`` padded.
+        """
+        raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
 
 
 @contextlib.contextmanager

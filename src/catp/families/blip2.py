@@ -50,6 +50,8 @@ class Blip2Family(Family):
     group: ClassVar[str] = "frame"
     model_inputs: ClassVar[tuple[str, ...]] = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
     vllm_model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
+    default_scope: ClassVar[str] = "video"
+    published_layer_weights: ClassVar[bool] = True
 
     def is_video(self, model: nn.Module) -> bool:
         """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
@@ -90,7 +92,8 @@ class Blip2Family(Family):
     def vision_block(self, model: nn.Module) -> nn.Module | None:
         return model.vision_model.encoder.layers[-1].self_attn
 
-    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Recomputed from the block's fused ``qkv``: HF's returns a tensor; vLLM's a tuple, with the heads of
         this tensor-parallel rank (``num_heads_per_partition``)."""
         qkv = block.qkv(hidden_states)
@@ -130,20 +133,22 @@ class Blip2Family(Family):
     def has_groups(self, model: nn.Module) -> bool:
         return self.is_video(model)
 
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> int:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.is_video(model):
             if pixel_values.dim() != 5:
                 raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "
                                  f"got {tuple(pixel_values.shape)}")
-            return int(pixel_values.shape[1])
-        if pixel_values.dim() != 4:
+            frames = int(pixel_values.shape[1])
+        elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
-        return 1
+        else:
+            frames = 1
+        return torch.full((pixel_values.shape[0],), frames, dtype=torch.long)
 
     def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """The stock default prompt (placeholders, then BOS), with the call's own frame count (the stock
         video ``generate()`` assumes 4 frames)."""
-        placeholders = self.groups_per_sample(model, pixel_values) * self.num_queries(model.config)
+        placeholders = int(self.groups_per_sample(model, pixel_values)[0]) * self.num_queries(model.config)
         start = [self.placeholder_token_id(model)] * placeholders + [model.config.text_config.bos_token_id]
         return torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)
 

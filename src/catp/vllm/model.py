@@ -237,7 +237,7 @@ class ConnectorCapture:
             projected: the batch's ``language_projection`` output ``(B, Q, D_llm)``.
         """
         assert self.recorder.query_output is not None, "the language projection did not run inside the capture"
-        return self.recorder.captures(needs, projected)
+        return self.recorder.captures(needs, projected, published_layer_weights=self.family.published_layer_weights)
 
 
 @MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)

@@ -1,0 +1,164 @@
+"""Idefics2: the perceiver-resampler family (``Idefics2ForConditionalGeneration``).
+
+* Connector: ``model.model.connector`` runs ``modality_projection`` (vision to text width) first,
+  then the ``perceiver_resampler``: ``Q = perceiver_config.resampler_n_latents`` latents, ``depth``
+  layers that all cross-attend (``layers[i].self_attn``), a final RMS ``norm``.
+* Attention: one softmax over the key axis ``[N image tokens ; Q latents]``, probabilities
+  ``(rows, H, Q, N + Q)`` from the eager attention only; the image is the first ``N`` columns.
+  Only the resampler is switched to eager (its own sub-config); vision and LLM keep theirs.
+* What the vote reads (:attr:`Idefics2Family.renormalise`): each query's image probabilities
+  share its ``1/Z``, and ``Z`` also sums the image-independent latent block; by default the image
+  columns are renormalised to sum 1 per (head, query) before the vote.
+* Padded patches (batch padding: a patch is real only if all its pixels are) get probability 0
+  from every query; the connector's ``attention_mask`` says which, and they cast no vote.
+* Output: the input of ``norm`` (what ``l2norm`` reads: with ``norm.weight`` at 1, every output
+  row has norm ``sqrt(D)``) and its output (the LLM's tokens: nothing projects after the resampler).
+* ``selfattn``: the latent block ``A[..., N:]`` of the same softmax.
+* Placeholders: ``config.image_token_id``, ``Q`` per image or crop. Image splitting gives several
+  crops per image, each with its own latents: each crop (and each image of a prompt with several)
+  is one group, in the order of the placeholders.
+* Generate encodes the images before the prefill (``get_image_features``, transformers 5.25), so
+  the engine encodes first and hands the kept rows over as ``mm_encoder_outputs``
+  (:attr:`~catp.families.base.Family.encodes_first`).
+* ``catp-image``: the last SigLIP block's probabilities, recomputed from its ``q_proj`` / ``k_proj``
+  with the patch mask it gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from catp.capture import attention_probabilities
+from catp.families.base import Family, sub_config_attention
+
+__all__ = ["IDEFICS2", "Idefics2Family"]
+
+
+@dataclass
+class Idefics2Family(Family):
+    """The Idefics2 family (see the module docstring).
+
+    Attributes:
+        renormalise: the vote ranks each query's image probabilities renormalised over the image
+            columns (``True``, the default), or as the softmax over ``[image ; latents]`` gave them.
+    """
+
+    renormalise: bool = True
+
+    name: ClassVar[str] = "idefics2"
+    model_classes: ClassVar[dict[str, str]] = {"idefics2": "Idefics2ForConditionalGeneration"}
+    connector: ClassVar[str] = "perceiver latents"
+    group: ClassVar[str] = "crop"
+    model_inputs: ClassVar[tuple[str, ...]] = ("pixel_attention_mask",)
+    encodes_first: ClassVar[bool] = True
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_attention_mask")
+    default_scope: ClassVar[str] = "group"
+
+    @staticmethod
+    def resampler(model: nn.Module) -> nn.Module:
+        """The perceiver resampler."""
+        return model.model.connector.perceiver_resampler
+
+    # -- sizes --------------------------------------------------------------------------
+    def num_queries(self, config: Any) -> int:
+        return int(config.perceiver_config.resampler_n_latents)
+
+    def num_cross_layers(self, config: Any) -> int:
+        return int(config.perceiver_config.resampler_depth)
+
+    # -- attention ----------------------------------------------------------------------
+    def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.resampler(model).layers]
+
+    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return self.cross_attention_modules(model)  # the latent block of the same softmax
+
+    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)``, renormalised per (head, query) over
+        them where :attr:`renormalise` (padded columns stay 0)."""
+        image = probabilities[..., : probabilities.shape[-1] - probabilities.shape[-2]].float()
+        if not self.renormalise:
+            return image
+        return image / image.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(image.dtype).tiny)
+
+    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the latent block ``A[..., N:]``, ``(rows, H, Q, Q)``."""
+        return probabilities[..., -num_queries:]
+
+    def vision_block(self, model: nn.Module) -> nn.Module | None:
+        return model.model.vision_model.encoder.layers[-1].self_attn
+
+    def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Recomputed from the SigLIP block's ``q_proj`` / ``k_proj`` and its patch mask (padded patches receive 0)."""
+        batch, tokens = hidden_states.shape[:2]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, tokens, block.num_heads, -1).transpose(1, 2)
+
+        return attention_probabilities(heads(block.q_proj(hidden_states)), heads(block.k_proj(hidden_states)),
+                                       block.scale, attention_mask)
+
+    def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        return sub_config_attention(self.resampler(model), "eager", enabled)
+
+    def image_mask_module(self, model: nn.Module) -> nn.Module | None:
+        return model.model.connector
+
+    def image_mask(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The connector's ``attention_mask`` ``(rows, N)``: the real patches."""
+        mask = args[1] if len(args) > 1 else kwargs["attention_mask"]
+        return mask.bool()
+
+    # -- output -------------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_model
+
+    def output_module(self, model: nn.Module) -> nn.Module:
+        return self.resampler(model).norm
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.text_model
+
+    # -- placeholders -------------------------------------------------------------------
+    def placeholder_token_id(self, model: nn.Module) -> int:
+        token = getattr(model.config, "image_token_id", None)
+        if token is None:
+            raise ValueError(f"{type(model).__name__}.config.image_token_id is None: catp finds the latents' placeholders "
+                             "in input_ids by that id; set it to the processor's <image> token id")
+        return int(token)
+
+    def has_groups(self, model: nn.Module) -> bool:
+        return True
+
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Real images (crops) per sample: as the stock ``get_image_features``, an image whose pixels are all 0
+        is padding."""
+        if pixel_values.dim() != 5:
+            raise ValueError(f"Idefics2 takes pixel_values of shape (batch, images, channels, height, width), "
+                             f"got {tuple(pixel_values.shape)}")
+        return (pixel_values != 0).flatten(2).any(dim=-1).sum(dim=1).long().cpu()
+
+    def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError("pruned generate() on Idefics2 needs input_ids with the <image> placeholders, as the processor "
+                         "writes them")
+
+    # -- running the connector alone ----------------------------------------------------
+    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
+        return model.model.get_image_features(pixel_values, inputs.get("pixel_attention_mask"), return_dict=True)
+
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+        """``mm_encoder_outputs`` whose ``pooler_output`` holds each sample's kept rows ``(k_b, D)``, in the order
+        of its placeholders."""
+        rows = [features.index_select(0, kept[kept >= 0].to(features.device))
+                for features, kept in zip(encoded.pooler_output, keep_indices)]
+        return {"mm_encoder_outputs": {"image": type(encoded)(**{**encoded, "pooler_output": rows})}}
+
+
+#: The family object.
+IDEFICS2 = Idefics2Family()
