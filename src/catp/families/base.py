@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from catp.methods import Needs
 
 
 class Family(ABC):
@@ -72,6 +75,16 @@ class Family(ABC):
     @abstractmethod
     def num_queries(self, config: Any) -> int:
         """``Q``: the connector's tokens per image (per frame, per crop) before pruning."""
+
+    def fixed_queries(self, config: Any) -> bool:
+        """Whether every image gets the same ``Q`` (:meth:`num_queries`); where not (Aria), ``Q`` depends on the
+        resolution (:meth:`queries_for`) and a fractional ``keep`` is resolved per call."""
+        return True
+
+    def queries_for(self, model: nn.Module, pixel_values: torch.Tensor) -> int:
+        """``Q`` of each group of a call with these ``pixel_values`` (default: :meth:`num_queries`), after checking
+        that the connector takes them (``ValueError``)."""
+        return self.num_queries(model.config)
 
     @abstractmethod
     def num_cross_layers(self, config: Any) -> int:
@@ -131,9 +144,20 @@ class Family(ABC):
         """``(rows, N)`` bool, ``True`` for a real image token, from the arguments of :meth:`image_mask_module`."""
         raise NotImplementedError(f"{self.name}: every image token is real")
 
-    def vision_refusal(self) -> str | None:
-        """Why ``catp-image`` cannot run on this family, or ``None`` when it can."""
+    def vision_refusal(self, model: nn.Module) -> str | None:
+        """Why ``catp-image`` cannot run on this model, or ``None`` when it can."""
         return None
+
+    def self_attention_refusal(self, model: nn.Module) -> str | None:
+        """Why ``selfattn`` cannot run on this model (its queries never attend to each other), or ``None`` when it can."""
+        return None
+
+    def refusal(self, model: nn.Module, needs: Needs) -> str | None:
+        """Why a method with ``needs`` cannot run on this model (:meth:`vision_refusal`,
+        :meth:`self_attention_refusal`), or ``None`` when it can."""
+        reasons = (self.vision_refusal(model) if needs.vision_last_block else None,
+                   self.self_attention_refusal(model) if needs.self_attention else None)
+        return next((reason for reason in reasons if reason is not None), None)
 
     @abstractmethod
     def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -150,6 +174,12 @@ class Family(ABC):
         """The module whose input is the connector output before the LLM projection ``(rows, Q, D)``
         (what ``l2norm`` reads) and whose output is the tokens the LLM receives ``(rows, Q, D_llm)``."""
 
+    def query_output_module(self, model: nn.Module) -> nn.Module | None:
+        """A module whose *output* is the connector output before the LLM projection ``(rows, Q, D)``, where that
+        is not :meth:`output_module`'s input (Aria: a norm and an MLP follow its cross-attention); ``None``
+        (default) where it is."""
+        return None
+
     @abstractmethod
     def language_model(self, model: nn.Module) -> nn.Module:
         """The language model the kept tokens go to."""
@@ -164,9 +194,12 @@ class Family(ABC):
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""
 
     @abstractmethod
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` long: how many connector runs (frames, crops, images) each sample of ``pixel_values``
-        makes, after checking its shape (``ValueError``); 1 for a single image."""
+        makes, after checking its shape (``ValueError``); 1 for a single image. ``input_ids`` ``(B, L)``:
+        the call's prompts, where the family reads the groups off its placeholders (Aria's ``pixel_values``
+        stack the crops of the whole batch); ``None`` without a prompt."""
 
     def has_groups(self, model: nn.Module) -> bool:
         """Whether a sample may hold several groups, so that ``scope=`` applies."""
@@ -182,13 +215,14 @@ class Family(ABC):
         """Run the stock vision tower and connector (and projection) on ``pixel_values``, as the model
         does before its language model; ``inputs``: :attr:`model_inputs` (``ValueError`` when one is missing)."""
 
-    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """Where :attr:`encodes_first`: the stock call's keyword arguments that replace :attr:`image_inputs`,
         with only the kept rows of :meth:`encode`'s output.
 
         Args:
             encoded: what :meth:`encode` returned.
             keep_indices: ``(B, K)`` kept indices, flat over each sample's placeholders, ascending, ``-1`` padded.
+            groups: ``(B,)`` groups per sample (:meth:`groups_per_sample`).
         """
         raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
 

@@ -133,7 +133,8 @@ class Blip2Family(Family):
     def has_groups(self, model: nn.Module) -> bool:
         return self.is_video(model)
 
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_video(model):
             if pixel_values.dim() != 5:
                 raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "
