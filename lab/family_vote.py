@@ -16,10 +16,13 @@ questions (training images 3600-3999; never the test split), feeds the language 
 kept connector rows with ``k`` placeholders (the stock entry point ``image_embeds``), and reports
 per keep: the answer's LM loss and first-token exact match for ``raw``, ``renormalised``,
 ``first`` and ``random`` (and the unpruned model), the paired loss difference raw - renormalised
-with a 95% interval, and the Spearman correlation of each vote with each query's image mass and
-attention entropy (over the image columns, per head, then averaged over heads).
+with a 95% interval, the loss of each vote's bottom k against its top k (same k, so what pruning
+itself costs cancels), and the Spearman correlation of each vote with each query's image mass,
+its attention entropy (over the image columns, per head, then averaged over heads) and its
+leave-one-out importance (how much the answer's loss grows without that query alone).
 
-    OMP_NUM_THREADS=1 python -m lab.family_vote --steps 3000 --questions 1000
+    OMP_NUM_THREADS=1 python -m lab.family_vote --steps 2500 --questions 1000 --save DIR
+    OMP_NUM_THREADS=1 python -m lab.family_vote --load DIR
 
 It prints one line per figure; ``docs/families.md`` has the results.
 """
@@ -62,6 +65,8 @@ class VoteSettings:
     attention_std: float = 0.3
     dense_std: float = 1.0
     keeps: tuple[int, ...] = (8, 16)
+    #: Validation questions (the first ones, in batches of 100) whose per-query leave-one-out importance is measured.
+    loo_questions: int = 200
 
 
 def build_tokenizer():
@@ -237,19 +242,23 @@ def evaluate(model, tokenizer, settings: VoteSettings) -> None:
         for k in settings.keeps:
             chosen[("raw", k)] = top_k(v["raw"], k)
             chosen[("renormalised", k)] = top_k(v["renormalised"], k)
+            # The k queries each vote ranks last: the same k, the same shift of the prompt, so the gap
+            # to the top k is what the ranking is worth, apart from what pruning itself costs.
+            chosen[("raw-bottom", k)] = top_k(-v["raw"], k)
+            chosen[("renormalised-bottom", k)] = top_k(-v["renormalised"], k)
             chosen[("first", k)] = torch.arange(k).expand(len(batch), -1)
             chosen[("random", k)] = torch.rand(len(batch), q, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
         for key, kept in chosen.items():
-            enc = encode(tokenizer, questions, answers, key[1], q)
-            at = enc.pop("answer_at")
-            labels = enc.pop("labels")
-            embeds = rows.gather(1, kept[..., None].expand(-1, -1, rows.shape[-1]))
-            logits = model(image_embeds=embeds, **enc).logits
-            before = logits[torch.arange(len(batch)), at - 1].float()  # the prediction of the answer token
-            target = labels[torch.arange(len(batch)), at]
-            loss = torch.nn.functional.cross_entropy(before, target, reduction="none")
-            correct = (before.argmax(dim=-1) == target).double()
-            results.setdefault(key, []).append(torch.stack([loss.double(), correct]))
+            loss, correct = answer_loss(model, tokenizer, questions, answers, rows, kept, q)
+            results.setdefault(key, []).append(torch.stack([loss, correct]))
+        if start < settings.loo_questions:
+            # Leave-one-out importance: how much the answer's loss grows without query j alone.
+            full = answer_loss(model, tokenizer, questions, answers, rows, torch.arange(q).expand(len(batch), -1), q)[0]
+            grown = torch.stack([
+                answer_loss(model, tokenizer, questions, answers, rows,
+                            torch.cat([torch.arange(j), torch.arange(j + 1, q)]).expand(len(batch), -1), q)[0] - full
+                for j in range(q)], dim=1)
+            figures.setdefault("importance", []).append(grown)
     merged = {key: torch.cat(parts, dim=1) for key, parts in results.items()}
     for (name, k), values in sorted(merged.items(), key=lambda item: (item[0][1], item[0][0])):
         print(f"keep {k:>2} {name:<13} loss {values[0].mean():.4f}  exact match {values[1].mean():.4f}  (n={values.shape[1]})")
@@ -260,6 +269,14 @@ def evaluate(model, tokenizer, settings: VoteSettings) -> None:
         acc_half = 1.96 * float(acc.std()) / math.sqrt(len(acc))
         print(f"keep {k:>2} raw - renormalised: loss {diff.mean():+.4f} ± {half:.4f}, exact match {acc.mean():+.4f} ± {acc_half:.4f}")
     f = {name: torch.cat(parts) for name, parts in figures.items()}
+    n_loo = f["importance"].shape[0]
+    for name in ("raw", "renormalised", "mass", "entropy"):
+        print(f"leave-one-out importance (first {n_loo} questions): spearman with {name} {spearman(f[name][:n_loo], f['importance']):+.3f}")
+    for k in settings.keeps:
+        for name in ("raw", "renormalised"):
+            gap = merged[(f"{name}-bottom", k)][0] - merged[(name, k)][0]
+            half = 1.96 * float(gap.std()) / math.sqrt(len(gap))
+            print(f"keep {k:>2} {name}: bottom-k loss - top-k loss {gap.mean():+.4f} ± {half:.4f}")
     print(f"image mass per query: mean {f['mass'].mean():.3f}, spread over queries (std within an image) {f['mass'].std(dim=1).mean():.3f}")
     for name in ("raw", "renormalised"):
         print(f"vote {name:<13} spearman with image mass {spearman(f[name], f['mass']):+.3f}, with entropy {spearman(f[name], f['entropy']):+.3f}")
@@ -271,6 +288,28 @@ def evaluate(model, tokenizer, settings: VoteSettings) -> None:
         print(f"keep {k:>2}: kept sets overlap {np.mean(same):.3f}; distinct sets over {len(raw)} questions: raw {distinct['raw']}, renormalised {distinct['renormalised']}")
 
 
+def answer_loss(model, tokenizer, questions: list[str], answers: list[str], rows: torch.Tensor, kept: torch.Tensor,
+                q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer token's loss and first-token exact match when the LLM gets only the ``kept`` rows.
+
+    Args:
+        rows: ``(B, Q, D)`` the projection's output.
+        kept: ``(B, k)`` query indices, ascending.
+
+    Returns:
+        ``(B,)`` float64 losses and ``(B,)`` float64 0/1 exact matches.
+    """
+    enc = encode(tokenizer, questions, answers, kept.shape[1], q)
+    at = enc.pop("answer_at")
+    labels = enc.pop("labels")
+    embeds = rows.gather(1, kept[..., None].expand(-1, -1, rows.shape[-1]))
+    logits = model(image_embeds=embeds, **enc).logits
+    before = logits[torch.arange(len(questions)), at - 1].float()  # the prediction of the answer token
+    target = labels[torch.arange(len(questions)), at]
+    loss = torch.nn.functional.cross_entropy(before, target, reduction="none")
+    return loss.double(), (before.argmax(dim=-1) == target).double()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lab.family_vote", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=VoteSettings.steps)
@@ -278,9 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=VoteSettings.seed)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-untrained", action="store_true", help="also evaluate the model before training")
+    parser.add_argument("--save", help="save the trained model here")
+    parser.add_argument("--load", help="evaluate this saved model instead of training one")
+    parser.add_argument("--loo-questions", type=int, default=VoteSettings.loo_questions)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = VoteSettings(steps=args.steps, questions=args.questions, seed=args.seed)
+    settings = VoteSettings(steps=args.steps, questions=args.questions, seed=args.seed, loo_questions=args.loo_questions)
     print(settings, flush=True)
     tokenizer = build_tokenizer()
     model = build_model(settings, tokenizer)
@@ -288,9 +330,17 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         print("-- untrained", flush=True)
         evaluate(model, tokenizer, settings)
-    start = time.time()
-    train(model, tokenizer, settings)
-    print(f"-- trained {settings.steps} steps in {time.time() - start:.0f} s", flush=True)
+    if args.load:
+        from transformers import Kosmos2ForConditionalGeneration
+
+        model = Kosmos2ForConditionalGeneration.from_pretrained(args.load, attn_implementation="eager").eval()
+        print(f"-- loaded {args.load}", flush=True)
+    else:
+        start = time.time()
+        train(model, tokenizer, settings)
+        print(f"-- trained {settings.steps} steps in {time.time() - start:.0f} s", flush=True)
+        if args.save:
+            model.save_pretrained(args.save)
     evaluate(model, tokenizer, settings)
 
 

@@ -11,7 +11,8 @@ and avoids the stock initialisation traps of §10.4:
   so that their probabilities are far from uniform.
 
 Sizes (all three): vision width 32, 2 blocks, 4 heads; language models of width 32 with 2
-layers; ``NUM_QUERY`` = 8 latents per image. Idefics2 and Kosmos-2 take 32 px images in 8 px
+layers (Aria's: width 64 in 2 heads of 32, the smallest head vLLM's CPU attention takes, and 2
+experts of which each token takes 1, plus 1 shared expert); ``NUM_QUERY`` = 8 latents per image. Idefics2 and Kosmos-2 take 32 px images in 8 px
 patches (16 patches; Kosmos-2's CLIP tower adds a CLS token: 17 image columns). Aria's image
 processor only takes its two real resolutions, 490 and 980 px, so its tower has 70 px patches:
 490 px gives 7 x 7 = 49 patches and 8 queries, 980 px 14 x 14 = 196 patches and 16 queries (the
@@ -135,8 +136,9 @@ def tiny_config(family: str, num_queries: int = NUM_QUERY):
         vision = {k: v for k, v in VISION.items()}
         return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=num_queries, tie_word_embeddings=False)
     if family == "aria":
-        text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, moe_num_experts=2, moe_topk=1,
+        # Heads of 32: vLLM's CPU attention takes head sizes 32, 64, 80, ... only.
+        text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=256, moe_num_experts=2, moe_topk=1,
                     moe_num_shared_experts=1, **special)
         vision = dict(VISION, model_type="idefics3_vision", image_size=ARIA_IMAGE_SIZE, patch_size=ARIA_PATCH_SIZE)
         queries = {(ARIA_IMAGE_SIZE // ARIA_PATCH_SIZE) ** 2: num_queries,
