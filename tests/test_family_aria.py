@@ -125,15 +125,17 @@ def test_the_kept_set_is_the_reference_vote(model, inputs, method):
 
 
 def test_padded_patches_do_not_vote(model, inputs):
-    """The padded image's vote with its padding columns counted differs; catp keeps the one without."""
+    """catp's scores are the hand-built vote over the real patches; counting the padded image's padding
+    columns would change its scores."""
     columns = image_columns(model, inputs)
     assert not columns[0].all() and columns[1:].all()
     probabilities = connector_probabilities(model, inputs)[-1]
-    with_padding = top_k(reference_votes(model, inputs), K)[0]
     everything = probabilities[0].double().argsort(dim=1, stable=True).argsort(dim=1).sum(dim=(0, 2))
-    assert top_k(everything[None], K)[0] != with_padding
-    kept = catp.select_queries(model, inputs["pixel_values"][:1], "catp", keep=K, pixel_mask=inputs["pixel_mask"][:1])
-    assert kept[0].tolist() == with_padding
+    expected = reference_votes(model, inputs)  # (crops, Q)
+    assert not torch.equal(everything, expected[0])
+    _, session = pruned_generate(model, inputs, max_new_tokens=1, do_sample=False)
+    flat = [row[: NUM_QUERY * n] for row, n in zip(session.scores.double(), IMAGES)]
+    assert torch.equal(torch.cat(flat).reshape(-1, NUM_QUERY), expected)
 
 
 def test_l2norm_reads_the_cross_attention_output(model, inputs):
