@@ -585,7 +585,7 @@ def pruned(
     family = check_model(model)
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
-    refusal = family.refusal(model, method.needs)
+    refusal = family.refusal(model.config, method.needs)
     if refusal is not None:
         raise ValueError(f"method {method.name!r} cannot run on {type(model).__name__}: {refusal}")
     check_keep_type(keep)

@@ -21,6 +21,10 @@
   placeholders. Each crop (each image of a prompt with several) is one group.
 * Generate encodes the images before the prefill (transformers 5.25), so the engine encodes first
   and hands the kept rows over as ``mm_encoder_outputs`` (:attr:`~catp.families.base.Family.encodes_first`).
+* vLLM serves Aria (:class:`catp.vllm.model.CatpAriaForConditionalGeneration`) with the same
+  ``AriaCrossAttention``; its parts sit on the model itself rather than under ``model.model``, every
+  image gets the largest ``Q``, and the probabilities are recomputed from the ``nn.MultiheadAttention``'s
+  inputs and ``in_proj`` (:meth:`AriaFamily.recomputed_probabilities`).
 * ``catp-image``: the vision block whose output is the features (``hidden_states[vision_feature_layer]``
   of the ``idefics3_vision`` tower, before ``post_layernorm``; the last block by default), recomputed
   from its ``q_proj`` / ``k_proj`` with the patch mask it gets.
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from catp.capture import attention_probabilities, qkv_probabilities
 from catp.families.base import Family
 from catp.families.idefics2 import IDEFICS2
 
@@ -56,11 +61,19 @@ class AriaFamily(Family):
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_mask")
     default_scope: ClassVar[str] = "group"
+    vllm_model_types: ClassVar[tuple[str, ...]] = ("aria",)
+    vllm_architecture: ClassVar[str | None] = "CatpAriaForConditionalGeneration"
 
     @staticmethod
-    def projector(model: nn.Module) -> nn.Module:
+    def parts(model: nn.Module) -> nn.Module:
+        """The module that holds the vision tower, the projector and the language model: ``model.model`` in
+        transformers, the model itself in vLLM."""
+        inner = getattr(model, "model", None)
+        return inner if isinstance(inner, nn.Module) else model
+
+    def projector(self, model: nn.Module) -> nn.Module:
         """The ``AriaProjector``."""
-        return model.model.multi_modal_projector
+        return self.parts(model).multi_modal_projector
 
     # -- sizes --------------------------------------------------------------------------
     def num_queries(self, config: Any) -> int:
@@ -94,34 +107,58 @@ class AriaFamily(Family):
     def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return []
 
-    def self_attention_refusal(self, model: nn.Module) -> str | None:
+    def self_attention_refusal(self, config: Any) -> str | None:
         return ("Aria's projector queries never attend to each other (one cross-attention over the image patches, "
                 "no self-attention), so there is nothing for selfattn to read")
 
     def vision_block(self, model: nn.Module) -> nn.Module | None:
-        index = self._feature_block(model)
-        return None if index is None else model.model.vision_tower.encoder.layers[index].self_attn
+        index = self._feature_block(model.config)
+        return None if index is None else self.parts(model).vision_tower.encoder.layers[index].self_attn
 
-    def _feature_block(self, model: nn.Module) -> int | None:
+    @staticmethod
+    def _feature_block(config: Any) -> int | None:
         """The index of the vision block whose output is the features (``hidden_states[vision_feature_layer]``;
         ``hidden_states[0]`` is the embeddings), or ``None`` where no single block gives them."""
-        layer = model.config.vision_feature_layer
+        layer = config.vision_feature_layer
         if not isinstance(layer, int):
             return None
-        blocks = len(model.model.vision_tower.encoder.layers)
+        blocks = int(config.vision_config.num_hidden_layers)
         entry = layer + blocks + 1 if layer < 0 else layer
         return entry - 1 if 1 <= entry <= blocks else None
 
-    def vision_refusal(self, model: nn.Module) -> str | None:
-        if self._feature_block(model) is not None:
+    def vision_refusal(self, config: Any) -> str | None:
+        if self._feature_block(config) is not None:
             return None
-        return (f"Aria's features come from vision_feature_layer={model.config.vision_feature_layer!r}, not the output of "
+        return (f"Aria's features come from vision_feature_layer={config.vision_feature_layer!r}, not the output of "
                 "one vision block, so catp-image has no last block whose attention it could read")
 
     def vision_probabilities(self, block: nn.Module, hidden_states: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The ``idefics3_vision`` block's attention is SigLIP's, as Idefics2's: recomputed the same way."""
-        return IDEFICS2.vision_probabilities(block, hidden_states, attention_mask)
+        """The ``idefics3_vision`` block's attention is SigLIP's, as Idefics2's: recomputed the same way; vLLM's
+        fuses ``q_proj``/``k_proj``/``v_proj`` into ``qkv_proj`` (heads of this tensor-parallel rank)."""
+        if not hasattr(block, "qkv_proj"):
+            return IDEFICS2.vision_probabilities(block, hidden_states, attention_mask)
+        qkv, _ = block.qkv_proj(hidden_states)
+        return qkv_probabilities(qkv, int(block.num_heads_per_partition), block.scale, attention_mask)
+
+    def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The ``nn.MultiheadAttention``'s per-head probabilities ``(rows, H, Q, N)`` in fp32, from its
+        ``query`` ``(rows, Q, D)``, ``key`` ``(rows, N, D)``, ``in_proj_weight``/``in_proj_bias`` and ``attn_mask``
+        (``(rows * H, Q, N)``, ``True`` on a padded patch); their head mean is the module's own weights."""
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        width, heads = module.embed_dim, module.num_heads
+        weight = module.in_proj_weight.float()
+        bias = None if module.in_proj_bias is None else module.in_proj_bias.float()
+
+        def project(x: torch.Tensor, part: int) -> torch.Tensor:
+            rows = slice(part * width, (part + 1) * width)
+            out = nn.functional.linear(x.float(), weight[rows], None if bias is None else bias[rows])
+            return out.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # (rows, H, S, d)
+
+        allowed = None if mask is None else ~mask.reshape(query.shape[0], heads, query.shape[1], -1).bool()
+        return attention_probabilities(project(query, 0), project(key, 1), (width // heads) ** -0.5, allowed)
 
     @contextlib.contextmanager
     def eager_connector(self, model: nn.Module, enabled: bool = True) -> Iterator[None]:
@@ -143,7 +180,7 @@ class AriaFamily(Family):
     def image_mask(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """``(I, N)`` bool from the projector's inputs: ``key_value_states`` ``(I, N, D)`` and ``attn_mask``
         (``True`` on a padded patch; ``None``: none)."""
-        patches = args[0] if args else kwargs["key_value_states"]
+        patches = args[0] if args else kwargs.get("key_value_states", kwargs.get("x"))  # vLLM's projector names it x
         padded = args[1] if len(args) > 1 else kwargs.get("attn_mask")
         if padded is None:
             return torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
@@ -151,7 +188,7 @@ class AriaFamily(Family):
 
     # -- output -------------------------------------------------------------------------
     def vision_tower(self, model: nn.Module) -> nn.Module:
-        return model.model.vision_tower
+        return self.parts(model).vision_tower
 
     def output_module(self, model: nn.Module) -> nn.Module:
         """The projector: its output is the LLM's tokens ``(I, Q, D_llm)`` (its input is the patches; the
@@ -162,7 +199,7 @@ class AriaFamily(Family):
         return self.projector(model).cross_attn
 
     def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
+        return self.parts(model).language_model
 
     # -- placeholders -------------------------------------------------------------------
     def placeholder_token_id(self, model: nn.Module) -> int:

@@ -41,6 +41,8 @@ class Family(ABC):
         model_inputs: keyword arguments of :func:`catp.select_queries` that go to the model's
             image encoder (:meth:`encode`) rather than to the method.
         vllm_model_types: the model types catp's vLLM plugin serves (empty: none).
+        vllm_architecture: the architecture catp's vLLM plugin registers for them (a class of
+            :mod:`catp.vllm.model`: vLLM's stock model of the family, with pruning), else ``None``.
         encodes_first: the model encodes its images before its language model runs, in a call of
             its own (:meth:`encode`; in ``generate`` before the prefill, as transformers 5.25 does for
             a ``forward`` that takes ``mm_encoder_outputs``). The engine then encodes first, shortens
@@ -60,6 +62,7 @@ class Family(ABC):
     group: ClassVar[str] = "image"
     model_inputs: ClassVar[tuple[str, ...]] = ()
     vllm_model_types: ClassVar[tuple[str, ...]] = ()
+    vllm_architecture: ClassVar[str | None] = None
     encodes_first: ClassVar[bool] = False
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     default_scope: ClassVar[str] = "sample"
@@ -101,6 +104,12 @@ class Family(ABC):
     @abstractmethod
     def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules whose probabilities ``selfattn`` reads (empty where the queries never attend to each other)."""
+
+    def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A :meth:`cross_attention_modules` (or :meth:`self_attention_modules`) module's probabilities
+        ``(rows, H, Q, K)`` recomputed in fp32 from the arguments of its call (a forward pre-hook's), for an
+        engine whose attention returns none (vLLM)."""
+        raise NotImplementedError(f"{self.name}: catp does not recompute its connector's probabilities")
 
     def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The image columns of a cross-attention module's probabilities.
@@ -144,19 +153,21 @@ class Family(ABC):
         """``(rows, N)`` bool, ``True`` for a real image token, from the arguments of :meth:`image_mask_module`."""
         raise NotImplementedError(f"{self.name}: every image token is real")
 
-    def vision_refusal(self, model: nn.Module) -> str | None:
-        """Why ``catp-image`` cannot run on this model, or ``None`` when it can."""
+    def vision_refusal(self, config: Any) -> str | None:
+        """Why ``catp-image`` cannot run on a model of this config, or ``None`` when it can."""
         return None
 
-    def self_attention_refusal(self, model: nn.Module) -> str | None:
-        """Why ``selfattn`` cannot run on this model (its queries never attend to each other), or ``None`` when it can."""
+    def self_attention_refusal(self, config: Any) -> str | None:
+        """Why ``selfattn`` cannot run on a model of this config (its queries never attend to each other), or
+        ``None`` when it can."""
         return None
 
-    def refusal(self, model: nn.Module, needs: Needs) -> str | None:
-        """Why a method with ``needs`` cannot run on this model (:meth:`vision_refusal`,
-        :meth:`self_attention_refusal`), or ``None`` when it can."""
-        reasons = (self.vision_refusal(model) if needs.vision_last_block else None,
-                   self.self_attention_refusal(model) if needs.self_attention else None)
+    def refusal(self, config: Any, needs: Needs) -> str | None:
+        """Why a method with ``needs`` cannot run on a model of this config (:meth:`vision_refusal`,
+        :meth:`self_attention_refusal`), or ``None`` when it can; read off the config alone, so that vLLM's
+        front end can refuse a request before the engine runs it."""
+        reasons = (self.vision_refusal(config) if needs.vision_last_block else None,
+                   self.self_attention_refusal(config) if needs.self_attention else None)
         return next((reason for reason in reasons if reason is not None), None)
 
     @abstractmethod
