@@ -188,7 +188,7 @@ CASES = [
     (["bench", "--engine", "vllm", "--plot", "p.png"], "--plot: not used by --engine vllm"),
     (["bench", "--engine", "vllm", "--device", "cuda"], "--device: not used by --engine vllm"),
     (["explain", "--out", "x.png", "--scope", "frame"], "Invalid value for --scope: --scope frame would be ignored: --scope applies to video models"),
-    (["explain", "--out", "x.png", "--frames", "{tmp}/f.png", "--question", "what?", "--scope", "all"], "Invalid value for --scope: --scope must be one of video, frame, got 'all'"),
+    (["explain", "--out", "x.png", "--frames", "{tmp}/f.png", "--question", "what?", "--scope", "all"], "Invalid value for --scope: --scope must be one of video, frame, sample, group, got 'all'"),
     (["demo", "--no-adapter", "--adapter", "{tmp}/adapter"], "Invalid value for --adapter: --adapter {tmp}/adapter would be ignored: --no-adapter"),
     (["adapt", "--out", "{tmp}/o", "--truncate", "--method", "catp"], "Invalid value for --method: --method catp would be ignored: --truncate keeps the first k"),
     (["adapt", "--out", "{tmp}/o", "--val-fraction", "0.1"], "Invalid value for --val-fraction: --val-fraction 0.1 would be ignored: easy-vqa, scenes have a validation split"),

@@ -107,9 +107,10 @@ class Family(ABC):
 
     def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """A :meth:`cross_attention_modules` (or :meth:`self_attention_modules`) module's probabilities
-        ``(rows, H, Q, K)`` recomputed in fp32 from the arguments of its call (a forward pre-hook's), for an
-        engine whose attention returns none (vLLM)."""
-        raise NotImplementedError(f"{self.name}: catp does not recompute its connector's probabilities")
+        ``(rows, H, Q, K)`` recomputed in fp32 from the arguments of its call (a forward pre-hook's ``args`` and
+        ``kwargs``: BLIP-2's ``hidden_states`` and ``encoder_hidden_states``, Aria's ``query``, ``key`` and
+        ``attn_mask``), for an engine whose attention returns none (vLLM's SDPA)."""
+        raise NotImplementedError(f"{self.name}: no engine recomputes this family's connector attention")
 
     def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The image columns of a cross-attention module's probabilities.
