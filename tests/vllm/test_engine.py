@@ -168,7 +168,7 @@ def test_lora_token_counts_follow_the_pruned_embeddings() -> None:
 
     from catp.vllm.model import CatpBlip2ForConditionalGeneration
 
-    model = SimpleNamespace(config=SimpleNamespace(num_query_tokens=32), _vision_tokens_per_image=145)
+    model = SimpleNamespace(config=SimpleNamespace(model_type="blip-2", num_query_tokens=32), _vision_tokens_per_image=145)
     count = CatpBlip2ForConditionalGeneration.get_mm_lora_token_counts
     assert count(model, modality="image", mm_kwargs=object(), num_mm_embeds=8) == (145, 32)  # one image, 8 kept
     assert count(model, modality="image", mm_kwargs=object(), num_mm_embeds=32) == (145, 32)

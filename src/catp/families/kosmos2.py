@@ -98,21 +98,18 @@ class Kosmos2Family(Family):
     def probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
         """``x_attn``'s probabilities ``(rows, H, Q, N + Q)``, recomputed (:meth:`recomputed_probabilities`) from
         the call's inputs, whatever attention implementation it ran on."""
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return self.recomputed_probabilities(module, latents, kwargs.get("encoder_hidden_states"))
+        return self.recomputed_probabilities(module, args, kwargs)
 
-    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
-                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+    def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """``softmax(q·kᵀ·scaling)`` in fp32 from ``x_attn``'s ``q_proj`` / ``k_proj`` (no mask: the projection
-        passes none).
-
-        Args:
-            hidden_states: the latent queries ``(rows, Q, D)``.
-            encoder_hidden_states: ``[dense(image tokens) ; latent queries]`` ``(rows, N + Q, D)``.
+        passes none), from the call's ``hidden_states`` (the latent queries ``(rows, Q, D)``) and
+        ``encoder_hidden_states`` (``[dense(image tokens) ; latent queries]`` ``(rows, N + Q, D)``).
 
         Returns:
             ``(rows, H, Q, N + Q)`` fp32.
         """
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        encoder_hidden_states = kwargs.get("encoder_hidden_states")
         if encoder_hidden_states is None:
             raise ValueError("Kosmos-2's x_attn ran without encoder_hidden_states: not the image-to-text projection's call")
         heads = int(module.num_heads)
@@ -177,7 +174,8 @@ class Kosmos2Family(Family):
                              f"got {tuple(marks.shape)}")
         return marks.bool()
 
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         if pixel_values.dim() != 4:
             raise ValueError(f"Kosmos-2 takes pixel_values of shape (batch, channels, height, width), "
                              f"got {tuple(pixel_values.shape)}")
@@ -191,7 +189,7 @@ class Kosmos2Family(Family):
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
         return model.get_image_features(pixel_values, return_dict=True, **inputs)
 
-    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """``image_embeds`` ``(B, K, D)``: each sample's kept rows, in ascending order.
 
         A sample that keeps ``k_b < K`` (a Budget) gets ``K - k_b`` zero rows first: its left fillers are
