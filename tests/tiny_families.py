@@ -119,7 +119,7 @@ PAD, UNK, BOS = IDS["pad"], IDS["unk"], IDS["bos"]
 
 def tiny_config(family: str, num_queries: int = NUM_QUERY):
     """The config of a tiny ``family`` model (see the module docstring for its sizes)."""
-    from transformers import AriaConfig, Idefics2Config, Kosmos2Config
+    from transformers import AriaConfig, AriaTextConfig, Idefics2Config, Idefics3VisionConfig, Kosmos2Config
 
     special = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=BOS)
     if family == "idefics2":
@@ -138,11 +138,12 @@ def tiny_config(family: str, num_queries: int = NUM_QUERY):
         text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, max_position_embeddings=256, moe_num_experts=2, moe_topk=1,
                     moe_num_shared_experts=1, **special)
-        vision = dict(VISION, model_type="idefics3_vision", image_size=ARIA_IMAGE_SIZE, patch_size=ARIA_PATCH_SIZE)
+        vision = dict(VISION, image_size=ARIA_IMAGE_SIZE, patch_size=ARIA_PATCH_SIZE)
         queries = {(ARIA_IMAGE_SIZE // ARIA_PATCH_SIZE) ** 2: num_queries,
                    (ARIA_LARGE_IMAGE_SIZE // ARIA_PATCH_SIZE) ** 2: 2 * num_queries}
-        return AriaConfig(vision_config=vision, text_config=text, projector_patch_to_query_dict=queries,
-                          image_token_index=IDS[ARIA_IMAGE])
+        # Config objects, not dicts: the vLLM virtualenv's transformers (5.17) cannot build Aria from dicts.
+        return AriaConfig(vision_config=Idefics3VisionConfig(**vision), text_config=AriaTextConfig(**text),
+                          projector_patch_to_query_dict=queries, image_token_index=IDS[ARIA_IMAGE])
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 

@@ -107,18 +107,19 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float
     return logits.softmax(dim=-1)
 
 
-def qkv_probabilities(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+def qkv_probabilities(qkv: torch.Tensor, heads: int, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """A self-attention's probabilities from its fused ``qkv`` projection output.
 
     Args:
         qkv: ``(B, N, 3 * heads * d)``: queries, keys, values one after another, each split into heads.
+        mask: as in :func:`attention_probabilities`.
 
     Returns:
         ``(B, heads, N, N)`` fp32.
     """
     batch, tokens = qkv.shape[:2]
     query, key, _ = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    return attention_probabilities(query, key, scale)
+    return attention_probabilities(query, key, scale, mask)
 
 
 @dataclass

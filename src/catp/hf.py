@@ -98,6 +98,7 @@ class _Call:
     Attributes:
         input_ids: the caller's ``(B, L)`` (``None`` when only the features are computed).
         groups: ``(B,)`` groups per sample: frames, crops (1 for an image).
+        num_queries: ``Q`` of each group at this call's resolution (:meth:`~catp.families.base.Family.queries_for`).
         mode: which entry point made the call.
         labels: a decoder-only forward's labels, taken out of the stock call: the loss
             is computed on the shortened sequence.
@@ -107,6 +108,7 @@ class _Call:
 
     input_ids: torch.Tensor | None
     groups: torch.Tensor
+    num_queries: int
     mode: Literal["generate", "forward", "features"]
     labels: torch.Tensor | None = None
     scored: bool = False
@@ -158,7 +160,8 @@ class PruningSession:
 
     @property
     def num_query_tokens(self) -> int:
-        return self.family.num_queries(self.model.config)
+        """``Q`` of the call in flight (it may depend on the resolution), else the model's."""
+        return self._call.num_queries if self._call is not None else self.family.num_queries(self.model.config)
 
     @property
     def is_video(self) -> bool:
@@ -186,6 +189,9 @@ class PruningSession:
             self._handles.append(watched.vision.register_forward_pre_hook(self._capture_vision, with_kwargs=True))
         self._handles.append(family.vision_tower(model).register_forward_pre_hook(self._reset))
         self._handles.append(family.output_module(model).register_forward_hook(self._select))
+        query_output = family.query_output_module(model)
+        if query_output is not None:
+            self._handles.append(query_output.register_forward_hook(self._capture_query_output))
         if watched.image_mask is not None:
             self._handles.append(watched.image_mask.register_forward_pre_hook(self._capture_image_mask, with_kwargs=True))
         if not family.encodes_first:
@@ -219,6 +225,9 @@ class PruningSession:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._recorder.vision = self.family.vision_probabilities(module, hidden, mask)
 
+    def _capture_query_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._recorder.query_output = output.detach()
+
     def _capture_image_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._recorder.image_mask = self.family.image_mask(args, kwargs)
 
@@ -239,16 +248,16 @@ class PruningSession:
         return resolve_keep(self.keep, n, of=of)
 
     def _select(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        query_output = args[0]
-        rows, num_queries = query_output.shape[:2]
-        if num_queries != self.num_query_tokens:
-            raise ValueError(f"{type(module).__name__} got {num_queries} tokens per image, expected "
-                             f"{self.num_query_tokens} {self.family.connector}")
+        query_output = args[0] if self.family.query_output_module(self.model) is None else None  # else recorded
         if self._call is None and self.is_video:
             raise RuntimeError(
                 "inside pruned(), run the model through model.generate(...), model(...) or catp.select_queries(...): "
                 f"they tell the pruning layer the number of {self.family.group}s"
             )
+        rows, num_queries = output.shape[:2]
+        if num_queries != self.num_query_tokens:
+            raise ValueError(f"{type(module).__name__} got {num_queries} tokens per image, expected "
+                             f"{self.num_query_tokens} {self.family.connector}")
         groups = self._call.groups if self._call is not None else torch.ones(rows, dtype=torch.long)
         if int(groups.sum()) != rows:
             raise ValueError(f"{type(module).__name__} got {rows} rows, but the call's samples hold {int(groups.sum())} "
@@ -278,11 +287,12 @@ class PruningSession:
         """Check a call's inputs and remember it until the language model runs."""
         if pixel_values is None:
             raise ValueError(f"{mode}() needs pixel_values")
-        groups = self.family.groups_per_sample(self.model, pixel_values)
+        groups = self.family.groups_per_sample(self.model, pixel_values, input_ids)
+        num_queries = self.family.queries_for(self.model, pixel_values)
         if input_ids is not None:
-            check_placeholders(input_ids, placeholder_token_id(self.model), self.num_query_tokens, groups,
+            check_placeholders(input_ids, placeholder_token_id(self.model), num_queries, groups,
                                self.family.group if self.is_video else None)
-        self._call = _Call(input_ids=input_ids, groups=groups, mode=mode, **extra)  # type: ignore[arg-type]
+        self._call = _Call(input_ids=input_ids, groups=groups, num_queries=num_queries, mode=mode, **extra)  # type: ignore[arg-type]
 
     def _encode_first(self, call: dict[str, Any]) -> dict[str, Any]:
         """For a family that encodes its images first (:attr:`~catp.families.base.Family.encodes_first`):
@@ -295,7 +305,7 @@ class PruningSession:
         if call.get("attention_mask") is None:
             call["attention_mask"] = torch.ones_like(call["input_ids"])
         call.update(self._shorten({"input_ids": call["input_ids"], "attention_mask": call["attention_mask"]}))
-        call.update(self.family.pruned_inputs(encoded, self.keep_indices))
+        call.update(self.family.pruned_inputs(encoded, self.keep_indices, self._call.groups))
         return call
 
     def _shorten(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -575,6 +585,9 @@ def pruned(
     family = check_model(model)
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
+    refusal = family.refusal(model.config, method.needs)
+    if refusal is not None:
+        raise ValueError(f"method {method.name!r} cannot run on {type(model).__name__}: {refusal}")
     check_keep_type(keep)
     if method.selects() and scope in SAMPLE_SCOPES:
         raise ValueError(selector_refusal(method.name))
@@ -584,8 +597,8 @@ def pruned(
             raise ValueError(refusal)
         if scope not in SAMPLE_SCOPES:
             keep.check_tokens(family.num_queries(model.config))  # a min above Q fails here, not mid-call
-    elif scope in SAMPLE_SCOPES:
-        check_keep_value(keep)  # the upper bound, T*Q, once a call gives T
+    elif scope in SAMPLE_SCOPES or not family.fixed_queries(model.config):
+        check_keep_value(keep)  # the upper bound, T*Q or the resolution's Q, once a call gives them
     else:
         keep = resolve_keep(keep, family.num_queries(model.config))
     method.validate(family.num_cross_layers(model.config), keep if isinstance(keep, int) else None)

@@ -12,13 +12,14 @@ from typing import Any
 from torch import nn
 
 from catp.families.base import Family
+from catp.families.aria import ARIA
 from catp.families.blip2 import BLIP2
 from catp.families.idefics2 import IDEFICS2
 
 __all__ = ["FAMILIES", "Family", "MODEL_TYPES", "family_of", "family_of_type", "supported_classes"]
 
 #: Every supported family, in the order messages list them.
-FAMILIES: tuple[Family, ...] = (BLIP2, IDEFICS2)
+FAMILIES: tuple[Family, ...] = (BLIP2, IDEFICS2, ARIA)
 
 #: ``config.model_type`` -> the transformers class catp prunes, over all families.
 MODEL_TYPES: dict[str, str] = {t: c for family in FAMILIES for t, c in family.model_classes.items()}

@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from catp.methods import Needs
 
 
 class Family(ABC):
@@ -38,6 +41,8 @@ class Family(ABC):
         model_inputs: keyword arguments of :func:`catp.select_queries` that go to the model's
             image encoder (:meth:`encode`) rather than to the method.
         vllm_model_types: the model types catp's vLLM plugin serves (empty: none).
+        vllm_architecture: the architecture catp's vLLM plugin registers for them (a class of
+            :mod:`catp.vllm.model`: vLLM's stock model of the family, with pruning), else ``None``.
         encodes_first: the model encodes its images before its language model runs, in a call of
             its own (:meth:`encode`; in ``generate`` before the prefill, as transformers 5.25 does for
             a ``forward`` that takes ``mm_encoder_outputs``). The engine then encodes first, shortens
@@ -57,6 +62,7 @@ class Family(ABC):
     group: ClassVar[str] = "image"
     model_inputs: ClassVar[tuple[str, ...]] = ()
     vllm_model_types: ClassVar[tuple[str, ...]] = ()
+    vllm_architecture: ClassVar[str | None] = None
     encodes_first: ClassVar[bool] = False
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     default_scope: ClassVar[str] = "sample"
@@ -73,6 +79,16 @@ class Family(ABC):
     def num_queries(self, config: Any) -> int:
         """``Q``: the connector's tokens per image (per frame, per crop) before pruning."""
 
+    def fixed_queries(self, config: Any) -> bool:
+        """Whether every image gets the same ``Q`` (:meth:`num_queries`); where not (Aria), ``Q`` depends on the
+        resolution (:meth:`queries_for`) and a fractional ``keep`` is resolved per call."""
+        return True
+
+    def queries_for(self, model: nn.Module, pixel_values: torch.Tensor) -> int:
+        """``Q`` of each group of a call with these ``pixel_values`` (default: :meth:`num_queries`), after checking
+        that the connector takes them (``ValueError``)."""
+        return self.num_queries(model.config)
+
     @abstractmethod
     def num_cross_layers(self, config: Any) -> int:
         """How many connector layers cross-attend to the image (what ``catp-layer`` weights)."""
@@ -88,6 +104,13 @@ class Family(ABC):
     @abstractmethod
     def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules whose probabilities ``selfattn`` reads (empty where the queries never attend to each other)."""
+
+    def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A :meth:`cross_attention_modules` (or :meth:`self_attention_modules`) module's probabilities
+        ``(rows, H, Q, K)`` recomputed in fp32 from the arguments of its call (a forward pre-hook's ``args`` and
+        ``kwargs``: BLIP-2's ``hidden_states`` and ``encoder_hidden_states``, Aria's ``query``, ``key`` and
+        ``attn_mask``), for an engine whose attention returns none (vLLM's SDPA)."""
+        raise NotImplementedError(f"{self.name}: no engine recomputes this family's connector attention")
 
     def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The image columns of a cross-attention module's probabilities.
@@ -111,17 +134,6 @@ class Family(ABC):
         """
         return probabilities[:, :, :num_queries, :num_queries]
 
-    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
-                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
-        """The probabilities of a connector attention module ``(rows, H, Q, K)``, recomputed in fp32 from its
-        inputs, for an engine whose attention returns none (vLLM's SDPA).
-
-        Args:
-            hidden_states: the query side ``(rows, Q, D)``.
-            encoder_hidden_states: the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``.
-        """
-        raise NotImplementedError(f"{self.name}: no engine recomputes this family's connector attention")
-
     def vision_block(self, model: nn.Module) -> nn.Module | None:
         """The last vision block's attention, whose probabilities ``catp-image`` reads; ``None`` where
         catp cannot recompute them (then :meth:`vision_refusal` says why)."""
@@ -142,9 +154,22 @@ class Family(ABC):
         """``(rows, N)`` bool, ``True`` for a real image token, from the arguments of :meth:`image_mask_module`."""
         raise NotImplementedError(f"{self.name}: every image token is real")
 
-    def vision_refusal(self) -> str | None:
-        """Why ``catp-image`` cannot run on this family, or ``None`` when it can."""
+    def vision_refusal(self, config: Any) -> str | None:
+        """Why ``catp-image`` cannot run on a model of this config, or ``None`` when it can."""
         return None
+
+    def self_attention_refusal(self, config: Any) -> str | None:
+        """Why ``selfattn`` cannot run on a model of this config (its queries never attend to each other), or
+        ``None`` when it can."""
+        return None
+
+    def refusal(self, config: Any, needs: Needs) -> str | None:
+        """Why a method with ``needs`` cannot run on a model of this config (:meth:`vision_refusal`,
+        :meth:`self_attention_refusal`), or ``None`` when it can; read off the config alone, so that vLLM's
+        front end can refuse a request before the engine runs it."""
+        reasons = (self.vision_refusal(config) if needs.vision_last_block else None,
+                   self.self_attention_refusal(config) if needs.self_attention else None)
+        return next((reason for reason in reasons if reason is not None), None)
 
     @abstractmethod
     def eager_connector(self, model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -161,6 +186,12 @@ class Family(ABC):
         """The module whose input is the connector output before the LLM projection ``(rows, Q, D)``
         (what ``l2norm`` reads) and whose output is the tokens the LLM receives ``(rows, Q, D_llm)``."""
 
+    def query_output_module(self, model: nn.Module) -> nn.Module | None:
+        """A module whose *output* is the connector output before the LLM projection ``(rows, Q, D)``, where that
+        is not :meth:`output_module`'s input (Aria: a norm and an MLP follow its cross-attention); ``None``
+        (default) where it is."""
+        return None
+
     @abstractmethod
     def language_model(self, model: nn.Module) -> nn.Module:
         """The language model the kept tokens go to."""
@@ -175,9 +206,12 @@ class Family(ABC):
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""
 
     @abstractmethod
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` long: how many connector runs (frames, crops, images) each sample of ``pixel_values``
-        makes, after checking its shape (``ValueError``); 1 for a single image."""
+        makes, after checking its shape (``ValueError``); 1 for a single image. ``input_ids`` ``(B, L)``:
+        the call's prompts, where the family reads the groups off its placeholders (Aria's ``pixel_values``
+        stack the crops of the whole batch); ``None`` without a prompt."""
 
     def has_groups(self, model: nn.Module) -> bool:
         """Whether a sample may hold several groups, so that ``scope=`` applies."""
@@ -193,13 +227,14 @@ class Family(ABC):
         """Run the stock vision tower and connector (and projection) on ``pixel_values``, as the model
         does before its language model; ``inputs``: :attr:`model_inputs` (``ValueError`` when one is missing)."""
 
-    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """Where :attr:`encodes_first`: the stock call's keyword arguments that replace :attr:`image_inputs`,
         with only the kept rows of :meth:`encode`'s output.
 
         Args:
             encoded: what :meth:`encode` returned.
             keep_indices: ``(B, K)`` kept indices, flat over each sample's placeholders, ascending, ``-1`` padded.
+            groups: ``(B,)`` groups per sample (:meth:`groups_per_sample`).
         """
         raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
 

@@ -50,6 +50,7 @@ class Blip2Family(Family):
     group: ClassVar[str] = "frame"
     model_inputs: ClassVar[tuple[str, ...]] = ("qformer_input_ids", "qformer_attention_mask", "interpolate_pos_encoding")
     vllm_model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
+    vllm_architecture: ClassVar[str | None] = "CatpBlip2ForConditionalGeneration"
     default_scope: ClassVar[str] = "video"
     published_layer_weights: ClassVar[bool] = True
 
@@ -75,15 +76,15 @@ class Blip2Family(Family):
     def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [layer.attention.attention for layer in model.qformer.encoder.layer]
 
-    def recomputed_probabilities(self, module: nn.Module, hidden_states: torch.Tensor,
-                                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+    def recomputed_probabilities(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """A Q-Former attention's probabilities ``(rows, H, S, K)`` recomputed in fp32 from its inputs
         (``softmax(q·kᵀ·scaling)``, no mask), for an attention that returns none (vLLM's SDPA).
 
-        Args:
-            hidden_states: the query side ``(rows, S, D)``.
-            encoder_hidden_states: the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``.
+        Its call's arguments: ``hidden_states`` (the query side ``(rows, S, D)``) and ``encoder_hidden_states``
+        (the image tokens ``(rows, K, D_vision)`` for a cross-attention, else ``None``).
         """
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        encoder_hidden_states = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = module.transpose_for_scores(linear_fp32(module.query, hidden_states))
         key = module.transpose_for_scores(linear_fp32(module.key, source))
@@ -133,7 +134,8 @@ class Blip2Family(Family):
     def has_groups(self, model: nn.Module) -> bool:
         return self.is_video(model)
 
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_video(model):
             if pixel_values.dim() != 5:
                 raise ValueError(f"a video model takes pixel_values of shape (batch, frames, channels, height, width), "

@@ -136,7 +136,8 @@ class Idefics2Family(Family):
     def has_groups(self, model: nn.Module) -> bool:
         return True
 
-    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    def groups_per_sample(self, model: nn.Module, pixel_values: torch.Tensor,
+                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Real images (crops) per sample: as the stock ``get_image_features``, an image whose pixels are all 0
         is padding."""
         if pixel_values.dim() != 5:
@@ -152,7 +153,7 @@ class Idefics2Family(Family):
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
         return model.model.get_image_features(pixel_values, inputs.get("pixel_attention_mask"), return_dict=True)
 
-    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor) -> dict[str, Any]:
+    def pruned_inputs(self, encoded: Any, keep_indices: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """``mm_encoder_outputs`` whose ``pooler_output`` holds each sample's kept rows ``(k_b, D)``, in the order
         of its placeholders."""
         rows = [features.index_select(0, kept[kept >= 0].to(features.device))

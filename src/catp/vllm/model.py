@@ -1,14 +1,16 @@
-"""vLLM's BLIP-2 with query-token pruning: the processor, the model and the captures.
+"""vLLM's BLIP-2 and Aria with query-token pruning: the processors, the models and the captures.
 
-Imports vLLM; :mod:`catp.vllm.plugin` registers :class:`CatpBlip2ForConditionalGeneration`
-under :data:`catp.vllm.ARCHITECTURE`. Nothing of vLLM is forked: the classes subclass
-vLLM's BLIP-2 ones and change only
+Imports vLLM; :mod:`catp.vllm.plugin` registers each family's class under its
+:attr:`~catp.families.base.Family.vllm_architecture` (:class:`CatpBlip2ForConditionalGeneration`,
+:data:`catp.vllm.ARCHITECTURE`; :class:`CatpAriaForConditionalGeneration`). Nothing of vLLM is
+forked: the classes subclass vLLM's own ones (through the mixins :class:`CatpProcessingInfo`,
+:class:`CatpProcessor` and :class:`CatpModel`, which hold everything the families share) and change only
 
 * the processor (front-end process): each request's settings (:meth:`Settings.with_request`)
-  are checked, the prompt gets ``k`` image placeholders instead of ``Q``, and each image's
+  are checked, the prompt gets ``k`` image placeholders instead of ``Q`` (the family's own prompt update), and each image's
   :class:`~catp.vllm.ImageRequest` rides along as the multimodal field ``catp``;
-* the model (engine core process): :meth:`~CatpBlip2ForConditionalGeneration.embed_multimodal`
-  runs vLLM's own vision tower, Q-Former and projection under forward pre-hooks that
+* the model (engine core process): :meth:`~CatpModel.embed_multimodal`
+  runs vLLM's own vision tower, connector and projection under hooks that
   capture what the methods need (:class:`ConnectorCapture`, with :mod:`catp.capture` and the
   model's family, :mod:`catp.families`), hands them to the same method
   objects and :func:`choose` as the Hugging Face path, and returns each image's kept rows in
@@ -30,10 +32,15 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
+from vllm.model_executor.models.aria import (
+    AriaDummyInputsBuilder,
+    AriaForConditionalGeneration,
+    AriaMultiModalProcessor,
+    AriaProcessingInfo,
+)
 from vllm.model_executor.models.blip2 import (
     Blip2DummyInputsBuilder,
     Blip2ForConditionalGeneration,
-    Blip2ImageInputs,
     Blip2MultiModalProcessor,
     Blip2ProcessingInfo,
 )
@@ -41,7 +48,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItem, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, PromptUpdate
+from vllm.multimodal.processing import PromptIndexTargets, PromptInsertion, PromptReplacement, PromptUpdate
 
 from catp.capture import Recorder, union, watch
 from catp.families import Family
@@ -52,6 +59,7 @@ from catp.vllm import (
     ImageRequest,
     Settings,
     check_engine,
+    check_served,
     engine_settings,
     image_tag,
     recording,
@@ -59,10 +67,16 @@ from catp.vllm import (
 )
 
 __all__ = [
+    "CatpAriaForConditionalGeneration",
+    "CatpAriaMultiModalProcessor",
+    "CatpAriaProcessingInfo",
     "CatpBlip2Config",
     "CatpBlip2ForConditionalGeneration",
     "CatpBlip2MultiModalProcessor",
     "CatpBlip2ProcessingInfo",
+    "CatpModel",
+    "CatpProcessingInfo",
+    "CatpProcessor",
     "ConnectorCapture",
 ]
 
@@ -75,7 +89,7 @@ _TP_KEY = "catp_tensor_parallel_size"
 class CatpBlip2Config(VerifyAndUpdateConfig):
     """Checks the engine's settings in the front end, when the engine's config is built.
 
-    vLLM calls it for :data:`~catp.vllm.ARCHITECTURE` (``MODELS_CONFIG_MAP``) in the process
+    vLLM calls it for each family's architecture (``MODELS_CONFIG_MAP``) in the process
     that builds the engine, so a bad ``hf_overrides`` fails ``LLM(...)`` / the server (``catp serve``) at
     once with the message, before the engine core starts.
     """
@@ -88,8 +102,8 @@ class CatpBlip2Config(VerifyAndUpdateConfig):
         setattr(hf_config, _TP_KEY, tp)
 
 
-class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
-    """BLIP-2's processing info, with each request's kept count as its image token count."""
+class CatpProcessingInfo:
+    """Mixed into a family's vLLM processing info: each request's kept count as its image token count."""
 
     def catp_request(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> tuple[Settings, int]:
         """A request's settings (the engine's, overridden by its ``mm_processor_kwargs``), checked; and its count.
@@ -107,10 +121,7 @@ class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
                              f"{', '.join(REQUEST_KEYS)} per request")
         merged = self.ctx.get_merged_mm_kwargs(request)  # + the engine's mm_processor_kwargs
         settings = engine_settings(config).with_request(merged)
-        tp = int(getattr(config, _TP_KEY, 1))
-        family = served_family(config.model_type)
-        k = settings.check(family.num_queries(config), family.num_cross_layers(config), tp)
-        return settings, k
+        return settings, check_served(settings, config, int(getattr(config, _TP_KEY, 1)))
 
     def get_num_image_tokens(self, mm_processor_kwargs: Mapping[str, object] | None = None) -> int:
         return self.catp_request(mm_processor_kwargs)[1]
@@ -121,10 +132,11 @@ class CatpBlip2ProcessingInfo(Blip2ProcessingInfo):
         return {"image": served_family(config.model_type).num_queries(config)}
 
 
-class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
-    """BLIP-2's processor: ``k`` placeholders per image, and each image's request for the engine."""
+class CatpProcessor:
+    """Mixed into a family's vLLM processor: each image's request for the engine (the family's class
+    puts ``k`` placeholders per image in its ``_get_prompt_updates``)."""
 
-    info: CatpBlip2ProcessingInfo
+    info: CatpProcessingInfo
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -143,7 +155,7 @@ class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
         q = served_family(config.model_type).num_queries(config)
         embeds = processed_data.get("image_embeds")
         if embeds is not None and k != q:
-            raise ValueError(f"precomputed image_embeds skip the Q-Former, so catp cannot prune them: they need keep={q} "
+            raise ValueError(f"precomputed image_embeds skip the connector, so catp cannot prune them: they need keep={q} "
                              f"(this request keeps {k})")
         pixels = processed_data.get("pixel_values")
         images = mm_inputs.get("images")
@@ -157,11 +169,35 @@ class CatpBlip2MultiModalProcessor(Blip2MultiModalProcessor):
         processed_data[FIELD] = torch.tensor([list(r.ljust(width, b"\0")) for r in requests], dtype=torch.uint8).reshape(count, width)
         return processed_data
 
+
+
+class CatpBlip2ProcessingInfo(CatpProcessingInfo, Blip2ProcessingInfo):
+    """BLIP-2's processing info, with each request's kept count as its image token count."""
+
+
+class CatpBlip2MultiModalProcessor(CatpProcessor, Blip2MultiModalProcessor):
+    """BLIP-2's processor: ``k`` placeholders at the start of the prompt, and each image's request for the engine."""
+
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
         image_token_id = self.info.get_tokenizer().get_vocab()["<image>"]
         k = self.info.get_num_image_tokens(hf_processor_mm_kwargs)
         return [PromptInsertion(modality="image", target=PromptIndexTargets.start(), insertion=[image_token_id] * k)]
+
+
+class CatpAriaProcessingInfo(CatpProcessingInfo, AriaProcessingInfo):
+    """Aria's processing info, with each request's kept count as its image token count (vLLM's Aria gives
+    every image the largest ``Q``, :meth:`~catp.families.aria.AriaFamily.num_queries`)."""
+
+
+class CatpAriaMultiModalProcessor(CatpProcessor, AriaMultiModalProcessor):
+    """Aria's processor: each ``<|img|>`` becomes ``k`` of them, and each image's request for the engine."""
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.get_hf_config().image_token_index
+        k = self.info.get_num_image_tokens(hf_processor_mm_kwargs)
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * k)]
 
 
 def _decode_requests(data: torch.Tensor | Sequence[torch.Tensor]) -> list[ImageRequest]:
@@ -175,16 +211,17 @@ class ConnectorCapture:
     """Forward pre-hooks that record, during one stock vision + connector + projection run,
     what methods with ``needs`` read, as the Hugging Face path captures it.
 
-    vLLM's connector attention runs SDPA and returns no probabilities: they are recomputed
-    (:meth:`~catp.families.blip2.Blip2Family.recomputed_probabilities`, in fp32) from the inputs of
-    the modules a method needs (:func:`catp.capture.watch`). ``catp-image``'s last ViT block is
-    recomputed likewise from its fused ``qkv`` (tensor-parallel size 1: all heads on this rank).
-    The stock computation is not changed.
+    vLLM's connector attention returns no probabilities: they are recomputed in fp32 from the
+    inputs of the modules a method needs (:func:`catp.capture.watch`,
+    :meth:`~catp.families.base.Family.recomputed_probabilities`). ``catp-image``'s last vision
+    block is recomputed likewise (tensor-parallel size 1: all heads on this rank). Padded image
+    tokens are read off the family's :meth:`~catp.families.base.Family.image_mask_module`. The stock
+    computation is not changed.
 
     Use as a context manager around the run; then :meth:`captures`.
     """
 
-    model: Blip2ForConditionalGeneration
+    model: nn.Module
     family: Family
     needs: Needs
     recorder: Recorder = field(default_factory=Recorder)
@@ -200,7 +237,13 @@ class ConnectorCapture:
                 self.recorder.self_attention, lambda probs: self.family.latent_probabilities(probs, q)))
         if watched.vision is not None:
             self._register(watched.vision, self._on_vision_attention)
-        self._register(self.family.output_module(self.model), self._on_projection)
+        if watched.image_mask is not None:
+            self._register(watched.image_mask, self._on_image_mask)
+        query_output = self.family.query_output_module(self.model)
+        if query_output is None:
+            self._register(self.family.output_module(self.model), self._on_projection)
+        else:
+            self._handles.append(query_output.register_forward_hook(self._on_query_output))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -217,39 +260,47 @@ class ConnectorCapture:
 
     def _on_connector_attention(self, into: list[torch.Tensor], part: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = self._argument(args, kwargs, 0, "hidden_states")
-            encoder = self._argument(args, kwargs, 1, "encoder_hidden_states")
-            into.append(part(self.family.recomputed_probabilities(module, hidden, encoder)))
+            into.append(part(self.family.recomputed_probabilities(module, args, kwargs)))
 
         return hook
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.recorder.vision = self.family.vision_probabilities(module, self._argument(args, kwargs, 0, "hidden_states"))
+        self.recorder.vision = self.family.vision_probabilities(module, self._argument(args, kwargs, 0, "hidden_states"),
+                                                                self._argument(args, kwargs, 1, "attention_mask"))
+
+    def _on_image_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.recorder.image_mask = self.family.image_mask(args, kwargs)
 
     def _on_projection(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.recorder.query_output = self._argument(args, kwargs, 0, "input")
+
+    def _on_query_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.recorder.query_output = output
 
     def captures(self, needs: Needs, projected: torch.Tensor) -> Captures:
         """The batch's :class:`~catp.methods.Captures`, with what a method with ``needs`` reads.
 
         Args:
             needs: the method's needs (a subset of what was captured).
-            projected: the batch's ``language_projection`` output ``(B, Q, D_llm)``.
+            projected: the batch's projected connector output ``(B, Q, D_llm)``.
         """
-        assert self.recorder.query_output is not None, "the language projection did not run inside the capture"
+        assert self.recorder.query_output is not None, "the connector output was not recorded inside the capture"
         return self.recorder.captures(needs, projected, published_layer_weights=self.family.published_layer_weights)
 
 
-@MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)
-class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
-    """vLLM's BLIP-2 whose language model receives only each image's kept query tokens.
+class CatpModel:
+    """Mixed into a family's vLLM model: its language model receives only each image's kept tokens.
 
     The settings come from ``config.catp`` (the engine's) and each request's
-    ``mm_processor_kwargs``; see :mod:`catp.vllm`.
+    ``mm_processor_kwargs``; see :mod:`catp.vllm`. The family's class calls :meth:`_catp_init`
+    after the stock ``__init__``; the stock ``_parse_and_validate_image_input`` and
+    ``_process_image_input`` (the projected connector output, ``(B, Q, D_llm)`` or one ``(Q, D_llm)`` per
+    image) run unchanged.
     """
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    config: Any
+
+    def _catp_init(self, vllm_config: VllmConfig) -> None:
         # Checked again here in case the front-end hook did not run (another vLLM version).
         check_engine(self.config, int(vllm_config.parallel_config.tensor_parallel_size))
         self._methods: dict[str, PruningMethod] = {}
@@ -272,7 +323,7 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
             return self._process_image_input(image_input)  # stock: nothing pruned, nothing scored
         return self._pruned_embeddings(image_input, requests)
 
-    def _pruned_embeddings(self, image_input: Blip2ImageInputs, requests: list[ImageRequest]) -> list[torch.Tensor]:
+    def _pruned_embeddings(self, image_input: Any, requests: list[ImageRequest]) -> list[torch.Tensor]:
         """Each image's kept rows of the projected query tokens, ascending."""
         family = served_family(self.config.model_type)
         q = family.num_queries(self.config)
@@ -306,6 +357,15 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
                               "keep": request.keep, "kept": keep.tolist()}
                     f.write(json.dumps(record) + "\n")
 
+
+@MULTIMODAL_REGISTRY.register_processor(CatpBlip2MultiModalProcessor, info=CatpBlip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder)
+class CatpBlip2ForConditionalGeneration(CatpModel, Blip2ForConditionalGeneration):
+    """vLLM's BLIP-2 whose language model receives only each image's kept query tokens (:class:`CatpModel`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._catp_init(vllm_config)
+
     def get_mm_lora_token_counts(self, *, modality: str, mm_kwargs: MultiModalKwargsItem | None,
                                  num_mm_embeds: int) -> tuple[int, int | None]:
         """Tokens the tower and the connector process for ``num_mm_embeds`` embeddings.
@@ -319,3 +379,12 @@ class CatpBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
             return 0, 0
         images = 1 if mm_kwargs is not None else num_mm_embeds
         return images * self._vision_tokens_per_image, images * served_family(self.config.model_type).num_queries(self.config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(CatpAriaMultiModalProcessor, info=CatpAriaProcessingInfo, dummy_inputs=AriaDummyInputsBuilder)
+class CatpAriaForConditionalGeneration(CatpModel, AriaForConditionalGeneration):
+    """vLLM's Aria whose language model receives only each image's kept projector queries (:class:`CatpModel`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._catp_init(vllm_config)

@@ -1,29 +1,32 @@
-"""The ``vllm.general_plugins`` entry point: registers catp's BLIP-2 architecture with vLLM.
+"""The ``vllm.general_plugins`` entry point: registers catp's architectures (BLIP-2, Aria) with vLLM.
 
 vLLM calls :func:`register` in every process it starts (the front end and each engine
 core), possibly more than once; registering again is harmless. The model class is
 registered by import path, so vLLM imports :mod:`catp.vllm.model` only when an engine asks
-for :data:`~catp.vllm.ARCHITECTURE`: stock BLIP-2 serving is untouched.
+for one of them (:attr:`~catp.families.base.Family.vllm_architecture`): stock serving is untouched.
 """
 
 from __future__ import annotations
 
-from catp.vllm import ARCHITECTURE
+from catp.families import FAMILIES
 
 __all__ = ["register"]
 
 
 def register() -> None:
-    """Register :data:`~catp.vllm.ARCHITECTURE` and its engine-config check with vLLM."""
+    """Register each served family's architecture and its engine-config check with vLLM."""
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, "catp.vllm.model:CatpBlip2ForConditionalGeneration")
+    architectures = [f.vllm_architecture for f in FAMILIES if f.vllm_architecture is not None]
+    for name in architectures:
+        ModelRegistry.register_model(name, f"catp.vllm.model:{name}")
     try:
         # Checks the settings when the engine's config is built, in the front end.
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     except ImportError:  # another vLLM layout: the model checks them when it is built
         return
-    MODELS_CONFIG_MAP[ARCHITECTURE] = _config_check()
+    for name in architectures:
+        MODELS_CONFIG_MAP[name] = _config_check()
 
 
 def _config_check() -> type:
