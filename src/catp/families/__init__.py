@@ -16,7 +16,7 @@ from catp.families.aria import ARIA
 from catp.families.blip2 import BLIP2
 from catp.families.idefics2 import IDEFICS2
 
-__all__ = ["FAMILIES", "Family", "MODEL_TYPES", "family_of", "family_of_type", "supported_classes"]
+__all__ = ["FAMILIES", "Family", "MODEL_TYPES", "family_of", "family_of_type", "num_queries", "supported_classes"]
 
 #: Every supported family, in the order messages list them.
 FAMILIES: tuple[Family, ...] = (BLIP2, IDEFICS2, ARIA)
@@ -57,3 +57,9 @@ def family_of(model: nn.Module) -> Family:
             return family
     raise ValueError(f"{type(model).__name__} has no Q-Former or other cross-attention connector that catp prunes; "
                      f"catp supports {supported_classes()}")
+
+
+def num_queries(config: Any) -> int:
+    """``Q`` of a model of a supported family, from its config: the connector's tokens per image (per frame, per
+    crop; the largest where it depends on the resolution)."""
+    return family_of_type(config.model_type).num_queries(config)

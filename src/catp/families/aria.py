@@ -61,6 +61,7 @@ class AriaFamily(Family):
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_mask")
     default_scope: ClassVar[str] = "group"
+    prompt_image: ClassVar[str | None] = "<|img|>"
     vllm_model_types: ClassVar[tuple[str, ...]] = ("aria",)
     vllm_architecture: ClassVar[str | None] = "CatpAriaForConditionalGeneration"
 

@@ -54,6 +54,9 @@ class Family(ABC):
             weights) are of this family's connector (only BLIP-2's Q-Former).
         default_scope: what ``keep`` counts over where a sample holds several groups
             (:data:`catp.selection.SCOPES`): a whole sample, or each group.
+        prompt_image: the text a prompt holds where an image goes, which the family's processor expands
+            into the placeholders (Idefics2's ``<image>``); ``None`` where the processor puts the
+            placeholders in front of the prompt itself (BLIP-2).
     """
 
     name: ClassVar[str]
@@ -67,6 +70,7 @@ class Family(ABC):
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     default_scope: ClassVar[str] = "sample"
     published_layer_weights: ClassVar[bool] = False
+    prompt_image: ClassVar[str | None] = None
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -200,7 +204,23 @@ class Family(ABC):
         """Whether the language model is decoder-only (left fillers) rather than an encoder-decoder (right fillers)."""
         return True
 
-    # -- placeholders -----------------------------------------------------------------
+    # -- prompts and placeholders -----------------------------------------------------
+    def prompt_for(self, template: str) -> str:
+        """A one-image prompt ``template`` as this family's processor takes it: :attr:`prompt_image` in front
+        unless the template already holds it."""
+        if self.prompt_image is None or self.prompt_image in template:
+            return template
+        return self.prompt_image + template
+
+    def prepare_processor(self, processor: Any) -> Any:
+        """Settle what a processor loaded from a checkpoint needs before it runs (default: nothing); returns it."""
+        return processor
+
+    def placeholder_mask(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``(B, S)`` bool: the positions of a processor's ``inputs`` that the connector's rows fill (default: the
+        :meth:`placeholder_token_id` positions of ``input_ids``)."""
+        return inputs["input_ids"] == self.placeholder_token_id(model)
+
     @abstractmethod
     def placeholder_token_id(self, model: nn.Module) -> int:
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset)."""

@@ -58,6 +58,7 @@ class Idefics2Family(Family):
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_attention_mask")
     default_scope: ClassVar[str] = "group"
+    prompt_image: ClassVar[str | None] = "<image>"
 
     @staticmethod
     def resampler(model: nn.Module) -> nn.Module:

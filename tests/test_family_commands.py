@@ -1,0 +1,85 @@
+"""Every command on every family beyond BLIP-2: ``catp eval``, ``diagnose``, ``explain`` and ``bench`` run on a
+tiny checkpoint of each registered family saved with ``save_pretrained`` (:func:`tiny_families.save_tiny_checkpoint`),
+which ``--model`` recognises from its config; a model without a supported connector gets one line naming the
+supported classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_eval import said
+from tiny_families import save_tiny_checkpoint, saved_num_queries
+from typer.testing import CliRunner
+
+from catp.cli.app import app
+from catp.evaluation import harness
+from catp.evaluation.harness import UNPRUNED
+from catp.families import FAMILIES, supported_classes
+
+#: The registered families other than BLIP-2 (whose commands have their own tests).
+NEW_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.name != "blip2")
+COLORS = ("red", "blue", "green")
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny checkpoint of the family, model and processor saved with ``save_pretrained``."""
+    return save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory) -> Path:
+    """4 questions over 3 plain images, as a JSONL file."""
+    root = tmp_path_factory.mktemp("family-data")
+    for i, color in enumerate(COLORS):
+        Image.new("RGB", (32, 32), color).save(root / f"{i}.png")
+    lines = [json.dumps({"id": f"q{i}", "image": f"{i % len(COLORS)}.png", "question": "what color is the shape ?",
+                         "answers": [COLORS[i % len(COLORS)]]}) for i in range(4)]
+    (root / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "questions.jsonl"
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(app, [*args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
+def test_eval_runs_pruned_and_unpruned(checkpoint, questions, tmp_path):
+    out = tmp_path / "run"
+    run("eval", "--model", str(checkpoint), "--dataset", str(questions), "--out", str(out), "--methods", "catp,first",
+        "--keep", "2", "--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "3", "--no-progress")
+    records = harness.read_predictions(out)
+    assert sorted(records) == sorted((name, f"q{i}") for name in (UNPRUNED, "catp@2", "first@2") for i in range(4))
+    # Unpruned: the processor's placeholders for one image (Q; Aria's processor resizes to its large side: 2Q).
+    assert {r["kept"] for (name, _), r in records.items() if name == UNPRUNED} <= {saved_num_queries("idefics2"),
+                                                                              2 * saved_num_queries("aria")}
+    for (name, qid), record in records.items():
+        if name != UNPRUNED:  # the same text, with 2 connector tokens
+            full = records[(UNPRUNED, qid)]
+            assert record["kept"] == 2
+            assert full["llm_tokens"] - record["llm_tokens"] == full["kept"] - 2
+    assert (out / "summary.json").is_file()
+
+
+def test_eval_none_alone(checkpoint, questions, tmp_path):
+    run("eval", "--model", str(checkpoint), "--dataset", str(questions), "--out", str(tmp_path / "run"), "--methods", "none",
+        "--num-beams", "2", "--max-new-tokens", "2", "--limit", "2", "--no-progress")
+    assert {name for name, _ in harness.read_predictions(tmp_path / "run")} == {UNPRUNED}
+
+
+@pytest.mark.parametrize("command", ["eval", "diagnose", "explain", "bench"])
+def test_a_model_without_a_supported_connector_is_one_line(command, tmp_path):
+    from transformers import LlavaConfig
+
+    LlavaConfig(text_config=dict(model_type="llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, vocab_size=64),
+                vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, image_size=32, patch_size=8)).save_pretrained(tmp_path / "llava")
+    result = run(command, "--model", str(tmp_path / "llava"), code=2)
+    assert said(result.output, "a 'llava' model has no Q-Former or other cross-attention connector that catp prunes")
+    assert said(result.output, supported_classes())
+    assert "Traceback" not in result.output
