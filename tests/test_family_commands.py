@@ -83,3 +83,16 @@ def test_a_model_without_a_supported_connector_is_one_line(command, tmp_path):
     assert said(result.output, "a 'llava' model has no Q-Former or other cross-attention connector that catp prunes")
     assert said(result.output, supported_classes())
     assert "Traceback" not in result.output
+
+
+def test_diagnose(checkpoint, tmp_path):
+    out = tmp_path / "diagnosis.json"
+    run("diagnose", "--model", str(checkpoint), "--limit", "3", "--methods", "catp,first,random", "--keep", "2", "--out", str(out),
+        "--no-progress")
+    figures = json.loads(out.read_text())
+    assert figures["num_images"] == 3 and figures["keep"] == 2
+    assert set(figures["distinct_kept_sets"]) == {"catp", "first", "random"}
+    assert figures["distinct_kept_sets"]["first"] == 1
+    assert len(figures["map_correlation"]) == len(figures["attention_entropy"]) >= 1
+    assert 0 < figures["effective_rank"] <= figures["num_queries"]
+    assert all(0 < e <= 1 for e in figures["attention_entropy"])

@@ -481,13 +481,20 @@ def capture_connector(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]
     def on_output(module: nn.Module, args: tuple) -> None:
         captured["outputs"].append(args[0].detach().float().cpu())
 
+    def on_query_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured["outputs"].append(output.detach().float().cpu())
+
     def on_cross(module: nn.Module, args: tuple, output: tuple) -> None:
         captured["cross"].append(family.image_probabilities(output[1].detach()).float().cpu())
 
     handles = []
     with family.eager_connector(model):
         try:
-            handles.append(family.output_module(model).register_forward_pre_hook(on_output))
+            query_output = family.query_output_module(model)
+            if query_output is None:
+                handles.append(family.output_module(model).register_forward_pre_hook(on_output))
+            else:
+                handles.append(query_output.register_forward_hook(on_query_output))
             handles += [module.register_forward_hook(on_cross) for module in family.cross_attention_modules(model)]
             yield captured
         finally:

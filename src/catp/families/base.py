@@ -54,6 +54,8 @@ class Family(ABC):
             weights) are of this family's connector (only BLIP-2's Q-Former).
         default_scope: what ``keep`` counts over where a sample holds several groups
             (:data:`catp.selection.SCOPES`): a whole sample, or each group.
+        class_tokens: image columns of the connector's attention before the patches (a ViT's class token), which
+            the patch grid of a map (``catp explain``, ``catp diagnose``) leaves out.
         prompt_image: the text a prompt holds where an image goes, which the family's processor expands
             into the placeholders (Idefics2's ``<image>``); ``None`` where the processor puts the
             placeholders in front of the prompt itself (BLIP-2).
@@ -71,6 +73,7 @@ class Family(ABC):
     default_scope: ClassVar[str] = "sample"
     published_layer_weights: ClassVar[bool] = False
     prompt_image: ClassVar[str | None] = None
+    class_tokens: ClassVar[int] = 0
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -211,6 +214,10 @@ class Family(ABC):
         if self.prompt_image is None or self.prompt_image in template:
             return template
         return self.prompt_image + template
+
+    def image_batch(self, images: list[Any]) -> Any:
+        """One image per sample, as the family's image processor takes a batch (default: the flat list)."""
+        return images
 
     def prepare_processor(self, processor: Any) -> Any:
         """Settle what a processor loaded from a checkpoint needs before it runs (default: nothing); returns it."""

@@ -53,6 +53,7 @@ class Blip2Family(Family):
     vllm_architecture: ClassVar[str | None] = "CatpBlip2ForConditionalGeneration"
     default_scope: ClassVar[str] = "video"
     published_layer_weights: ClassVar[bool] = True
+    class_tokens: ClassVar[int] = 1
 
     def is_video(self, model: nn.Module) -> bool:
         """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""

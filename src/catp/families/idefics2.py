@@ -127,6 +127,10 @@ class Idefics2Family(Family):
         return model.model.text_model
 
     # -- placeholders -------------------------------------------------------------------
+    def image_batch(self, images: list[Any]) -> Any:
+        """A list of images per sample: the image processor reads a flat list as the images of one sample."""
+        return [[image] for image in images]
+
     def placeholder_token_id(self, model: nn.Module) -> int:
         token = getattr(model.config, "image_token_id", None)
         if token is None:
