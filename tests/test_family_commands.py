@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from test_eval import said
 from tiny_families import save_tiny_checkpoint, saved_num_queries
@@ -79,7 +80,8 @@ def test_a_model_without_a_supported_connector_is_one_line(command, tmp_path):
                                  intermediate_size=32, vocab_size=64),
                 vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, image_size=32, patch_size=8)).save_pretrained(tmp_path / "llava")
-    result = run(command, "--model", str(tmp_path / "llava"), code=2)
+    required = ["--out", str(tmp_path / "figure.png")] if command == "explain" else []
+    result = run(command, "--model", str(tmp_path / "llava"), *required, code=2)
     assert said(result.output, "a 'llava' model has no Q-Former or other cross-attention connector that catp prunes")
     assert said(result.output, supported_classes())
     assert "Traceback" not in result.output
@@ -96,3 +98,33 @@ def test_diagnose(checkpoint, tmp_path):
     assert len(figures["map_correlation"]) == len(figures["attention_entropy"]) >= 1
     assert 0 < figures["effective_rank"] <= figures["num_queries"]
     assert all(0 < e <= 1 for e in figures["attention_entropy"])
+
+
+def test_explain(checkpoint, tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    figure, page = tmp_path / "explain.png", tmp_path / "explain.html"
+    result = run("explain", "--model", str(checkpoint), "--image", str(image), "--question", "what color is the shape ?",
+                 "--methods", "catp,first", "--keep", "2", "--max-new-tokens", "2", "--out", str(figure), "--html", str(page))
+    assert figure.stat().st_size > 0 and page.stat().st_size > 0
+    assert said(result.output, "first keep 2:") and said(result.output, "kept [0, 1]")
+
+
+def test_explanation_maps_are_each_latents_attention_over_the_patch_grid(checkpoint):
+    from catp.explanation import explain
+    from catp.hf import capture_connector
+    from catp.models import load_model
+
+    model, processor = load_model(str(checkpoint))
+    explanation = explain(model, processor, Image.new("RGB", (32, 32), "blue"), "what color ?", methods=["catp"], keep=2,
+                          max_new_tokens=1)
+    inputs = processor(images=Image.new("RGB", (32, 32), "blue"), text=explanation.prompt, return_tensors="pt")
+    with capture_connector(model) as captured:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    maps = explanation.cross_attention  # (L, Q, gh, gw): every image column is a patch (no class token)
+    first = captured["cross"][0].mean(dim=1)[0]  # (Q, N)
+    assert maps.shape[0] == len(captured["cross"]) and maps.shape[1] == first.shape[0]
+    assert maps.shape[2] * maps.shape[3] == first.shape[1]
+    assert torch.allclose(maps[0].flatten(1), first)
+    kept = explanation.methods["catp"].kept
+    assert kept.shape == (2,)
