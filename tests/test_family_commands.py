@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,3 +137,36 @@ def test_commands_not_yet_run_on_the_family_refuse_in_one_line(command, checkpoi
     result = run(command, "--model", str(checkpoint), *required, code=2)
     assert said(result.output, f"catp {command} runs blip2 models only so far")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("family_name", NEW_FAMILIES)
+def test_connector_flops_equal_a_count_of_the_stock_connector(family_name):
+    """The family's connector FLOPs formula against torch's count of the matrix products of one connector run."""
+    from tiny_families import tiny_inputs, tiny_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from catp.families import family_of
+
+    model = tiny_model(family_name)
+    family = family_of(model)
+    inputs = tiny_inputs(family_name, images_per_sample=(1,))
+    encoder_inputs = {name: inputs[name] for name in family.model_inputs if name in inputs}
+    connector = family.output_module(model) if family.query_output_module(model) is not None else model.model.connector
+    seen: dict[str, Any] = {}
+
+    def patches(module, args, output) -> None:
+        seen["image_tokens"] = output[0].shape[1]
+
+    def arguments(module, args, kwargs) -> None:
+        seen["call"] = (args, kwargs)
+
+    hooks = [family.vision_tower(model).register_forward_hook(patches),
+             connector.register_forward_pre_hook(arguments, with_kwargs=True)]
+    with torch.no_grad():
+        family.encode(model, inputs["pixel_values"], **encoder_inputs)
+    for hook in hooks:
+        hook.remove()
+    args, kwargs = seen["call"]
+    with family.eager_connector(model), FlopCounterMode(display=False) as counter:
+        connector(*args, **kwargs)
+    assert counter.get_total_flops() == family.connector_flops(model.config, seen["image_tokens"])

@@ -96,6 +96,12 @@ class Family(ABC):
         that the connector takes them (``ValueError``)."""
         return self.num_queries(model.config)
 
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """FLOPs of one connector run (one image, frame or crop) over ``image_tokens`` vision tokens, up to the tokens
+        the LLM receives, all ``Q`` queries (pruning comes after): matrix products only, 2 per multiply-accumulate, as
+        :mod:`catp.bench.flops` counts."""
+        raise NotImplementedError(f"{self.name}: no connector FLOPs stated")
+
     @abstractmethod
     def num_cross_layers(self, config: Any) -> int:
         """How many connector layers cross-attend to the image (what ``catp-layer`` weights)."""

@@ -72,6 +72,19 @@ class Idefics2Family(Family):
     def num_cross_layers(self, config: Any) -> int:
         return int(config.perceiver_config.resampler_depth)
 
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """``N (4 D_v F_t + 2 F_t D)`` for ``modality_projection`` (a gated MLP, vision width ``D_v`` to the text width
+        ``D`` through the text MLP width ``F_t``), then per resampler layer, over ``N + Q`` keys:
+        ``2 Q D a + 4 (N + Q) D kv + 4 Q (N + Q) a + 2 Q a D + 24 Q D^2`` (query, key/value and output projections,
+        attention, the gated MLP of width ``4 D``); ``a`` the heads' width, ``kv`` the key/value heads' width."""
+        perceiver, n = config.perceiver_config, image_tokens
+        q, d = self.num_queries(config), int(config.text_config.hidden_size)
+        a = int(perceiver.resampler_n_heads) * int(perceiver.resampler_head_dim)
+        kv = int(perceiver.num_key_value_heads) * int(perceiver.resampler_head_dim)
+        f_t, d_v = int(config.text_config.intermediate_size), int(config.vision_config.hidden_size)
+        layer = 2 * q * d * a + 4 * (n + q) * d * kv + 4 * q * (n + q) * a + 2 * q * a * d + 24 * q * d * d
+        return n * (4 * d_v * f_t + 2 * f_t * d) + self.num_cross_layers(config) * layer
+
     # -- attention ----------------------------------------------------------------------
     def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [layer.self_attn for layer in self.resampler(model).layers]
