@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from test_eval import said
-from tiny_families import save_tiny_checkpoint, saved_num_queries
+from tiny_families import save_tiny_checkpoint
 from typer.testing import CliRunner
 
 from catp.cli.app import app
@@ -56,9 +56,8 @@ def test_eval_runs_pruned_and_unpruned(checkpoint, questions, tmp_path):
         "--keep", "2", "--num-beams", "1", "--max-new-tokens", "2", "--batch-size", "3", "--no-progress")
     records = harness.read_predictions(out)
     assert sorted(records) == sorted((name, f"q{i}") for name in (UNPRUNED, "catp@2", "first@2") for i in range(4))
-    # Unpruned: the processor's placeholders for one image (Q; Aria's processor resizes to its large side: 2Q).
-    assert {r["kept"] for (name, _), r in records.items() if name == UNPRUNED} <= {saved_num_queries("idefics2"),
-                                                                              2 * saved_num_queries("aria")}
+    # Unpruned: the processor's placeholders for one image, the same for every question.
+    assert len({r["kept"] for (name, _), r in records.items() if name == UNPRUNED}) == 1
     for (name, qid), record in records.items():
         if name != UNPRUNED:  # the same text, with 2 connector tokens
             full = records[(UNPRUNED, qid)]
@@ -151,22 +150,15 @@ def test_connector_flops_equal_a_count_of_the_stock_connector(family_name):
     family = family_of(model)
     inputs = tiny_inputs(family_name, images_per_sample=(1,))
     encoder_inputs = {name: inputs[name] for name in family.model_inputs if name in inputs}
-    connector = family.output_module(model) if family.query_output_module(model) is not None else model.model.connector
     seen: dict[str, Any] = {}
 
     def patches(module, args, output) -> None:
         seen["image_tokens"] = output[0].shape[1]
 
-    def arguments(module, args, kwargs) -> None:
-        seen["call"] = (args, kwargs)
-
-    hooks = [family.vision_tower(model).register_forward_hook(patches),
-             connector.register_forward_pre_hook(arguments, with_kwargs=True)]
-    with torch.no_grad():
-        family.encode(model, inputs["pixel_values"], **encoder_inputs)
-    for hook in hooks:
-        hook.remove()
-    args, kwargs = seen["call"]
+    tower = family.vision_tower(model)
+    hook = tower.register_forward_hook(patches)
     with family.eager_connector(model), FlopCounterMode(display=False) as counter:
-        connector(*args, **kwargs)
-    assert counter.get_total_flops() == family.connector_flops(model.config, seen["image_tokens"])
+        family.encode(model, inputs["pixel_values"], **encoder_inputs)  # the vision tower, then the connector
+    hook.remove()
+    connector = counter.get_total_flops() - sum(counter.get_flop_counts()[type(tower).__name__].values())
+    assert connector == family.connector_flops(model.config, seen["image_tokens"]) > 0
