@@ -17,7 +17,7 @@ the ``T*Q`` tokens, frame-major, as :attr:`catp.PruningSession.keep_indices`.
 
 ``catp explain`` (:mod:`catp.cli.explain`) does both on the embedded reference model and a
 built-in sample image by default. Notation: ``Q`` query tokens, ``L`` cross-attention
-layers, ``H`` heads, ``N = 1 + gh * gw`` image tokens (CLS first), ``k`` kept tokens.
+layers, ``H`` heads, ``N = C + gh * gw`` image tokens (``C`` class tokens first: 1 in BLIP-2's ViT, :attr:`~catp.families.base.Family.class_tokens`), ``k`` kept tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
     "load_image",
     "method_colours",
     "sample_image",
+    "takes_frames",
     "write_html",
 ]
 
@@ -177,15 +178,22 @@ def _layers_label(layers: tuple[int, ...], num_cross_layers: int) -> str:
 
 # -- running the model -------------------------------------------------------------------
 
-def _patch_grid(cross_attentions: list[torch.Tensor]) -> torch.Tensor:
-    """``L`` tensors ``(T, H, Q, N)`` (one sample's frames; ``T = 1`` for an image) ->
-    ``(L, T*Q, gh, gw)``: head mean, CLS dropped, on the grid, frame-major."""
+def _patch_grid(cross_attentions: list[torch.Tensor], class_tokens: int) -> torch.Tensor:
+    """``L`` tensors ``(T, H, Q, N)`` (one sample's frames or crops; ``T = 1`` for an image) ->
+    ``(L, T*Q, gh, gw)``: head mean, the ``class_tokens`` leading columns (a ViT's CLS) dropped, on the
+    grid, frame-major."""
     stacked = torch.stack([a.mean(dim=1).flatten(0, 1) for a in cross_attentions])  # (L, T*Q, N)
-    patches = stacked[..., 1:]
+    patches = stacked[..., class_tokens:]
     side = math.isqrt(patches.shape[-1])
     if side * side != patches.shape[-1]:
         raise ValueError(f"{patches.shape[-1]} image patches do not form a square grid")
     return patches.reshape(*patches.shape[:2], side, side)
+
+
+def takes_frames(model: nn.Module) -> bool:
+    """Whether :func:`explain` takes a sequence of frames for ``model`` (a video model), rather than one image (whose
+    crops, where the family splits images, its processor makes)."""
+    return is_video_model(model) and check_model(model).group == "frame"
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:
@@ -215,7 +223,7 @@ def check_inputs(model: nn.Module, question: str, methods: Sequence[str | Prunin
     Raises:
         ValueError, TypeError: the argument at fault, named in the message.
     """
-    check_model(model)
+    family = check_model(model)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
     if isinstance(methods, (str, PruningMethod)):
@@ -228,8 +236,8 @@ def check_inputs(model: nn.Module, question: str, methods: Sequence[str | Prunin
         raise ValueError(f"each method may appear once, got {names}")
     if not isinstance(prompt, str) or prompt.count("{}") != 1:
         raise ValueError(f"prompt must hold one '{{}}' for the question, got {prompt!r}")
-    if not is_video_model(model):
-        resolve_keep(keep, int(model.config.num_query_tokens))
+    if not takes_frames(model):
+        resolve_keep(keep, family.num_queries(model.config))
     return resolved
 
 
@@ -246,7 +254,7 @@ def _video_inputs(model: nn.Module, processor: Any, frames: Sequence[Image.Image
                         f"(an InstructBlipProcessor), got {type(processor).__name__} without {', '.join(missing)}")
     pixel_values = processor.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
     text_ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
-    placeholders = torch.full((1, len(frames) * int(model.config.num_query_tokens)), placeholder_token_id(model))
+    placeholders = torch.full((1, len(frames) * check_model(model).num_queries(model.config)), placeholder_token_id(model))
     input_ids = torch.cat([placeholders, text_ids], dim=1)
     instruction = processor.qformer_tokenizer(text, return_tensors="pt")
     return {"pixel_values": pixel_values[None], "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -283,9 +291,10 @@ def explain(
     they are the library's own, and equal :func:`catp.select_queries`.
 
     Args:
-        model: a BLIP-2 / InstructBLIP / InstructBLIP-Video model.
-        processor: its processor (``Blip2Processor`` / ``InstructBlipProcessor``; for video, an
-            ``InstructBlipProcessor`` whose image processor prepares each frame).
+        model: a model of a supported family (:mod:`catp.families`), such as BLIP-2, InstructBLIP-Video, Idefics2.
+        processor: its processor (for video, an ``InstructBlipProcessor`` whose image processor prepares each frame).
+            A family whose processor takes the image's place in the prompt (Idefics2's ``<image>``) gets it in
+            front of ``prompt`` (:meth:`~catp.families.base.Family.prompt_for`).
         image: a PIL image or an image file path; for video, a sequence of them (the frames).
         question: the question; put into ``prompt`` (which has one ``{}``).
         methods: method names from :data:`catp.METHODS` or method instances, each once.
@@ -297,8 +306,9 @@ def explain(
         An :class:`Explanation`.
     """
     resolved = check_inputs(model, question, methods, keep, prompt)
-    text = prompt.format(question.strip())
-    if is_video_model(model):
+    family = check_model(model)
+    text = family.prompt_for(prompt).format(question.strip())
+    if takes_frames(model):
         if isinstance(image, (Image.Image, str, Path)) or not isinstance(image, Sequence) or not image:
             raise TypeError(f"a video model takes a non-empty sequence of frames (PIL images or paths), got {type(image).__name__}")
         frames = [load_image(frame) for frame in image]
@@ -314,7 +324,7 @@ def explain(
 
     def answer(output: torch.Tensor) -> str:
         # Decoder-only LLMs return the prompt followed by the new tokens.
-        if model.config.use_decoder_only_language_model:
+        if family.decoder_only(model):
             output = output[:, inputs["input_ids"].shape[1]:]
         return processor.batch_decode(output, skip_special_tokens=True)[0].strip()
 
@@ -324,7 +334,7 @@ def explain(
         captured = captured["cross"]
         num_layers = len(cross_attention_layers(model))
         if len(captured) != num_layers:
-            raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one Q-Former run)")
+            raise RuntimeError(f"captured {len(captured)} cross-attention maps, expected {num_layers} (one connector run)")
         results: dict[str, MethodExplanation] = {}
         for method in resolved:
             with pruned(model, method=method, keep=keep, scope=scope) as session:
@@ -340,7 +350,7 @@ def explain(
             )
     return Explanation(
         image=rgb, question=question.strip(), prompt=text, keep=int(session.keep_counts[0]),
-        cross_attention=_patch_grid(captured), answer=unpruned, methods=results, frames=tuple(frames),
+        cross_attention=_patch_grid(captured, family.class_tokens), answer=unpruned, methods=results, frames=tuple(frames),
     )
 
 

@@ -500,6 +500,9 @@ def capture_connector(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]
     def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         captured["outputs"].append(family.output_tokens(args, kwargs, output)[0].detach().float().cpu())
 
+    def on_query_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured["outputs"].append(output.detach().float().cpu())
+
     def on_cross(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         probabilities = family.probabilities(module, args, kwargs, output)
         captured["cross"].append(family.image_probabilities(probabilities.detach()).float().cpu())
@@ -507,7 +510,11 @@ def capture_connector(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]
     handles = []
     with family.eager_connector(model):
         try:
-            handles.append(family.output_module(model).register_forward_hook(on_output, with_kwargs=True))
+            query_output = family.query_output_module(model)
+            if query_output is None:
+                handles.append(family.output_module(model).register_forward_hook(on_output, with_kwargs=True))
+            else:
+                handles.append(query_output.register_forward_hook(on_query_output))
             handles += [module.register_forward_hook(on_cross, with_kwargs=True)
                         for module in family.cross_attention_modules(model)]
             yield captured

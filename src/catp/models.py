@@ -126,7 +126,6 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
     Raises:
         ValueError: see :func:`load_config`, :func:`resolve_dtype`, :func:`check_device`.
     """
-    from tokenizers import AddedToken
     from transformers import AutoProcessor
 
     dtype = resolve_dtype(dtype, check_device(device))
@@ -134,13 +133,10 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
     model = model_class(config.model_type).from_pretrained(str(name), dtype=getattr(torch, dtype)).to(device).eval()
     if adapter is not None:
         model = load_adapter(model, adapter, merge=True)
-    processor = AutoProcessor.from_pretrained(str(name))
-    if family_of_type(config.model_type).decoder_only(model):
+    family = family_of_type(config.model_type)
+    processor = family.prepare_processor(AutoProcessor.from_pretrained(str(name)))
+    if family.decoder_only(model):
         processor.tokenizer.padding_side = "left"
-    if isinstance(getattr(processor, "image_token", None), str):
-        # A tokenizer that declares its image token in extra_special_tokens reloads it as a str,
-        # but Blip2Processor.__call__ reads image_token.content.
-        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
     return model, processor
 
 

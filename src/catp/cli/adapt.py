@@ -19,6 +19,8 @@ from catp.cli.options import (
     refuse_unused,
     resolve_keeps,
 )
+from catp.families import check_family
+from catp.families.blip2 import BLIP2
 from catp.models import DTYPES
 
 #: The share of the training images held out for validation where a dataset has no validation split.
@@ -117,6 +119,7 @@ def adapt_command(
     name = model or str(reference_model_path())
     with user_input(param="--model"):
         config = load_config(name)
+        check_family(config, (BLIP2,), "catp adapt")
     q = int(config.num_query_tokens)
     with user_input(param="--keep"):
         keeps = tuple(int(k) for k in resolve_keeps(keep_values, q))

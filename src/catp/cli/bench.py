@@ -29,6 +29,8 @@ from catp.cli.options import (
     refuse_unused,
     resolve_keeps,
 )
+from catp.families import check_family
+from catp.families.blip2 import BLIP2
 from catp.methods import check_runnable
 from catp.models import DTYPES, check_device, dtype_bytes, load_adapter, load_config, model_class, resolve_dtype
 from catp.protocol import PAPER_KEEPS
@@ -74,6 +76,7 @@ def load_bench_model(model: str | None, arch: str | None, device: str, dtype: st
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
     name = str(reference_model_path()) if model is None else model
     config = load_config(name)
+    check_family(config, (BLIP2,), "catp bench")
     check_fits(config, dtype, device)
     loaded = model_class(config.model_type).from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
     if adapter is not None:

@@ -19,6 +19,7 @@ from catp.cli.options import (
     refuse_unused,
 )
 from catp.evaluation.diagnose import DEFAULT_INSTRUCTION, diagnose, folder_images, qformer_inputs, scene_images
+from catp.families import num_queries
 from catp.models import DTYPES, check_device, resolve_dtype
 from catp.reference import load
 from catp.reference.data import easy_vqa_images
@@ -71,7 +72,7 @@ def diagnose_command(
     with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, dtype, device, adapter=adapter)
     with user_input(param="--keep"):
-        resolve_keep(keep_value, int(loaded.config.num_query_tokens))
+        resolve_keep(keep_value, num_queries(loaded.config))
     with user_input(param="--instruction"):
         qformer_inputs(loaded, processor, 1, instruction, torch.device(device))  # an instruction the model cannot take
     grid = int(loaded.config.vision_config.image_size) // int(loaded.config.vision_config.patch_size)

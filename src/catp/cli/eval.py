@@ -1,4 +1,4 @@
-"""``catp eval``: the accuracy sweep of the paper's protocol on any BLIP-2-family model.
+"""``catp eval``: the accuracy sweep of the paper's protocol on a model of any supported family (:mod:`catp.families`).
 
 Multi-process (one shard of the questions per process; the merged result equals a
 1-process run)::
@@ -33,6 +33,7 @@ from catp.evaluation import harness, report
 from catp.evaluation.datasets import DatasetError, load_dataset, resolve_split, subsample
 from catp.evaluation.hf_datasets import describe_default_columns, parse_columns
 from catp.evaluation.questions import DEFAULT_SPLIT
+from catp.families import num_queries
 from catp.methods import budget_refusal, get_method
 from catp.models import DTYPES, check_device, load_config, load_model, resolve_dtype
 from catp.protocol import PAPER_KEEPS, PAPER_MAX_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT
@@ -67,7 +68,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, min=1, help="Keep only the first N selected questions (in the run's fixed random order)."),
     fraction: float = typer.Option(1.0, help="Random fraction of the questions, in (0, 1] (the paper: 0.1)."),
     seed: int = typer.Option(0, help="Seed of the subset, the question order and the random method."),
-    prompt: str = typer.Option(PAPER_PROMPT, help="Prompt; its one {} is the question."),
+    prompt: str = typer.Option(PAPER_PROMPT, help="Prompt; its one {} is the question. A family whose processor takes the "
+                               "image's place in the prompt (Idefics2 <image>, Aria <|img|>) gets it in front unless the prompt holds it."),
     num_beams: int = typer.Option(PAPER_NUM_BEAMS, min=1, help="Beam search width."),
     max_new_tokens: int = typer.Option(PAPER_MAX_NEW_TOKENS, min=1, help="Most new tokens per answer (min 1)."),
     out: Path = typer.Option(Path("catp-eval"), help="Run directory: predictions (resumable: rerun the same command after "
@@ -108,7 +110,7 @@ def eval_command(
         output_dir(out, make=False)  # the run's folder is made once everything else is checked
     model_name = model or str(reference_model_path())
     with user_input(param="--model"):
-        num_query_tokens = int(load_config(model_name).num_query_tokens)
+        num_query_tokens = num_queries(load_config(model_name))
     with user_input(param="--keep"):
         keeps = resolve_keeps(keeps, num_query_tokens) if chosen else []  # the unpruned model alone needs no keep
     with user_input():

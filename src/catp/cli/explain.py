@@ -27,6 +27,7 @@ from catp.explanation import (
     explain,
     load_image,
     sample_image,
+    takes_frames,
     write_html,
 )
 from catp.reference import load
@@ -77,7 +78,7 @@ def explain_command(
             check_adapter(adapter)
     with user_input(*INPUT_ERRORS, OSError, param="--model" if adapter is None else "--model/--adapter"):
         loaded, processor = load(model, adapter=adapter)
-    if (frames is not None) != (loaded.config.model_type == "instructblipvideo"):
+    if (frames is not None) != takes_frames(loaded):
         raise typer.BadParameter("a video model takes --frames; an image model takes --image")
     with user_input():
         check_inputs(loaded, question or SAMPLE_QUESTION, names, keep_value)

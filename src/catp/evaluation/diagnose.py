@@ -1,7 +1,7 @@
 """``catp diagnose``: do a model's query tokens differ, and does pruning have a choice to make?
 
 Token pruning can only help if the query tokens carry different things. This module
-measures that on any ``from_pretrained`` BLIP-2 or InstructBLIP and a set of images:
+measures that on any ``from_pretrained`` model of a supported family and a set of images:
 
 * **query-output cosine**: mean pairwise cosine of the Q-Former's ``Q`` output tokens, and
   the mean over queries of the cosine to the nearest other query (1.0 = duplicates);
@@ -156,13 +156,13 @@ def object_attention_share(probs: torch.Tensor, object_patches: torch.Tensor) ->
     """Each query's share of its patch attention that falls on object patches.
 
     Args:
-        probs: ``(B, H, Q, 1 + P)`` with the CLS token first (it is left out).
+        probs: ``(B, H, Q, C + P)``: the ``C`` class-token columns first (left out), then the patches.
         object_patches: ``(B, P)`` bool, true where a patch shows an object.
 
     Returns:
         ``(B, Q)`` in [0, 1].
     """
-    patches = probs.float().mean(dim=1)[..., 1:]  # (B, Q, P)
+    patches = probs.float().mean(dim=1)[..., -object_patches.shape[1]:]  # (B, Q, P)
     patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     return (patches * object_patches[:, None, :].float()).sum(dim=-1)
 
@@ -251,8 +251,9 @@ def diagnose(
     """Measure how distinct ``model``'s query tokens are on ``images``.
 
     Args:
-        model: a ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``.
-        processor: its processor (the image processor makes the pixel values).
+        model: a model of a supported family (:mod:`catp.families`; not a video model).
+        processor: its processor (the image processor makes the pixel values and the family's
+            :attr:`~catp.families.base.Family.model_inputs`, such as Idefics2's patch mask).
         images: PIL images.
         methods: pruning methods whose distinct kept sets are counted; default every registered method.
         keep: the keep level for the kept sets (a count or a fraction).
@@ -266,7 +267,7 @@ def diagnose(
     Returns:
         A :class:`Diagnosis` (means over images).
     """
-    check_model(model)
+    family = check_model(model)
     if len(images) == 0:
         raise ValueError("diagnose needs at least one image")
     if object_masks is not None and len(object_masks) != len(images):
@@ -274,19 +275,21 @@ def diagnose(
     names = list(METHODS if methods is None else methods)
     for name in names:
         get_method(name)  # an unknown method fails before any work
-    q = int(model.config.num_query_tokens)
+    q = family.num_queries(model.config)
     k = resolve_keep(keep, q)
     device = next(model.parameters()).device
-    dtype = next(model.vision_model.parameters()).dtype
+    dtype = next(family.vision_tower(model).parameters()).dtype
     outputs, cross = [], []
     kept: dict[str, list[tuple[int, ...]]] = {name: [] for name in names}
     bar = progress_bar(len(images), "diagnose", progress)
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
-        pixels = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
-        extra = qformer_inputs(model, processor, len(chunk), instruction, device)
+        encoded = processor.image_processor(family.image_batch(chunk), return_tensors="pt")
+        pixels = encoded["pixel_values"].to(device, dtype)
+        extra = {name: encoded[name].to(device) for name in family.model_inputs if name in encoded}
+        extra.update(qformer_inputs(model, processor, len(chunk), instruction, device))
         with torch.no_grad(), capture_connector(model) as captured:
-            model.get_image_features(pixels, **extra)
+            family.encode(model, pixels, **extra)
         outputs.append(captured["outputs"][0])
         cross.append(torch.stack(captured["cross"]))  # (L, B, H, Q, N)
         for name in names:
@@ -314,8 +317,8 @@ def diagnose(
             result.kept_coverage[name], result.kept_redundancy[name] = float(coverage.mean()), float(redundancy.mean())
     if object_masks is not None:
         masks = torch.stack([torch.as_tensor(m, dtype=torch.bool).flatten() for m in object_masks]).to(maps.device)
-        if masks.shape[1] != maps.shape[-1] - 1:
-            raise ValueError(f"object masks have {masks.shape[1]} patches, the model has {maps.shape[-1] - 1}")
+        if masks.shape[1] != maps.shape[-1] - family.class_tokens:
+            raise ValueError(f"object masks have {masks.shape[1]} patches, the model has {maps.shape[-1] - family.class_tokens}")
         share = object_attention_share(maps[-1], masks)  # (images, Q)
         result.object_share = share.mean(dim=0).tolist()
         result.object_patch_share = float(masks.float().mean())

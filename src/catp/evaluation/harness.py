@@ -26,6 +26,7 @@ import torch
 from catp.budget import Budget
 from catp.evaluation.datasets import Question, stable_hash
 from catp.evaluation.metric import vqa_accuracy
+from catp.families import family_of
 from catp.hf import pruned as pruned_model
 from catp.methods import budget_refusal, check_runnable, get_method, seed_options
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT, check_prompt
@@ -202,7 +203,7 @@ def run_sweep(
     """Run every config on every question not yet in ``out``; append predictions as they finish.
 
     Args:
-        model: a BLIP-2 / InstructBLIP model, in eval mode, on its device.
+        model: a model of a supported family (:mod:`catp.families`), in eval mode, on its device.
         processor: its processor (images + prompts -> ``pixel_values``, ``input_ids``, ...).
         questions: the selected questions (same list in every process).
         configs: from :func:`build_configs`.
@@ -235,13 +236,15 @@ def run_sweep(
     try:
         for batch in batches:
             inputs = prepare_batch(processor, batch, protocol.prompt, model)
-            text_tokens = (inputs["attention_mask"].sum(dim=1) - model.config.num_query_tokens).tolist()
+            placeholders = family_of(model).placeholder_mask(model, inputs).sum(dim=1)
+            text_tokens = (inputs["attention_mask"].sum(dim=1) - placeholders).tolist()
             for config in configs:
                 missing = [i for i, q in enumerate(batch) if (config.name, q.id) not in done]
                 if not missing:
                     continue
                 with torch.inference_mode():
-                    answers, kept = _generate(model, processor, inputs, config, protocol, [question_seed(seed, q.id) for q in batch])
+                    answers, kept = _generate(model, processor, inputs, config, protocol, [question_seed(seed, q.id) for q in batch],
+                                              placeholders.tolist())
                 # Tokens fed to the LLM: the real ones, kept query tokens + text (no padding, no fillers).
                 records = [{
                     "config": config.name, "method": config.method or UNPRUNED, "keep": config.keep_label, "id": batch[i].id,
@@ -258,8 +261,10 @@ def run_sweep(
 
 
 def prepare_batch(processor: Any, batch: Sequence[Question], prompt: str, model: Any) -> dict[str, Any]:
-    """Processor outputs for a batch of questions (``prompt`` with ``{}`` for the question), on the model's device."""
-    prompts = [prompt.format(q.question.strip()) for q in batch]
+    """Processor outputs for a batch of questions (``prompt`` with ``{}`` for the question, laid out for the model's
+    family: :meth:`~catp.families.base.Family.prompt_for`), on the model's device."""
+    template = family_of(model).prompt_for(prompt)
+    prompts = [template.format(q.question.strip()) for q in batch]
     return on_model(processor(images=[q.load_image() for q in batch], text=prompts, return_tensors="pt", padding=True), model)
 
 
@@ -270,23 +275,22 @@ def on_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:
 
 
 def _generate(model: Any, processor: Any, inputs: dict[str, Any], config: Config, protocol: Protocol,
-              seeds: list[int]) -> tuple[list[str], list[int]]:
-    """Generate answers for one batch under one config.
+              seeds: list[int], placeholders: list[int]) -> tuple[list[str], list[int]]:
+    """Generate answers for one batch under one config (``placeholders``: each sample's unpruned connector tokens).
 
     Returns:
         The decoded new text per sample, and the query tokens each sample fed to the LLM.
     """
     settings = dict(num_beams=protocol.num_beams, max_new_tokens=protocol.max_new_tokens, min_new_tokens=protocol.min_new_tokens,
                     do_sample=False)
-    batch = inputs["input_ids"].shape[0]
     if config.method is None:
         output = model.generate(**inputs, **settings)
-        kept = [int(model.config.num_query_tokens)] * batch
+        kept = placeholders
     else:
         with pruned_model(model, method=config.method, keep=config.keep, **seed_options(config.method, seeds)) as session:
             output = model.generate(**inputs, **settings)
         kept = session.keep_counts.tolist()
-    if model.config.use_decoder_only_language_model:
+    if family_of(model).decoder_only(model):
         output = output[:, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)], kept
 

@@ -7,6 +7,7 @@ entry in :data:`FAMILIES`; model loading (:mod:`catp.models`), the Hugging Face 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -17,7 +18,7 @@ from catp.families.blip2 import BLIP2
 from catp.families.idefics2 import IDEFICS2
 from catp.families.kosmos2 import KOSMOS2
 
-__all__ = ["FAMILIES", "Family", "MODEL_TYPES", "family_of", "family_of_type", "supported_classes"]
+__all__ = ["FAMILIES", "Family", "MODEL_TYPES", "check_family", "family_of", "family_of_type", "num_queries", "supported_classes"]
 
 #: Every supported family, in the order messages list them.
 FAMILIES: tuple[Family, ...] = (BLIP2, IDEFICS2, KOSMOS2, ARIA)
@@ -58,3 +59,24 @@ def family_of(model: nn.Module) -> Family:
             return family
     raise ValueError(f"{type(model).__name__} has no Q-Former or other cross-attention connector that catp prunes; "
                      f"catp supports {supported_classes()}")
+
+
+def num_queries(config: Any) -> int:
+    """``Q`` of a model of a supported family, from its config: the connector's tokens per image (per frame, per
+    crop; the largest where it depends on the resolution)."""
+    return family_of_type(config.model_type).num_queries(config)
+
+
+def check_family(config: Any, runs: Sequence[Family], command: str) -> Family:
+    """The family of a model config, where ``command`` runs that family (one of ``runs``).
+
+    Raises:
+        ValueError: a model of no supported family (:func:`family_of_type`), or of a family ``command`` does not run
+            yet, with the families it runs named.
+    """
+    family = family_of_type(config.model_type)
+    if family.name not in {f.name for f in runs}:
+        classes = ", ".join(c for f in runs for c in f.model_classes.values())
+        raise ValueError(f"{command} runs {', '.join(f.name for f in runs)} models only so far ({classes}); "
+                         f"a {config.model_type!r} model ({MODEL_TYPES[config.model_type]}) is not supported by it yet")
+    return family

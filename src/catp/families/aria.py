@@ -61,6 +61,7 @@ class AriaFamily(Family):
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_mask")
     default_scope: ClassVar[str] = "group"
+    prompt_image: ClassVar[str | None] = "<|img|>"
     vllm_model_types: ClassVar[tuple[str, ...]] = ("aria",)
     vllm_architecture: ClassVar[str | None] = "CatpAriaForConditionalGeneration"
 
@@ -95,6 +96,18 @@ class AriaFamily(Family):
             raise ValueError(f"Aria's projector takes images of {sides} (projector_patch_to_query_dict); "
                              f"got {pixel_values.shape[-2]}x{pixel_values.shape[-1]} px ({patches} patches of {patch} px)")
         return table[patches]
+
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """With ``Q`` the queries of ``N = image_tokens`` patches (``projector_patch_to_query_dict``), ``D`` the vision
+        width and ``D_t`` the text width: ``8 N D^2`` (the key and value projections, then ``nn.MultiheadAttention``'s)
+        ``+ Q (8 D^2 + 4 N D + 2 D D_t + 2 D_t^2)`` (the query projections, ``out_proj`` and ``linear``, attention,
+        ``feed_forward``)."""
+        queries = {int(k): int(v) for k, v in config.projector_patch_to_query_dict.items()}
+        if image_tokens not in queries:
+            raise ValueError(f"Aria's projector takes {sorted(queries)} patches per image, got {image_tokens}")
+        q, n = queries[image_tokens], image_tokens
+        d, d_t = int(config.vision_config.hidden_size), int(config.text_config.hidden_size)
+        return 8 * n * d * d + q * (8 * d * d + 4 * n * d + 2 * d * d_t + 2 * d_t * d_t)
 
     def num_cross_layers(self, config: Any) -> int:
         return 1

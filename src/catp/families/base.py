@@ -58,6 +58,11 @@ class Family(ABC):
             weights) are of this family's connector (only BLIP-2's Q-Former).
         default_scope: what ``keep`` counts over where a sample holds several groups
             (:data:`catp.selection.SCOPES`): a whole sample, or each group.
+        class_tokens: image columns of the connector's attention before the patches (a ViT's class token), which
+            the patch grid of a map (``catp explain``, ``catp diagnose``) leaves out.
+        prompt_image: the text a prompt holds where an image goes, which the family's processor expands
+            into the placeholders (Idefics2's ``<image>``); ``None`` where the processor puts the
+            placeholders in front of the prompt itself (BLIP-2).
     """
 
     name: ClassVar[str]
@@ -72,6 +77,8 @@ class Family(ABC):
     position_inputs: ClassVar[Mapping[str, int]] = MappingProxyType({})
     default_scope: ClassVar[str] = "sample"
     published_layer_weights: ClassVar[bool] = False
+    prompt_image: ClassVar[str | None] = None
+    class_tokens: ClassVar[int] = 0
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -93,6 +100,12 @@ class Family(ABC):
         """``Q`` of each group of a call with these ``pixel_values`` (default: :meth:`num_queries`), after checking
         that the connector takes them (``ValueError``)."""
         return self.num_queries(model.config)
+
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """FLOPs of one connector run (one image, frame or crop) over ``image_tokens`` vision tokens, up to the tokens
+        the LLM receives, all ``Q`` queries (pruning comes after): matrix products only, 2 per multiply-accumulate, as
+        :mod:`catp.bench.flops` counts."""
+        raise NotImplementedError(f"{self.name}: no connector FLOPs stated")
 
     @abstractmethod
     def num_cross_layers(self, config: Any) -> int:
@@ -222,7 +235,27 @@ class Family(ABC):
         """Whether the language model is decoder-only (left fillers) rather than an encoder-decoder (right fillers)."""
         return True
 
-    # -- placeholders -----------------------------------------------------------------
+    # -- prompts and placeholders -----------------------------------------------------
+    def prompt_for(self, template: str) -> str:
+        """A one-image prompt ``template`` as this family's processor takes it: :attr:`prompt_image` in front
+        unless the template already holds it."""
+        if self.prompt_image is None or self.prompt_image in template:
+            return template
+        return self.prompt_image + template
+
+    def image_batch(self, images: list[Any]) -> Any:
+        """One image per sample, as the family's image processor takes a batch (default: the flat list)."""
+        return images
+
+    def prepare_processor(self, processor: Any) -> Any:
+        """Settle what a processor loaded from a checkpoint needs before it runs (default: nothing); returns it."""
+        return processor
+
+    def placeholder_mask(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``(B, S)`` bool: the positions of a processor's ``inputs`` that the connector's rows fill (default: the
+        :meth:`placeholder_token_id` positions of ``input_ids``)."""
+        return inputs["input_ids"] == self.placeholder_token_id(model)
+
     @abstractmethod
     def placeholder_token_id(self, model: nn.Module) -> int | None:
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset);

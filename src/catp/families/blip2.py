@@ -53,6 +53,7 @@ class Blip2Family(Family):
     vllm_architecture: ClassVar[str | None] = "CatpBlip2ForConditionalGeneration"
     default_scope: ClassVar[str] = "video"
     published_layer_weights: ClassVar[bool] = True
+    class_tokens: ClassVar[int] = 1
 
     def is_video(self, model: nn.Module) -> bool:
         """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
@@ -119,6 +120,15 @@ class Blip2Family(Family):
         return bool(model.config.use_decoder_only_language_model)
 
     # -- placeholders -------------------------------------------------------------------
+    def prepare_processor(self, processor: Any) -> Any:
+        """A tokenizer that declares its image token in extra_special_tokens reloads it as a str, but
+        ``Blip2Processor.__call__`` reads ``image_token.content``: make it an ``AddedToken`` again."""
+        from tokenizers import AddedToken
+
+        if isinstance(getattr(processor, "image_token", None), str):
+            processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+        return processor
+
     def placeholder_token_id(self, model: nn.Module) -> int:
         """``config.image_token_index`` for images, ``config.video_token_index`` for video (which is ``None``
         in a video config built from an image model's: then a ``ValueError``)."""

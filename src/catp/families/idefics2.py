@@ -58,6 +58,7 @@ class Idefics2Family(Family):
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_attention_mask")
     default_scope: ClassVar[str] = "group"
+    prompt_image: ClassVar[str | None] = "<image>"
 
     @staticmethod
     def resampler(model: nn.Module) -> nn.Module:
@@ -70,6 +71,19 @@ class Idefics2Family(Family):
 
     def num_cross_layers(self, config: Any) -> int:
         return int(config.perceiver_config.resampler_depth)
+
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """``N (4 D_v F_t + 2 F_t D)`` for ``modality_projection`` (a gated MLP, vision width ``D_v`` to the text width
+        ``D`` through the text MLP width ``F_t``), then per resampler layer, over ``N + Q`` keys:
+        ``2 Q D a + 4 (N + Q) D kv + 4 Q (N + Q) a + 2 Q a D + 24 Q D^2`` (query, key/value and output projections,
+        attention, the gated MLP of width ``4 D``); ``a`` the heads' width, ``kv`` the key/value heads' width."""
+        perceiver, n = config.perceiver_config, image_tokens
+        q, d = self.num_queries(config), int(config.text_config.hidden_size)
+        a = int(perceiver.resampler_n_heads) * int(perceiver.resampler_head_dim)
+        kv = int(perceiver.num_key_value_heads) * int(perceiver.resampler_head_dim)
+        f_t, d_v = int(config.text_config.intermediate_size), int(config.vision_config.hidden_size)
+        layer = 2 * q * d * a + 4 * (n + q) * d * kv + 4 * q * (n + q) * a + 2 * q * a * d + 24 * q * d * d
+        return n * (4 * d_v * f_t + 2 * f_t * d) + self.num_cross_layers(config) * layer
 
     # -- attention ----------------------------------------------------------------------
     def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -126,6 +140,10 @@ class Idefics2Family(Family):
         return model.model.text_model
 
     # -- placeholders -------------------------------------------------------------------
+    def image_batch(self, images: list[Any]) -> Any:
+        """A list of images per sample: the image processor reads a flat list as the images of one sample."""
+        return [[image] for image in images]
+
     def placeholder_token_id(self, model: nn.Module) -> int:
         token = getattr(model.config, "image_token_id", None)
         if token is None:
