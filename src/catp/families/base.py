@@ -251,11 +251,6 @@ class Family(ABC):
         """Settle what a processor loaded from a checkpoint needs before it runs (default: nothing); returns it."""
         return processor
 
-    def placeholder_mask(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """``(B, S)`` bool: the positions of a processor's ``inputs`` that the connector's rows fill (default: the
-        :meth:`placeholder_token_id` positions of ``input_ids``)."""
-        return inputs["input_ids"] == self.placeholder_token_id(model)
-
     @abstractmethod
     def placeholder_token_id(self, model: nn.Module) -> int | None:
         """The id that stands for one connector token in ``input_ids`` (``ValueError`` when unset);

@@ -69,6 +69,7 @@ class Kosmos2Family(Family):
     name: ClassVar[str] = "kosmos2"
     model_classes: ClassVar[dict[str, str]] = {"kosmos-2": "Kosmos2ForConditionalGeneration"}
     connector: ClassVar[str] = "Kosmos-2 latent queries"
+    class_tokens: ClassVar[int] = 1  # the vision tower's CLS is image column 0 (it votes)
     model_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "interpolate_pos_encoding")
@@ -84,6 +85,14 @@ class Kosmos2Family(Family):
     # -- sizes --------------------------------------------------------------------------
     def num_queries(self, config: Any) -> int:
         return int(config.latent_query_num)
+
+    def connector_flops(self, config: Any, image_tokens: int) -> int:
+        """``2 N D_v D`` for ``dense`` (vision width ``D_v`` to the text width ``D``) on the ``N`` image tokens, then
+        ``x_attn`` over ``N + Q`` keys: ``4 Q D^2`` (query and output projections) ``+ 4 (N + Q) D^2`` (keys and
+        values) ``+ 4 Q (N + Q) D`` (scores and the weighted sum)."""
+        n, q = image_tokens, self.num_queries(config)
+        d, d_v = int(config.text_config.embed_dim), int(config.vision_config.hidden_size)
+        return 2 * n * d_v * d + 4 * q * d * d + 4 * (n + q) * d * d + 4 * q * (n + q) * d
 
     def num_cross_layers(self, config: Any) -> int:
         return 1
