@@ -28,6 +28,10 @@ from family_references import (
 )
 from tiny_families import ARIA_IMAGE, ARIA_LARGE_IMAGE_SIZE, ARIA_LARGE_QUERY, IDS, NUM_QUERY, PAD, tiny_inputs, tiny_model
 
+from tiny_families import needs_family_transformers
+
+pytestmark = needs_family_transformers
+
 IMAGES = (1, 2, 1)
 #: The reference tests' Aria batch: left padding, two images in sample 1, sample 0's image padded.
 BATCH = dict(images_per_sample=IMAGES, padded=((0, 0),), seed=4)

@@ -21,6 +21,10 @@ from catp.evaluation import harness
 from catp.evaluation.harness import UNPRUNED
 from catp.families import FAMILIES, supported_classes
 
+from tiny_families import needs_family_transformers
+
+pytestmark = needs_family_transformers
+
 #: The registered families other than BLIP-2 (whose commands have their own tests).
 NEW_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.name != "blip2")
 COLORS = ("red", "blue", "green")

@@ -16,6 +16,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import catp
 from catp.families import IDEFICS2
 
+from tiny_families import needs_family_transformers
+
+pytestmark = needs_family_transformers
+
 Q = 8
 IMG = 99
 FAKE = 98

@@ -29,6 +29,10 @@ from family_references import (
 )
 from tiny_families import NUM_QUERY, PAD, tiny_inputs, tiny_model
 
+from tiny_families import needs_family_transformers
+
+pytestmark = needs_family_transformers
+
 #: The pixel seed whose three images keep different top-4 sets, raw and renormalised (``test_family_references``).
 BATCH = dict(images_per_sample=(1, 1, 1), seed=3)
 KEEP = 4

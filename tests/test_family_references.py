@@ -35,6 +35,10 @@ from tiny_families import (
     tiny_processor,
 )
 
+from tiny_families import needs_family_transformers
+
+pytestmark = needs_family_transformers
+
 #: Per family, a batch with left padding and the family's traps: two images in a sample and a
 #: padded image (Idefics2, Aria); Kosmos-2 takes one image per sample. The pixel seeds are the
 #: first whose images all keep different top-4 sets, raw and renormalised (measured).

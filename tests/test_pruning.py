@@ -353,3 +353,21 @@ def test_positional_generate_arguments(model, family):
         else:
             positional = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **GREEDY)
     assert torch.equal(by_name, positional)
+
+
+@pytest.mark.parametrize("name", ["idefics2", "kosmos2", "aria"])
+def test_a_family_newer_than_the_installed_transformers_is_one_clear_error(name, monkeypatch):
+    """Idefics2, Kosmos-2 and Aria need transformers >= 5.25 (their encoder hand-off); an older one is named."""
+    import transformers
+
+    from catp.families import FAMILIES
+
+    family = next(f for f in FAMILIES if f.name == name)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ValueError, match=r"transformers >= 5\.25.*this is transformers 5\.17\.0"):
+        family.check_transformers()
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    family.check_transformers()
+    blip2 = next(f for f in FAMILIES if f.name == "blip2")
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    blip2.check_transformers()  # the bottom of the declared range

@@ -534,8 +534,11 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def check_model(model: nn.Module) -> Family:
-    """The family of ``model``; a clear error unless it is a supported model (:func:`catp.families.family_of`)."""
-    return family_of(model)
+    """The family of ``model``; a clear error unless it is a supported model (:func:`catp.families.family_of`)
+    on the installed transformers (:meth:`~catp.families.base.Family.check_transformers`)."""
+    family = family_of(model)
+    family.check_transformers()
+    return family
 
 
 def _check_scope(model: nn.Module, scope: str | None) -> str | None:

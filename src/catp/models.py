@@ -106,6 +106,7 @@ def load_config(name: str | Path) -> Any:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load model {source!r}: not a local directory, and the hub could not provide it ({first})") from None
     model_class(config.model_type)  # a BERT or LLaMA config fails here, with its type named
+    family_of_type(config.model_type).check_transformers()
     return config
 
 

@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from catp.capture import attention_probabilities, qkv_probabilities
 from catp.families.base import Family
@@ -58,6 +57,7 @@ class AriaFamily(Family):
     connector: ClassVar[str] = "projector queries"
     group: ClassVar[str] = "crop"
     model_inputs: ClassVar[tuple[str, ...]] = ("pixel_mask",)
+    min_transformers: ClassVar[str] = "5.25"  # the oldest release tested with this family
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_mask")
     default_scope: ClassVar[str] = "group"
@@ -249,7 +249,7 @@ class AriaFamily(Family):
         raise ValueError("pruned generate() on Aria needs input_ids with the <|img|> placeholders, as the processor writes them")
 
     # -- running the connector alone ----------------------------------------------------
-    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> BaseModelOutputWithPooling:
+    def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:
         """The stock ``get_image_features`` at the model's ``vision_feature_layer`` (as its ``forward`` calls it);
         ``pooler_output`` ``(I, Q, D_llm)``."""
         return model.model.get_image_features(pixel_values=pixel_values, pixel_mask=inputs.get("pixel_mask"),
@@ -273,6 +273,8 @@ class AriaFamily(Family):
             kept_rows.append(features[crops.to(features.device), (kept % queries).to(features.device)])
         chunk = math.gcd(*(len(rows) for rows in kept_rows))
         rows = torch.cat(kept_rows).reshape(-1, chunk, features.shape[-1])
+        from transformers.modeling_outputs import BaseModelOutputWithPooling  # not with ``import catp``
+
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=rows)}}
 
 

@@ -77,6 +77,8 @@ class Family(ABC):
     position_inputs: ClassVar[Mapping[str, int]] = MappingProxyType({})
     default_scope: ClassVar[str] = "sample"
     published_layer_weights: ClassVar[bool] = False
+    #: The oldest transformers release catp runs this family on (the encoder hand-off it uses is newer).
+    min_transformers: ClassVar[str] = "5.17"
     prompt_image: ClassVar[str | None] = None
     class_tokens: ClassVar[int] = 0
 
@@ -85,6 +87,16 @@ class Family(ABC):
         """Whether ``model`` is (a subclass of) one of :attr:`model_classes`."""
         names = set(self.model_classes.values())
         return any(c.__name__ in names for c in type(model).__mro__)
+
+    def check_transformers(self) -> None:
+        """Raise a ``ValueError`` when the installed transformers is older than :attr:`min_transformers`."""
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) < Version(self.min_transformers):
+            raise ValueError(f"catp prunes {self.name} models with transformers >= {self.min_transformers} (its images reach "
+                             f"the language model through generate's encoder hand-off); this is transformers "
+                             f"{transformers.__version__}: pip install 'transformers>={self.min_transformers}'")
 
     # -- sizes ------------------------------------------------------------------------
     @abstractmethod

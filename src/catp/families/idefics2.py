@@ -55,6 +55,7 @@ class Idefics2Family(Family):
     connector: ClassVar[str] = "perceiver latents"
     group: ClassVar[str] = "crop"
     model_inputs: ClassVar[tuple[str, ...]] = ("pixel_attention_mask",)
+    min_transformers: ClassVar[str] = "5.25"  # the oldest release tested with this family
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_attention_mask")
     default_scope: ClassVar[str] = "group"

@@ -71,6 +71,7 @@ class Kosmos2Family(Family):
     connector: ClassVar[str] = "Kosmos-2 latent queries"
     class_tokens: ClassVar[int] = 1  # the vision tower's CLS is image column 0 (it votes)
     model_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
+    min_transformers: ClassVar[str] = "5.25"  # the oldest release tested with this family
     encodes_first: ClassVar[bool] = True
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "interpolate_pos_encoding")
     #: Fillers (left, where a Budget keeps fewer in some samples) are marked as image positions: they take the
