@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -313,6 +314,35 @@ class Family(ABC):
             groups: ``(B,)`` groups per sample (:meth:`groups_per_sample`).
         """
         raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
+
+
+@dataclass
+class LatentSoftmaxFamily(Family):
+    """A family whose latents attend to ``[N image tokens ; Q latents]`` in one softmax (Idefics2, Kosmos-2):
+    the image is the first ``N`` columns, and ``selfattn`` reads the latent block of the same softmax.
+
+    Attributes:
+        renormalise: the vote ranks each query's image probabilities renormalised over the image
+            columns (``True``, the default: a softmax over the image alone, as BLIP-2's cross-attention
+            has; docs/families.md), or as the softmax over ``[image ; latents]`` gave them.
+    """
+
+    renormalise: bool = True
+
+    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return self.cross_attention_modules(model)  # the latent block of the same softmax
+
+    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)``, renormalised per (head, query) over
+        them where :attr:`renormalise` (padded columns stay 0)."""
+        image = probabilities[..., : probabilities.shape[-1] - probabilities.shape[-2]].float()
+        if not self.renormalise:
+            return image
+        return image / image.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(image.dtype).tiny)
+
+    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """``(rows, H, Q, N + Q)`` -> the latent block ``A[..., N:]``, ``(rows, H, Q, Q)``."""
+        return probabilities[..., -num_queries:]
 
 
 @contextlib.contextmanager

@@ -34,21 +34,14 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities
-from catp.families.base import Family, sub_config_attention
+from catp.families.base import LatentSoftmaxFamily, sub_config_attention
 
 __all__ = ["IDEFICS2", "Idefics2Family"]
 
 
 @dataclass
-class Idefics2Family(Family):
-    """The Idefics2 family (see the module docstring).
-
-    Attributes:
-        renormalise: the vote ranks each query's image probabilities renormalised over the image
-            columns (``True``, the default), or as the softmax over ``[image ; latents]`` gave them.
-    """
-
-    renormalise: bool = True
+class Idefics2Family(LatentSoftmaxFamily):
+    """The Idefics2 family (see the module docstring). ``renormalise``: see :class:`~catp.families.base.LatentSoftmaxFamily`."""
 
     name: ClassVar[str] = "idefics2"
     model_classes: ClassVar[dict[str, str]] = {"idefics2": "Idefics2ForConditionalGeneration"}
@@ -89,21 +82,6 @@ class Idefics2Family(Family):
     # -- attention ----------------------------------------------------------------------
     def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [layer.self_attn for layer in self.resampler(model).layers]
-
-    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return self.cross_attention_modules(model)  # the latent block of the same softmax
-
-    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)``, renormalised per (head, query) over
-        them where :attr:`renormalise` (padded columns stay 0)."""
-        image = probabilities[..., : probabilities.shape[-1] - probabilities.shape[-2]].float()
-        if not self.renormalise:
-            return image
-        return image / image.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(image.dtype).tiny)
-
-    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
-        """``(rows, H, Q, N + Q)`` -> the latent block ``A[..., N:]``, ``(rows, H, Q, Q)``."""
-        return probabilities[..., -num_queries:]
 
     def vision_block(self, model: nn.Module) -> nn.Module | None:
         return model.model.vision_model.encoder.layers[-1].self_attn

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities, linear_fp32
-from catp.families.base import Family
+from catp.families.base import LatentSoftmaxFamily
 
 __all__ = ["KOSMOS2", "Kosmos2Family"]
 
@@ -56,15 +56,8 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @dataclass
-class Kosmos2Family(Family):
-    """The Kosmos-2 family (see the module docstring).
-
-    Attributes:
-        renormalise: the vote ranks each query's image probabilities renormalised over the image
-            columns (``True``, the default), or as the softmax over ``[image ; latents]`` gave them.
-    """
-
-    renormalise: bool = True
+class Kosmos2Family(LatentSoftmaxFamily):
+    """The Kosmos-2 family (see the module docstring). ``renormalise``: see :class:`~catp.families.base.LatentSoftmaxFamily`."""
 
     name: ClassVar[str] = "kosmos2"
     model_classes: ClassVar[dict[str, str]] = {"kosmos-2": "Kosmos2ForConditionalGeneration"}
@@ -102,9 +95,6 @@ class Kosmos2Family(Family):
     def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [self.projection(model).x_attn]
 
-    def self_attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return self.cross_attention_modules(model)  # the latent block of the same softmax
-
     def probabilities(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
         """``x_attn``'s probabilities ``(rows, H, Q, N + Q)``, recomputed (:meth:`recomputed_probabilities`) from
         the call's inputs, whatever attention implementation it ran on."""
@@ -125,18 +115,6 @@ class Kosmos2Family(Family):
         heads = int(module.num_heads)
         return attention_probabilities(_heads(linear_fp32(module.q_proj, hidden_states), heads),
                                        _heads(linear_fp32(module.k_proj, encoder_hidden_states), heads), module.scaling)
-
-    def image_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """``(rows, H, Q, N + Q)`` -> the image columns ``(rows, H, Q, N)`` (CLS first), renormalised per
-        (head, query) over them where :attr:`renormalise`."""
-        image = probabilities[..., : probabilities.shape[-1] - probabilities.shape[-2]].float()
-        if not self.renormalise:
-            return image
-        return image / image.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(image.dtype).tiny)
-
-    def latent_probabilities(self, probabilities: torch.Tensor, num_queries: int) -> torch.Tensor:
-        """``(rows, H, Q, N + Q)`` -> the latent block ``A[..., N:]``, ``(rows, H, Q, Q)``."""
-        return probabilities[..., -num_queries:]
 
     def vision_block(self, model: nn.Module) -> nn.Module | None:
         return model.vision_model.model.encoder.layers[-1].self_attn
