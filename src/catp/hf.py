@@ -534,11 +534,8 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def check_model(model: nn.Module) -> Family:
-    """The family of ``model``; a clear error unless it is a supported model (:func:`catp.families.family_of`)
-    on the installed transformers (:meth:`~catp.families.base.Family.check_transformers`)."""
-    family = family_of(model)
-    family.check_transformers()
-    return family
+    """The family of ``model``; a clear error unless it is a supported model (:func:`catp.families.family_of`)."""
+    return family_of(model)
 
 
 def _check_scope(model: nn.Module, scope: str | None) -> str | None:
@@ -614,6 +611,7 @@ def pruned(
     """
     model = base_model(model)
     family = check_model(model)
+    family.check_transformers()  # generate()'s and forward()'s hand-off to the language model
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
     refusal = family.refusal(model.config, method.needs)
