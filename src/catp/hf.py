@@ -313,6 +313,7 @@ class PruningSession:
         """For a family that encodes its images first (:attr:`~catp.families.base.Family.encodes_first`):
         encode them (the hooks choose the kept queries), shorten ``input_ids`` / ``attention_mask``, and
         hand the stock call the kept rows in place of the images."""
+        self.family.check_transformers()  # the hand-off below is newer than the bottom of the declared range
         images = {name: call.pop(name) for name in self.family.image_inputs if name in call}
         encoded = self.family.encode(self.model, **images)
         if self._call is None or not self._call.scored or self.keep_indices is None:
@@ -611,7 +612,6 @@ def pruned(
     """
     model = base_model(model)
     family = check_model(model)
-    family.check_transformers()  # generate()'s and forward()'s hand-off to the language model
     scope = _check_scope(model, scope)
     method = get_method(method, **options)
     refusal = family.refusal(model.config, method.needs)
