@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import ENGINE, ENGINE_KEEP, ENGINE_METHOD, greedy, model_path, shutdown
+from serving import ENGINE, ENGINE_KEEP, ENGINE_METHOD, greedy, model_path, recording_engine, shutdown
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,18 +73,8 @@ def llm(stock_outputs: list[Any], record_path: Path) -> Iterator[Any]:
 
     Depends on ``stock_outputs`` so that the stock engine is gone before this one starts.
     """
-    from vllm import LLM
-
     import catp.vllm
 
-    saved = os.environ.get(catp.vllm.RECORD_ENV)
-    os.environ[catp.vllm.RECORD_ENV] = str(record_path)  # read by the engine process it spawns
-    llm = LLM(model=model_path(), hf_overrides=catp.vllm.overrides(method=ENGINE_METHOD, keep=ENGINE_KEEP), **ENGINE)
-    try:
+    with recording_engine(record_path, model_path(), hf_overrides=catp.vllm.overrides(method=ENGINE_METHOD, keep=ENGINE_KEEP),
+                          **ENGINE) as llm:
         yield llm
-    finally:
-        shutdown(llm)
-        if saved is None:
-            os.environ.pop(catp.vllm.RECORD_ENV, None)
-        else:
-            os.environ[catp.vllm.RECORD_ENV] = saved

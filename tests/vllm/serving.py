@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tools.vllm_agreement import REFERENCE_ENGINE
@@ -26,3 +30,24 @@ def greedy(max_tokens: int = 5, **kwargs: Any) -> Any:
 
 def shutdown(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def recording_engine(record: Path, model: str, **kwargs: Any) -> Iterator[Any]:
+    """``vllm.LLM(model, **kwargs)`` writing the kept indices to ``record`` (read by the engine process it
+    spawns, through :data:`catp.vllm.RECORD_ENV`); shut down, and the variable restored, on exit."""
+    from vllm import LLM
+
+    import catp.vllm
+
+    saved = os.environ.get(catp.vllm.RECORD_ENV)
+    os.environ[catp.vllm.RECORD_ENV] = str(record)
+    llm = LLM(model=model, **kwargs)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+        if saved is None:
+            os.environ.pop(catp.vllm.RECORD_ENV, None)
+        else:
+            os.environ[catp.vllm.RECORD_ENV] = saved

@@ -13,7 +13,6 @@ shows that path equals this reference on transformers 5.25).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 import catp  # noqa: E402
 import catp.vllm  # noqa: E402
 from catp.vllm import image_tag, read_records  # noqa: E402
-from serving import greedy, shutdown  # noqa: E402
+from serving import greedy, recording_engine  # noqa: E402
 from tiny_families import ARIA_IMAGE, ARIA_LARGE_QUERY, save_tiny_checkpoint  # noqa: E402
 
 PROMPT = f"{ARIA_IMAGE} Question: what color is the shape? Short answer:"
@@ -71,19 +70,9 @@ def aria_record(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def aria_llm(checkpoint: Path, aria_record: Path) -> Any:
-    from vllm import LLM
-
-    saved = os.environ.get(catp.vllm.RECORD_ENV)
-    os.environ[catp.vllm.RECORD_ENV] = str(aria_record)
-    llm = LLM(model=str(checkpoint), hf_overrides=catp.vllm.overrides(method="catp", keep=ANSWER_KEEP, family="aria"), **ENGINE)
-    try:
+    with recording_engine(aria_record, str(checkpoint), hf_overrides=catp.vllm.overrides(method="catp", keep=ANSWER_KEEP, family="aria"),
+                          **ENGINE) as llm:
         yield llm
-    finally:
-        shutdown(llm)
-        if saved is None:
-            os.environ.pop(catp.vllm.RECORD_ENV, None)
-        else:
-            os.environ[catp.vllm.RECORD_ENV] = saved
 
 
 def request(image: Any, **settings: Any) -> dict[str, Any]:
