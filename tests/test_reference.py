@@ -151,15 +151,16 @@ def test_task_examples_name_each_task_split_and_reject_other_tasks(reference):
         task_examples("vqa", "test")
 
 
-def test_the_shipped_adapter_answers_from_the_first_four_tokens():
-    """The shipped adapter (catp adapt --method first) on 48 easy-VQA validation questions (never test ones):
-    with its first 4 query tokens the adapted model answers as the unadapted one does with all 32."""
+def test_the_shipped_adapter_answers_from_its_first_tokens_down_to_one():
+    """The shipped adapter (catp adapt --method first --keep 1,2,4,8,16,32 --full-every-step) on 48 easy-VQA
+    validation questions (never test ones): with its first 4 query tokens the adapted model answers as the
+    unadapted one does with all 32, and with 2 or 1 far better than the unadapted model with as few."""
     from catp.models import adapter_info
     from catp.reference.data import easy_vqa_split
 
     path = catp.reference_adapter_path()
     info = adapter_info(path)
-    assert info["settings"]["method"] == "first" and info["settings"]["keeps"] == [32, 16, 8, 4]
+    assert info["settings"]["method"] == "first" and info["settings"]["keeps"] == [32, 16, 8, 4, 2, 1] and info["settings"]["full_every_step"]
     assert not info["settings"]["truncate"] and info["trainable_parameters"] < 400_000
     examples = easy_vqa_split("validation", 48)
     base, processor = load()
@@ -168,3 +169,8 @@ def test_the_shipped_adapter_answers_from_the_first_four_tokens():
     pruned_base = exact_match(answer(base, processor, examples, "first", 4), examples)
     pruned_adapted = exact_match(answer(adapted, processor, examples, "first", 4), examples)
     assert pruned_adapted >= unpruned - 1 / 48 and pruned_adapted > pruned_base + 0.2, (unpruned, pruned_base, pruned_adapted)
+    # Trained down to one token: at keeps 2 and 1 it still answers far better than the unadapted model does.
+    for k, margin in ((2, 0.4), (1, 0.1)):
+        base_k = exact_match(answer(base, processor, examples, "first", k), examples)
+        adapted_k = exact_match(answer(adapted, processor, examples, "first", k), examples)
+        assert adapted_k > base_k + margin, (k, base_k, adapted_k)
