@@ -289,8 +289,8 @@ class AriaFamily(Family):
 
     def truncation_refusal(self, config: Any) -> str | None:
         return ("Aria gives each image as many queries as its resolution calls for (projector_patch_to_query_dict "
-                f"{dict(config.projector_patch_to_query_dict)}, and its processor's size_conversion as many placeholders), "
-                "so no single count of first queries can be cut; train with a method in the loop instead (--method)")
+                f"{dict(config.projector_patch_to_query_dict)}): there is no one count of first queries to cut; train with "
+                "a method in the loop instead (--method)")
 
 
 def _per_head_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
