@@ -136,9 +136,9 @@ def test_explanation_maps_are_each_latents_attention_over_the_patch_grid(checkpo
     assert kept.shape == (2,)
 
 
-@pytest.mark.parametrize("command", ["bench", "adapt"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_commands_not_yet_run_on_the_family_refuse_in_one_line(command, checkpoint, tmp_path):
-    required = ["--out", str(tmp_path / "out")] if command == "adapt" else ["--out", str(tmp_path / "bench.json")]
+    required = ["--out", str(tmp_path / "bench.json")]
     result = run(command, "--model", str(checkpoint), *required, code=2)
     assert said(result.output, f"catp {command} runs blip2 models only so far")
     assert "Traceback" not in result.output

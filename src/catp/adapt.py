@@ -1,7 +1,8 @@
 """Win back the accuracy that pruning costs: a small adapter trained with the pruning in the loop.
 
-The frozen language model of a BLIP-2 only ever saw all of its query tokens, and the Q-Former
-never learnt to put what matters into the tokens a method keeps. A short fine-tune teaches it:
+The frozen language model of a BLIP-2 (or of any family of :mod:`catp.families`) only ever saw
+all of its connector's tokens, and the connector never learnt to put what matters into the
+tokens a method keeps. A short fine-tune teaches it:
 
 * **Method in the loop** (default). Each batch draws a keep ``k`` from ``keeps`` (elastic, as
   the Matryoshka Query Transformer trains, so one adapter serves every keep, all tokens
@@ -11,15 +12,21 @@ never learnt to put what matters into the tokens a method keeps. A short fine-tu
   eval mode, gradients on): HF's eager attention returns its probabilities after dropout in
   training mode, so a choice made with dropout on would differ from the one made at
   inference, call after call.
-* **Truncate** (MQT's own mode). The Q-Former runs on its first ``k`` query tokens only
+* **Truncate** (MQT's own mode). The connector runs on its first ``k`` learned queries only
   (:func:`truncated`), so its outputs no longer depend on the dropped queries; an adapter
-  trained so is exported as a stock checkpoint with ``num_query_tokens=K``
-  (:func:`export_truncated`), which stock Hugging Face and vLLM serve with no catp at all.
+  trained so is exported as a stock checkpoint with ``k`` learned queries
+  (:func:`export_truncated`: BLIP-2's ``num_query_tokens=K``), which stock Hugging Face (and
+  for BLIP-2 stock vLLM) serve with no catp at all. A family whose query count is more than one
+  config field (Aria's depends on the resolution) refuses it
+  (:meth:`~catp.families.base.Family.truncation_refusal`).
 
-What trains (:func:`add_adapter`): LoRA (``peft``) on the Q-Former's attention (self and
-cross: query, key, value, output) and its query feed-forward layers, the whole
-``language_projection``, and the query tokens (peft cannot train a top-level parameter, so
-they train as a plain parameter and are saved beside the adapter as
+What trains (:func:`add_adapter`): LoRA (``peft``) on the connector's layers that see the
+queries (:attr:`~catp.families.base.Family.adapter_targets`; BLIP-2: the Q-Former's attention,
+self and cross, and its query feed-forward layers), the modules the family trains whole
+(BLIP-2's ``language_projection``), and the learned queries
+(:meth:`~catp.families.base.Family.learned_queries`: BLIP-2's ``query_tokens``, Idefics2's
+``latents``, Kosmos-2's ``latent_query``, Aria's ``query``; peft cannot train a bare
+parameter, so they train as a plain parameter and are saved beside the adapter as
 :data:`QUERY_TOKENS_FILE`). The vision tower and the language model stay frozen, as BLIP-2
 keeps them; ``lm_lora`` adds LoRA on the language model's linear layers.
 
@@ -35,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import re
 import shutil
 import signal
 import threading
@@ -53,10 +61,11 @@ from catp.evaluation.harness import on_model, prepare_batch, question_seed
 from catp.evaluation.metric import vqa_accuracy
 from catp.evaluation.questions import Question
 from catp.extras import import_extra
-from catp.hf import base_model, check_model, placeholder_token_id, pruned
+from catp.families import Family, family_of_type
+from catp.hf import base_model, check_model, pruned
 from catp.layout import kept_positions, take_positions
 from catp.methods import get_method, seed_options
-from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, adapter_info, load_adapter
+from catp.models import ADAPTER_SETTINGS_FILE, QUERY_TOKENS_FILE, QUERY_TOKENS_KEY, adapter_info, load_adapter
 from catp.protocol import PAPER_PROMPT, check_prompt
 from catp.selection import resolve_keep
 from catp.training import answer_batch, optimization_step, optimizer_and_schedule, progress
@@ -67,24 +76,23 @@ __all__ = [
     "CHECKPOINT_DIR",
     "AdaptSettings",
     "add_adapter",
+    "check_export",
     "check_out",
     "export_truncated",
     "load_adapter",
     "train_adapter",
     "trainable_parameters",
     "truncated",
+    "truncating_family",
     "validate",
 ]
 
 #: The folder in an adapter directory that holds the resumable state while it trains.
 CHECKPOINT_DIR = "checkpoint"
 
-# Q-Former linear layers that see the query tokens: self-attention, cross-attention (both with
-# their output projection) and the query feed-forward block. The text-only branches of a
-# stage-1 Q-Former (intermediate, output) never touch the queries.
-_QFORMER_TARGETS = (r"qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.(attention\.(query|key|value)|output\.dense)"
-                    r"|qformer\.encoder\.layer\.\d+\.(intermediate_query|output_query)\.dense")
-_LM_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
+# The linear layers of the language models catp meets (OPT, LLaMA, Mistral, Kosmos-2's, Aria's; attention and MLP),
+# below the module the family names as its language model.
+_LM_LAYERS = r"(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)"
 
 
 @dataclass(frozen=True)
@@ -98,10 +106,10 @@ class AdaptSettings:
         full_every_step: each step also takes the loss with all query tokens and trains on the
             mean of the two (the "sandwich rule" of slimmable networks): the full model is
             anchored at every step, however many small keeps ``keeps`` lists.
-        truncate: MQT's mode: the Q-Former runs on its first ``k`` query tokens.
+        truncate: MQT's mode: the connector runs on its first ``k`` learned queries.
         rank, alpha, dropout: LoRA's rank, scale and dropout.
         lm_lora: also LoRA on the language model's linear layers.
-        query_tokens: whether the query tokens train.
+        query_tokens: whether the learned queries train (BLIP-2's query tokens, the latents of the other families).
         lr: peak learning rate (AdamW, 5% warm-up, cosine decay to 10%).
         batch_size: questions per step.
         steps: optimisation steps.
@@ -162,15 +170,24 @@ def add_adapter(model: nn.Module, settings: AdaptSettings) -> nn.Module:
     :func:`catp.select_queries` take it as they take the model.
     """
     peft = import_extra("peft", "adapt", "catp adapt")
-    check_model(base_model(model))
-    targets = _QFORMER_TARGETS + (f"|{_LM_TARGETS}" if settings.lm_lora else "")
+    inner = base_model(model)
+    family = check_model(inner)
+    targets = family.adapter_targets + (f"|{_lm_targets(inner, family)}" if settings.lm_lora else "")
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
-                        modules_to_save=["language_projection"])
+                             modules_to_save=list(family.adapter_modules_to_save) or None)
     torch.manual_seed(settings.seed)  # LoRA's A matrices start random
     adapted = peft.get_peft_model(model, config)
-    # peft trains LoRA and modules_to_save only; the query tokens are a top-level parameter it cannot wrap.
-    base_model(adapted).query_tokens.requires_grad_(settings.query_tokens)
+    # peft trains LoRA and modules_to_save only; the learned queries are a bare parameter it cannot wrap.
+    family.learned_queries(base_model(adapted)).requires_grad_(settings.query_tokens)
     return adapted
+
+
+def _lm_targets(model: nn.Module, family: Family) -> str:
+    """A regex of the language model's linear layers (:data:`_LM_LAYERS`), under its module name in ``model``
+    (BLIP-2: ``language_model``, Idefics2: ``model.text_model``)."""
+    language_model = family.language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
+    return re.escape(prefix) + r"\..*\." + _LM_LAYERS
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
@@ -179,47 +196,72 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def save_adapter(model: nn.Module, out: Path, info: dict[str, Any]) -> None:
-    """A standard peft adapter directory (``PeftModel.from_pretrained`` loads it), plus the query tokens and ``info``."""
+    """A standard peft adapter directory (``PeftModel.from_pretrained`` loads it), plus the learned queries
+    (:data:`QUERY_TOKENS_FILE`, their parameter's shape) and ``info``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
-    save_file({"query_tokens": base_model(model).query_tokens.detach().float().cpu().contiguous()}, str(out / QUERY_TOKENS_FILE))
+    inner = base_model(model)
+    queries = check_model(inner).learned_queries(inner)
+    save_file({QUERY_TOKENS_KEY: queries.detach().float().cpu().contiguous()}, str(out / QUERY_TOKENS_FILE))
     (out / ADAPTER_SETTINGS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 # -- choosing and truncating ------------------------------------------------------------------
 
+def truncating_family(config: Any) -> Family:
+    """The family of a model of ``config``, where its connector can run on its first ``k`` learned queries alone.
+
+    Raises:
+        ValueError: why it cannot (:meth:`~catp.families.base.Family.truncation_refusal`), in one line.
+    """
+    family = family_of_type(config.model_type)
+    refusal = family.truncation_refusal(config)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return family
+
+
 @contextlib.contextmanager
 def truncated(model: nn.Module, k: int) -> Iterator[None]:
-    """Run the Q-Former on its first ``k`` query tokens only (MQT), inside the block.
+    """Run the connector on its first ``k`` learned queries only (MQT), inside the block.
 
-    A forward pre-hook cuts the query embeddings the stock code hands the Q-Former, so the
-    gradient still reaches the first ``k`` rows of ``query_tokens``. The prompt must then hold
-    ``k`` image placeholders (:func:`shorten_placeholders`). BLIP-2 only: InstructBLIP's
-    Q-Former mask is built for all the queries before the call.
+    The stock forward reads the queries as an attribute of their module
+    (:meth:`~catp.families.base.Family.learned_queries_at`); inside the block an instance attribute
+    holding their first ``k`` rows shadows the registered parameter, so the connector returns ``k``
+    tokens per image and the gradient reaches those rows (the parameter stays registered, and
+    ``named_parameters`` unchanged). The prompt must then hold ``k`` placeholders per image
+    (:func:`shorten_placeholders`).
+
+    Raises:
+        ValueError: a family or model that cannot run its first ``k`` queries alone
+            (:meth:`~catp.families.base.Family.truncation_refusal`), or ``k`` out of range.
     """
     inner = base_model(model)
-    if type(inner).__name__ != "Blip2ForConditionalGeneration":
-        raise ValueError(f"truncation runs on BLIP-2 (Blip2ForConditionalGeneration), not {type(inner).__name__}")
-    resolve_keep(k, int(inner.config.num_query_tokens))
-
-    def cut(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs["query_embeds"] = kwargs["query_embeds"][:, :k]
-        return args, kwargs
-
-    handle = inner.qformer.register_forward_pre_hook(cut, with_kwargs=True)
+    family = truncating_family(inner.config)
+    resolve_keep(k, family.num_queries(inner.config))
+    module, attribute = family.learned_queries_at(inner)
+    vars(module)[attribute] = family.learned_queries(inner).narrow(family.query_axis, 0, k)
     try:
         yield
     finally:
-        handle.remove()
+        del vars(module)[attribute]
 
 
 def shorten_placeholders(model: nn.Module, inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Keep only the first ``k`` image placeholders of each prompt (``input_ids``, ``attention_mask``, ``labels``)."""
+    """Keep only the first ``k`` placeholders of each image (each crop) of each prompt, as the family's processor lays
+    out a prompt for ``k`` learned queries: in ``input_ids``, ``attention_mask``, ``labels`` and the family's
+    per-position inputs (Kosmos-2's ``image_embeds_position_mask``); every other input as it is."""
     inner = base_model(model)
+    family = check_model(inner)
     ids = inputs["input_ids"]
-    first = torch.arange(k, device=ids.device).expand(ids.shape[0], -1)
-    positions = kept_positions(ids == placeholder_token_id(inner), first, "left")
-    fills = {"input_ids": inner.config.text_config.pad_token_id or 0, "attention_mask": 0, "labels": -100}
+    q = family.num_queries(inner.config)
+    groups = family.groups_per_sample(inner, inputs["pixel_values"], ids).to(ids.device)  # (B,)
+    slot = torch.arange(int(groups.max()) * k, device=ids.device)
+    first = (slot // k) * q + slot % k  # (G*k,) the first k placeholders of each group, flat over a sample's
+    keep = first.expand(ids.shape[0], -1).masked_fill(slot >= groups[:, None] * k, -1)  # (B, G*k), -1 padded
+    positions = kept_positions(family.placeholder_mask(inner, inputs), keep, "left")
+    fills = {"input_ids": inner.config.text_config.pad_token_id or 0, "attention_mask": 0, "labels": -100,
+             **{name: 0 for name in family.position_inputs}}
     return {name: take_positions(value, positions, fills[name]) if name in fills else value for name, value in inputs.items()}
 
 
@@ -286,7 +328,7 @@ def validate(model: nn.Module, processor: Any, questions: Sequence[Question], se
     rank, world = _process()
     mine = list(questions)[rank::world]
     inner = base_model(model)
-    q = int(inner.config.num_query_tokens)
+    q = check_model(inner).num_queries(inner.config)
     was_training = inner.training
     inner.eval()
     totals = torch.zeros(len(settings.keeps), dtype=torch.float64)
@@ -350,8 +392,8 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     """Train an adapter on ``train``, keep the state that does best on ``val``, write it to ``out``.
 
     Args:
-        model: a BLIP-2 / InstructBLIP (decoder-only language model) without an adapter; it is
-            wrapped in place (:func:`add_adapter`).
+        model: a model of a family of :mod:`catp.families` with a decoder-only language model, without an
+            adapter; it is wrapped in place (:func:`add_adapter`).
         processor: its processor, padding on the left.
         train, val: questions with their answers (never a test split).
         out: the adapter directory; ``out/checkpoint`` holds the resumable state until the run ends.
@@ -361,11 +403,14 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
         An :class:`AdaptResult`; the adapter is in ``out`` (:func:`load_adapter`).
     """
     inner = base_model(model)
-    check_model(inner)
-    q = int(inner.config.num_query_tokens)
+    family = check_model(inner)
+    q = family.num_queries(inner.config)
     settings.check(q)
-    if not inner.config.use_decoder_only_language_model:
-        raise ValueError("catp adapt trains BLIP-2 / InstructBLIP with a decoder-only language model (OPT, LLaMA, Vicuna)")
+    if not family.decoder_only(inner):
+        raise ValueError("catp adapt trains models with a decoder-only language model (OPT, LLaMA, Vicuna, Mistral), "
+                         f"not {type(family.language_model(inner)).__name__}")
+    if settings.truncate:
+        truncating_family(inner.config)
     if not train or not val:
         raise ValueError(f"need training and validation questions, got {len(train)} and {len(val)}")
     if check_out(out, settings):
@@ -385,14 +430,15 @@ def train_adapter(model: nn.Module, processor: Any, train: Sequence[Question], v
     inner.eval()
     bar = progress(settings.steps, "adapt", show_progress)
     bar.update(start)
+    template = family.prompt_for(settings.prompt)  # the image where the family's processor expects it, as validate()
     rank, world = _process()
     with _deferred_interrupt() as stop:
         for step in range(start, settings.steps):
             started = time.perf_counter()
             batch = _batches(train, settings.batch_size, settings.seed, step)
             mine = batch[rank::world]  # each process its share; the gradients are summed
-            inputs = on_model(answer_batch(processor, [x.load_image() for x in mine], [settings.prompt.format(x.question) for x in mine],
-                                           [target_answer(x) for x in mine]), inner)
+            inputs = on_model(answer_batch(processor, [x.load_image() for x in mine], [template.format(x.question) for x in mine],
+                                           [target_answer(x) for x in mine], family.position_inputs), inner)
             loss = _loss(adapted, inputs, settings, keeps[step], q, _method_options(settings.method, mine, settings.seed))
             optimization_step(loss * len(mine) / len(batch), params, optimizer, scheduler, sum_gradients=world > 1)
             seconds += time.perf_counter() - started
@@ -536,30 +582,43 @@ def _resume(model: nn.Module, optimizer: Any, scheduler: Any, out: Path, setting
 
 # -- export ---------------------------------------------------------------------------------------
 
-def export_truncated(model: nn.Module, processor: Any, k: int, out: Path) -> Path:
-    """A stock BLIP-2 checkpoint with ``num_query_tokens=k``: the first ``k`` query tokens and the (merged) adapted weights.
+def check_export(config: Any, k: int) -> None:
+    """Raise a ``ValueError`` unless a model of ``config`` can be exported with its first ``k`` learned queries
+    (:func:`export_truncated`): a family that truncates (:meth:`~catp.families.base.Family.truncation_refusal`),
+    ``k`` in ``1..Q``."""
+    q = truncating_family(config).num_queries(config)
+    if not 1 <= k <= q:
+        raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
 
-    Stock Hugging Face (``Blip2ForConditionalGeneration`` + ``Blip2Processor``) and stock vLLM
-    load and serve it with ``k`` placeholders per image, no catp needed; its Q-Former runs on
-    ``k`` queries, which is what :func:`truncated` trains.
+
+def export_truncated(model: nn.Module, processor: Any, k: int, out: Path) -> Path:
+    """A stock checkpoint of the model's family with its first ``k`` learned queries and the (merged) adapted weights.
+
+    The family sets the config field(s) that count the queries (BLIP-2: ``num_query_tokens=k``, Idefics2:
+    ``perceiver_config.resampler_n_latents``, Kosmos-2: ``latent_query_num``) and makes the processor insert ``k``
+    placeholders per image, saved with it (:meth:`~catp.families.base.Family.truncate_processor`). Stock Hugging Face
+    (the model class and ``AutoProcessor``) and, for BLIP-2, stock vLLM load and serve it, no catp needed; its
+    connector runs on ``k`` queries, which is what :func:`truncated` trains.
 
     Args:
-        model: an adapted model (a ``PeftModel`` is merged first) or a plain BLIP-2. It is
-            changed in place (merged, its query tokens cut to ``k``): load it again to use it.
+        model: an adapted model (a ``PeftModel`` is merged first) or a plain one. It is changed in place (merged,
+            its learned queries cut to ``k``): load it again to use it.
+        processor: its processor; changed in place to insert ``k`` placeholders.
+
+    Raises:
+        ValueError: see :func:`check_export`.
     """
     inner = base_model(model)
     if hasattr(model, "merge_and_unload"):
         inner = model.merge_and_unload()
-    q = int(inner.config.num_query_tokens)
-    if type(inner).__name__ != "Blip2ForConditionalGeneration":
-        raise ValueError(f"export writes BLIP-2 checkpoints, not {type(inner).__name__}")
-    if not 1 <= k <= q:
-        raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
+    family = check_model(inner)
+    check_export(inner.config, k)
+    module, attribute = family.learned_queries_at(inner)
     with torch.no_grad():
-        inner.query_tokens = nn.Parameter(inner.query_tokens[:, :k].detach().clone())
-    inner.config.num_query_tokens = k
+        setattr(module, attribute, nn.Parameter(family.learned_queries(inner).narrow(family.query_axis, 0, k).detach().clone()))
+    family.truncate_config(inner.config, k)
     out.mkdir(parents=True, exist_ok=True)
     inner.save_pretrained(str(out))
-    processor.num_query_tokens = k  # Blip2Processor inserts this many placeholders
+    family.truncate_processor(processor, k)
     processor.save_pretrained(str(out))
     return out

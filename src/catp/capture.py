@@ -82,7 +82,13 @@ def watch(family: Family, model: nn.Module, needs: Needs) -> Watch:
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` computed in fp32 (the weights cast, not changed)."""
+    """``layer(x)`` computed in fp32 (the weights cast, not changed).
+
+    A layer an adapter wraps (peft's LoRA, which keeps the original as ``base_layer``) runs as it is and its output
+    is cast: its ``weight`` is the base weight alone, without the adapter's update that its forward adds.
+    """
+    if hasattr(layer, "base_layer"):
+        return layer(x).float()
     return nn.functional.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 

@@ -17,13 +17,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from catp.extras import import_extra
-from catp.families import MODEL_TYPES, family_of_type
+from catp.families import MODEL_TYPES, family_of, family_of_type
 
-__all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "adapter_info", "check_adapter_dir", "check_device",
+__all__ = ["ADAPTER_SETTINGS_FILE", "DTYPES", "MODEL_TYPES", "QUERY_TOKENS_FILE", "QUERY_TOKENS_KEY", "adapter_info", "check_adapter_dir", "check_device",
            "dtype_bytes", "load_adapter", "load_config", "load_model", "model_class", "resolve_dtype"]
 
-#: The query tokens of a ``catp adapt`` adapter, beside peft's adapter files.
+#: The learned queries of a ``catp adapt`` adapter, beside peft's adapter files (one tensor, :data:`QUERY_TOKENS_KEY`, of the
+#: shape of the family's parameter: :meth:`catp.families.base.Family.learned_queries`).
 QUERY_TOKENS_FILE = "query_tokens.safetensors"
+#: The name of that tensor, whatever the family calls its queries (BLIP-2's ``query_tokens``, Idefics2's ``latents``, ...).
+QUERY_TOKENS_KEY = "query_tokens"
 #: A ``catp adapt`` adapter's settings, its training data and its validation figures.
 ADAPTER_SETTINGS_FILE = "catp_adapter.json"
 #: The dtype names every command takes (``auto``: float16 on CUDA, float32 otherwise).
@@ -142,7 +145,7 @@ def load_model(name: str | Path, dtype: str = "auto", device: str = "cpu", adapt
 
 
 def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.Module:
-    """Put a saved adapter (:func:`save_adapter`) on ``model``: its LoRA weights, projection and query tokens.
+    """Put a saved adapter (:func:`save_adapter`) on ``model``: its LoRA weights, the modules it trains whole (BLIP-2's projection) and the learned queries (any family).
 
     Args:
         merge: fold the LoRA weights into the base weights and return the plain transformers
@@ -156,10 +159,11 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn.
     adapted = PeftModel.from_pretrained(model, str(path))
     tokens_file = path / QUERY_TOKENS_FILE
     if tokens_file.is_file():
-        tokens = load_file(str(tokens_file))["query_tokens"]
-        target = adapted.get_base_model().query_tokens
+        tokens = load_file(str(tokens_file))[QUERY_TOKENS_KEY]
+        base = adapted.get_base_model()
+        target = family_of(base).learned_queries(base)
         if tokens.shape != target.shape:
-            raise ValueError(f"{path}: query tokens of shape {tuple(tokens.shape)}, the model's are {tuple(target.shape)}")
+            raise ValueError(f"{path}: learned queries of shape {tuple(tokens.shape)}, the model's are {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(tokens.to(target.dtype))
     adapted.eval()

@@ -6,7 +6,7 @@ bar, and VQA batches with the loss on the answer only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -63,7 +63,8 @@ def progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def answer_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+def answer_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], answers: Sequence[str],
+                 position_inputs: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Processor inputs for ``prompt + " " + answer + EOS`` with ``labels`` on the answer and EOS only.
 
     For a decoder-only language model whose processor pads on the left (as
@@ -71,6 +72,11 @@ def answer_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], 
     column is appended to all rows, and the answer is the last tokens of each row. The answer's
     token count is read per row as ``len(tokens(prompt + " " + answer)) - len(tokens(prompt))``,
     which holds for word-level and BPE tokenizers alike.
+
+    Args:
+        position_inputs: the processor's other per-position outputs ``(B, L)`` (a family's
+            :attr:`~catp.families.base.Family.position_inputs`: Kosmos-2's ``image_embeds_position_mask``),
+            which get 0 in the EOS column.
 
     Returns:
         The processor's tensors (``pixel_values``, ``input_ids``, ``attention_mask``) and
@@ -91,6 +97,8 @@ def answer_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], 
     eos = torch.full((len(full), 1), tokenizer.eos_token_id, dtype=inputs["input_ids"].dtype)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], eos], dim=1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(eos)], dim=1)
+    for name in position_inputs:
+        inputs[name] = torch.cat([inputs[name], torch.zeros_like(eos, dtype=inputs[name].dtype)], dim=1)
     width = inputs["input_ids"].shape[1]
     answer_part = torch.arange(width) >= width - 1 - torch.tensor(lengths)[:, None]  # the answer's tokens and EOS
     inputs["labels"] = inputs["input_ids"].masked_fill(~answer_part, -100)

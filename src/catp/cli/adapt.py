@@ -19,8 +19,7 @@ from catp.cli.options import (
     refuse_unused,
     resolve_keeps,
 )
-from catp.families import check_family
-from catp.families.blip2 import BLIP2
+from catp.families import family_of_type
 from catp.models import DTYPES
 
 #: The share of the training images held out for validation where a dataset has no validation split.
@@ -47,13 +46,16 @@ def adapt_command(
                                                  "in (0, 1), of the training images, with all their questions, is held out to "
                                                  f"choose the checkpoint. Default: {DEFAULT_VAL_FRACTION}."),
     val_limit: int = typer.Option(300, min=1, help="Validation questions per dataset (the first in a fixed random order)."),
-    truncate: bool = typer.Option(False, help="MQT's mode: the Q-Former runs on its first k query tokens (BLIP-2 only); "
-                                  "export the result with --export K."),
-    export: list[int] = typer.Option([], help="After training (--truncate), write a stock BLIP-2 with K query tokens to OUT/export-K; repeatable."),
+    truncate: bool = typer.Option(False, help="MQT's mode: the connector runs on its first k learned queries; export the "
+                                  "result with --export K. Refused, with the reason, on a family whose query count is not "
+                                  "one config field."),
+    export: list[int] = typer.Option([], help="After training (--truncate), write a stock checkpoint of the model's family "
+                                     "with K learned queries, processor included, to OUT/export-K; repeatable."),
     merge: bool = typer.Option(False, help="Also write the adapted model merged into a full checkpoint, OUT/merged."),
     rank: int = typer.Option(8, min=1, help="LoRA rank."),
     lm_lora: bool = typer.Option(False, help="Also LoRA on the language model (frozen by default, as BLIP-2 keeps it)."),
-    query_tokens: bool = typer.Option(True, help="Train the query tokens (saved beside the adapter)."),
+    query_tokens: bool = typer.Option(True, help="Train the learned queries (BLIP-2's query tokens, the other families' "
+                                      "latents; saved beside the adapter)."),
     lr: float = typer.Option(5e-4, help="Peak learning rate (AdamW, warm-up, cosine decay)."),
     batch_size: int = typer.Option(32, min=1, help="Questions per step."),
     steps: int = typer.Option(1200, min=1, help="Optimisation steps."),
@@ -68,11 +70,20 @@ def adapt_command(
                                 "with 1 thread and 14 s with 2); run two trainings side by side instead."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Train an adapter (LoRA on the Q-Former, the projection and the query tokens) with the pruning method in the loop."""
+    """Train an adapter (LoRA on the connector, BLIP-2's projection, the learned queries) with the pruning method in the loop."""
     import torch
     from accelerate import PartialState
 
-    from catp.adapt import CHECKPOINT_DIR, AdaptSettings, check_out, export_truncated, load_adapter, train_adapter
+    from catp.adapt import (
+        CHECKPOINT_DIR,
+        AdaptSettings,
+        check_export,
+        check_out,
+        export_truncated,
+        load_adapter,
+        train_adapter,
+        truncating_family,
+    )
     from catp.evaluation.datasets import VALIDATION_SPLITS, dataset_options, load_dataset, split_by_image
     from catp.extras import import_extra
     from catp.evaluation.harness import order_questions
@@ -119,14 +130,15 @@ def adapt_command(
     name = model or str(reference_model_path())
     with user_input(param="--model"):
         config = load_config(name)
-        check_family(config, (BLIP2,), "catp adapt")
-    q = int(config.num_query_tokens)
+    q = family_of_type(config.model_type).num_queries(config)
+    if truncate:
+        with user_input(param="--truncate"):  # a family whose connector cannot run its first k queries alone
+            truncating_family(config)
     with user_input(param="--keep"):
         keeps = tuple(int(k) for k in resolve_keeps(keep_values, q))
     with user_input(param="--export"):
         for k in export:
-            if not 1 <= k <= q:
-                raise ValueError(f"--export {k} is out of range: the model has {q} query tokens, export 1..{q}")
+            check_export(config, k)
     settings = AdaptSettings(method=method_name, keeps=keeps, full_every_step=full_every_step, truncate=truncate, rank=rank, lm_lora=lm_lora, query_tokens=query_tokens,
                              lr=lr, batch_size=batch_size, steps=steps, validate_every=min(validate_every, steps),
                              checkpoint_every=checkpoint_every, seed=seed)
@@ -176,7 +188,7 @@ def adapt_command(
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min of training; best validation at step {best['step']}: "
                + ", ".join(f"keep {k}: {a:.1f}%" for k, a in best["accuracy"].items()))
     typer.echo(f"wrote the adapter to {out} ({time.perf_counter() - started:.0f} s in this call)")
-    # Each from a fresh copy: an export cuts the query tokens of the model it is given.
+    # Each from a fresh copy: an export cuts the learned queries of the model it is given.
     for target, k in ([(out / "merged", None)] if merge else []) + [(out / f"export-{k}", k) for k in export]:
         fresh, fresh_processor = load_model(name, dtype, device)
         adapted = load_adapter(fresh, out, merge=True)

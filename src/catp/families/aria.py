@@ -64,6 +64,11 @@ class AriaFamily(Family):
     prompt_image: ClassVar[str | None] = "<|img|>"
     vllm_model_types: ClassVar[tuple[str, ...]] = ("aria",)
     vllm_architecture: ClassVar[str | None] = "CatpAriaForConditionalGeneration"
+    # The projector: cross_attn's query, key and value projections and its output `linear`, and the feed-forward to the
+    # text width. Not the nn.MultiheadAttention inside: its forward reads in_proj_weight and out_proj.weight directly,
+    # past any LoRA wrapper.
+    adapter_targets: ClassVar[str] = (r"model\.multi_modal_projector\."
+                                      r"(cross_attn\.(q_proj|k_proj|v_proj|linear)|feed_forward\.(linear_in|linear_out))")
 
     @staticmethod
     def parts(model: nn.Module) -> nn.Module:
@@ -276,6 +281,16 @@ class AriaFamily(Family):
         from transformers.modeling_outputs import BaseModelOutputWithPooling  # not with ``import catp``
 
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=rows)}}
+
+    # -- adapting (catp adapt) ------------------------------------------------------------
+    def learned_queries_at(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """The projector's ``query`` ``(Q_max, D)``: each resolution takes a prefix of it."""
+        return self.projector(model), "query"
+
+    def truncation_refusal(self, config: Any) -> str | None:
+        return ("Aria gives each image as many queries as its resolution calls for (projector_patch_to_query_dict "
+                f"{dict(config.projector_patch_to_query_dict)}): there is no one count of first queries to cut; train with "
+                "a method in the loop instead (--method)")
 
 
 def _per_head_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

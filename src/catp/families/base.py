@@ -64,6 +64,13 @@ class Family(ABC):
         prompt_image: the text a prompt holds where an image goes, which the family's processor expands
             into the placeholders (Idefics2's ``<image>``); ``None`` where the processor puts the
             placeholders in front of the prompt itself (BLIP-2).
+        adapter_targets: the connector's linear layers that ``catp adapt`` puts LoRA on: a regex that peft
+            matches in full against the module names of the transformers model
+            (``qformer.encoder.layer.0.crossattention.attention.query``).
+        adapter_modules_to_save: modules of the model that ``catp adapt`` trains whole beside the LoRA
+            (BLIP-2's ``language_projection``); empty where LoRA covers the connector.
+        query_axis: the axis of :meth:`learned_queries` that counts the queries (BLIP-2's ``query_tokens``
+            are ``(1, Q, D)``: 1; a ``(Q, D)`` parameter: 0).
     """
 
     name: ClassVar[str]
@@ -82,6 +89,9 @@ class Family(ABC):
     min_transformers: ClassVar[str] = "5.17"
     prompt_image: ClassVar[str | None] = None
     class_tokens: ClassVar[int] = 0
+    adapter_targets: ClassVar[str]
+    adapter_modules_to_save: ClassVar[tuple[str, ...]] = ()
+    query_axis: ClassVar[int] = 0
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -314,6 +324,32 @@ class Family(ABC):
             groups: ``(B,)`` groups per sample (:meth:`groups_per_sample`).
         """
         raise NotImplementedError(f"{self.name}: the stock call encodes the images itself")
+
+    # -- adapting (catp adapt) --------------------------------------------------------
+    @abstractmethod
+    def learned_queries_at(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """Where the connector's learned queries live: ``(module, attribute)``, the parameter the stock forward
+        reads as ``module.<attribute>`` (:meth:`learned_queries`)."""
+
+    def learned_queries(self, model: nn.Module) -> nn.Parameter:
+        """The connector's learned queries: ``Q`` rows along :attr:`query_axis` (``(Q, D)``; BLIP-2 ``(1, Q, D)``;
+        Aria ``(Q_max, D)``, the largest resolution's)."""
+        module, attribute = self.learned_queries_at(model)
+        return getattr(module, attribute)
+
+    def truncation_refusal(self, config: Any) -> str | None:
+        """Why the connector of a model of this config cannot run on its first ``k`` learned queries alone, or be
+        exported with ``k`` (``catp adapt --truncate``); ``None`` when it can (:meth:`truncate_config`,
+        :meth:`truncate_processor`). Default: a family that states no truncation."""
+        return f"catp adapt --truncate is not stated for {self.name} models (no config field and processor setting to cut)"
+
+    def truncate_config(self, config: Any, k: int) -> None:
+        """Set the config field(s) that give the number of learned queries to ``k`` (an export's config)."""
+        raise NotImplementedError(f"{self.name}: {self.truncation_refusal(config)}")
+
+    def truncate_processor(self, processor: Any, k: int) -> None:
+        """Make ``processor`` insert ``k`` placeholders per image (per crop), also once saved and loaded again."""
+        raise NotImplementedError(f"{self.name}: no processor setting for the placeholder count")
 
 
 @dataclass

@@ -54,6 +54,14 @@ class Blip2Family(Family):
     default_scope: ClassVar[str] = "video"
     published_layer_weights: ClassVar[bool] = True
     class_tokens: ClassVar[int] = 1
+    # Q-Former linear layers that see the query tokens: self-attention, cross-attention (both with their output
+    # projection) and the query feed-forward block. The text-only branches of a stage-1 Q-Former (intermediate,
+    # output) never touch the queries.
+    adapter_targets: ClassVar[str] = (
+        r"qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.(attention\.(query|key|value)|output\.dense)"
+        r"|qformer\.encoder\.layer\.\d+\.(intermediate_query|output_query)\.dense")
+    adapter_modules_to_save: ClassVar[tuple[str, ...]] = ("language_projection",)
+    query_axis: ClassVar[int] = 1  # query_tokens: (1, Q, D)
 
     def is_video(self, model: nn.Module) -> bool:
         """Whether ``model`` is an InstructBLIP-Video model (``pixel_values`` ``(B, T, C, H, W)``)."""
@@ -170,6 +178,23 @@ class Blip2Family(Family):
         if "qformer_input_ids" in inspect.signature(features).parameters and inputs.get("qformer_input_ids") is None:
             raise ValueError(f"{type(model).__name__} needs qformer_input_ids (the instruction for its Q-Former)")
         return features(pixel_values, **inputs)
+
+    # -- adapting (catp adapt) ------------------------------------------------------------
+    def learned_queries_at(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """``model.query_tokens`` ``(1, Q, D)``."""
+        return model, "query_tokens"
+
+    def truncation_refusal(self, config: Any) -> str | None:
+        if config.model_type == "blip-2":
+            return None
+        return (f"catp adapt --truncate runs on BLIP-2 (Blip2ForConditionalGeneration) only so far, not "
+                f"{self.model_classes[config.model_type]}")
+
+    def truncate_config(self, config: Any, k: int) -> None:
+        config.num_query_tokens = k
+
+    def truncate_processor(self, processor: Any, k: int) -> None:
+        processor.num_query_tokens = k  # Blip2Processor inserts this many placeholders (saved with it)
 
 
 #: The family object.

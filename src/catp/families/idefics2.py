@@ -53,6 +53,9 @@ class Idefics2Family(LatentSoftmaxFamily):
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_attention_mask")
     default_scope: ClassVar[str] = "group"
     prompt_image: ClassVar[str | None] = "<image>"
+    # The perceiver layers: attention (queries, keys and values over [image ; latents], output) and the gated MLP.
+    adapter_targets: ClassVar[str] = (r"model\.connector\.perceiver_resampler\.layers\.\d+\."
+                                      r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 
     @staticmethod
     def resampler(model: nn.Module) -> nn.Module:
@@ -156,6 +159,20 @@ class Idefics2Family(LatentSoftmaxFamily):
         rows = [features.index_select(0, kept[kept >= 0].to(features.device))
                 for features, kept in zip(encoded.pooler_output, keep_indices)]
         return {"mm_encoder_outputs": {"image": type(encoded)(**{**encoded, "pooler_output": rows})}}
+
+    # -- adapting (catp adapt) ------------------------------------------------------------
+    def learned_queries_at(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """The resampler's ``latents`` ``(Q, D)``."""
+        return self.resampler(model), "latents"
+
+    def truncation_refusal(self, config: Any) -> str | None:
+        return None  # Q is one config field, and the processor's image_seq_len is saved with it
+
+    def truncate_config(self, config: Any, k: int) -> None:
+        config.perceiver_config.resampler_n_latents = k
+
+    def truncate_processor(self, processor: Any, k: int) -> None:
+        processor.image_seq_len = k  # <image> placeholders per image (per crop); an argument of its __init__, so saved
 
 
 #: The family object.

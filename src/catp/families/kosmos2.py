@@ -70,6 +70,8 @@ class Kosmos2Family(LatentSoftmaxFamily):
     #: Fillers (left, where a Budget keeps fewer in some samples) are marked as image positions: they take the
     #: zero rows :meth:`pruned_inputs` puts first in those samples.
     position_inputs: ClassVar[Mapping[str, int]] = {POSITION_MASK: 1}
+    # `dense` (image tokens to the text width) and x_attn (the latents over [image ; latents]).
+    adapter_targets: ClassVar[str] = r"image_to_text_projection\.(dense|x_attn\.(q_proj|k_proj|v_proj|out_proj))"
 
     @staticmethod
     def projection(model: nn.Module) -> nn.Module:
@@ -194,6 +196,40 @@ class Kosmos2Family(LatentSoftmaxFamily):
         filler = slot < keep.shape[1] - counts
         kept = rows.gather(1, source.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
         return {"image_embeds": kept.masked_fill(filler[..., None], 0.0)}
+
+    # -- adapting (catp adapt) ------------------------------------------------------------
+    def learned_queries_at(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """The projection's ``latent_query`` ``(Q, D)``."""
+        return self.projection(model), "latent_query"
+
+    def truncation_refusal(self, config: Any) -> str | None:
+        """``None`` where a saved processor keeps another placeholder count than 64 (:meth:`truncate_processor`)."""
+        if _saved_processor_keeps_count():
+            return None
+        import transformers
+
+        return (f"a Kosmos-2 export with k latents needs a processor that writes k placeholders, and this transformers' "
+                f"({transformers.__version__}) Kosmos2Processor cannot save a count other than 64 (num_image_tokens is a "
+                "class attribute); train with a method in the loop instead (--method)")
+
+    def truncate_config(self, config: Any, k: int) -> None:
+        config.latent_query_num = k
+
+    def truncate_processor(self, processor: Any, k: int) -> None:
+        """``num_image_tokens = k`` on this processor and on a saved copy: ``Kosmos2Processor`` keeps its count in a class
+        attribute (64) that ``save_pretrained`` leaves out, but it merges its tokenizer's init kwargs, which the tokenizer
+        saves, into each call's image kwargs, where ``num_image_tokens`` is read (:func:`_saved_processor_keeps_count`)."""
+        processor.num_image_tokens = k
+        processor.tokenizer.init_kwargs["num_image_tokens"] = k
+
+
+def _saved_processor_keeps_count() -> bool:
+    """Whether ``Kosmos2Processor`` reads ``num_image_tokens`` among its image kwargs (a deprecated key in transformers 5.25,
+    to be removed in 5.29), where its tokenizer's saved init kwargs reach it (:meth:`Kosmos2Family.truncate_processor`)."""
+    from transformers.models.kosmos2.processing_kosmos2 import Kosmos2ProcessorKwargs
+
+    images = Kosmos2ProcessorKwargs.__annotations__.get("images_kwargs")
+    return "num_image_tokens" in getattr(images, "__annotations__", {})
 
 
 #: The family object.
