@@ -148,7 +148,7 @@ def check_fits(config: Any, dtype: str, device: str, available: int | None = Non
         raise MemoryError(
             f"the model has {params / 1e9:.2f} B parameters: {weights / gib:.1f} GiB of weights in {dtype}, "
             f"{weights * headroom / gib:.1f} GiB with {headroom - 1:.0%} headroom, but only {available / gib:.1f} GiB is "
-            f"available on {device}; use --dtype bfloat16/float16, a smaller --arch, or another device"
+            f"available on {device}; use {'--dtype bfloat16/float16, ' if dtype_bytes(dtype) > 2 else ''}a smaller --arch, or another device"
         )
     return weights
 

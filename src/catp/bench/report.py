@@ -132,7 +132,7 @@ def markdown_tables(report: dict[str, Any], statistic: str = "median") -> str:
             f"| {r['method']} | {r['keep']} | {r['batch']} | {r['tokens_into_llm']} | {cell('vision')} | {cell('connector')} | "
             f"{cell('prefill')} | {cell('decode')} ({s['decode_per_token'][statistic] * 1e3:.0f}) | "
             f"{e2e * 1e3:.0f} ({s['end_to_end']['spread']:.0%}) | {r['batch'] / e2e:.3f} | "
-            f"{r['flops']['prefill'] / 1e9:.3g} / {r['flops']['total'] / 1e9:.3g} | {r['kv_cache_bytes'] / _MIB:.1f} | "
+            f"{_gflops(r['flops']['prefill'])} / {_gflops(r['flops']['total'])} | {r['kv_cache_bytes'] / _MIB:.1f} | "
             f"{r['peak_memory_bytes'] / _MIB:.0f} |")
     for c in report.get("checks", []):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
@@ -141,13 +141,19 @@ def markdown_tables(report: dict[str, Any], statistic: str = "median") -> str:
     return "\n".join(lines)
 
 
+def _gflops(flops: float) -> str:
+    """GFLOPs with 3 significant digits, whole numbers from 100 on (no exponents)."""
+    giga = flops / 1e9
+    return f"{giga:.3g}" if giga < 100 else f"{giga:.0f}"
+
+
 def flops_table(rows: Sequence[dict[str, Any]], dtype: str) -> str:
     """Analytic GFLOPs per stage as Markdown, one row per :func:`catp.bench.runner.flops_grid` case (used for
     docs/performance.md), with prefill and total against all query tokens and the KV cache in ``dtype``."""
     lines = [f"| batch | keep | vision | connector | LLM prefill | decode | total | prefill vs all | total vs all | "
              f"KV cache MiB ({dtype}) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = {stage: f"{r['flops'][stage] / 1e9:.4g}" for stage in ("vision", "connector", "prefill", "decode", "total")}
+        f = {stage: _gflops(r["flops"][stage]) for stage in ("vision", "connector", "prefill", "decode", "total")}
         lines.append(f"| {r['batch']} | {r['keep']} | {f['vision']} | {f['connector']} | {f['prefill']} | {f['decode']} | "
                      f"{f['total']} | {r['prefill_ratio']:.0%} | {r['total_ratio']:.0%} | {r['kv_cache_bytes'] / _MIB:.1f} |")
     return "\n".join(lines)

@@ -171,7 +171,8 @@ def bench_command(
             net, name = load_bench_model(model, arch, device, dtype, adapter)
     except MemoryError as error:
         hint = "; --flops-only gives its FLOPs without building it" if arch else ""
-        raise typer.BadParameter(f"{error}{hint}", param_hint="--dtype") from None
+        culprit = "--dtype" if dtype_bytes(dtype) > 2 else ("--arch" if arch else "--model")  # half precision already: the size
+        raise typer.BadParameter(f"{error}{hint}", param_hint=culprit) from None
     if "instructblip" not in net.config.model_type:
         refuse_unused(f"a {net.config.model_type} model has no Q-Former instruction", instruction_tokens=instruction_tokens)
     runner = Benchmark(net, device, dtype_bytes(dtype), settings, progress=lambda msg: console.log(msg))
