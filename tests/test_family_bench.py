@@ -181,3 +181,9 @@ def test_too_few_prompt_tokens_for_the_image_delimiters_is_one_line(checkpoint, 
     result = CliRunner().invoke(app, ["bench", "--model", str(checkpoint), "--prompt-tokens", "2", "--out", str(tmp_path / "b.json")])
     assert result.exit_code == 2 and said(result.output, "Invalid value for --prompt-tokens")
     assert "Traceback" not in result.output and not (tmp_path / "b.json").exists()
+
+
+def test_the_vllm_engine_refuses_another_family_in_one_line():
+    result = CliRunner().invoke(app, ["bench", "--engine", "vllm", "--arch", "kosmos-2"])
+    assert result.exit_code == 2 and said(result.output, "catp bench --engine vllm runs blip2 models only so far")
+    assert "Traceback" not in result.output
