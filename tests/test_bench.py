@@ -28,7 +28,11 @@ def _meta_model(config):
         return model_class(config.model_type)(config)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+#: The BLIP-2-family archs (the others: tests/test_family_bench.py).
+BLIP2_ARCHS = tuple(arch for arch in ARCHS if arch.startswith(("blip2", "instructblip")))
+
+
+@pytest.mark.parametrize("arch", BLIP2_ARCHS)
 def test_parameter_count_matches_meta_model(arch):
     config = arch_config(arch)
     model = _meta_model(config)
@@ -39,7 +43,7 @@ def test_parameter_count_matches_meta_model(arch):
 
 
 def test_published_parameter_counts():
-    totals = {arch: flops.parameter_count(arch_config(arch))["total"] for arch in ARCHS}
+    totals = {arch: flops.parameter_count(arch_config(arch))["total"] for arch in BLIP2_ARCHS}
     assert totals["blip2-opt-2.7b"] == pytest.approx(3.74e9, rel=0.005)
     assert totals["blip2-opt-6.7b"] == pytest.approx(7.75e9, rel=0.005)
     assert totals["blip2-flan-t5-xl"] == pytest.approx(3.94e9, rel=0.02)
@@ -53,7 +57,7 @@ def test_arch_shapes_are_published():
     assert (v.num_hidden_layers, v.hidden_size, v.intermediate_size, v.image_size, v.patch_size) == (39, 1408, 6144, 224, 14)
     assert (q.num_hidden_layers, q.hidden_size, q.cross_attention_frequency, q.encoder_hidden_size) == (12, 768, 2, 1408)
     assert (t.num_hidden_layers, t.hidden_size, t.ffn_dim, t.num_attention_heads) == (32, 2560, 10240, 32)
-    assert c.num_query_tokens == 32 and flops.image_tokens(v) == 257
+    assert c.num_query_tokens == 32 and flops.image_tokens(c) == 257
     t = arch_config("blip2-opt-6.7b").text_config
     assert (t.num_hidden_layers, t.hidden_size, t.ffn_dim) == (32, 4096, 16384)
     t = arch_config("blip2-flan-t5-xl").text_config
@@ -72,16 +76,16 @@ def _opt_config(d=8, f=16, layers=2, vocab=10):
     vision = SimpleNamespace(hidden_size=4, intermediate_size=6, num_hidden_layers=1, image_size=4, patch_size=2)
     qformer = SimpleNamespace(hidden_size=3, intermediate_size=5, num_hidden_layers=2, cross_attention_frequency=2,
                               encoder_hidden_size=4)
-    return SimpleNamespace(text_config=text, vision_config=vision, qformer_config=qformer, num_query_tokens=2)
+    return SimpleNamespace(model_type="blip-2", text_config=text, vision_config=vision, qformer_config=qformer, num_query_tokens=2)
 
 
-def test_vision_and_qformer_flops_by_hand():
+def test_vision_and_connector_flops_by_hand():
     config = _opt_config()
     # N = (4/2)^2 + 1 = 5 tokens, D=4, F=6, p=2: patch 2*4*12*4 = 384; layer 8*5*16 + 4*25*4 + 4*5*4*6 = 640+400+480.
-    assert flops.vision_flops(config.vision_config, batch=3) == 3 * (384 + 1520)
+    assert flops.vision_flops(config, images=3) == 3 * (384 + 1520)
     # Q=2, d=3, F=5, N=5, Dv=4. Layer: 8*2*9 + 4*4*3 + 4*2*3*5 = 144+48+120 = 312; layer 0 adds
     # cross 4*2*9 + 4*5*4*3 + 4*2*5*3 = 72+240+120 = 432. Projection 2*2*3*8 = 96.
-    assert flops.qformer_flops(config, batch=2) == 2 * (312 * 2 + 432 + 96)
+    assert flops.connector_flops(config, images=2) == 2 * (312 * 2 + 432 + 96)
 
 
 def test_llm_flops_and_kv_cache_by_hand():
@@ -107,10 +111,10 @@ def test_t5_kv_cache_and_paper_prefill_ratio():
     opt = arch_config("blip2-opt-2.7b")
     full = flops.stage_flops(opt, flops.Workload(1, 32, 16, 10, 5))
     pruned = flops.stage_flops(opt, flops.Workload(1, 8, 16, 10, 5))
-    assert full.vision == pruned.vision and full.qformer == pruned.qformer
+    assert full.vision == pruned.vision and full.connector == pruned.connector
     assert 1.9 < full.prefill / pruned.prefill < 48 / 24 + 0.05  # linear layers dominate: about (32+16)/(8+16)
     # A ViT-g/14 forward is about 2 x 1 B params x 257 tokens.
-    assert flops.vision_flops(opt.vision_config, 1) == pytest.approx(2 * 0.985e9 * 257, rel=0.05)
+    assert flops.vision_flops(opt, 1) == pytest.approx(2 * 0.985e9 * 257, rel=0.05)
 
 
 def test_workload_rejects_bad_input():
@@ -163,7 +167,7 @@ def test_benchmark_runs_every_family(family):
     assert {c["target"] for c in checks} == {"a", "b", "c"}
     overhead = {c["case"].split()[0]: c["detail"] for c in checks if c["target"] == "a"}
     assert set(overhead) == {"catp", "divprune", "dart", "catp-diverse"}
-    assert "Q-Former+selection" in overhead["divprune"] and "Q-Former+scoring" in overhead["catp"]
+    assert "connector+selection" in overhead["divprune"] and "connector+scoring" in overhead["catp"]
 
 
 def test_build_arch_materialises_without_meta(monkeypatch):
@@ -172,7 +176,7 @@ def test_build_arch_materialises_without_meta(monkeypatch):
 
     small = dict(archs._VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     monkeypatch.setattr(archs, "_VISION", small)
-    monkeypatch.setitem(archs._SPECS, "blip2-opt-2.7b", ("blip2", archs._opt(64) | {"num_hidden_layers": 2, "vocab_size": 50304},
+    monkeypatch.setitem(archs._SPECS, "blip2-opt-2.7b", ("blip-2", archs._opt(64) | {"num_hidden_layers": 2, "vocab_size": 50304},
                                                         {"image_token_index": 50265}))
     monkeypatch.setattr(archs, "_QFORMER", dict(archs._QFORMER, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, encoder_hidden_size=32))
@@ -199,9 +203,9 @@ def test_cli_writes_json_with_every_field(tmp_path):
     for r in report["results"]:
         assert {"method", "keep", "batch", "tokens_into_llm", "decode_steps", "seconds", "throughput_samples_per_s", "flops",
                 "kv_cache_bytes", "peak_memory_bytes", "repeats"} <= set(r)
-        assert set(r["seconds"]) == {"vision", "qformer", "prefill", "decode", "decode_per_token", "outside", "end_to_end"}
+        assert set(r["seconds"]) == {"vision", "connector", "prefill", "decode", "decode_per_token", "outside", "end_to_end"}
         assert set(r["seconds"]["end_to_end"]) == {"median", "min", "max", "spread"}
-        assert set(r["flops"]) == {"vision", "qformer", "prefill", "decode", "total"}
+        assert set(r["flops"]) == {"vision", "connector", "prefill", "decode", "total"}
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "(a)" in result.output and "(b)" in result.output and "(c)" in result.output
 
@@ -211,7 +215,7 @@ def test_video_flops_run_vision_and_qformer_per_frame():
     assert config.model_type == "instructblipvideo" and config.video_token_index == 32001
     image = flops.stage_flops(config, flops.Workload(1, 128, 16, 10, 5, instruction_tokens=12, frames=1))
     video = flops.stage_flops(config, flops.Workload(1, 128, 16, 10, 5, instruction_tokens=12, frames=4))
-    assert video.vision == 4 * image.vision and video.qformer == 4 * image.qformer and video.prefill == image.prefill
+    assert video.vision == 4 * image.vision and video.connector == 4 * image.connector and video.prefill == image.prefill
     pruned = flops.stage_flops(config, flops.Workload(1, 16, 16, 10, 5, instruction_tokens=12, frames=4))
     assert video.total > 4e12 and pruned.prefill < video.prefill / 3  # several TFLOPs a call; 16 of 128 tokens
 
@@ -233,7 +237,7 @@ def test_benchmark_runs_a_video_model_and_budgets():
     # FLOPs: the LLM runs both samples at the larger count (fillers are computed).
     work = flops.Workload(2, max(kept), 4, 2, 1, instruction_tokens=3, frames=FRAMES)
     assert row["flops"] == flops.stage_flops(model.config, work).as_dict()
-    assert results[("none", FRAMES * NUM_QUERY)]["flops"]["vision"] == flops.vision_flops(model.config.vision_config, 2 * FRAMES)
+    assert results[("none", FRAMES * NUM_QUERY)]["flops"]["vision"] == flops.vision_flops(model.config, 2 * FRAMES)
 
 
 def cpu_runs_bf16_attention() -> bool:
@@ -281,3 +285,15 @@ def test_bench_keeps_counts_by_default_as_eval_does():
     default = ",".join(map(str, PAPER_KEEPS))
     assert inspect.signature(bench_command).parameters["keep"].default == default
     assert "Default: " + default in inspect.signature(eval_command).parameters["keep"].default.help
+
+
+def test_reports_written_before_the_connector_stage_still_read():
+    """Reports from before the family layer call the connector stage ``qformer``."""
+    from catp.bench.report import markdown_tables, stage_seconds
+
+    summary = {"median": 0.5, "min": 0.4, "max": 0.6, "spread": 0.4}
+    old = {"method": "none", "keep": 32, "batch": 1, "tokens_into_llm": 48, "flops": {"prefill": 1e9, "total": 2e9},
+           "kv_cache_bytes": 0, "peak_memory_bytes": 0,
+           "seconds": {stage: summary for stage in ("vision", "qformer", "prefill", "decode", "decode_per_token", "end_to_end")}}
+    assert stage_seconds(old, "connector") == summary
+    assert "| none | 32 | 1 | 48 | 500 (100%) | 500 (100%) |" in markdown_tables({"results": [old]})

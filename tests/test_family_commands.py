@@ -136,14 +136,6 @@ def test_explanation_maps_are_each_latents_attention_over_the_patch_grid(checkpo
     assert kept.shape == (2,)
 
 
-@pytest.mark.parametrize("command", ["bench"])
-def test_commands_not_yet_run_on_the_family_refuse_in_one_line(command, checkpoint, tmp_path):
-    required = ["--out", str(tmp_path / "bench.json")]
-    result = run(command, "--model", str(checkpoint), *required, code=2)
-    assert said(result.output, f"catp {command} runs blip2 models only so far")
-    assert "Traceback" not in result.output
-
-
 @pytest.mark.parametrize("family_name", NEW_FAMILIES)
 def test_connector_flops_equal_a_count_of_the_stock_connector(family_name):
     """The family's connector FLOPs formula against torch's count of the matrix products of one connector run."""

@@ -1,4 +1,12 @@
-"""Analytic cost of one BLIP-2 / InstructBLIP ``generate`` call, from the config alone.
+"""Analytic cost of one ``generate`` call of a model of any family (:mod:`catp.families`), from the config alone.
+
+The stages: ``vision`` (the vision tower, a ViT), ``connector`` (the family's connector up to the
+tokens the LLM receives: BLIP-2's Q-Former and projection, Idefics2's perceiver resampler, Kosmos-2's
+image-to-text projection, Aria's projector; :meth:`~catp.families.base.Family.connector_flops`),
+``prefill`` and ``decode`` (the language model). What differs between families is read from the
+family: the image tokens per image (:meth:`~catp.families.base.Family.image_tokens`: a CLS token or
+not, the resolution), the connector's cost and parameters; the LLM's shape from its config kind
+(:func:`llm_shape`).
 
 Conventions (the same in docs/performance.md):
 
@@ -17,6 +25,9 @@ Conventions (the same in docs/performance.md):
 
 * A video of ``f`` frames runs the vision tower and the Q-Former on ``B f`` images; the
   LLM then sees ``k`` of the sample's ``f Q`` query tokens.
+* A mixture-of-experts LLM (Aria) counts the *active* FLOPs per token: the router, the
+  top-k routed experts and the shared experts (:class:`LLMShape`); the total parameters
+  (:func:`parameter_count`) count every expert.
 
 Symbols: ``B`` batch, ``b`` beams, ``f`` frames (1 for images), ``k`` kept query tokens
 (of ``f Q``), ``T`` text prompt tokens, ``S = k + T`` tokens into the LLM per sample, ``n``
@@ -28,13 +39,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from catp.families import family_of_type
+
 __all__ = [
     "LLMShape",
     "Workload",
     "StageFlops",
     "llm_shape",
     "vision_flops",
-    "qformer_flops",
+    "connector_flops",
     "llm_prefill_flops",
     "llm_decode_flops",
     "stage_flops",
@@ -84,12 +97,15 @@ class Workload:
 
 @dataclass(frozen=True)
 class LLMShape:
-    """The language model's shape, normalised over OPT, LLaMA/Vicuna and T5.
+    """The language model's shape, normalised over OPT, LLaMA/Vicuna/Mistral, T5, Kosmos-2's
+    text decoder and Aria's mixture of experts.
 
     ``attn`` is the total query width ``H * head_dim``; ``kv`` the total key/value
     width ``H_kv * head_dim`` (smaller than ``attn`` under grouped-query attention).
-    ``mlp_mats`` is 2 for a plain MLP (OPT, T5 relu) and 3 for a gated one
-    (LLaMA SwiGLU, Flan-T5 gated-gelu).
+    ``mlp_mats`` is 2 for a plain MLP (OPT, T5 relu, Kosmos-2) and 3 for a gated one
+    (LLaMA SwiGLU, Flan-T5 gated-gelu, Mistral, Aria's experts). A mixture of experts runs
+    ``experts`` MLPs of width ``ffn`` per token (the top-k routed and the shared ones; 1 for a
+    dense MLP), after a router that scores ``router`` experts (0: none).
     """
 
     kind: str
@@ -101,83 +117,92 @@ class LLMShape:
     vocab: int
     decoder_layers: int
     encoder_layers: int = 0
+    experts: int = 1
+    router: int = 0
 
     @property
     def is_encoder_decoder(self) -> bool:
         return self.encoder_layers > 0
 
+    @property
+    def mlp_macs(self) -> int:
+        """Multiply-accumulates of one token through one layer's MLP (active experts and router): ``m D F e + D E``."""
+        return self.mlp_mats * self.width * self.ffn * self.experts + self.width * self.router
+
 
 def llm_shape(text_config: Any) -> LLMShape:
-    """Read an :class:`LLMShape` from a transformers text config (OPT, LLaMA, T5)."""
+    """Read an :class:`LLMShape` from a transformers text config: OPT, LLaMA / Mistral / Qwen2 (grouped-query
+    attention), T5, Kosmos-2's text decoder, Aria's mixture of experts (``moe_topk`` of ``moe_num_experts``
+    routed experts and ``moe_num_shared_experts`` shared ones per token, all of width ``intermediate_size``)."""
     kind = text_config.model_type
     if kind == "opt":
         if text_config.word_embed_proj_dim != text_config.hidden_size:
             raise ValueError("OPT with word_embed_proj_dim != hidden_size (opt-350m) is not modelled")
         d = text_config.hidden_size
         return LLMShape(kind, d, d, d, text_config.ffn_dim, 2, text_config.vocab_size, text_config.num_hidden_layers)
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in ("llama", "mistral", "qwen2", "aria_text"):
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        moe = {}
+        if kind == "aria_text":
+            moe = dict(experts=int(text_config.moe_topk) + int(text_config.moe_num_shared_experts),
+                       router=int(text_config.moe_num_experts))
         return LLMShape(kind, text_config.hidden_size, heads * head_dim, kv_heads * head_dim, text_config.intermediate_size, 3,
-                        text_config.vocab_size, text_config.num_hidden_layers)
+                        text_config.vocab_size, text_config.num_hidden_layers, **moe)
+    if kind == "kosmos_2_text_model":
+        d = text_config.embed_dim
+        return LLMShape(kind, d, d, d, text_config.ffn_dim, 2, text_config.vocab_size, text_config.layers)
     if kind == "t5":
         inner = text_config.num_heads * text_config.d_kv
         mats = 3 if text_config.is_gated_act else 2
         return LLMShape(kind, text_config.d_model, inner, inner, text_config.d_ff, mats, text_config.vocab_size,
                         text_config.num_decoder_layers, text_config.num_layers)
-    raise ValueError(f"no cost model for a {kind!r} language model; supported: opt, llama, t5")
+    raise ValueError(f"no cost model for a {kind!r} language model; supported: opt, llama, mistral, qwen2, t5, "
+                     "kosmos_2_text_model, aria_text")
 
 
-def image_tokens(vision_config: Any) -> int:
-    """``N = (image_size / patch_size)^2 + 1`` (patches and CLS)."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+def image_tokens(config: Any) -> int:
+    """``N``: vision tokens per image (frame, crop) of a model of ``config``, as its family feeds them to the
+    connector (:meth:`~catp.families.base.Family.image_tokens`): BLIP-2 and Kosmos-2 ``(224/14)^2 + 1 = 257``
+    (patches and CLS), Idefics2 ``(980/14)^2 = 4900``, Aria 4900 at 980 px (SigLIP: no CLS)."""
+    return family_of_type(config.model_type).image_tokens(config)
 
 
-def vision_flops(vision_config: Any, batch: int) -> int:
-    """ViT FLOPs for ``batch`` images.
+def vision_flops(config: Any, images: int) -> int:
+    """ViT FLOPs for ``images`` images (frames, crops).
 
-    ``B [ 2 (N-1) (3 p^2) D  +  L ( 8 N D^2  +  4 N^2 D  +  4 N D F ) ]``:
-    patch embedding, then per layer the fused qkv (``6 N D^2``) and output
-    projection (``2 N D^2``), attention (``4 N^2 D``) and the MLP (``4 N D F``).
+    ``images [ 2 P (3 p^2) D  +  L ( 8 N D^2  +  4 N^2 D  +  4 N D F ) ]`` with ``N`` image tokens
+    (:func:`image_tokens`) of which ``P`` patches: patch embedding, then per layer the query, key, value
+    and output projections (``8 N D^2``), attention (``4 N^2 D``) and the MLP (``4 N D F``). The same for
+    EVA (BLIP-2), CLIP (Kosmos-2) and SigLIP (Idefics2, Aria; every layer runs, also where the features
+    are read before the last).
     """
-    n, d, f = image_tokens(vision_config), vision_config.hidden_size, vision_config.intermediate_size
-    patch = 2 * (n - 1) * 3 * vision_config.patch_size**2 * d
+    family, vc = family_of_type(config.model_type), config.vision_config
+    n, d, f = image_tokens(config), int(vc.hidden_size), int(vc.intermediate_size)
+    patches = n - family.class_tokens
+    patch = 2 * patches * 3 * int(vc.patch_size) ** 2 * d
     layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * f
-    return batch * (patch + vision_config.num_hidden_layers * layer)
+    return images * (patch + int(vc.num_hidden_layers) * layer)
 
 
-def qformer_flops(config: Any, batch: int, instruction_tokens: int = 0) -> int:
-    """Q-Former plus language projection FLOPs for ``batch`` samples (all ``Q`` queries;
-    pruning happens after the projection, and the scoring is not counted).
-
-    With ``s = Q + T_i`` self-attention tokens (``T_i`` instruction tokens, InstructBLIP),
-    per layer: self-attention ``8 s d^2 + 4 s^2 d``; MLP ``4 Q d F`` for the queries and
-    ``4 T_i d F`` for the instruction; every ``cross_attention_frequency``-th layer adds
-    cross-attention ``4 Q d^2 + 4 N D_v d + 4 Q N d`` (query/output projections,
-    key/value projections of the ``N`` image tokens of width ``D_v``, attention).
-    Then the projection ``2 Q d D_llm``.
+def connector_flops(config: Any, images: int, instruction_tokens: int = 0) -> int:
+    """Connector FLOPs for ``images`` images (frames, crops), all ``Q`` queries (pruning comes after the
+    connector; the scoring is not counted): ``images`` times the family's
+    :meth:`~catp.families.base.Family.connector_flops` over :func:`image_tokens` tokens, with InstructBLIP's
+    ``instruction_tokens``.
     """
-    qc = config.qformer_config
-    q, d, f = config.num_query_tokens, qc.hidden_size, qc.intermediate_size
-    n, dv = image_tokens(config.vision_config), qc.encoder_hidden_size
-    s = q + instruction_tokens
-    total = 0
-    for layer in range(qc.num_hidden_layers):
-        total += 8 * s * d * d + 4 * s * s * d + 4 * s * d * f
-        if layer % qc.cross_attention_frequency == 0:
-            total += 4 * q * d * d + 4 * n * dv * d + 4 * q * n * d
-    total += 2 * q * d * llm_shape(config.text_config).width
-    return batch * total
+    family = family_of_type(config.model_type)
+    return images * family.connector_flops(config, image_tokens(config), instruction_tokens)
 
 
 def _decoder_layer_token_flops(shape: LLMShape, context: int, cross_context: int = 0) -> int:
     """FLOPs of one token through one decoder layer attending to ``context`` keys
     (and ``cross_context`` encoder keys whose K/V are cached): ``2 D (a + 2 kv) + 2 a D``
-    projections, ``4 context a`` attention, ``2 m D F`` MLP (+ cross-attention
-    ``4 D a + 4 cross_context a`` for T5)."""
+    projections, ``4 context a`` attention, ``2 m D F`` MLP (``2 (m D F e + D E)`` for a mixture
+    of experts: :attr:`LLMShape.mlp_macs`) (+ cross-attention ``4 D a + 4 cross_context a`` for T5)."""
     flops = 2 * shape.width * (shape.attn + 2 * shape.kv) + 2 * shape.attn * shape.width + 4 * context * shape.attn
-    flops += 2 * shape.mlp_mats * shape.width * shape.ffn
+    flops += 2 * shape.mlp_macs
     if cross_context:
         flops += 4 * shape.width * shape.attn + 4 * cross_context * shape.attn
     return flops
@@ -187,7 +212,8 @@ def llm_prefill_flops(config: Any, work: Workload) -> int:
     """LLM prefill FLOPs: the whole prompt and the first new token.
 
     Decoder-only, over ``R = B b`` rows of ``S`` tokens:
-    ``R [ L ( S (2 D (a + 2 kv) + 2 a D + 2 m D F) + 4 S^2 a ) + 2 D V ]``.
+    ``R [ L ( S (2 D (a + 2 kv) + 2 a D + 2 m D F) + 4 S^2 a ) + 2 D V ]`` (a mixture of experts:
+    ``2 (m D F e + D E)`` in place of ``2 m D F``, :attr:`LLMShape.mlp_macs`).
     Encoder-decoder: the encoder on ``B`` rows,
     ``B L_e ( S (8 D a + 2 m D F) + 4 S^2 a )``, then the first decoder step on ``R`` rows,
     which also projects the encoder output to cross-attention keys/values
@@ -196,7 +222,7 @@ def llm_prefill_flops(config: Any, work: Workload) -> int:
     shape = llm_shape(config.text_config)
     s, rows = work.llm_tokens, work.batch * work.beams
     head = rows * 2 * shape.width * shape.vocab
-    mlp = 2 * shape.mlp_mats * shape.width * shape.ffn
+    mlp = 2 * shape.mlp_macs
     if not shape.is_encoder_decoder:
         proj = 2 * shape.width * (shape.attn + 2 * shape.kv) + 2 * shape.attn * shape.width
         return rows * shape.decoder_layers * (s * (proj + mlp) + 4 * s * s * shape.attn) + head
@@ -230,16 +256,16 @@ class StageFlops:
     """Analytic FLOPs of one call, per stage (see the module docstring)."""
 
     vision: int
-    qformer: int
+    connector: int
     prefill: int
     decode: int
 
     @property
     def total(self) -> int:
-        return self.vision + self.qformer + self.prefill + self.decode
+        return self.vision + self.connector + self.prefill + self.decode
 
     def as_dict(self) -> dict[str, int]:
-        return {"vision": self.vision, "qformer": self.qformer, "prefill": self.prefill, "decode": self.decode,
+        return {"vision": self.vision, "connector": self.connector, "prefill": self.prefill, "decode": self.decode,
                 "total": self.total}
 
 
@@ -247,8 +273,8 @@ def stage_flops(config: Any, work: Workload) -> StageFlops:
     """All stages of one ``generate`` call of ``work`` on a model of ``config``."""
     images = work.batch * work.frames
     return StageFlops(
-        vision=vision_flops(config.vision_config, images),
-        qformer=qformer_flops(config, images, work.instruction_tokens),
+        vision=vision_flops(config, images),
+        connector=connector_flops(config, images, work.instruction_tokens),
         prefill=llm_prefill_flops(config, work),
         decode=llm_decode_flops(config, work),
     )
@@ -270,32 +296,24 @@ def kv_cache_bytes(config: Any, work: Workload, bytes_per_element: int) -> int:
     return rows * shape.decoder_layers * 2 * width * positions * bytes_per_element
 
 
-def _vision_params(vc: Any) -> int:
-    d, f, n, p = vc.hidden_size, vc.intermediate_size, image_tokens(vc), vc.patch_size
-    embed = d + (3 * p * p * d + d) + n * d  # CLS, patch conv, positions
-    qkv_bias = 3 * d if getattr(vc, "qkv_bias", True) else 0  # one fused bias (k part held at zero)
+def _vision_params(config: Any) -> int:
+    """The vision tower: class token, patch convolution (with a bias or not:
+    :attr:`~catp.families.base.Family.vision_patch_bias`), position table of the config's ``image_size``,
+    a LayerNorm before the blocks or not (:attr:`~catp.families.base.Family.vision_pre_norm`), ``L`` blocks
+    (four projections with biases, two LayerNorms, a two-matrix MLP), the final LayerNorm."""
+    family, vc = family_of_type(config.model_type), config.vision_config
+    d, f, p = int(vc.hidden_size), int(vc.intermediate_size), int(vc.patch_size)
+    cls = family.class_tokens
+    positions = (int(vc.image_size) // p) ** 2 + cls
+    embed = cls * d + 3 * p * p * d + (d if family.vision_patch_bias else 0) + positions * d
+    embed += 2 * d if family.vision_pre_norm else 0
+    qkv_bias = 3 * d if getattr(vc, "qkv_bias", True) else 0  # BLIP-2: one fused bias (k part held at zero)
     layer = 3 * d * d + qkv_bias + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d  # 2 LayerNorms
-    return embed + vc.num_hidden_layers * layer + 2 * d
-
-
-def _qformer_params(config: Any) -> int:
-    qc = config.qformer_config
-    d, f, dv = qc.hidden_size, qc.intermediate_size, qc.encoder_hidden_size
-    text_input = getattr(qc, "use_qformer_text_input", None)
-    instruct = config.model_type in ("instructblip", "instructblipvideo")
-    has_text_ffn = instruct or bool(text_input)
-    total = 2 * d  # input LayerNorm
-    if instruct:
-        total += qc.vocab_size * d + qc.max_position_embeddings * d
-    ffn = (d * f + f) + (f * d + d) + 2 * d
-    for layer in range(qc.num_hidden_layers):
-        total += 3 * (d * d + d) + (d * d + d) + 2 * d + ffn * (2 if has_text_ffn else 1)
-        if layer % qc.cross_attention_frequency == 0:
-            total += (d * d + d) + 2 * (dv * d + d) + (d * d + d) + 2 * d
-    return total
+    return embed + int(vc.num_hidden_layers) * layer + 2 * d
 
 
 def _llm_params(text_config: Any) -> int:
+    """The language model with its LM head (unless tied to the embeddings); every expert of a mixture."""
     shape, tc = llm_shape(text_config), text_config
     d, v = shape.width, shape.vocab
     tied = bool(getattr(tc, "tie_word_embeddings", True))
@@ -310,21 +328,29 @@ def _llm_params(text_config: Any) -> int:
         encoder = shape.encoder_layers * (attn + mlp + 2 * d) + bias_table + d
         decoder = shape.decoder_layers * (2 * attn + mlp + 3 * d) + bias_table + d
         return v * d + encoder + decoder + head
-    layer = d * shape.attn + 2 * d * shape.kv + shape.attn * d + 3 * d * shape.ffn + 2 * d
+    if shape.kind == "kosmos_2_text_model":
+        f = shape.ffn
+        # Four projections with biases, LayerNorms on the attention output (inner), before attention, inside the
+        # MLP (width F) and before the MLP; sinusoidal positions (no parameters).
+        layer = 4 * (d * d + d) + 2 * d + 2 * d + (d * f + f) + 2 * f + (f * d + d) + 2 * d
+        return v * d + shape.decoder_layers * layer + 2 * d + head
+    mlp = 3 * d * shape.ffn
+    if shape.kind == "aria_text":  # every routed expert, the shared ones (one MLP of width F x shared), the router
+        mlp = 3 * d * shape.ffn * (int(tc.moe_num_experts) + int(tc.moe_num_shared_experts)) + d * shape.router
+    layer = d * shape.attn + 2 * d * shape.kv + shape.attn * d + mlp + 2 * d
     return v * d + shape.decoder_layers * layer + d + head
 
 
 def parameter_count(config: Any) -> dict[str, int]:
-    """Parameters per component, from the config (biases and norms included).
+    """Parameters per component (``vision``, ``connector``, ``llm``, ``total``), from the config (biases and
+    norms included; a mixture of experts counts every expert).
 
     Used to refuse a model that cannot fit before allocating it; checked against
     models built on the meta device in the tests.
     """
-    llm = llm_shape(config.text_config)
     parts = {
-        "vision": _vision_params(config.vision_config),
-        "qformer": _qformer_params(config) + config.num_query_tokens * config.qformer_config.hidden_size,
-        "projection": config.qformer_config.hidden_size * llm.width + llm.width,
+        "vision": _vision_params(config),
+        "connector": family_of_type(config.model_type).connector_parameters(config),
         "llm": _llm_params(config.text_config),
     }
     parts["total"] = sum(parts.values())

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["results_table", "checks_table", "plot"]
+__all__ = ["results_table", "checks_table", "plot", "stage_seconds", "markdown_tables", "flops_table"]
 
 _MIB = 1024**2
 
@@ -18,8 +18,19 @@ def _kept_text(result: dict[str, Any]) -> str:
     return f"{kept['mean']:.1f} ({kept['min']}-{kept['max']})"
 
 
+#: A stage's older name in reports: the connector stage was ``qformer`` before the family layer.
+_OLD_NAMES = {"connector": "qformer"}
+
+
+def stage_seconds(result: dict[str, Any], stage: str) -> dict[str, float]:
+    """The summary (median, min, max, spread) of one stage of a result, also from a report that names the
+    stage as before the family layer (``qformer``)."""
+    seconds = result["seconds"]
+    return seconds[stage] if stage in seconds else seconds[_OLD_NAMES[stage]]
+
+
 def _ms(result: dict[str, Any], stage: str) -> str:
-    return f"{result['seconds'][stage]['median'] * 1e3:.1f}"
+    return f"{stage_seconds(result, stage)['median'] * 1e3:.1f}"
 
 
 def results_table(results: Sequence[dict[str, Any]], title: str) -> Any:
@@ -28,14 +39,14 @@ def results_table(results: Sequence[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("method", "keep", "kept (min-max)", "batch", "LLM tok", "vision", "Q-F+score", "prefill", "decode", "/token",
+    for column in ("method", "keep", "kept (min-max)", "batch", "LLM tok", "vision", "conn+score", "prefill", "decode", "/token",
                    "end-to-end ms", "samples/s", "GFLOP prefill", "GFLOP total", "KV MiB", "peak MiB"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
         e2e = r["seconds"]["end_to_end"]
         table.add_row(
             r["method"], str(r["keep"]), _kept_text(r), str(r["batch"]), str(r["tokens_into_llm"]),
-            _ms(r, "vision"), _ms(r, "qformer"), _ms(r, "prefill"), _ms(r, "decode"), _ms(r, "decode_per_token"),
+            _ms(r, "vision"), _ms(r, "connector"), _ms(r, "prefill"), _ms(r, "decode"), _ms(r, "decode_per_token"),
             f"{e2e['median'] * 1e3:.1f} ±{e2e['spread'] / 2:.0%}", f"{r['throughput_samples_per_s']:.2f}",
             f"{r['flops']['prefill'] / 1e9:.3g}", f"{r['flops']['total'] / 1e9:.3g}",
             f"{r['kv_cache_bytes'] / _MIB:.1f}", f"{r['peak_memory_bytes'] / _MIB:.0f}",
@@ -108,24 +119,43 @@ def markdown_tables(report: dict[str, Any], statistic: str = "median") -> str:
     """The stage breakdown of a ``catp bench`` JSON report as Markdown (used for docs/performance.md):
     ms per stage (``statistic`` of the repeats: median or min) with each stage's share of the
     end-to-end time, and the checks."""
-    lines = ["| method | keep | batch | LLM tokens | vision | Q-Former+scoring | LLM prefill | decode (per token) | end-to-end (spread) | samples/s | GFLOPs prefill / total | KV cache MiB | peak RSS/alloc MiB |",
+    lines = ["| method | keep | batch | LLM tokens | vision | connector+scoring | LLM prefill | decode (per token) | end-to-end (spread) | samples/s | GFLOPs prefill / total | KV cache MiB | peak RSS/alloc MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         s, e2e = r["seconds"], r["seconds"]["end_to_end"][statistic]
 
         def cell(stage: str) -> str:
-            return f"{s[stage][statistic] * 1e3:.0f} ({s[stage][statistic] / e2e:.0%})"
+            value = stage_seconds(r, stage)[statistic]
+            return f"{value * 1e3:.0f} ({value / e2e:.0%})"
 
         lines.append(
-            f"| {r['method']} | {r['keep']} | {r['batch']} | {r['tokens_into_llm']} | {cell('vision')} | {cell('qformer')} | "
+            f"| {r['method']} | {r['keep']} | {r['batch']} | {r['tokens_into_llm']} | {cell('vision')} | {cell('connector')} | "
             f"{cell('prefill')} | {cell('decode')} ({s['decode_per_token'][statistic] * 1e3:.0f}) | "
             f"{e2e * 1e3:.0f} ({s['end_to_end']['spread']:.0%}) | {r['batch'] / e2e:.3f} | "
-            f"{r['flops']['prefill'] / 1e9:.3g} / {r['flops']['total'] / 1e9:.3g} | {r['kv_cache_bytes'] / _MIB:.1f} | "
+            f"{_gflops(r['flops']['prefill'])} / {_gflops(r['flops']['total'])} | {r['kv_cache_bytes'] / _MIB:.1f} | "
             f"{r['peak_memory_bytes'] / _MIB:.0f} |")
     for c in report.get("checks", []):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
         value = f"{c['value']:.2f}" if c["target"] == "d" else f"{c['value']:+.1%}"
         lines.append(f"\n- ({c['target']}) {c['case']}: **{verdict}** {value} ({c['limit']}); {c['detail']}")
+    return "\n".join(lines)
+
+
+def _gflops(flops: float) -> str:
+    """GFLOPs with 3 significant digits, whole numbers from 100 on (no exponents)."""
+    giga = flops / 1e9
+    return f"{giga:.3g}" if giga < 100 else f"{giga:.0f}"
+
+
+def flops_table(rows: Sequence[dict[str, Any]], dtype: str) -> str:
+    """Analytic GFLOPs per stage as Markdown, one row per :func:`catp.bench.runner.flops_grid` case (used for
+    docs/performance.md), with prefill and total against all query tokens and the KV cache in ``dtype``."""
+    lines = [f"| batch | keep | vision | connector | LLM prefill | decode | total | prefill vs all | total vs all | "
+             f"KV cache MiB ({dtype}) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = {stage: _gflops(r["flops"][stage]) for stage in ("vision", "connector", "prefill", "decode", "total")}
+        lines.append(f"| {r['batch']} | {r['keep']} | {f['vision']} | {f['connector']} | {f['prefill']} | {f['decode']} | "
+                     f"{f['total']} | {r['prefill_ratio']:.0%} | {r['total_ratio']:.0%} | {r['kv_cache_bytes'] / _MIB:.1f} |")
     return "\n".join(lines)
 
 

@@ -26,13 +26,15 @@ import torch
 from catp.bench.flops import Workload, kv_cache_bytes, stage_flops
 from catp.bench.timing import PeakMemory, StageTimer, StageTimes
 from catp.budget import Budget
-from catp.hf import placeholder_token_id, pruned
+from catp.families import Family, family_of, family_of_type
+from catp.hf import pruned
 from catp.methods import SELECTORS, budget_refusal, check_runnable, get_method
 
-__all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "REFERENCES", "CHECK_STATISTICS", "machine_info"]
+__all__ = ["BenchCase", "BenchSettings", "Benchmark", "evaluate_checks", "cases_for", "flops_grid", "query_tokens", "workload_for",
+           "REFERENCES", "CHECK_STATISTICS", "machine_info"]
 
 REFERENCES = ("none", "llm-only")
-_STAGES = ("vision", "qformer", "prefill", "decode", "decode_per_token", "outside", "end_to_end")
+_STAGES = ("vision", "connector", "prefill", "decode", "decode_per_token", "outside", "end_to_end")
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,60 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def _is_video(config: Any) -> bool:
+    return config.model_type == "instructblipvideo"
+
+
+def _is_instruct(config: Any) -> bool:
+    return config.model_type in ("instructblip", "instructblipvideo")
+
+
+def frames_per_sample(config: Any, settings: BenchSettings) -> int:
+    """Frames per sample: ``settings.frames`` for a video model, 1 for images."""
+    return settings.frames if _is_video(config) else 1
+
+
+def query_tokens(config: Any, settings: BenchSettings) -> int:
+    """Query tokens per sample of a model of ``config``, all frames: what the grid's counts count (``f Q``)."""
+    return frames_per_sample(config, settings) * family_of_type(config.model_type).num_queries(config)
+
+
+def workload_for(config: Any, settings: BenchSettings, batch: int, keep: int) -> Workload:
+    """The :class:`~catp.bench.flops.Workload` of ``batch`` samples feeding the LLM ``keep`` query tokens each."""
+    s = settings
+    return Workload(batch=batch, keep=keep, prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens, beams=s.beams,
+                    instruction_tokens=s.instruction_tokens if _is_instruct(config) else 0,
+                    frames=frames_per_sample(config, settings))
+
+
+def flops_grid(config: Any, settings: BenchSettings, keeps: Sequence[int], batches: Sequence[int],
+               dtype_bytes: int) -> list[dict[str, Any]]:
+    """Analytic FLOPs per stage and KV-cache bytes of every ``keep`` x ``batch`` (no model is built:
+    ``catp bench --flops-only``), all query tokens first at each batch, with each row's prefill and total
+    against that row.
+
+    Returns:
+        one ``{"batch", "keep", "flops", "kv_cache_bytes", "prefill_ratio", "total_ratio"}`` per case.
+    """
+    q = query_tokens(config, settings)
+    rows = []
+    for batch in batches:
+        full = stage_flops(config, workload_for(config, settings, batch, q))
+        for keep in dict.fromkeys([q, *keeps]):
+            work = workload_for(config, settings, batch, keep)
+            flops = stage_flops(config, work)
+            rows.append({"batch": batch, "keep": keep, "flops": flops.as_dict(),
+                         "kv_cache_bytes": kv_cache_bytes(config, work, dtype_bytes),
+                         "prefill_ratio": flops.prefill / full.prefill, "total_ratio": flops.total / full.total})
+    return rows
+
+
 @dataclass
 class Benchmark:
     """Times :class:`BenchCase` s on one model.
 
     Args:
-        model: a BLIP-2 / InstructBLIP model, in eval mode, on ``device``.
+        model: a model of any family (:mod:`catp.families`), in eval mode, on ``device``.
         dtype_bytes: bytes per element of the LLM's dtype (for the KV-cache size).
     """
 
@@ -142,25 +192,29 @@ class Benchmark:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.model)
+
     _kept: dict[BenchCase, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def is_video(self) -> bool:
-        return self.config.model_type == "instructblipvideo"
+        return _is_video(self.config)
 
     @property
     def frames(self) -> int:
         """Frames per sample: ``settings.frames`` for a video model, 1 for images."""
-        return self.settings.frames if self.is_video else 1
+        return frames_per_sample(self.config, self.settings)
 
     @property
     def num_query_tokens(self) -> int:
         """Query tokens per sample, all frames: what the grid's counts count (``f Q``)."""
-        return self.frames * int(self.config.num_query_tokens)
+        return query_tokens(self.config, self.settings)
 
     @property
     def is_instruct(self) -> bool:
-        return self.config.model_type in ("instructblip", "instructblipvideo")
+        return _is_instruct(self.config)
 
     def kept(self, case: BenchCase) -> list[int]:
         """Query tokens each sample fed the LLM: the count, or what the budget kept in the timed calls."""
@@ -169,43 +223,19 @@ class Benchmark:
         return self._kept[case]
 
     def workload(self, case: BenchCase) -> Workload:
-        s = self.settings
         # The LLM runs every sample at the batch's largest count (fillers pad the others).
-        return Workload(batch=case.batch, keep=max(self.kept(case)), prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens,
-                        beams=s.beams, instruction_tokens=s.instruction_tokens if self.is_instruct else 0, frames=self.frames)
+        return workload_for(self.config, self.settings, case.batch, max(self.kept(case)))
 
     def inputs(self, batch: int) -> dict[str, Any]:
-        """Synthetic processor-shaped inputs: ``[IMG x fQ][text x T]`` per sample, random pixels
-        (``(B, f, 3, H, W)`` for video).
-
-        Text ids are drawn from ``[10, min(V, 1000))`` (no special or image token); a
-        decoder-only LLM's prompt starts with BOS, as the processor's does.
-        """
-
-        config, s = self.config, self.settings
+        """Synthetic processor-shaped inputs (:meth:`~catp.families.base.Family.synthetic_inputs`: the family's
+        placeholders, ``T`` prompt tokens, random pixels), on the device, pixels in the vision tower's dtype."""
+        s = self.settings
         g = torch.Generator().manual_seed(s.seed)
-        image_id = placeholder_token_id(self.model)
-        vocab = min(config.text_config.vocab_size, 1000)
-        text = torch.randint(10, vocab, (batch, s.prompt_tokens), generator=g)
-        text[text == image_id] = 10
-        bos = config.text_config.bos_token_id
-        if config.use_decoder_only_language_model and bos is not None:
-            text[:, 0] = bos
-        ids = torch.cat([torch.full((batch, self.num_query_tokens), image_id), text], dim=1)
-        vision = config.vision_config
-        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        image = (3, vision.image_size, vision.image_size)
-        shape = (batch, self.frames, *image) if self.is_video else (batch, *image)
-        out = {
-            "pixel_values": torch.randn(shape, generator=g).to(self.device, dtype),
-            "input_ids": ids.to(self.device),
-            "attention_mask": torch.ones_like(ids).to(self.device),
-        }
-        if self.is_instruct:
-            qvocab = min(config.qformer_config.vocab_size, 1000)
-            out["qformer_input_ids"] = torch.randint(10, qvocab, (batch, s.instruction_tokens), generator=g).to(self.device)
-            out["qformer_attention_mask"] = torch.ones_like(out["qformer_input_ids"])
-        return out
+        inputs = self.family.synthetic_inputs(self.model, batch, s.prompt_tokens, g, groups=self.frames,
+                                              instruction_tokens=s.instruction_tokens)
+        dtype = next(self.family.vision_tower(self.model).parameters()).dtype
+        return {name: value.to(self.device, dtype) if value.is_floating_point() else value.to(self.device)
+                for name, value in inputs.items()}
 
     def generate_kwargs(self) -> dict[str, Any]:
         s = self.settings
@@ -217,19 +247,20 @@ class Benchmark:
         sync = self.device.startswith("cuda")
         gen = self.generate_kwargs()
         stack: list[Any] = []
+        llm = self.family.language_model(self.model)
         if case.method == "llm-only":
-            llm = self.model.language_model
+            generator = self.family.text_generator(self.model)
             g = torch.Generator().manual_seed(self.settings.seed)
             length = case.keep + self.settings.prompt_tokens
             table = llm.get_input_embeddings().weight  # (V, D): the LLM's input width and dtype
             embeds = (torch.randn(case.batch, length, table.shape[1], generator=g) * 0.02).to(self.device, table.dtype)
             mask = torch.ones(case.batch, length, dtype=torch.long, device=self.device)
-            timer = StageTimer(llm, sync=sync, llm_only=True).__enter__()
+            timer = StageTimer(llm, sync=sync).__enter__()
             stack.append(timer)
 
             def call() -> StageTimes:
                 with torch.inference_mode():
-                    return timer.call(lambda: llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen))[0]
+                    return timer.call(lambda: generator.generate(inputs_embeds=embeds, attention_mask=mask, **gen))[0]
         else:
             inputs = self.inputs(case.batch)
             session = None
@@ -237,7 +268,7 @@ class Benchmark:
                 context = pruned(self.model, method=case.method, keep=case.keep)
                 session = context.__enter__()
                 stack.append(context)
-            timer = StageTimer(self.model, sync=sync).__enter__()
+            timer = StageTimer(llm, self.family.vision_tower(self.model), sync=sync).__enter__()
             stack.append(timer)
 
             def call() -> StageTimes:
@@ -279,7 +310,7 @@ class Benchmark:
         work = self.workload(case)
         flops = stage_flops(self.config, work).as_dict()
         if case.method == "llm-only":
-            flops.update(vision=0, qformer=0, total=flops["prefill"] + flops["decode"])
+            flops.update(vision=0, connector=0, total=flops["prefill"] + flops["decode"])
         stages = {stage: _summary([run.as_dict()[stage] for run in runs]) for stage in _STAGES}
         kept = self.kept(case)
         return {
@@ -315,12 +346,12 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
     shared 2-core machine medians swing by 2x); ``median`` suits a quiet machine.
     Writing ``t(case, stage)`` for that statistic:
 
-    (a) scoring overhead: ``(t(m, k, qformer) - t(first, k, qformer)) / t(first, k, end_to_end) <= 2%``
-        for every method ``m``, scorers and selectors; the Q-Former stage is where scoring, selection
-        and the eager Q-Former cost.
+    (a) scoring overhead: ``(t(m, k, connector) - t(first, k, connector)) / t(first, k, end_to_end) <= 2%``
+        for every method ``m``, scorers and selectors; the connector stage is where scoring, selection
+        and the eager connector cost.
     (b) pruned(keep=all) vs plain generate: at keep ``Q`` the vision tower and the LLM run the
         same stock computation on the same shapes, so the cost of ours is
-        ``[t(qformer) + t(outside)](catp, Q) - [t(qformer) + t(outside)](none)``, over
+        ``[t(connector) + t(outside)](catp, Q) - [t(connector) + t(outside)](none)``, over
         ``t(none, end_to_end)``, ``<= 2%``. The direct ratio ``t(catp, Q, end_to_end) /
         t(none, end_to_end) - 1`` is reported next to it; under background load its noise
         (tens of %) hides a 2% effect.
@@ -345,17 +376,17 @@ def evaluate_checks(results: Sequence[dict[str, Any]], num_query_tokens: int, pa
             continue  # budgets have no reference at the same count
         first = _find(results, "first", keep, batch)
         if first is not None and keep < num_query_tokens:
-            overhead = (_t(r, "qformer") - _t(first, "qformer")) / _t(first, "end_to_end")
+            overhead = (_t(r, "connector") - _t(first, "connector")) / _t(first, "end_to_end")
             add("a", where, overhead, "<= 2%", overhead <= 0.02,
-                f"Q-Former+{'selection' if method in SELECTORS else 'scoring'} {_t(r, 'qformer') * 1e3:.1f} ms vs first {_t(first, 'qformer') * 1e3:.1f} ms, "
+                f"connector+{'selection' if method in SELECTORS else 'scoring'} {_t(r, 'connector') * 1e3:.1f} ms vs first {_t(first, 'connector') * 1e3:.1f} ms, "
                 f"end-to-end (first) {_t(first, 'end_to_end') * 1e3:.1f} ms")
         if method == "catp" and keep == num_query_tokens and (none := _find(results, "none", keep, batch)):
-            ours = _t(r, "qformer") + _t(r, "outside") - _t(none, "qformer") - _t(none, "outside")
+            ours = _t(r, "connector") + _t(r, "outside") - _t(none, "connector") - _t(none, "outside")
             slower = ours / _t(none, "end_to_end")
             direct = _t(r, "end_to_end") / _t(none, "end_to_end") - 1
             add("b", where, slower, "<= 2%", slower <= 0.02,
-                f"Q-Former+scoring+outside stages {(_t(r, 'qformer') + _t(r, 'outside')) * 1e3:.1f} ms vs "
-                f"{(_t(none, 'qformer') + _t(none, 'outside')) * 1e3:.1f} ms; direct end-to-end {_t(r, 'end_to_end') * 1e3:.1f} ms "
+                f"connector+scoring+outside stages {(_t(r, 'connector') + _t(r, 'outside')) * 1e3:.1f} ms vs "
+                f"{(_t(none, 'connector') + _t(none, 'outside')) * 1e3:.1f} ms; direct end-to-end {_t(r, 'end_to_end') * 1e3:.1f} ms "
                 f"vs generate() {_t(none, 'end_to_end') * 1e3:.1f} ms ({direct:+.1%})")
         if method == "catp" and (bare := _find(results, "llm-only", keep, batch)):
             diff = _t(r, "prefill") / _t(bare, "prefill") - 1

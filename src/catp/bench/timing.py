@@ -1,19 +1,24 @@
 """Stage timers and peak-memory probes around an unchanged ``generate``.
 
-Stages are delimited by forward (pre-)hooks on the stock sub-modules, never by forking
-model code:
+Stages are delimited by forward (pre-)hooks on the stock sub-modules of the model's family
+(:meth:`~catp.families.base.Family.vision_tower`, :meth:`~catp.families.base.Family.language_model`),
+never by forking model code:
 
 =====================  ==============================================================
 stage                  from -> to
 =====================  ==============================================================
-``vision``             ``vision_model`` pre-hook -> ``vision_model`` hook
-``qformer``            ``vision_model`` hook -> first LLM pre-hook (Q-Former, projection,
-                       scoring and selection, embedding lookup, ``masked_scatter``)
+``vision``             vision tower pre-hook -> vision tower hook
+``connector``          vision tower hook -> first LLM pre-hook (the connector: BLIP-2's
+                       Q-Former and projection, Idefics2's resampler, ...; scoring and
+                       selection, the embedding lookup, merging the image rows)
 ``prefill``            first LLM pre-hook (its encoder for T5) -> end of the first
-                       ``language_model`` forward (prompt + first new token)
+                       language-model forward (prompt + first new token)
 ``decode``             end of the prefill -> ``generate`` returns (``n - 1`` steps,
                        beam-search bookkeeping included)
 =====================  ==============================================================
+
+Reports written before the family layer call the connector stage ``qformer``
+(:func:`catp.bench.report.stage_seconds` reads both).
 
 On CUDA every timestamp is taken after ``torch.cuda.synchronize``.
 """
@@ -41,7 +46,7 @@ class StageTimes:
     """Seconds per stage of one call; ``decode_steps`` counts LLM forwards after the prefill."""
 
     vision: float = 0.0
-    qformer: float = 0.0
+    connector: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
     end_to_end: float = 0.0
@@ -55,29 +60,30 @@ class StageTimes:
     def outside(self) -> float:
         """Time in ``generate`` outside the four stages: input checks, our placeholder
         shortening and prompt restoring, generation set-up before the vision tower."""
-        return self.end_to_end - self.vision - self.qformer - self.prefill - self.decode
+        return self.end_to_end - self.vision - self.connector - self.prefill - self.decode
 
     def as_dict(self) -> dict[str, float]:
-        return {"vision": self.vision, "qformer": self.qformer, "prefill": self.prefill, "decode": self.decode,
+        return {"vision": self.vision, "connector": self.connector, "prefill": self.prefill, "decode": self.decode,
                 "decode_per_token": self.decode_per_token, "outside": self.outside, "end_to_end": self.end_to_end}
 
 
 @dataclass
 class StageTimer:
-    """Hooks ``model``'s sub-modules and times the stages of each :meth:`call`.
+    """Hooks a model's vision tower and language model and times the stages of each :meth:`call`.
 
     Use as a context manager (hooks are removed on exit)::
 
-        with StageTimer(model, sync=device.type == "cuda") as timer:
+        family = family_of(model)
+        with StageTimer(family.language_model(model), family.vision_tower(model), sync=device.type == "cuda") as timer:
             times = timer.call(lambda: model.generate(**inputs))
 
-    ``model`` may also be a bare language model (``llm_only=True``): then only
-    ``prefill`` and ``decode`` are timed.
+    Without ``vision`` (a bare language model's ``generate``), only ``prefill`` and ``decode``
+    are timed.
     """
 
-    model: Any
+    language_model: Any
+    vision: Any = None
     sync: bool = False
-    llm_only: bool = False
     _marks: dict[str, float] = field(default_factory=dict)
     _lm_calls: int = 0
     _handles: list[Any] = field(default_factory=list)
@@ -101,10 +107,10 @@ class StageTimer:
             self._marks["prefill_end"] = self._now()
 
     def __enter__(self) -> StageTimer:
-        llm = self.model if self.llm_only else self.model.language_model
-        if not self.llm_only:
-            self._handles.append(self.model.vision_model.register_forward_pre_hook(self._mark("vision_start")))
-            self._handles.append(self.model.vision_model.register_forward_hook(self._mark("vision_end")))
+        llm = self.language_model
+        if self.vision is not None:
+            self._handles.append(self.vision.register_forward_pre_hook(self._mark("vision_start")))
+            self._handles.append(self.vision.register_forward_hook(self._mark("vision_end")))
         encoder = llm.get_encoder() if getattr(llm.config, "is_encoder_decoder", False) else None
         if encoder is not None:
             self._handles.append(encoder.register_forward_pre_hook(self._mark("llm_start")))
@@ -128,9 +134,11 @@ class StageTimer:
             raise RuntimeError("the language model never ran: nothing to time")
         times = StageTimes(end_to_end=end - start, prefill=m["prefill_end"] - m["llm_start"],
                            decode=end - m["prefill_end"], decode_steps=self._lm_calls - 1)
-        if not self.llm_only:
+        if self.vision is not None:
+            if "vision_end" not in m:
+                raise RuntimeError("the vision tower never ran: nothing to time")
             times.vision = m["vision_end"] - m["vision_start"]
-            times.qformer = m["llm_start"] - m["vision_end"]
+            times.connector = m["llm_start"] - m["vision_end"]
         return times, result
 
 

@@ -12,9 +12,10 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from catp.bench.archs import build_arch, check_fits
-from catp.bench.report import checks_table, plot, results_table
-from catp.bench.runner import CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, machine_info
+from catp.bench.archs import ARCHS, arch_config, build_arch, check_fits
+from catp.bench.report import checks_table, flops_table, plot, results_table
+from catp.bench.runner import (CHECK_STATISTICS, Benchmark, BenchSettings, cases_for, evaluate_checks, flops_grid, machine_info,
+                               query_tokens)
 from catp.cli.errors import INPUT_ERRORS, interruptible, user_input
 from catp.cli.options import (
     BUDGET_HELP,
@@ -29,7 +30,8 @@ from catp.cli.options import (
     refuse_unused,
     resolve_keeps,
 )
-from catp.families import check_family
+from catp.budget import Budget
+from catp.families import check_family, family_of_type
 from catp.families.blip2 import BLIP2
 from catp.methods import check_runnable
 from catp.models import DTYPES, check_device, dtype_bytes, load_adapter, load_config, model_class, resolve_dtype
@@ -73,10 +75,11 @@ def load_bench_model(model: str | None, arch: str | None, device: str, dtype: st
     if adapter is not None and arch:
         raise ValueError(_ADAPTER_WITH_ARCH)
     if arch:
+        family_of_type(arch_config(arch).model_type).check_transformers()
         return build_arch(arch, dtype=dtype, device=device), f"arch {arch} (random weights)"
     name = str(reference_model_path()) if model is None else model
     config = load_config(name)
-    check_family(config, (BLIP2,), "catp bench")
+    family_of_type(config.model_type).check_transformers()  # a model of no supported family: one line here
     check_fits(config, dtype, device)
     loaded = model_class(config.model_type).from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
     if adapter is not None:
@@ -88,7 +91,7 @@ def load_bench_model(model: str | None, arch: str | None, device: str, dtype: st
 def bench_command(
     model: Annotated[str | None, typer.Option(help="Hub id or local directory (default: the embedded reference model).")] = None,
     adapter: Annotated[Path | None, typer.Option(help="A catp adapt adapter directory to put on the model (merged into its weights).")] = None,
-    arch: Annotated[str | None, typer.Option(help="Paper-shaped random-weight model: blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, instructblip-vicuna-7b, instructblip-video-vicuna-7b.")] = None,
+    arch: Annotated[str | None, typer.Option(help=f"Paper-shaped random-weight model: {', '.join(ARCHS)}.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bfloat16 for --arch, float16 on CUDA, float32 otherwise.")] = "auto",
     engine: Annotated[str, typer.Option(help="hf: time generate() stage by stage (every option); vllm: offline throughput of "
@@ -107,6 +110,8 @@ def bench_command(
     check: Annotated[bool, typer.Option("--check", help="Also time the references and print targets (a)-(d) pass/fail; exit 1 when a target fails.")] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's). On a shared machine 1 thread scales more predictably: a 2-thread matmul waits for its slower thread.")] = None,
     check_stat: Annotated[str | None, typer.Option(help="Statistic of the repeats the --check ratios use: min (robust to background load, the default) or median.")] = None,
+    flops_only: Annotated[bool, typer.Option("--flops-only", help="Only the analytic FLOPs per stage and KV cache of each keep x batch, "
+                                                                "from the config (no model is built, nothing is timed).")] = False,
     out: Annotated[Path, typer.Option(help="JSON output.")] = Path("bench.json"),
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Plot output (default: --out with .png).")] = None,
 ) -> None:
@@ -117,11 +122,19 @@ def bench_command(
     if engine == "vllm":
         _refuse_hf_only_options(adapter=adapter, device=device, batch=batch, prompt_tokens=prompt_tokens, beams=beams,
                                 instruction_tokens=instruction_tokens, frames=frames, check=check,
-                                threads=threads, check_stat=check_stat, plot_path=plot_path)
+                                threads=threads, check_stat=check_stat, plot_path=plot_path, flops_only=flops_only)
         with interruptible():
             _bench_vllm(console, model, arch, dtype, "catp" if methods is None else methods, keep, 32 if requests is None else requests, new_tokens, warmup, repeats, out)
         return
     refuse_unused("it applies to --engine vllm", requests=requests)
+    if flops_only:
+        _refuse_timing_options(adapter=adapter, methods=methods, check=check, threads=threads, check_stat=check_stat,
+                               plot_path=plot_path, device=device)
+        settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
+                                 **{name: value for name, value in (("instruction_tokens", instruction_tokens), ("frames", frames))
+                                    if value is not None})
+        _bench_flops(console, model, arch, dtype, keep, batch, settings, out)
+        return
     if not check:
         refuse_unused("it applies to --check", check_stat=check_stat)
     check_stat = "min" if check_stat is None else check_stat
@@ -157,12 +170,16 @@ def bench_command(
         with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
             net, name = load_bench_model(model, arch, device, dtype, adapter)
     except MemoryError as error:
-        raise typer.BadParameter(str(error), param_hint="--dtype") from None
+        hint = "; --flops-only gives its FLOPs without building it" if arch else ""
+        culprit = "--dtype" if dtype_bytes(dtype) > 2 else ("--arch" if arch else "--model")  # half precision already: the size
+        raise typer.BadParameter(f"{error}{hint}", param_hint=culprit) from None
     if "instructblip" not in net.config.model_type:
         refuse_unused(f"a {net.config.model_type} model has no Q-Former instruction", instruction_tokens=instruction_tokens)
     runner = Benchmark(net, device, dtype_bytes(dtype), settings, progress=lambda msg: console.log(msg))
     if not runner.is_video:
         refuse_unused("it applies to video models (InstructBLIP-Video)", frames=frames)
+    with user_input(param="--prompt-tokens"):  # too few for the family's image delimiters: refused before timing
+        runner.inputs(1)
     q = runner.num_query_tokens  # all frames' query tokens for video
     with user_input(param="--keep"):
         keeps = resolve_keeps(keep_values, q)
@@ -197,9 +214,56 @@ def bench_command(
         raise typer.Exit(1)
 
 
+#: Options that only a timed run uses, and their defaults; ``--flops-only`` refuses any other value.
+_TIMING_ONLY = {"adapter": None, "methods": None, "check": False, "threads": None, "check_stat": None, "plot_path": None,
+                "device": "cpu"}
+
+
+def _refuse_timing_options(**given: Any) -> None:
+    changed = [name for name, value in given.items() if value != _TIMING_ONLY[name]]
+    if changed:
+        names = ", ".join("--" + ("plot" if n == "plot_path" else n.replace("_", "-")) for n in changed)
+        raise typer.BadParameter(f"{names}: not used by --flops-only (it builds no model and times nothing)")
+
+
+def _bench_flops(console: Any, model: str | None, arch: str | None, dtype: str, keep: str, batch: str,
+                 settings: BenchSettings, out: Path) -> None:
+    """``catp bench --flops-only``: :func:`catp.bench.runner.flops_grid` from the config alone, as a Markdown table
+    (printed, and written next to ``--out``) and JSON."""
+    if model and arch:
+        raise typer.BadParameter("give --model or --arch, not both")
+    with user_input(param="--dtype"):
+        dtype = resolve_dtype(dtype, "cpu", default="bfloat16" if arch else "float32")
+    with user_input(param="--keep"):
+        keeps = parse_keep(keep)
+        if any(isinstance(k, Budget) for k in keeps):
+            raise ValueError("--flops-only takes counts or fractions: a budget's kept counts are known only after a run")
+    with user_input(param="--batch"):
+        batches = parse_batches(batch)
+    with user_input(param="--out"):
+        output_file(out)
+    with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
+        config = arch_config(arch) if arch else load_config(model or reference_model_path())
+        family_of_type(config.model_type)  # a model of no supported family: one line here
+    q = query_tokens(config, settings)
+    with user_input(param="--keep"):
+        counts = resolve_keeps(keeps, q)
+    rows = flops_grid(config, settings, counts, batches, dtype_bytes(dtype))
+    name = f"arch {arch}" if arch else (model or "the reference model")
+    table = flops_table(rows, dtype)
+    console.print(f"[bold]catp bench --flops-only[/]: {name}, {q} query tokens per sample, T={settings.prompt_tokens} "
+                  f"new={settings.new_tokens} beams={settings.beams}; GFLOPs")
+    console.print(table, markup=False)
+    report = {"command": shlex.join(["catp", *sys.argv[1:]]), "model": name, "dtype": dtype, "settings": settings.__dict__,
+              "num_query_tokens": q, "flops": rows}
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 #: Options of the Hugging Face benchmark and their defaults; ``--engine vllm`` refuses any other value.
 _HF_ONLY = {"adapter": None, "device": "cpu", "batch": "1", "prompt_tokens": 16, "beams": 5, "instruction_tokens": None,
-            "frames": None, "check": False, "threads": None, "check_stat": None, "plot_path": None}
+            "frames": None, "check": False, "threads": None, "check_stat": None, "plot_path": None, "flops_only": False}
 
 
 def _refuse_hf_only_options(**given: Any) -> None:
@@ -238,6 +302,7 @@ def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, m
         output_file(out)
     with user_input(*INPUT_ERRORS, OSError, param="--arch" if arch else "--model"):
         config = arch_config(arch) if arch else load_config(model or reference_model_path())
+        check_family(config, (BLIP2,), "catp bench --engine vllm")
     with user_input(param="--keep"):
         resolve_keeps(keeps, int(config.num_query_tokens))
     with user_input():

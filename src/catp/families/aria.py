@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities, qkv_probabilities
-from catp.families.base import Family
+from catp.families.base import Family, random_text_ids
 from catp.families.idefics2 import IDEFICS2
 
 __all__ = ["ARIA", "AriaFamily"]
@@ -102,7 +102,13 @@ class AriaFamily(Family):
                              f"got {pixel_values.shape[-2]}x{pixel_values.shape[-1]} px ({patches} patches of {patch} px)")
         return table[patches]
 
-    def connector_flops(self, config: Any, image_tokens: int) -> int:
+    def image_side(self, config: Any) -> int:
+        """The side whose patch count gets the most queries (``projector_patch_to_query_dict``): 980 px in the
+        released model (4900 patches of 14 px, 256 queries)."""
+        patches = max(config.projector_patch_to_query_dict.items(), key=lambda item: int(item[1]))[0]
+        return math.isqrt(int(patches)) * int(config.vision_config.patch_size)
+
+    def connector_flops(self, config: Any, image_tokens: int, instruction_tokens: int = 0) -> int:
         """With ``Q`` the queries of ``N = image_tokens`` patches (``projector_patch_to_query_dict``), ``D`` the vision
         width and ``D_t`` the text width: ``8 N D^2`` (the key and value projections, then ``nn.MultiheadAttention``'s)
         ``+ Q (8 D^2 + 4 N D + 2 D D_t + 2 D_t^2)`` (the query projections, ``out_proj`` and ``linear``, attention,
@@ -113,6 +119,14 @@ class AriaFamily(Family):
         q, n = queries[image_tokens], image_tokens
         d, d_t = int(config.vision_config.hidden_size), int(config.text_config.hidden_size)
         return 8 * n * d * d + q * (8 * d * d + 4 * n * d + 2 * d * d_t + 2 * d_t * d_t)
+
+    def connector_parameters(self, config: Any) -> int:
+        """The ``query`` rows ``Q_max D``; ``cross_attn``: ``q_proj``/``k_proj``/``v_proj`` ``3 D^2`` (no biases),
+        ``nn.MultiheadAttention`` ``4 D^2 + 4 D``, ``linear`` ``D^2 + D``, two LayerNorms ``4 D``; the projector's
+        LayerNorm ``2 D`` and ``feed_forward`` ``D D_t + D_t^2`` (no biases)."""
+        d, d_t = int(config.vision_config.hidden_size), int(config.text_config.hidden_size)
+        cross = 3 * d * d + (4 * d * d + 4 * d) + (d * d + d) + 4 * d
+        return self.num_queries(config) * d + cross + 2 * d + d * d_t + d_t * d_t
 
     def num_cross_layers(self, config: Any) -> int:
         return 1
@@ -219,6 +233,10 @@ class AriaFamily(Family):
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.parts(model).language_model
 
+    def text_generator(self, model: nn.Module) -> nn.Module:
+        """The model itself: its ``language_model`` has no LM head, and without pixels it runs the text alone."""
+        return model
+
     # -- placeholders -------------------------------------------------------------------
     def placeholder_token_id(self, model: nn.Module) -> int:
         token = getattr(model.config, "image_token_index", None)
@@ -249,6 +267,21 @@ class AriaFamily(Family):
             raise ValueError(f"input_ids hold placeholders for {int(groups.sum())} crops ({queries} each), but pixel_values "
                              f"has {crops}")
         return groups
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, prompt_tokens: int, generator: torch.Generator,
+                         groups: int = 1, instruction_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """``<s> (<|img|> x Q) x groups`` then text, per sample, at :meth:`image_side`; ``pixel_values``
+        ``(B groups, 3, H, W)`` (one row per crop) and an all-ones ``pixel_mask`` ``(B groups, H, W)``."""
+        config = model.config
+        image_id, side = self.placeholder_token_id(model), self.image_side(config)
+        text = random_text_ids(config.text_config.vocab_size, (batch, prompt_tokens), generator, avoid=image_id)
+        if config.text_config.bos_token_id is not None:
+            text[:, 0] = config.text_config.bos_token_id
+        images = torch.full((batch, groups * self.num_queries(config)), image_id)
+        ids = torch.cat([text[:, :1], images, text[:, 1:]], dim=1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(batch * groups, 3, side, side, generator=generator),
+                "pixel_mask": torch.ones(batch * groups, side, side, dtype=torch.long)}
 
     def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError("pruned generate() on Aria needs input_ids with the <|img|> placeholders, as the processor writes them")

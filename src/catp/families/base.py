@@ -71,6 +71,8 @@ class Family(ABC):
             (BLIP-2's ``language_projection``); empty where LoRA covers the connector.
         query_axis: the axis of :meth:`learned_queries` that counts the queries (BLIP-2's ``query_tokens``
             are ``(1, Q, D)``: 1; a ``(Q, D)`` parameter: 0).
+        vision_patch_bias: the vision tower's patch convolution has a bias (EVA, SigLIP; not CLIP's).
+        vision_pre_norm: the vision tower has a LayerNorm before its blocks (CLIP's ``pre_layrnorm``).
     """
 
     name: ClassVar[str]
@@ -92,6 +94,8 @@ class Family(ABC):
     adapter_targets: ClassVar[str]
     adapter_modules_to_save: ClassVar[tuple[str, ...]] = ()
     query_axis: ClassVar[int] = 0
+    vision_patch_bias: ClassVar[bool] = True
+    vision_pre_norm: ClassVar[bool] = False
 
     # -- recognising ------------------------------------------------------------------
     def recognises(self, model: nn.Module) -> bool:
@@ -124,11 +128,27 @@ class Family(ABC):
         that the connector takes them (``ValueError``)."""
         return self.num_queries(model.config)
 
-    def connector_flops(self, config: Any, image_tokens: int) -> int:
+    def image_side(self, config: Any) -> int:
+        """The side in pixels of the square image ``catp bench`` feeds (default: the vision config's ``image_size``,
+        the resolution the vision tower's position table is built for)."""
+        return int(config.vision_config.image_size)
+
+    def image_tokens(self, config: Any) -> int:
+        """``N``: the vision tokens of one image of :meth:`image_side` px, as the connector reads them: its patches
+        and :attr:`class_tokens`."""
+        return (self.image_side(config) // int(config.vision_config.patch_size)) ** 2 + self.class_tokens
+
+    def connector_flops(self, config: Any, image_tokens: int, instruction_tokens: int = 0) -> int:
         """FLOPs of one connector run (one image, frame or crop) over ``image_tokens`` vision tokens, up to the tokens
         the LLM receives, all ``Q`` queries (pruning comes after): matrix products only, 2 per multiply-accumulate, as
-        :mod:`catp.bench.flops` counts."""
+        :mod:`catp.bench.flops` counts. ``instruction_tokens``: text the connector also reads (InstructBLIP's
+        Q-Former); no other connector reads any."""
         raise NotImplementedError(f"{self.name}: no connector FLOPs stated")
+
+    def connector_parameters(self, config: Any) -> int:
+        """Parameters of the connector (from the vision tower's output to the tokens the LLM receives, projections
+        included), from the config; :func:`catp.bench.flops.parameter_count` adds the vision tower and the LLM."""
+        raise NotImplementedError(f"{self.name}: no connector parameter count stated")
 
     @abstractmethod
     def num_cross_layers(self, config: Any) -> int:
@@ -254,6 +274,11 @@ class Family(ABC):
     def language_model(self, model: nn.Module) -> nn.Module:
         """The language model the kept tokens go to."""
 
+    def text_generator(self, model: nn.Module) -> nn.Module:
+        """A module whose ``generate(inputs_embeds=..., attention_mask=...)`` runs the language model alone, with no
+        image (``catp bench``'s ``llm-only`` reference); default: :meth:`language_model`, where it has an LM head."""
+        return self.language_model(model)
+
     def decoder_only(self, model: nn.Module) -> bool:
         """Whether the language model is decoder-only (left fillers) rather than an encoder-decoder (right fillers)."""
         return True
@@ -307,6 +332,22 @@ class Family(ABC):
     @abstractmethod
     def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """The prompt stock ``generate()`` builds when it gets no ``input_ids``: ``(B, L)``."""
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, prompt_tokens: int, generator: torch.Generator,
+                         groups: int = 1, instruction_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """A processor-shaped ``generate`` call with random pixels and text (``catp bench``), on the CPU, pixels in
+        fp32: per sample :meth:`num_queries` placeholders per group, laid out as the family's processor lays them,
+        and text ids drawn from ``[10, min(V, 1000))`` (never the placeholder id), ``prompt_tokens`` tokens besides
+        the placeholders in all (BOS and the family's image delimiters included). Images of :meth:`image_side` px.
+
+        Args:
+            groups: connector runs per sample (video frames, crops); 1 for one image.
+            instruction_tokens: text for a connector that reads one (InstructBLIP's Q-Former).
+
+        Raises:
+            ValueError: ``prompt_tokens`` too few for the family's delimiters, or ``groups`` the family cannot take.
+        """
+        raise NotImplementedError(f"{self.name}: no synthetic inputs stated")
 
     # -- running the connector alone --------------------------------------------------
     @abstractmethod
@@ -393,3 +434,13 @@ def sub_config_attention(module: nn.Module, implementation: str, enabled: bool =
     finally:
         if module.config._attn_implementation != saved:
             module.set_attn_implementation(saved)
+
+
+def random_text_ids(vocab_size: int, shape: tuple[int, ...], generator: torch.Generator,
+                    avoid: int | None = None) -> torch.Tensor:
+    """Random text token ids of ``shape``, drawn from ``[10, min(vocab_size, 1000))`` (past the special tokens of
+    the tokenizers catp meets), with ``avoid`` (a placeholder id) replaced by 10 (:meth:`Family.synthetic_inputs`)."""
+    ids = torch.randint(10, min(int(vocab_size), 1000), shape, generator=generator)
+    if avoid is not None:
+        ids[ids == avoid] = 10
+    return ids

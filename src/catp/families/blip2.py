@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities, linear_fp32, qkv_probabilities
-from catp.families.base import Family, sub_config_attention
+from catp.families.base import Family, random_text_ids, sub_config_attention
 
 __all__ = ["BLIP2", "Blip2Family", "cross_attention_layer_count"]
 
 _VIDEO_CLASS = "InstructBlipVideoForConditionalGeneration"
+#: The model types whose Q-Former also reads an instruction (``qformer_input_ids``).
+_INSTRUCT_TYPES = ("instructblip", "instructblipvideo")
 
 
 def cross_attention_layer_count(qformer_config: Any) -> int:
@@ -73,6 +75,40 @@ class Blip2Family(Family):
 
     def num_cross_layers(self, config: Any) -> int:
         return cross_attention_layer_count(config.qformer_config)
+
+    def connector_flops(self, config: Any, image_tokens: int, instruction_tokens: int = 0) -> int:
+        """The Q-Former and ``language_projection``. With ``s = Q + T_i`` self-attention tokens (``T_i``
+        instruction tokens, InstructBLIP), per layer: self-attention ``8 s d^2 + 4 s^2 d``, MLP ``4 s d F``; every
+        ``cross_attention_frequency``-th layer adds cross-attention ``4 Q d^2 + 4 N D_v d + 4 Q N d`` (query and
+        output projections, key and value projections of the ``N`` image tokens of width ``D_v``, attention). Then
+        the projection ``2 Q d D_llm``."""
+        qc = config.qformer_config
+        q, d, f = self.num_queries(config), int(qc.hidden_size), int(qc.intermediate_size)
+        n, d_v, s = image_tokens, int(qc.encoder_hidden_size), self.num_queries(config) + instruction_tokens
+        total = 0
+        for layer in range(int(qc.num_hidden_layers)):
+            total += 8 * s * d * d + 4 * s * s * d + 4 * s * d * f
+            if layer % int(qc.cross_attention_frequency) == 0:
+                total += 4 * q * d * d + 4 * n * d_v * d + 4 * q * n * d
+        return total + 2 * q * d * int(config.text_config.hidden_size)
+
+    def connector_parameters(self, config: Any) -> int:
+        """The Q-Former (InstructBLIP's with its text embeddings and its instruction MLPs), the query tokens and
+        ``language_projection``."""
+        qc = config.qformer_config
+        d, f, d_v = int(qc.hidden_size), int(qc.intermediate_size), int(qc.encoder_hidden_size)
+        instruct = config.model_type in _INSTRUCT_TYPES
+        text_ffn = instruct or bool(getattr(qc, "use_qformer_text_input", None))
+        total = 2 * d  # input LayerNorm
+        if instruct:
+            total += int(qc.vocab_size) * d + int(qc.max_position_embeddings) * d
+        ffn = (d * f + f) + (f * d + d) + 2 * d
+        for layer in range(int(qc.num_hidden_layers)):
+            total += 3 * (d * d + d) + (d * d + d) + 2 * d + ffn * (2 if text_ffn else 1)
+            if layer % int(qc.cross_attention_frequency) == 0:
+                total += (d * d + d) + 2 * (d_v * d + d) + (d * d + d) + 2 * d
+        width = int(config.text_config.hidden_size)
+        return total + self.num_queries(config) * d + d * width + width
 
     # -- attention ----------------------------------------------------------------------
     def cross_attention_layers(self, model: nn.Module) -> list[nn.Module]:
@@ -171,6 +207,30 @@ class Blip2Family(Family):
         placeholders = int(self.groups_per_sample(model, pixel_values)[0]) * self.num_queries(model.config)
         start = [self.placeholder_token_id(model)] * placeholders + [model.config.text_config.bos_token_id]
         return torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, prompt_tokens: int, generator: torch.Generator,
+                         groups: int = 1, instruction_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """``[IMG x groups Q][text x T]`` per sample, the text starting with BOS for a decoder-only LLM (as the
+        processor writes it); ``pixel_values`` ``(B, 3, H, W)``, or ``(B, groups, 3, H, W)`` for video; InstructBLIP
+        adds ``qformer_input_ids`` / ``qformer_attention_mask`` of ``instruction_tokens`` tokens."""
+        config = model.config
+        if groups != 1 and not self.is_video(model):
+            raise ValueError(f"a {config.model_type} model takes one image per sample, got {groups} groups")
+        image_id = self.placeholder_token_id(model)
+        text = random_text_ids(config.text_config.vocab_size, (batch, prompt_tokens), generator, avoid=image_id)
+        bos = config.text_config.bos_token_id
+        if config.use_decoder_only_language_model and bos is not None:
+            text[:, 0] = bos
+        ids = torch.cat([torch.full((batch, groups * self.num_queries(config)), image_id), text], dim=1)
+        side = self.image_side(config)
+        shape = (batch, groups, 3, side, side) if self.is_video(model) else (batch, 3, side, side)
+        out = {"pixel_values": torch.randn(shape, generator=generator), "input_ids": ids,
+               "attention_mask": torch.ones_like(ids)}
+        if config.model_type in _INSTRUCT_TYPES:
+            out["qformer_input_ids"] = random_text_ids(config.qformer_config.vocab_size, (batch, instruction_tokens),
+                                                       generator)
+            out["qformer_attention_mask"] = torch.ones_like(out["qformer_input_ids"])
+        return out
 
     # -- running the connector alone ----------------------------------------------------
     def encode(self, model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> Any:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities
-from catp.families.base import LatentSoftmaxFamily, sub_config_attention
+from catp.families.base import LatentSoftmaxFamily, random_text_ids, sub_config_attention
 
 __all__ = ["IDEFICS2", "Idefics2Family"]
 
@@ -69,7 +69,7 @@ class Idefics2Family(LatentSoftmaxFamily):
     def num_cross_layers(self, config: Any) -> int:
         return int(config.perceiver_config.resampler_depth)
 
-    def connector_flops(self, config: Any, image_tokens: int) -> int:
+    def connector_flops(self, config: Any, image_tokens: int, instruction_tokens: int = 0) -> int:
         """``N (4 D_v F_t + 2 F_t D)`` for ``modality_projection`` (a gated MLP, vision width ``D_v`` to the text width
         ``D`` through the text MLP width ``F_t``), then per resampler layer, over ``N + Q`` keys:
         ``2 Q D a + 4 (N + Q) D kv + 4 Q (N + Q) a + 2 Q a D + 24 Q D^2`` (query, key/value and output projections,
@@ -81,6 +81,17 @@ class Idefics2Family(LatentSoftmaxFamily):
         f_t, d_v = int(config.text_config.intermediate_size), int(config.vision_config.hidden_size)
         layer = 2 * q * d * a + 4 * (n + q) * d * kv + 4 * q * (n + q) * a + 2 * q * a * d + 24 * q * d * d
         return n * (4 * d_v * f_t + 2 * f_t * d) + self.num_cross_layers(config) * layer
+
+    def connector_parameters(self, config: Any) -> int:
+        """``modality_projection`` (a gated MLP without biases: ``2 D_v F_t + F_t D``), the latents ``Q D``, per
+        resampler layer ``D a + 2 D kv + a D`` (attention, no biases) ``+ 12 D^2`` (gated MLP of width ``4 D``)
+        ``+ 3 D`` (three RMS norms), and the final norm ``D``."""
+        perceiver = config.perceiver_config
+        d, d_v, f_t = int(config.text_config.hidden_size), int(config.vision_config.hidden_size), int(config.text_config.intermediate_size)
+        a = int(perceiver.resampler_n_heads) * int(perceiver.resampler_head_dim)
+        kv = int(perceiver.num_key_value_heads) * int(perceiver.resampler_head_dim)
+        layer = d * a + 2 * d * kv + a * d + 12 * d * d + 3 * d
+        return 2 * d_v * f_t + f_t * d + self.num_queries(config) * d + self.num_cross_layers(config) * layer + d
 
     # -- attention ----------------------------------------------------------------------
     def cross_attention_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -121,6 +132,10 @@ class Idefics2Family(LatentSoftmaxFamily):
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.text_model
 
+    def text_generator(self, model: nn.Module) -> nn.Module:
+        """The model itself: its ``text_model`` has no LM head, and without pixels it runs the text alone."""
+        return model
+
     # -- placeholders -------------------------------------------------------------------
     def image_batch(self, images: list[Any]) -> Any:
         """A list of images per sample: the image processor reads a flat list as the images of one sample."""
@@ -144,6 +159,28 @@ class Idefics2Family(LatentSoftmaxFamily):
             raise ValueError(f"Idefics2 takes pixel_values of shape (batch, images, channels, height, width), "
                              f"got {tuple(pixel_values.shape)}")
         return (pixel_values != 0).flatten(2).any(dim=-1).sum(dim=1).long().cpu()
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, prompt_tokens: int, generator: torch.Generator,
+                         groups: int = 1, instruction_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """``<s> <fake> (<image> x Q <fake>) x groups`` then text, per sample (the processor shares the
+        ``<fake_token_around_image>`` between consecutive images; its id is not in the config, so a text id stands
+        for it); ``pixel_values`` ``(B, groups, 3, H, W)`` and an all-ones ``pixel_attention_mask`` ``(B, groups, H, W)``."""
+        config = model.config
+        delimiters = groups + 2  # BOS and the fake tokens
+        if prompt_tokens < delimiters:
+            raise ValueError(f"Idefics2 needs at least {delimiters} prompt tokens (BOS and {groups + 1} "
+                             f"<fake_token_around_image>), got {prompt_tokens}")
+        image_id, q = self.placeholder_token_id(model), self.num_queries(config)
+        text = random_text_ids(config.text_config.vocab_size, (batch, prompt_tokens), generator, avoid=image_id)
+        fake = text[:, 1:2]
+        image = torch.cat([torch.full((batch, q), image_id), fake], dim=1)
+        ids = torch.cat([text[:, :2], *[image] * groups, text[:, delimiters:]], dim=1)
+        if config.text_config.bos_token_id is not None:
+            ids[:, 0] = config.text_config.bos_token_id
+        side = self.image_side(config)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(batch, groups, 3, side, side, generator=generator),
+                "pixel_attention_mask": torch.ones(batch, groups, side, side, dtype=torch.long)}
 
     def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError("pruned generate() on Idefics2 needs input_ids with the <image> placeholders, as the processor "

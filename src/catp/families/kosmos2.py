@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from catp.capture import attention_probabilities, linear_fp32
-from catp.families.base import LatentSoftmaxFamily
+from catp.families.base import LatentSoftmaxFamily, random_text_ids
 
 __all__ = ["KOSMOS2", "Kosmos2Family"]
 
@@ -63,6 +63,8 @@ class Kosmos2Family(LatentSoftmaxFamily):
     model_classes: ClassVar[dict[str, str]] = {"kosmos-2": "Kosmos2ForConditionalGeneration"}
     connector: ClassVar[str] = "Kosmos-2 latent queries"
     class_tokens: ClassVar[int] = 1  # the vision tower's CLS is image column 0 (it votes)
+    vision_patch_bias: ClassVar[bool] = False  # CLIP's tower: no bias on the patches, a LayerNorm before the blocks
+    vision_pre_norm: ClassVar[bool] = True
     model_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
     min_transformers: ClassVar[str] = "5.25"  # the oldest release tested with this family
     encodes_first: ClassVar[bool] = True
@@ -82,13 +84,18 @@ class Kosmos2Family(LatentSoftmaxFamily):
     def num_queries(self, config: Any) -> int:
         return int(config.latent_query_num)
 
-    def connector_flops(self, config: Any, image_tokens: int) -> int:
+    def connector_flops(self, config: Any, image_tokens: int, instruction_tokens: int = 0) -> int:
         """``2 N D_v D`` for ``dense`` (vision width ``D_v`` to the text width ``D``) on the ``N`` image tokens, then
         ``x_attn`` over ``N + Q`` keys: ``4 Q D^2`` (query and output projections) ``+ 4 (N + Q) D^2`` (keys and
         values) ``+ 4 Q (N + Q) D`` (scores and the weighted sum)."""
         n, q = image_tokens, self.num_queries(config)
         d, d_v = int(config.text_config.embed_dim), int(config.vision_config.hidden_size)
         return 2 * n * d_v * d + 4 * q * d * d + 4 * (n + q) * d * d + 4 * q * (n + q) * d
+
+    def connector_parameters(self, config: Any) -> int:
+        """``dense`` ``D_v D + D``, ``latent_query`` ``Q D`` and ``x_attn``'s four projections with biases ``4 (D^2 + D)``."""
+        d, d_v = int(config.text_config.embed_dim), int(config.vision_config.hidden_size)
+        return d_v * d + d + self.num_queries(config) * d + 4 * (d * d + d)
 
     def num_cross_layers(self, config: Any) -> int:
         return 1
@@ -170,6 +177,25 @@ class Kosmos2Family(LatentSoftmaxFamily):
             raise ValueError(f"Kosmos-2 takes pixel_values of shape (batch, channels, height, width), "
                              f"got {tuple(pixel_values.shape)}")
         return torch.ones(pixel_values.shape[0], dtype=torch.long)
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, prompt_tokens: int, generator: torch.Generator,
+                         groups: int = 1, instruction_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """``<s> <image> (Q ids) </image>`` then text, per sample, and ``image_embeds_position_mask`` 1 on the ``Q``
+        positions; ``pixel_values`` ``(B, 3, H, W)``. The ids at the marked positions are random: the model overwrites
+        their embeddings (the processor writes ``unk+1 .. unk+Q``), and ``<image>`` / ``</image>`` are not in the config."""
+        if groups != 1:
+            raise ValueError(f"Kosmos-2 takes one image per sample, got {groups} groups")
+        if prompt_tokens < 3:
+            raise ValueError(f"Kosmos-2 needs at least 3 prompt tokens (BOS, <image>, </image>), got {prompt_tokens}")
+        config, q = model.config, self.num_queries(model.config)
+        ids = random_text_ids(config.text_config.vocab_size, (batch, prompt_tokens + q), generator)
+        if config.text_config.bos_token_id is not None:
+            ids[:, 0] = config.text_config.bos_token_id
+        marks = torch.zeros_like(ids)
+        marks[:, 2:2 + q] = 1  # after <s> <image>
+        side = self.image_side(config)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), POSITION_MASK: marks,
+                "pixel_values": torch.randn(batch, 3, side, side, generator=generator)}
 
     def default_input_ids(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pruned generate() on Kosmos-2 needs input_ids and {POSITION_MASK}, as the processor "
