@@ -406,3 +406,20 @@ def test_adapter_targets_pair_each_keep_with_the_unadapted_model_and_judge_its_t
     assert rows[1]["retention_pct"] == 80.0 and rows[1]["met"] is False  # scenes keep 1: at least 90%
     export = measure({"easy-vqa": base}, [("export", "easy-vqa", base, 4)])["rows"]
     assert [(r["keep"], r["met"]) for r in export] == [(4, True)]  # an exported checkpoint at K=4: its unpruned row
+
+
+def test_kinds_split_a_runs_accuracy_by_question_kind():
+    """tools/kinds.py: each configuration's accuracy per kind of question (easy-VQA templates, scenes' first words)."""
+    from tools.kinds import kind_accuracy, question_kind, table
+
+    assert question_kind("easy-vqa", "what color is the shape?") == "color"
+    assert question_kind("scenes", "How many circles are there?") == "how many"
+    with pytest.raises(ValueError, match="vqav2"):
+        question_kind("vqav2", "What is it?")
+    kinds = {"a": "color", "b": "color", "c": "shape"}
+    rows = [{"config": "unpruned", "id": i, "accuracy": 1.0} for i in "abc"]
+    rows += [{"config": "first@1", "id": "a", "accuracy": 0.0}, {"config": "first@1", "id": "b", "accuracy": 1.0},
+             {"config": "first@1", "id": "c", "accuracy": 1.0}]
+    result = kind_accuracy(rows, kinds)
+    assert result["first@1"] == {"all": (200 / 3, 3), "color": (50.0, 2), "shape": (100.0, 1)}
+    assert "| color (2) | 100.0 | 50.0 |" in table(result, ["unpruned", "first@1"])
