@@ -219,21 +219,32 @@ _TIMING_ONLY = {"adapter": None, "methods": None, "check": False, "threads": Non
                 "device": "cpu"}
 
 
-def _refuse_timing_options(**given: Any) -> None:
-    changed = [name for name, value in given.items() if value != _TIMING_ONLY[name]]
+def _refuse_changed(defaults: dict[str, Any], why: str, **given: Any) -> None:
+    """One usage error naming every option in ``given`` set to other than its value in ``defaults`` (``why``: what ignores them)."""
+    changed = [name for name, value in given.items() if value != defaults[name]]
     if changed:
         names = ", ".join("--" + ("plot" if n == "plot_path" else n.replace("_", "-")) for n in changed)
-        raise typer.BadParameter(f"{names}: not used by --flops-only (it builds no model and times nothing)")
+        raise typer.BadParameter(f"{names}: not used by {why}")
+
+
+def _refuse_timing_options(**given: Any) -> None:
+    _refuse_changed(_TIMING_ONLY, "--flops-only (it builds no model and times nothing)", **given)
+
+
+def _config_dtype(model: str | None, arch: str | None, dtype: str) -> str:
+    """The dtype a config-only path (``--flops-only``, ``--engine vllm``) reports, after refusing ``--model`` with ``--arch``:
+    bf16 for a paper shape (``--arch``), fp32 for a checkpoint, unless ``--dtype`` says."""
+    if model and arch:
+        raise typer.BadParameter("give --model or --arch, not both")
+    with user_input(param="--dtype"):
+        return resolve_dtype(dtype, "cpu", default="bfloat16" if arch else "float32")
 
 
 def _bench_flops(console: Any, model: str | None, arch: str | None, dtype: str, keep: str, batch: str,
                  settings: BenchSettings, out: Path) -> None:
     """``catp bench --flops-only``: :func:`catp.bench.runner.flops_grid` from the config alone, as a Markdown table
     (printed, and written next to ``--out``) and JSON."""
-    if model and arch:
-        raise typer.BadParameter("give --model or --arch, not both")
-    with user_input(param="--dtype"):
-        dtype = resolve_dtype(dtype, "cpu", default="bfloat16" if arch else "float32")
+    dtype = _config_dtype(model, arch, dtype)
     with user_input(param="--keep"):
         keeps = parse_keep(keep)
         if any(isinstance(k, Budget) for k in keeps):
@@ -267,10 +278,7 @@ _HF_ONLY = {"adapter": None, "device": "cpu", "batch": "1", "prompt_tokens": 16,
 
 
 def _refuse_hf_only_options(**given: Any) -> None:
-    changed = [name for name, value in given.items() if value != _HF_ONLY[name]]
-    if changed:
-        names = ", ".join("--" + ("plot" if n == "plot_path" else n.replace("_", "-")) for n in changed)
-        raise typer.BadParameter(f"{names}: not used by --engine vllm (it times whole requests in vLLM's engine, on vLLM's device)")
+    _refuse_changed(_HF_ONLY, "--engine vllm (it times whole requests in vLLM's engine, on vLLM's device)", **given)
 
 
 def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, methods: str, keep: str, requests: int,
@@ -281,15 +289,12 @@ def _bench_vllm(console: Any, model: str | None, arch: str | None, dtype: str, m
     from catp.bench.archs import arch_config
     from catp.budget import Budget
     from catp.extras import import_extra
-    from catp.models import load_config, resolve_dtype
+    from catp.models import load_config
     from catp.reference import reference_model_path
     from catp.vllm import BUDGET_REFUSAL
     from catp.bench.vllm import markdown_table, measure_throughput
 
-    if model and arch:
-        raise typer.BadParameter("give --model or --arch, not both")
-    with user_input(param="--dtype"):
-        dtype = resolve_dtype(dtype, "cpu", default="bfloat16" if arch else "float32")
+    dtype = _config_dtype(model, arch, dtype)
     with user_input(param="--methods"):
         method_list = parse_methods(methods)
         if len(method_list) != 1:
