@@ -39,6 +39,11 @@ def test_a_changed_figure_or_winner_changes_the_block():
     for comparison in verdicts["budgets-easy-vqa"]["budget_comparisons"]:
         comparison["verdict"] = "win"
     assert "9 wins, 0 ties, 0 losses in 9" in results_block(verdicts)
+    adapter = copy.deepcopy(summaries)  # the adapter's rows: a target now met leaves the list of those missed
+    for row in adapter["adapter-targets.json"]["rows"]:
+        row["met"] = row["met"] if row["met"] is None else True
+    met = results_block(adapter)
+    assert "missed:" in block and "missed:" not in met and met != block
 
 
 def test_the_readme_example_of_a_method_runs():

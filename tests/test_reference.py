@@ -174,3 +174,17 @@ def test_the_shipped_adapter_answers_from_its_first_tokens_down_to_one():
         base_k = exact_match(answer(base, processor, examples, "first", k), examples)
         adapted_k = exact_match(answer(adapted, processor, examples, "first", k), examples)
         assert adapted_k > base_k + margin, (k, base_k, adapted_k)
+
+
+def test_the_model_card_names_the_shipped_adapters_files_by_their_sha256():
+    """The model card's sha256 lines are those of the adapter files shipped beside it (a retrained adapter must update them)."""
+    import hashlib
+    import re
+
+    card = (reference_model_path() / "README.md").read_text(encoding="utf-8")
+    section = card[card.index("## The adapter"):card.index("## Limitations")]
+    stated = dict(re.findall(r"`(\w+\.safetensors)` `([0-9a-f]{64})`", section))
+    adapter = catp.reference_adapter_path()
+    assert set(stated) == {"adapter_model.safetensors", "query_tokens.safetensors"}
+    for name, digest in stated.items():
+        assert hashlib.sha256((adapter / name).read_bytes()).hexdigest() == digest, name

@@ -24,11 +24,35 @@ END = "<!-- results:end -->"
 #: The accuracy sweeps quoted, by their folder under docs/results, with their names in the README.
 SWEEPS = {"easy-vqa": "easy-VQA", "scenes": "scenes"}
 BUDGETS = "budgets-easy-vqa"
+#: The shipped adapter's test-split figures against its targets (written by ``tools/adapter_targets.py``).
+ADAPTER_TARGETS = "adapter-targets.json"
 
 
 def load_summaries(results: Path = ROOT / "docs" / "results") -> dict[str, dict[str, Any]]:
-    """Every summary the block quotes, by folder name."""
-    return {name: json.loads((results / name / "summary.json").read_text(encoding="utf-8")) for name in [*SWEEPS, BUDGETS]}
+    """Every summary the block quotes, by folder name, and the adapter's targets (:data:`ADAPTER_TARGETS`)."""
+    summaries = {name: json.loads((results / name / "summary.json").read_text(encoding="utf-8")) for name in [*SWEEPS, BUDGETS]}
+    summaries[ADAPTER_TARGETS] = json.loads((results / ADAPTER_TARGETS).read_text(encoding="utf-8"))
+    return summaries
+
+
+def _adapter(targets: dict[str, Any]) -> list[str]:
+    """The shipped adapter's rows (label ``adapted``): accuracy and retention per keep and task, and the targets missed."""
+    rows = [r for r in targets["rows"] if r["label"] == "adapted"]
+    keeps = sorted({r["keep"] for r in rows}, reverse=True)
+    lines = ["| with the shipped adapter | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
+    for name, label in SWEEPS.items():
+        at = {r["keep"]: r for r in rows if r["dataset"] == name}
+        if not at:
+            continue
+        n = next(iter(at.values()))["n"]
+        lines.append(f"| {label} ({n:,} questions) | "
+                     + " | ".join(f"{at[k]['accuracy']:.1f} ({at[k]['retention_pct']:.0f}%)" if k in at else "" for k in keeps) + " |")
+    missed = [f"keep {r['keep']} on {SWEEPS[r['dataset']]} ({r['retention_pct']:.1f}% retained, "
+              f"{r['difference']:+.2f} ± {r['ci95']:.2f} points)" for r in rows if r["met"] is False]
+    met = sum(r["met"] is True for r in rows)
+    verdict = f"{met} of {met + len(missed)} targets met" + (f"; missed: {', '.join(missed)}" if missed else "")
+    return [*lines, "", f"* The adapter's retention is of the unadapted model with all its tokens, paired per question; {verdict} "
+            "([docs/results.md](docs/results.md), \"With an adapter\")."]
 
 
 def _best(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
@@ -106,6 +130,8 @@ def results_block(summaries: dict[str, dict[str, Any]]) -> str:
         f"question at each keep (95% CI): {'; '.join(notes)}.",
         f"* A per-sample budget against a fixed `k` at the same mean tokens ({summaries[BUDGETS]['num_questions']:,} easy-VQA "
         f"questions): {_counted(budget)} cases ([docs/budgets.md](docs/budgets.md)).",
+        "",
+        *_adapter(summaries[ADAPTER_TARGETS]),
         END,
     ]
     return "\n".join(text)
