@@ -16,7 +16,7 @@ pytest.importorskip("lmms_eval.api.model", reason='needs lmms-eval: pip install 
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tiny_families import FAMILIES, needs_family_transformers, placeholder_mask, save_tiny_checkpoint  # noqa: E402
+from tiny_families import FAMILIES, needs_family_transformers, placeholder_mask, save_tiny_checkpoint, saved_num_queries  # noqa: E402
 
 import catp  # noqa: E402
 from catp.families import family_of  # noqa: E402
@@ -106,3 +106,21 @@ def test_loglikelihood_equals_a_pruned_forward_pass(checkpoint):
         assert score == pytest.approx(expected.item(), abs=1e-4)
         assert greedy == bool((logits.argmax(dim=-1) == targets).all())
     assert [p[0] for p in pruned_scores] != pytest.approx([u[0] for u in unpruned_scores], abs=1e-4), (pruned_scores, unpruned_scores)
+
+
+def test_an_lmms_eval_run_on_idefics2_answers_as_pruned_generate(lmms_run, questions, tmp_path_factory):
+    """``python -m lmms_eval --model catp --model_args pretrained=<an Idefics2 folder>`` on the local task (batch 1, the
+    task's 5 beams and 10 new tokens): each answer is ``catp.pruned()`` + ``generate()`` on the processor's inputs for
+    ``<image>`` and the question."""
+    checkpoint = save_tiny_checkpoint("idefics2", tmp_path_factory.mktemp("tiny-idefics2-cli"), seed=0)
+    run = lmms_run(f"pretrained={checkpoint},method=catp,keep={KEEP},dtype=float32,device=cpu", batch_size=1)
+    model, processor = load_model(checkpoint, "float32", "cpu")
+    expected = []
+    for q in questions:
+        inputs = processor(images=[q.load_image()], text=["<image>" + q.question], return_tensors="pt")
+        with torch.no_grad(), catp.pruned(model, method="catp", keep=KEEP):
+            out = model.generate(**inputs, num_beams=5, max_new_tokens=10, min_new_tokens=1, do_sample=False)
+        expected.append(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+    assert [run.answers["catp_easy_vqa"][i] for i in range(len(questions))] == expected
+    assert run.cost["mean_kept_tokens"] == KEEP and run.cost["mean_query_tokens"] == saved_num_queries("idefics2")
+    assert run.results["throughput"]["avg_catp_mean_kept_tokens"] == KEEP
