@@ -151,7 +151,8 @@ class Runner:
         count = frames.pop()
         tokenizer, processor = self.processor.tokenizer, self.processor
         token = getattr(processor.video_token, "content", processor.video_token)
-        placeholders = tokenizer(token * (count * self.family.num_queries(self.model.config)), add_special_tokens=False)["input_ids"]
+        per_frame = self.family.num_queries(self.model.config)
+        placeholders = tokenizer(token * (count * per_frame), add_special_tokens=False)["input_ids"]
         rows = [placeholders + ids for ids in tokenizer(list(texts))["input_ids"]]
         inputs = dict(tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt"))
         qformer = processor.qformer_tokenizer(list(texts), padding=True, return_tensors="pt")
