@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from catp.hf import capture_connector, check_model, cross_attention_layers, is_video_model, placeholder_token_id, pruned
+from catp.hf import capture_connector, check_model, cross_attention_layers, placeholder_token_id, pruned, takes_frames
 from catp.methods import PruningMethod, get_method
 from catp.protocol import PAPER_PROMPT
 from catp.selection import resolve_keep
@@ -188,12 +188,6 @@ def _patch_grid(cross_attentions: list[torch.Tensor], class_tokens: int) -> torc
     if side * side != patches.shape[-1]:
         raise ValueError(f"{patches.shape[-1]} image patches do not form a square grid")
     return patches.reshape(*patches.shape[:2], side, side)
-
-
-def takes_frames(model: nn.Module) -> bool:
-    """Whether :func:`explain` takes a sequence of frames for ``model`` (a video model), rather than one image (whose
-    crops, where the family splits images, its processor makes)."""
-    return is_video_model(model) and check_model(model).group == "frame"
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:

@@ -55,11 +55,18 @@ __all__ = [
     "placeholder_token_id",
     "pruned",
     "select_queries",
+    "takes_frames",
 ]
 
 def is_video_model(model: nn.Module) -> bool:
     """Whether a sample of ``model`` holds several groups of query tokens (video frames), so that ``scope=`` applies."""
     return family_of(model).has_groups(model)
+
+
+def takes_frames(model: nn.Module) -> bool:
+    """Whether a sample of ``model`` is a sequence of frames (a video model), rather than one image (whose crops, where
+    the family splits images, its processor makes)."""
+    return is_video_model(model) and family_of(model).group == "frame"
 
 
 def placeholder_token_id(model: nn.Module) -> int | None:

@@ -32,8 +32,8 @@ from catp.methods import budget_refusal, check_runnable, get_method, seed_option
 from catp.protocol import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT, check_prompt
 from catp.selection import resolve_keep
 
-__all__ = ["Config", "Protocol", "RunState", "build_configs", "matching_keeps", "on_model", "prepare_batch", "read_predictions",
-           "run_sweep"]
+__all__ = ["Config", "Protocol", "RunState", "build_configs", "family_prompts", "image_inputs", "matching_keeps", "on_model",
+           "prepare_batch", "read_predictions", "run_sweep"]
 
 UNPRUNED = "unpruned"
 
@@ -262,10 +262,24 @@ def run_sweep(
 
 def prepare_batch(processor: Any, batch: Sequence[Question], prompt: str, model: Any) -> dict[str, Any]:
     """Processor outputs for a batch of questions (``prompt`` with ``{}`` for the question, laid out for the model's
-    family: :meth:`~catp.families.base.Family.prompt_for`), on the model's device."""
+    family: :func:`family_prompts`), on the model's device (:func:`image_inputs`)."""
+    return image_inputs(processor, model, [q.load_image() for q in batch], family_prompts(model, prompt, [q.question for q in batch]))
+
+
+def family_prompts(model: Any, prompt: str, questions: Sequence[str]) -> list[str]:
+    """Each question, stripped, in ``prompt`` (one ``{}``) laid out for one image of the model's family: the family's
+    image text where its processor expects it (:meth:`~catp.families.base.Family.prompt_for`; Idefics2's ``<image>``
+    in front, nothing for BLIP-2)."""
     template = family_of(model).prompt_for(prompt)
-    prompts = [template.format(q.question.strip()) for q in batch]
-    return on_model(processor(images=[q.load_image() for q in batch], text=prompts, return_tensors="pt", padding=True), model)
+    return [template.format(question.strip()) for question in questions]
+
+
+def image_inputs(processor: Any, model: Any, images: Sequence[Any], texts: Sequence[str]) -> dict[str, Any]:
+    """The processor's outputs for one image per text (``B`` of each; texts from :func:`family_prompts`), padded as the
+    processor pads (on the left for a decoder-only language model, :func:`catp.models.load_model`), on the model's
+    device (:func:`on_model`): ``input_ids`` and ``attention_mask`` ``(B, L)``, ``pixel_values`` and the family's
+    other inputs."""
+    return on_model(processor(images=list(images), text=list(texts), return_tensors="pt", padding=True), model)
 
 
 def on_model(inputs: Mapping[str, Any], model: Any) -> dict[str, Any]:

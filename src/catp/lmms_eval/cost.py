@@ -23,13 +23,17 @@ class SampleCost:
 
     Attributes:
         task: the lmms-eval task.
-        kept: query tokens fed to the language model (all ``frames x Q`` when unpruned).
-        queries: the query tokens there are (``frames x Q``).
-        prompt_tokens: text tokens into the language model (for a log-likelihood: context and continuation).
+        kept: query tokens fed to the language model (all ``queries`` when unpruned).
+        queries: the connector tokens of the request: its placeholders in the prompt (``frames x Q``; Aria: the ``Q``
+            of the call's resolution, per crop), from the family's
+            :meth:`~catp.families.base.Family.placeholder_mask`.
+        prompt_tokens: text tokens into the language model (for a log-likelihood: context and continuation; the
+            family's image delimiters count as text).
         new_tokens: tokens generated (1 for a log-likelihood: one forward pass).
         beams: beam width.
-        instruction_tokens: the Q-Former's instruction tokens (InstructBLIP; 0 for BLIP-2).
-        frames: video frames (1 for an image).
+        instruction_tokens: the Q-Former's instruction tokens (InstructBLIP; 0 for every other model).
+        frames: video frames (1 for an image: the vision tower and connector count one image at the family's
+            :meth:`~catp.families.base.Family.image_side`).
     """
 
     task: str

@@ -1,4 +1,4 @@
-"""The ``catp`` model of lmms-eval: a BLIP-2-family model pruned with :func:`catp.pruned`.
+"""The ``catp`` model of lmms-eval: a model of any family catp prunes (:mod:`catp.families`), pruned with :func:`catp.pruned`.
 
 lmms-eval builds it as ``CatpLMM(**model_args, batch_size=..., device=...)`` and hands it its
 requests in its "simple" layout. It answers ``generate_until`` in batches (left padding, the

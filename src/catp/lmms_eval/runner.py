@@ -1,8 +1,10 @@
 """The work behind the lmms-eval model, on a loaded model and processor (no lmms-eval import).
 
-:class:`Runner` turns a batch of requests (a context, its visuals) into the model's inputs as
-``catp eval`` does (:func:`catp.evaluation.harness.on_model`, the processor padding on the left for
-a decoder-only language model), runs ``generate`` or a forward pass with labels inside
+:class:`Runner` takes a model of any family catp prunes (:mod:`catp.families`: BLIP-2, InstructBLIP,
+InstructBLIP-Video, Idefics2, Kosmos-2, Aria) and turns a batch of requests (a context, its visuals)
+into the model's inputs as ``catp eval`` does (:func:`catp.evaluation.harness.family_prompts`: the
+family's image text in the prompt; :func:`catp.evaluation.harness.image_inputs`: the processor padding
+on the left for a decoder-only language model), runs ``generate`` or a forward pass with labels inside
 :func:`catp.pruned` (or unpruned, ``method=none``) and returns the answers or the continuation
 log-likelihoods with one :class:`~catp.lmms_eval.cost.SampleCost` per request.
 """
@@ -16,8 +18,9 @@ from typing import Any
 
 import torch
 
-from catp.evaluation.harness import on_model, question_seed
-from catp.hf import PruningSession, is_video_model, pruned
+from catp.evaluation.harness import family_prompts, image_inputs, on_model, question_seed
+from catp.families import family_of
+from catp.hf import PruningSession, pruned, takes_frames
 from catp.lmms_eval.cost import SampleCost
 from catp.lmms_eval.settings import Settings
 from catp.methods import options_of, method_class, seed_options
@@ -33,7 +36,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 #: ``generation_kwargs`` passed on to ``generate`` as they are (besides ``max_new_tokens``,
 #: ``temperature``, ``do_sample`` and ``until``, read below).
 GENERATE_KEYS = ("min_new_tokens", "num_beams", "top_p", "top_k", "length_penalty", "repetition_penalty", "no_repeat_ngram_size")
-#: lmms-eval's image tag in some tasks' contexts; BLIP-2-family prompts have no image tag (the processor places the queries).
+#: lmms-eval's image tag in some tasks' contexts, taken out: the family's own image text goes in front of the prompt
+#: (:meth:`~catp.families.base.Family.prompt_for`; none for BLIP-2, whose processor places the queries).
 IMAGE_TAG = "<image>"
 
 
@@ -85,19 +89,24 @@ class Runner:
     """A loaded model and processor, run under the settings' pruning.
 
     Args:
-        model: a BLIP-2, InstructBLIP or InstructBLIP-Video model in eval mode (:func:`catp.models.load_model`).
+        model: a model of a family catp prunes (:func:`catp.families.family_of`) in eval mode
+            (:func:`catp.models.load_model`); video: InstructBLIP-Video only.
         processor: its processor (padding on the left for a decoder-only language model).
         settings: the parsed ``--model_args``.
+
+    Attributes:
+        prompt: the template around each request's context (one ``{}``), before the family's image text.
+        decoder_only: the language model is decoder-only (every family but BLIP-2 / InstructBLIP on T5).
     """
 
     def __init__(self, model: Any, processor: Any, settings: Settings) -> None:
         self.model = model
         self.processor = processor
         self.settings = settings
+        self.family = family_of(model)
         self.prompt = settings.prompt or default_prompt(model.config.model_type)
-        self.video = is_video_model(model)
-        self.num_query_tokens = int(model.config.num_query_tokens)
-        self.decoder_only = bool(model.config.use_decoder_only_language_model)
+        self.video = takes_frames(model)
+        self.decoder_only = self.family.decoder_only(model)
 
     def check(self) -> None:
         """Enter and leave :func:`catp.pruned` once with the settings, so that what it refuses for this
@@ -121,16 +130,16 @@ class Runner:
             yield session
 
     def prompts(self, requests: Sequence[Request]) -> list[str]:
-        return [self.prompt.format(r.context.replace(IMAGE_TAG, "").strip()) for r in requests]
+        """Each request's context (lmms-eval's ``<image>`` tag taken out) in :attr:`prompt`, with the family's image
+        text (:func:`catp.evaluation.harness.family_prompts`)."""
+        return family_prompts(self.model, self.prompt, [r.context.replace(IMAGE_TAG, "") for r in requests])
 
     def encode(self, requests: Sequence[Request], texts: Sequence[str]) -> tuple[dict[str, Any], int]:
         """The model inputs for ``texts`` with each request's visuals, on the model's device; and the frames per sample."""
         if self.video:
             inputs, frames = self._video_inputs(requests, texts)
-        else:
-            inputs, frames = self.processor(images=[_one_image(r) for r in requests], text=list(texts), return_tensors="pt",
-                                            padding=True), 1
-        return on_model(inputs, self.model), frames
+            return on_model(inputs, self.model), frames
+        return image_inputs(self.processor, self.model, [_one_image(r) for r in requests], texts), 1
 
     def _video_inputs(self, requests: Sequence[Request], texts: Sequence[str]) -> tuple[dict[str, Any], int]:
         """InstructBLIP-Video inputs for clips of any frame count ``T`` (the stock processor's text assumes 4):
@@ -142,7 +151,8 @@ class Runner:
         count = frames.pop()
         tokenizer, processor = self.processor.tokenizer, self.processor
         token = getattr(processor.video_token, "content", processor.video_token)
-        placeholders = tokenizer(token * (count * self.num_query_tokens), add_special_tokens=False)["input_ids"]
+        per_frame = self.family.num_queries(self.model.config)
+        placeholders = tokenizer(token * (count * per_frame), add_special_tokens=False)["input_ids"]
         rows = [placeholders + ids for ids in tokenizer(list(texts))["input_ids"]]
         inputs = dict(tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt"))
         qformer = processor.qformer_tokenizer(list(texts), padding=True, return_tensors="pt")
@@ -205,14 +215,17 @@ class Runner:
 
     def _costs(self, requests: Sequence[Request], inputs: Mapping[str, Any], frames: int, session: PruningSession | None,
                new_tokens: Sequence[int], beams: int, decoder_tokens: Sequence[int] = ()) -> list[SampleCost]:
-        queries = frames * self.num_query_tokens
-        kept = [queries] * len(requests) if session is None else session.keep_counts.tolist()
-        text = (inputs["attention_mask"].sum(dim=1) - queries).tolist()
+        """One record per request; its query tokens are the placeholders of its row (``frames x Q``; Aria's ``Q`` at the
+        call's resolution, per crop), its text the rest of its attention mask."""
+        placeholders = self.family.placeholder_mask(self.model, inputs).sum(dim=1)
+        queries = placeholders.tolist()
+        kept = queries if session is None else session.keep_counts.tolist()
+        text = (inputs["attention_mask"].sum(dim=1) - placeholders).tolist()
         instruction = inputs["qformer_attention_mask"].sum(dim=1).tolist() if "qformer_attention_mask" in inputs else [0] * len(requests)
         extra = list(decoder_tokens) or [0] * len(requests)
-        return [SampleCost(task=r.task, kept=int(k), queries=queries, prompt_tokens=int(t) + int(e), new_tokens=int(n), beams=beams,
+        return [SampleCost(task=r.task, kept=int(k), queries=int(q), prompt_tokens=int(t) + int(e), new_tokens=int(n), beams=beams,
                            instruction_tokens=int(i), frames=frames)
-                for r, k, t, e, n, i in zip(requests, kept, text, extra, new_tokens, instruction)]
+                for r, k, q, t, e, n, i in zip(requests, kept, queries, text, extra, new_tokens, instruction)]
 
 
 def _continuation_labels(tokenizer: Any, input_ids: torch.Tensor, prompts: Sequence[str], continuations: Sequence[str]) -> torch.Tensor:
@@ -230,8 +243,8 @@ def _continuation_labels(tokenizer: Any, input_ids: torch.Tensor, prompts: Seque
 
 def _one_image(request: Request) -> Any:
     if len(request.visuals) != 1:
-        raise ValueError(f"task {request.task!r} document {request.doc_id}: a BLIP-2 / InstructBLIP model takes one image per "
-                         f"question, got {len(request.visuals)} visuals")
+        raise ValueError(f"task {request.task!r} document {request.doc_id}: the catp model takes one image per question, "
+                         f"got {len(request.visuals)} visuals")
     return _rgb(request.visuals[0])
 
 
