@@ -60,6 +60,7 @@ CASES = [
     (["bench", "--engine", "trt"], "--engine must be one of hf, vllm"),
     (["bench", "--requests", "8"], "--requests 8 would be ignored: it applies to --engine vllm"),
     (["bench", "--engine", "vllm", "--beams", "3"], "--beams: not used by --engine vllm"),
+    (["bench", "--flops-only", "--repeats", "3"], "--repeats: not used by --flops-only"),
     (["bench", "--engine", "vllm", "--methods", "catp,first"], "--engine vllm times one method"),
     (["bench", "--engine", "vllm", "--keep", "8,mass:0.8"], "before the vision encoder"),
     (["bench", "--engine", "vllm", "--keep", "99"], "keep=99 is out of range"),

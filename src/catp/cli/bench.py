@@ -129,7 +129,7 @@ def bench_command(
     refuse_unused("it applies to --engine vllm", requests=requests)
     if flops_only:
         _refuse_timing_options(adapter=adapter, methods=methods, check=check, threads=threads, check_stat=check_stat,
-                               plot_path=plot_path, device=device)
+                               plot_path=plot_path, device=device, warmup=warmup, repeats=repeats)
         settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, beams=beams,
                                  **{name: value for name, value in (("instruction_tokens", instruction_tokens), ("frames", frames))
                                     if value is not None})
@@ -216,7 +216,7 @@ def bench_command(
 
 #: Options that only a timed run uses, and their defaults; ``--flops-only`` refuses any other value.
 _TIMING_ONLY = {"adapter": None, "methods": None, "check": False, "threads": None, "check_stat": None, "plot_path": None,
-                "device": "cpu"}
+                "device": "cpu", "warmup": 1, "repeats": 5}
 
 
 def _refuse_changed(defaults: dict[str, Any], why: str, **given: Any) -> None:
